@@ -1,0 +1,1 @@
+"""vqim runtime: configs, weight loading, models, KV-cached generation and the Engine API."""

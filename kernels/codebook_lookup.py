@@ -1,0 +1,197 @@
+"""Fused l2-normalized codebook lookup: ``argmax_k <z/|z|, e_k/|e_k|>``.
+
+The image tokenizer's quantizer (ViT-VQGAN with factorized, l2-normalized codes). The
+Triton kernel keeps a running max/argmax over codebook tiles, so the ``[N, K]`` score matrix
+never exists. Since ``1/|z|`` is a positive constant per row it does not change the argmax and
+is never computed; the code norms are computed from the tile already in registers (or skipped
+with ``codebook_normalized=True``). Ties go to the lowest index; a zero row of z scores 0
+against every code and so gets index 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import _ext
+from ._registry import dispatch, interpreter_dot_upcast, register
+
+_MAX_D = 256
+
+
+def _l2_normalize_exact(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| row-wise, with zero rows left at zero (F.normalize would divide by eps)."""
+    norm = x.norm(dim=-1, keepdim=True)
+    return torch.where(norm > 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+
+
+def codebook_scores_ref(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Cosine scores ``[N, K]`` in float64 (for tests: the exact quantity the argmax is over)."""
+    return _l2_normalize_exact(z.double()) @ _l2_normalize_exact(codebook.double()).T
+
+
+def codebook_lookup_ref(z: torch.Tensor, codebook: torch.Tensor, *, codebook_normalized: bool = False,
+                        chunk: int = 4096) -> torch.Tensor:
+    """The definition of the op, in fp32. Chunks over N to bound memory; torch.argmax returns
+    the first maximal index, which is the tie rule."""
+    _check_inputs(z, codebook)
+    cb = codebook.float() if codebook_normalized else _l2_normalize_exact(codebook.float())
+    out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+    for s in range(0, z.shape[0], chunk):
+        zn = _l2_normalize_exact(z[s:s + chunk].float())  # (n, D)
+        out[s:s + chunk] = (zn @ cb.T).argmax(dim=1)  # (n, K) -> (n,)
+    return out
+
+
+def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    if not isinstance(z, torch.Tensor) or z.dim() != 2:
+        raise ValueError(f"z must be a 2-D tensor [N, D], got {getattr(z, 'shape', type(z))}")
+    if not isinstance(codebook, torch.Tensor) or codebook.dim() != 2:
+        raise ValueError(f"codebook must be a 2-D tensor [K, D], got {getattr(codebook, 'shape', type(codebook))}")
+    if codebook.shape[0] == 0:
+        raise ValueError("codebook must have at least one code (K >= 1), got K = 0")
+    if z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"z and codebook must share D: z is [N, {z.shape[1]}], codebook is [K, {codebook.shape[1]}]")
+    if z.shape[1] == 0:
+        raise ValueError("D must be >= 1, got 0")
+    for name, t in (("z", z), ("codebook", codebook)):
+        if not t.is_floating_point() or t.dtype == torch.float64 and t.device.type == "cuda":
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if z.device != codebook.device:
+        raise ValueError(f"z and codebook must be on the same device, got {z.device} and {codebook.device}")
+
+
+@triton.jit
+def _codebook_lookup_kernel(
+    z_ptr, cb_ptr, out_ptr,
+    N, K, D,
+    stride_zn, stride_zd, stride_ck, stride_cd,
+    NORMALIZED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_mask = rows < N
+    dim_mask = dims < D
+    # z stays in its storage dtype: for fp16/bf16 the products are exact in the fp32
+    # accumulator, so the tensor-core dot is as good as an fp32 one.
+    z = tl.load(z_ptr + rows[:, None] * stride_zn + dims[None, :] * stride_zd,
+                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+
+    best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    best_idx = tl.zeros((BLOCK_N,), tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        code_mask = codes < K
+        cb = tl.load(cb_ptr + codes[:, None] * stride_ck + dims[None, :] * stride_cd,
+                     mask=code_mask[:, None] & dim_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_D)
+        if UPCAST_DOT:
+            s = tl.dot(z.to(tl.float32), tl.trans(cb.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(z, tl.trans(cb), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K) fp32
+        if not NORMALIZED:
+            cbf = cb.to(tl.float32)
+            sq = tl.sum(cbf * cbf, axis=1)  # (BLOCK_K,)
+            # A zero code scores 0 against everything, as in the reference.
+            inv = tl.where(sq > 0, 1.0 / tl.sqrt(sq), 0.0)
+            s = s * inv[None, :]
+        s = tl.where(code_mask[None, :], s, float("-inf"))
+        tile_best = tl.max(s, axis=1)  # (BLOCK_N,)
+        # First (lowest) index attaining the tile max; a strict '>' across tiles keeps the
+        # lowest index on ties between tiles.
+        tile_idx = tl.min(tl.where(s == tile_best[:, None], codes[None, :], K), axis=1)
+        better = tile_best > best
+        best = tl.where(better, tile_best, best)
+        best_idx = tl.where(better, tile_idx, best_idx)
+    tl.store(out_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
+
+
+def _block_sizes(n: int, d: int) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+    # Keep the (BLOCK_N, BLOCK_K) score tile and the code tile in registers.
+    block_k = 128 if block_d <= 64 else 64
+    return block_n, block_k, block_d
+
+
+@register("codebook_lookup", "triton")
+def _codebook_lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_normalized: bool) -> torch.Tensor:
+    n, d = z.shape
+    k = codebook.shape[0]
+    if d > _MAX_D:
+        raise ValueError(f"D must be <= {_MAX_D} for backend='triton', got {d}")
+    # One dtype for both dot operands; fp32 codes with low-precision z would lose bits of the codes.
+    if codebook.dtype != z.dtype:
+        codebook = codebook.to(z.dtype)
+    out = torch.empty(n, dtype=torch.long, device=z.device)
+    if n == 0:
+        return out
+    block_n, block_k, block_d = _block_sizes(n, d)
+    # fp32 inputs: 3xTF32 keeps fp32 accuracy on tensor cores; the interpreter computes in ieee.
+    precision = "tf32x3" if z.dtype == torch.float32 and z.is_cuda else "ieee"
+    grid = (triton.cdiv(n, block_n),)
+    _codebook_lookup_kernel[grid](
+        z, codebook, out, n, k, d,
+        z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+        NORMALIZED=codebook_normalized, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+        DOT_PRECISION=precision, UPCAST_DOT=interpreter_dot_upcast(z.dtype, z.device),
+    )
+    return out
+
+
+@register("codebook_lookup", "cuda")
+def _codebook_lookup_cuda(z: torch.Tensor, codebook: torch.Tensor, codebook_normalized: bool) -> torch.Tensor:
+    C = _ext.load()
+    if codebook.dtype != z.dtype:
+        codebook = codebook.to(z.dtype)
+    n, d = z.shape
+    out = torch.empty(n, dtype=torch.long, device=z.device)
+    if n == 0:
+        return out
+    with torch.cuda.device(z.device):
+        C.codebook_lookup(
+            z.data_ptr(), z.stride(0), z.stride(1),
+            codebook.data_ptr(), codebook.stride(0), codebook.stride(1),
+            out.data_ptr(), n, codebook.shape[0], d,
+            _ext.dtype_code(z, "z"), codebook_normalized, _ext.stream_of(z),
+        )
+    return out
+
+
+@register("codebook_lookup", "torch")
+def _codebook_lookup_torch(z: torch.Tensor, codebook: torch.Tensor, codebook_normalized: bool) -> torch.Tensor:
+    return codebook_lookup_ref(z, codebook, codebook_normalized=codebook_normalized)
+
+
+def codebook_lookup(z: torch.Tensor, codebook: torch.Tensor, *, codebook_normalized: bool = False,
+                    backend: str | None = None) -> torch.Tensor:
+    """Index of the nearest code by cosine similarity.
+
+    Args:
+        z: ``[N, D]`` float32/float16/bfloat16, any strides.
+        codebook: ``[K, D]``, same device; cast to z's dtype for the kernels.
+        codebook_normalized: the codes already have unit norm; skips their norms.
+        backend: ``None`` (Triton on CUDA, reference on CPU), ``"triton"``, ``"cuda"``, ``"torch"``.
+
+    Returns:
+        LongTensor ``[N]``.
+    """
+    _check_inputs(z, codebook)
+    return dispatch("codebook_lookup", backend, z.device)(z, codebook, codebook_normalized)
+
+
+def codebook_quantize(z: torch.Tensor, codebook: torch.Tensor, *, codebook_normalized: bool = False,
+                      backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices [N], codes [N, D])``: the l2-normalized chosen codes, in z's dtype.
+
+    ``codes`` is differentiable with respect to ``codebook`` (the codebook term of the VQ loss);
+    the straight-through estimator is ``z_n + (codes - z_n).detach()`` in the caller.
+    """
+    idx = codebook_lookup(z, codebook, codebook_normalized=codebook_normalized, backend=backend)
+    chosen = codebook[idx]  # (N, D)
+    codes = chosen if codebook_normalized else F.normalize(chosen.float(), dim=-1, eps=1e-12)
+    return idx, codes.to(z.dtype)

@@ -1,0 +1,1 @@
+"""vqim reference training stack (losses, optimizers, loops, export to the engine format)."""
