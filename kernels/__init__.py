@@ -3,12 +3,21 @@ registry, and the compiled CUDA twins in ``_C``. Importing never touches the GPU
 
 from ._registry import BACKENDS, registered, use_backend
 from .codebook_lookup import codebook_lookup, codebook_lookup_ref, codebook_quantize
+from .conv_attention import (conv_attention, conv_attention_ref, conv_cache_len, conv_cache_slot,
+                             conv_decode_attention, conv_decode_attention_ref, conv_mask_ref)
 
 __all__ = [
     "BACKENDS",
     "codebook_lookup",
     "codebook_lookup_ref",
     "codebook_quantize",
+    "conv_attention",
+    "conv_attention_ref",
+    "conv_cache_len",
+    "conv_cache_slot",
+    "conv_decode_attention",
+    "conv_decode_attention_ref",
+    "conv_mask_ref",
     "registered",
     "use_backend",
 ]
