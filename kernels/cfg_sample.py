@@ -1,0 +1,361 @@
+"""Fused classifier-free-guidance sampling: CFG combine, temperature, top-k, top-p and the draw.
+
+Every generated image token goes through this op once per decode step. The definition
+(``cfg_sample_ref``), for each row with guided logits ``x = uncond + s * (cond - uncond)``:
+
+* **Masked entries.** A token whose guided logit is not finite is masked: it is never drawn.
+  With guidance on, ``-inf`` in ``cond`` or in ``uncond`` masks the token (the product
+  ``s * (cond - uncond)`` would otherwise be NaN for ``s = 0`` or ``-inf - -inf``).
+* **temperature = 0** is greedy: the index of the largest guided logit, ties to the lowest index.
+* Otherwise ``z = x / temperature`` (fp32). **Top-k** (``k = 0`` off, ``k >= `` number of finite
+  entries off) keeps every token with ``z >= `` the k-th largest value, ties included.
+* **Top-p** (``p = 1`` off) then renormalizes over the kept tokens and keeps each token whose
+  *preceding mass* is ``< p``, in descending probability (Hugging Face's warper: the smallest
+  set whose mass reaches p). Ties at the threshold: the preceding mass of a token is the mass of
+  the tokens with a strictly larger value, so tokens with equal values are kept or dropped
+  together (like top-k's ties). The largest token is always kept.
+* **The draw** is an inverse CDF in vocabulary order with one uniform per row:
+  ``w_i = exp(z_i - max z)`` on kept tokens (0 elsewhere), ``u`` from Philox4x32-10 keyed by the
+  row's ``seed`` (key = seed's low/high 32 bits) at counter ``(step_lo, step_hi, 0, 0)``, taking
+  the top 24 bits of the first output word, ``u = (r >> 8) * 2**-24`` in [0, 1), exactly
+  representable in fp32. The token is the first index whose running sum of ``w`` is
+  ``> u * sum(w)``; if rounding leaves none, the last kept index. The uniform depends only on
+  ``(seed, step)``: never on the row index, the batch size or the vocabulary size, so a request
+  draws the same token whatever batch it shares. ``tl.randint4x`` in the Triton kernel, this
+  file's int64 Philox and the CUDA twin compute the same 32-bit word.
+* A row with **no finite guided logit** gets token ``-1`` (the kernels mark it instead of
+  syncing with the host); ``validate=True`` turns that into a ``ValueError``.
+
+Exact token equality between backends holds except where float rounding of the running sum
+(summation order, ``exp``, FMA contraction) differs right at a CDF boundary, a probability of
+order 1e-7 per draw; tests compare distributions and check each backend's determinism.
+
+Validation: python-scalar parameters are checked on every call (cheap). Checks that need a
+host sync (ranges/NaN inside parameter tensors, logits that are NaN or ``+inf``, rows with no
+finite logit) run only with ``validate=True`` (the default for direct calls). The engine calls
+:func:`validate_sampling_params` once per request and passes ``validate=False`` per step, then
+checks the returned tokens for ``-1`` once at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ._registry import dispatch, register
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+_MAX_SEED = 2**63 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based randomness shared by every backend
+# ---------------------------------------------------------------------------------------------
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of ``a * b`` for a 32-bit constant ``a`` and int64 ``b`` in [0, 2^32).
+
+    Splits ``a`` into 16-bit halves so every intermediate stays below 2^49: no int64 overflow.
+    """
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    p_lo = b * a_lo  # < 2^48
+    p_hi = b * a_hi  # < 2^48
+    t = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2^49
+    lo = t & _MASK32
+    hi = (p_hi >> 16) + (t >> 32)
+    return hi & _MASK32, lo
+
+
+def philox_uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The per-row uniform in [0, 1) (fp32) for int64 tensors ``seed`` and ``step`` (broadcast).
+
+    Philox4x32-10 with key ``(seed_lo, seed_hi)`` and counter ``(step_lo, step_hi, 0, 0)``; the
+    top 24 bits of the first output word, times 2^-24. Same word as ``tl.randint4x(seed, step)``.
+    """
+    seed, step = torch.broadcast_tensors(seed.long(), step.long())
+    c0, c1 = step & _MASK32, (step >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return (c0 >> 8).to(torch.float32) * 2.0**-24
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters: scalars or per-row tensors
+# ---------------------------------------------------------------------------------------------
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_scalar(name: str, v: float | int) -> None:
+    """Range checks of one python-scalar parameter (ValueError names the argument and range)."""
+    if name in ("top_k", "seed", "step"):
+        if not _is_int(v):
+            raise ValueError(f"{name} must be an int (or an integer tensor), got {v!r}")
+        hi = _MAX_SEED if name != "top_k" else 2**31 - 1
+        if not 0 <= v <= hi:
+            raise ValueError(f"{name} must be in [0, {hi}], got {v}")
+        return
+    if not _is_real(v):
+        raise ValueError(f"{name} must be a float (or a float tensor), got {v!r}")
+    if math.isnan(v):
+        raise ValueError(f"{name} must not be NaN")
+    if name == "cfg_scale" and not math.isfinite(v):
+        raise ValueError(f"cfg_scale must be finite, got {v}")
+    if name == "temperature" and not (0.0 <= v < math.inf):
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {v}")
+    if name == "top_p" and not (0.0 < v <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {v}")
+
+
+def _check_tensor_values(name: str, t: torch.Tensor) -> None:
+    """The same range checks on a parameter tensor; syncs with the device (once per request)."""
+    if name in ("top_k", "seed", "step"):
+        hi = _MAX_SEED if name != "top_k" else 2**31 - 1
+        bad = (t < 0) | (t > hi)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be in [0, {hi}], got {t[bad].flatten()[0].item()} at some row")
+        return
+    tf = t.double()
+    if bool(tf.isnan().any()):
+        raise ValueError(f"{name} must not be NaN (a row of the {name} tensor is NaN)")
+    if name == "cfg_scale":
+        ok = tf.isfinite()
+        msg = "cfg_scale must be finite"
+    elif name == "temperature":
+        ok = tf.isfinite() & (tf >= 0)
+        msg = "temperature must be finite and >= 0 (0 = greedy)"
+    else:
+        ok = (tf > 0) & (tf <= 1)
+        msg = "top_p must be in (0, 1]"
+    if not bool(ok.all()):
+        raise ValueError(f"{msg}, got {tf[~ok].flatten()[0].item()} at some row")
+
+
+_FLOAT_PARAMS = ("cfg_scale", "temperature", "top_p")
+_INT_PARAMS = ("top_k", "seed", "step")
+
+
+def _check_param_tensor(name: str, t: torch.Tensor, batch: int | None, device: torch.device | None) -> None:
+    """Shape/dtype/device checks of a parameter tensor: free, no sync."""
+    if t.dim() > 1 or (t.dim() == 1 and batch is not None and t.shape[0] != batch):
+        raise ValueError(f"{name} must be a scalar, a 0-d tensor or a tensor of shape [B] = [{batch}], "
+                         f"got shape {tuple(t.shape)}")
+    if name in _INT_PARAMS and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if name in _FLOAT_PARAMS and not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{name} must be a float tensor, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on the logits' device {device}, got {t.device}")
+
+
+def validate_sampling_params(*, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, seed=0, step=0,
+                             batch: int | None = None) -> None:
+    """Check sampling settings once per request (the engine calls this, not the decode step).
+
+    Each argument may be a python scalar or a tensor (0-d or ``[batch]``). Tensor values are
+    read back to the host here (one sync), which the per-step ``cfg_sample(validate=False)``
+    avoids. Raises ``ValueError`` naming the argument and its allowed range.
+    """
+    for name, v in (("cfg_scale", cfg_scale), ("temperature", temperature), ("top_k", top_k),
+                    ("top_p", top_p), ("seed", seed), ("step", step)):
+        if isinstance(v, torch.Tensor):
+            _check_param_tensor(name, v, batch, None)
+            _check_tensor_values(name, v)
+        else:
+            _check_scalar(name, v)
+
+
+def _row_params(batch: int, device: torch.device, **params) -> dict[str, torch.Tensor]:
+    """Every parameter as a ``[B]`` tensor on ``device`` (fp32 floats, int64 ints); no sync."""
+    out = {}
+    for name, v in params.items():
+        dtype = torch.float32 if name in _FLOAT_PARAMS else torch.int64
+        if isinstance(v, torch.Tensor):
+            out[name] = v.to(device=device, dtype=dtype).expand(batch).contiguous()
+        else:
+            out[name] = torch.full((batch,), v, dtype=dtype, device=device)
+    return out
+
+
+def _check_logits(cond: torch.Tensor, uncond: torch.Tensor | None) -> None:
+    if not isinstance(cond, torch.Tensor) or cond.dim() != 2:
+        raise ValueError(f"cond_logits must be a 2-D tensor [B, V], got {getattr(cond, 'shape', type(cond))}")
+    if cond.shape[1] == 0:
+        raise ValueError("cond_logits must have V >= 1 columns, got V = 0")
+    if not cond.is_floating_point() or cond.dtype == torch.float64 and cond.device.type == "cuda":
+        raise ValueError(f"cond_logits must be float32, float16 or bfloat16, got {cond.dtype}")
+    if uncond is not None:
+        if not isinstance(uncond, torch.Tensor) or uncond.shape != cond.shape:
+            raise ValueError(f"uncond_logits must be None or a tensor of cond_logits' shape {tuple(cond.shape)}, "
+                             f"got {getattr(uncond, 'shape', type(uncond))}")
+        if not uncond.is_floating_point():
+            raise ValueError(f"uncond_logits must be a float tensor, got {uncond.dtype}")
+        if uncond.device != cond.device:
+            raise ValueError(f"cond_logits and uncond_logits must be on the same device, "
+                             f"got {cond.device} and {uncond.device}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the definition of the op
+# ---------------------------------------------------------------------------------------------
+
+def guided_logits_ref(cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: torch.Tensor) -> torch.Tensor:
+    """``uncond + s * (cond - uncond)`` in fp32, with non-finite entries set to -inf (masked)."""
+    c = cond.float()
+    if uncond is None:
+        x = c
+    else:
+        u = uncond.float()
+        x = u + cfg_scale.float()[:, None] * (c - u)  # (B, V)
+        x = torch.where(c.isfinite() & u.isfinite(), x, float("-inf"))
+    return torch.where(x.isfinite(), x, float("-inf"))
+
+
+def sampling_mask_ref(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[B, V]``: the tokens top-k then top-p keep, for temperature-scaled logits ``z``
+    (-inf = masked). Sort-based: the readable definition the threshold search must match."""
+    b, v = z.shape
+    finite = z.isfinite()
+    n_finite = finite.sum(1)  # (B,)
+    zs, _ = z.sort(dim=1, descending=True)  # (B, V)
+    k = top_k.long()
+    k_on = (k > 0) & (k < n_finite)
+    kth = zs.gather(1, (k.clamp(1, v) - 1)[:, None])  # (B, 1)
+    keep = finite & (~k_on[:, None] | (z >= kth))
+
+    m = z.max(dim=1, keepdim=True).values  # (B, 1)
+    e = torch.where(keep, torch.exp(z - m), 0.0)  # (B, V)
+    total = e.sum(1, keepdim=True)  # (B, 1)
+    # Mass strictly above each token's value: the exclusive running sum at the first element of
+    # its tie group (equal z) in descending order.
+    zs, order = torch.where(keep, z, float("-inf")).sort(dim=1, descending=True)  # (B, V)
+    es = e.gather(1, order)
+    excl = es.cumsum(1) - es
+    neg = -zs
+    first_of_group = torch.searchsorted(neg, neg, side="left")  # (B, V)
+    above_sorted = excl.gather(1, first_of_group)
+    above = torch.empty_like(above_sorted).scatter_(1, order, above_sorted)  # (B, V)
+    return keep & (above < top_p.float()[:, None] * total)
+
+
+def cfg_sample_ref(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *, cfg_scale, temperature=1.0,
+                   top_k=0, top_p=1.0, seed, step, return_logprob: bool = False, validate: bool = True):
+    """The definition of the op (plain PyTorch, fp32). See the module docstring."""
+    _check_logits(cond_logits, uncond_logits)
+    prm = _prepare(cond_logits, uncond_logits, validate, cfg_scale=cfg_scale, temperature=temperature,
+                   top_k=top_k, top_p=top_p, seed=seed, step=step)
+    tokens, logprob = _cfg_sample_torch(cond_logits, uncond_logits, **prm)
+    if validate:
+        _check_rows(tokens)
+    return (tokens, logprob) if return_logprob else tokens
+
+
+def _cfg_sample_torch(cond, uncond, *, cfg_scale, temperature, top_k, top_p, seed, step):
+    x = guided_logits_ref(cond, uncond, cfg_scale)  # (B, V)
+    b, v = x.shape
+    t = temperature[:, None]
+    greedy = temperature == 0
+    z = torch.where(greedy[:, None], x, x / torch.where(greedy[:, None], 1.0, t))  # (B, V)
+    keep = sampling_mask_ref(z, top_k, top_p)
+    m = z.max(dim=1, keepdim=True).values
+    w = torch.where(keep, torch.exp(z - m), 0.0)  # (B, V)
+    total = w.sum(1)  # (B,)
+    u = philox_uniform(seed, step)  # (B,)
+    cum = w.cumsum(1)
+    idx = (cum <= (u * total)[:, None]).sum(1)  # first index with cum > u * total
+    cols = torch.arange(v, device=x.device)
+    last_kept = torch.where(keep, cols, -1).max(1).values
+    idx = torch.where(idx >= v, last_kept, idx)
+    # argmax: first maximal index (torch.argmax's documented tie rule).
+    idx = torch.where(greedy, x.argmax(1), idx)
+    no_finite = ~x.isfinite().any(1)
+    idx = torch.where(no_finite, -1, idx)
+    zi = z.gather(1, idx.clamp_min(0)[:, None])[:, 0]
+    logprob = zi - m[:, 0] - torch.log(total)
+    logprob = torch.where(greedy, 0.0, logprob)
+    logprob = torch.where(no_finite, float("nan"), logprob)
+    return idx, logprob
+
+
+def _prepare(cond, uncond, validate: bool, **params) -> dict[str, torch.Tensor]:
+    b = cond.shape[0]
+    for name, v in params.items():
+        if isinstance(v, torch.Tensor):
+            _check_param_tensor(name, v, b, cond.device)
+            if validate:
+                _check_tensor_values(name, v)
+        else:
+            _check_scalar(name, v)
+    if validate:
+        for nm, t in (("cond_logits", cond), ("uncond_logits", uncond)):
+            if t is not None and bool((t.isnan() | (t == float("inf"))).any()):
+                raise ValueError(f"{nm} must not contain NaN or +inf (use -inf to mask a token)")
+    return _row_params(b, cond.device, **params)
+
+
+def _check_rows(tokens: torch.Tensor) -> None:
+    bad = tokens < 0
+    if bool(bad.any()):
+        rows = bad.nonzero()[:5, 0].tolist()
+        raise ValueError(f"cond_logits/uncond_logits: rows {rows} have no finite guided logit "
+                         f"(every token masked); nothing to sample")
+
+
+@register("cfg_sample", "torch")
+def _cfg_sample_torch_backend(cond, uncond, **prm):
+    return _cfg_sample_torch(cond, uncond, **prm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public op
+# ---------------------------------------------------------------------------------------------
+
+def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *, cfg_scale, temperature=1.0,
+               top_k=0, top_p=1.0, seed, step, backend: str | None = None, return_logprob: bool = False,
+               validate: bool = True):
+    """Guided, temperature-scaled, top-k/top-p filtered draw of one token per row.
+
+    Args:
+        cond_logits: ``[B, V]`` float32/float16/bfloat16 (any strides).
+        uncond_logits: same shape, or ``None`` for no guidance.
+        cfg_scale, temperature, top_k, top_p, seed: python scalars or per-row tensors (0-d or
+            ``[B]``) on the logits' device. ``temperature = 0`` is greedy (argmax); ``top_k = 0``
+            and ``top_p = 1`` are off. ``seed`` in [0, 2^63).
+        step: python int or int tensor (0-d or ``[B]``), the decode step: with ``seed`` the
+            whole key of the row's random draw.
+        backend: ``None`` (Triton on CUDA, reference on CPU), ``"triton"``, ``"cuda"``, ``"torch"``.
+        return_logprob: also return the fp32 log-probability of each chosen token under the
+            final (guided, scaled, filtered, renormalized) distribution; 0 for greedy rows.
+        validate: run the checks that need a host sync (parameter tensor ranges, NaN/+inf
+            logits, rows with no finite logit -> ValueError). ``False`` for the engine's decode
+            loop, which validates once per request (:func:`validate_sampling_params`) and
+            checks for token ``-1`` (a row with no finite logit) once at the end.
+
+    Returns:
+        LongTensor ``[B]`` (and fp32 ``[B]`` log-probs with ``return_logprob``).
+    """
+    _check_logits(cond_logits, uncond_logits)
+    prm = _prepare(cond_logits, uncond_logits, validate, cfg_scale=cfg_scale, temperature=temperature,
+                   top_k=top_k, top_p=top_p, seed=seed, step=step)
+    impl = dispatch("cfg_sample", backend, cond_logits.device)
+    tokens, logprob = impl(cond_logits, uncond_logits, **prm)
+    if validate:
+        _check_rows(tokens)
+    return (tokens, logprob) if return_logprob else tokens
