@@ -1,0 +1,135 @@
+// codebook_lookup: argmax_k <z/|z|, e_k/|e_k|>, the CUDA twin of kernels/codebook_lookup.py.
+//
+// One block = 8 warps over 32 rows of z. Lane l owns row l (held in registers, zero-padded to
+// DMAX); warp w scores the codes k = w, w + 8, ... of each shared-memory codebook tile, so all
+// lanes of a warp read the same code (a shared-memory broadcast). As in the Triton kernel, 1/|z|
+// is never applied (a positive per-row constant does not move the argmax), the code norms come
+// from the tile in shared memory, and the [N, K] score matrix never exists.
+#include "common.h"
+
+namespace vqim {
+namespace {
+
+constexpr int kRows = 32;               // rows of z per block (one per lane)
+constexpr int kWarps = 8;               // warps per block, each scores every 8th code
+constexpr int kTileFloats = 8192;       // 32 KiB codebook tile in shared memory
+
+template <typename scalar_t, int DMAX>
+__global__ void __launch_bounds__(kRows * kWarps)
+codebook_lookup_kernel(const scalar_t* __restrict__ z, int64_t z_s0, int64_t z_s1,
+                       const scalar_t* __restrict__ cb, int64_t cb_s0, int64_t cb_s1,
+                       int64_t* __restrict__ out, int64_t N, int64_t K, int D, bool normalized) {
+  constexpr int TILE_K = kTileFloats / DMAX;
+  __shared__ float tile[TILE_K * DMAX];  // (TILE_K, DMAX), zero-padded past D and K
+  __shared__ float inv_norm[TILE_K];
+  __shared__ float red_score[kWarps][kRows];
+  __shared__ int64_t red_index[kWarps][kRows];
+
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + lane;
+
+  float zr[DMAX];
+#pragma unroll
+  for (int d = 0; d < DMAX; ++d) {
+    zr[d] = (row < N && d < D) ? to_float(z[row * z_s0 + d * z_s1]) : 0.f;
+  }
+
+  float best = -INFINITY;
+  int64_t best_k = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += TILE_K) {
+    for (int i = threadIdx.x; i < TILE_K * DMAX; i += blockDim.x) {
+      const int kk = i / DMAX, d = i % DMAX;
+      const int64_t k = k0 + kk;
+      tile[i] = (k < K && d < D) ? to_float(cb[k * cb_s0 + d * cb_s1]) : 0.f;
+    }
+    __syncthreads();
+    for (int kk = threadIdx.x; kk < TILE_K; kk += blockDim.x) {
+      if (normalized) {
+        inv_norm[kk] = 1.f;
+      } else {
+        float sq = 0.f;
+#pragma unroll
+        for (int d = 0; d < DMAX; ++d) sq += tile[kk * DMAX + d] * tile[kk * DMAX + d];
+        // A zero code scores 0 against everything, as in the reference.
+        inv_norm[kk] = sq > 0.f ? 1.f / sqrtf(sq) : 0.f;
+      }
+    }
+    __syncthreads();
+    const int tile_k = K - k0 < TILE_K ? static_cast<int>(K - k0) : TILE_K;
+    // Each warp visits its codes in increasing order, so a strict '>' keeps the lowest index.
+    for (int kk = warp; kk < tile_k; kk += kWarps) {
+      const float* code = tile + kk * DMAX;
+      float dot = 0.f;
+#pragma unroll
+      for (int d = 0; d < DMAX; ++d) dot = fmaf(zr[d], code[d], dot);
+      const float s = normalized ? dot : dot * inv_norm[kk];
+      if (s > best) {
+        best = s;
+        best_k = k0 + kk;
+      }
+    }
+    __syncthreads();
+  }
+
+  red_score[warp][lane] = best;
+  red_index[warp][lane] = best_k;
+  __syncthreads();
+  if (warp == 0 && row < N) {
+    float s = red_score[0][lane];
+    int64_t k = red_index[0][lane];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      const float sw = red_score[w][lane];
+      const int64_t kw = red_index[w][lane];
+      // Ties between warps go to the lowest index.
+      if (sw > s || (sw == s && kw < k)) {
+        s = sw;
+        k = kw;
+      }
+    }
+    out[row] = k;
+  }
+}
+
+template <typename scalar_t, int DMAX>
+void launch(std::uintptr_t z, int64_t z_s0, int64_t z_s1, std::uintptr_t cb, int64_t cb_s0, int64_t cb_s1,
+            std::uintptr_t out, int64_t N, int64_t K, int D, bool normalized, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((N + kRows - 1) / kRows));
+  codebook_lookup_kernel<scalar_t, DMAX><<<grid, kRows * kWarps, 0, stream>>>(
+      as_ptr<const scalar_t>(z), z_s0, z_s1, as_ptr<const scalar_t>(cb), cb_s0, cb_s1, as_ptr<int64_t>(out), N, K, D,
+      normalized);
+  VQIM_CUDA_CHECK(cudaGetLastError());
+}
+
+void codebook_lookup(std::uintptr_t z, int64_t z_s0, int64_t z_s1, std::uintptr_t cb, int64_t cb_s0, int64_t cb_s1,
+                     std::uintptr_t out, int64_t N, int64_t K, int64_t D, int dtype, bool normalized,
+                     std::uintptr_t stream) {
+  VQIM_CHECK(N >= 0, "codebook_lookup: N must be >= 0, got ", N);
+  VQIM_CHECK(K >= 1, "codebook_lookup: the codebook needs K >= 1 codes, got ", K);
+  VQIM_CHECK(D >= 1 && D <= 256, "codebook_lookup: D must be in [1, 256] for backend='cuda', got ", D);
+  VQIM_CHECK(N < (int64_t{1} << 31) * kRows, "codebook_lookup: N too large for the grid, got ", N);
+  if (N == 0) return;
+  const cudaStream_t s = as_stream(stream);
+  const int d = static_cast<int>(D);
+  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
+    if (d <= 8) launch<scalar_t, 8>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
+    else if (d <= 16) launch<scalar_t, 16>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
+    else if (d <= 32) launch<scalar_t, 32>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
+    else if (d <= 64) launch<scalar_t, 64>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
+    else if (d <= 128) launch<scalar_t, 128>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
+    else launch<scalar_t, 256>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
+  });
+}
+
+}  // namespace
+}  // namespace vqim
+
+VQIM_REGISTER_OP(codebook_lookup, [](vqim::py::module_& m) {
+  m.def("codebook_lookup", &vqim::codebook_lookup,
+        "argmax_k cos(z_n, e_k) -> out[N] (int64); pointers, element strides, dtype code, stream",
+        vqim::py::arg("z"), vqim::py::arg("z_stride0"), vqim::py::arg("z_stride1"), vqim::py::arg("codebook"),
+        vqim::py::arg("cb_stride0"), vqim::py::arg("cb_stride1"), vqim::py::arg("out"), vqim::py::arg("N"),
+        vqim::py::arg("K"), vqim::py::arg("D"), vqim::py::arg("dtype"), vqim::py::arg("normalized"),
+        vqim::py::arg("stream"));
+});
