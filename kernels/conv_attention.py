@@ -21,10 +21,14 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 
-from ._registry import dispatch, register
+from . import _ext
+from ._registry import dispatch, interpreter_dot_upcast, register
 
 _LOG2E = 1.4426950408889634
+_MAX_D = 256
 
 
 # --------------------------------------------------------------------------- the mask
@@ -233,6 +237,455 @@ def _conv_attention_torch(q, k, v, grid, kernel, prefix, scale):
 def _conv_decode_attention_torch(q, k_cache, v_cache, pos, grid, kernel, prefix, scale, ring):
     return conv_decode_attention_ref(q, k_cache, v_cache, pos, grid=grid, kernel=kernel, prefix=prefix,
                                      scale=scale, ring=ring)
+
+
+# --------------------------------------------------------------------------- Triton: prefill
+
+# Query blocks are raster runs of BLOCK_M positions: the prefix is split into its own blocks
+# and image blocks start at image token 0, so a block never mixes the two and its key range is
+# one contiguous raster interval [first key of its first query, its last query]. A spatial
+# tiling (e.g. 8 x 8 query tiles) was counted against this on the 32 x 32 grid with an 11 x 11
+# kernel and visits more (query, key) pairs at the same block sizes (see
+# benchmarks/bench_conv_attention.py, `visited_work`), so raster runs are what ships.
+
+@triton.jit
+def _conv_visible(qs, ks, P, GW, HH, HW):
+    """The §4 rule on sequence positions (broadcast shapes). Row/column are taken of clamped
+    image indices: where a position is in the prefix the window term is not needed."""
+    qt = tl.maximum(qs - P, 0)
+    kt = tl.maximum(ks - P, 0)
+    qr = qt // GW
+    kr = kt // GW
+    dc = qt - qr * GW - (kt - kr * GW)
+    window = (qr - kr <= HH) & (dc <= HW) & (dc >= -HW)
+    return (ks <= qs) & ((ks < P) | window)
+
+
+@triton.jit
+def _first_key(qs, P, GW, HH, HW):
+    """First sequence position an image query at ``qs`` sees after the prefix (monotone in qs)."""
+    qt = tl.maximum(qs - P, 0)
+    r = qt // GW
+    c = qt - r * GW
+    return P + tl.maximum(r - HH, 0) * GW + tl.maximum(c - HW, 0)
+
+
+@triton.jit
+def _last_query(ks, S, P, GW, HH, HW):
+    """One past the last position that sees the image key at ``ks`` (monotone in ks)."""
+    kt = ks - P
+    r = kt // GW
+    c = kt - r * GW
+    return tl.minimum(S, P + (r + HH) * GW + tl.minimum(GW - 1, c + HW) + 1)
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _block_range(pid, NPB, P, S, BLOCK: tl.constexpr):
+    """[start, end) of block ``pid``: the first NPB blocks tile the prefix, the rest the image."""
+    if pid < NPB:
+        start = pid * BLOCK
+        end = tl.minimum(P, start + BLOCK)
+    else:
+        start = P + (pid - NPB) * BLOCK
+        end = tl.minimum(S, start + BLOCK)
+    return start, end
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, n_ok, d_ok, m_ok,
+              P, GW, HH, HW, qk_scale,
+              DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    vis = _conv_visible(offs_m[:, None], offs_n[None, :], P, GW, HH, HW) & m_ok[:, None] & n_ok[None, :]
+    # Window gaps: a key block no query of this block sees is skipped, not just masked.
+    if tl.max(vis.to(tl.int32)) > 0:
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with nothing visible yet (padding) keep m = -inf; subtract 0 there, not -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _conv_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    H, S, D, P, GW, HH, HW, NPB,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
+    qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, q_end = _block_range(pid, NPB, P, S, BLOCK_M)
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < q_end
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    # The prefix: every image query sees all of it, prefix queries see it causally.
+    p_end = tl.minimum(P, q_end)
+    for n0 in range(0, p_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
+                                  v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                                  offs_m, offs_n, offs_n < p_end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
+                                  DOT_PRECISION, UPCAST_DOT)
+    # Image keys: the raster interval from the first query's first window key to the last query
+    # (empty for a prefix block, where lo >= P >= q_end).
+    lo = _first_key(tl.maximum(q_start, P), P, GW, HH, HW)
+    for n0 in range(lo, q_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
+                                  v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                                  offs_m, offs_n, offs_n < q_end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
+                                  DOT_PRECISION, UPCAST_DOT)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
+             out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    # log-sum-exp in log2 units for the backward pass.
+    tl.store(lse_ptr + bh * S + offs_m, tl.where(m_ok, m_i + tl.log2(l_safe), 0.0), mask=m_ok)
+
+
+@triton.jit
+def _bwd_dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_m, offs_n, n_ok, d_ok, m_ok,
+                 P, GW, HH, HW, qk_scale,
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    vis = _conv_visible(offs_m[:, None], offs_n[None, :], P, GW, HH, HW) & m_ok[:, None] & n_ok[None, :]
+    if tl.max(vis.to(tl.int32)) > 0:
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
+    return dq
+
+
+@triton.jit
+def _conv_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
+    H, S, D, P, GW, HH, HW, NPB,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+    qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, q_end = _block_range(pid, NPB, P, S, BLOCK_M)
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < q_end
+    d_ok = offs_d < D
+    md = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=md, other=0.0)
+    do = tl.load(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd, mask=md, other=0.0)
+    lse = tl.load(lse_ptr + bh * S + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
+    delta = tl.load(delta_ptr + bh * S + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    p_end = tl.minimum(P, q_end)
+    for n0 in range(0, p_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dq = _bwd_dq_step(dq, q, do, lse, delta, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
+                          v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                          offs_m, offs_n, offs_n < p_end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
+                          DOT_PRECISION, UPCAST_DOT)
+    lo = _first_key(tl.maximum(q_start, P), P, GW, HH, HW)
+    for n0 in range(lo, q_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dq = _bwd_dq_step(dq, q, do, lse, delta, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
+                          v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                          offs_m, offs_n, offs_n < q_end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
+                          DOT_PRECISION, UPCAST_DOT)
+    tl.store(dq_ptr + bh * S * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+             mask=md)
+
+
+@triton.jit
+def _conv_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr,
+    H, S, D, P, GW, HH, HW, NPB,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+    qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    k_start, k_end = _block_range(pid, NPB, P, S, BLOCK_N)
+    offs_n = k_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < k_end
+    d_ok = offs_d < D
+    nd = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=nd, other=0.0)
+    v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=nd, other=0.0)
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + b * sdb + h * sdh
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    # Queries that see this block: every later position for prefix keys, else up to the last
+    # query whose window reaches the block's last key.
+    if k_start < P:
+        q_stop = S
+    else:
+        q_stop = _last_query(k_end - 1, S, P, GW, HH, HW)
+    for m0 in range(k_start, q_stop, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < q_stop
+        vis = _conv_visible(offs_m[:, None], offs_n[None, :], P, GW, HH, HW) & m_ok[:, None] & n_ok[None, :]
+        if tl.max(vis.to(tl.int32)) > 0:
+            md = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=md, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sds + offs_d[None, :] * sdd, mask=md, other=0.0)
+            lse = tl.load(lse_ptr + bh * S + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
+            delta = tl.load(delta_ptr + bh * S + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
+            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
+            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST_DOT)
+            dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)  # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST_DOT)
+    out = bh * S * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=nd)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=nd)
+
+
+def _fwd_config(d: int, device: torch.device) -> dict:
+    block_d = max(16, triton.next_power_of_2(d))
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d}
+    if device.type == "cuda":
+        cfg["num_warps"] = 4 if block_d <= 64 else 8
+        cfg["num_stages"] = 2
+    return cfg
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    # fp32 inputs: 3xTF32 keeps fp32 accuracy on tensor cores; the interpreter computes in ieee.
+    return "tf32x3" if dtype == torch.float32 and device.type == "cuda" else "ieee"
+
+
+def _geometry_args(s: int, grid, kernel, prefix: int, block: int) -> tuple[int, ...]:
+    return (s, prefix, grid[1], kernel[0] // 2, kernel[1] // 2, triton.cdiv(min(prefix, s), block))
+
+
+def _conv_attention_fwd(q, k, v, grid, kernel, prefix, scale, cfg=None):
+    b, h, s, d = q.shape
+    cfg = dict(cfg or _fwd_config(d, q.device))
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, H, S, Dh)
+    lse = torch.empty(b * h, s, device=q.device, dtype=torch.float32)  # (B*H, S), log2 units
+    if q.numel() == 0:
+        return o, lse
+    s_, p, gw, hh, hw, npb = _geometry_args(s, grid, kernel, prefix, bm)
+    n_img = max(0, s - prefix)
+    launch = (npb + triton.cdiv(n_img, bm), b * h)
+    _conv_attention_fwd_kernel[launch](
+        q, k, v, o, lse, h, s_, d, p, gw, hh, hw, npb,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        scale * _LOG2E,
+        DOT_PRECISION=_precision(q.dtype, q.device), UPCAST_DOT=interpreter_dot_upcast(q.dtype, q.device),
+        **cfg,
+    )
+    return o, lse
+
+
+def _conv_attention_bwd(do, q, k, v, o, lse, grid, kernel, prefix, scale, cfg=None):
+    b, h, s, d = q.shape
+    cfg = dict(cfg or _fwd_config(d, q.device))
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    dq = torch.empty(b, h, s, d, device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    if q.numel() == 0:
+        return dq, dk, dv
+    delta = (do.float() * o.float()).sum(-1).reshape(b * h, s).contiguous()  # (B*H, S): rowsum(dO * O)
+    prec = _precision(q.dtype, q.device)
+    up = interpreter_dot_upcast(q.dtype, q.device)
+    n_img = max(0, s - prefix)
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), scale * _LOG2E, scale)
+    s_, p, gw, hh, hw, npb = _geometry_args(s, grid, kernel, prefix, bm)
+    _conv_attention_bwd_dq_kernel[(npb + triton.cdiv(n_img, bm), b * h)](
+        q, k, v, do, dq, lse, delta, h, s_, d, p, gw, hh, hw, npb, *common,
+        DOT_PRECISION=prec, UPCAST_DOT=up, **cfg)
+    s_, p, gw, hh, hw, npb = _geometry_args(s, grid, kernel, prefix, bn)
+    _conv_attention_bwd_dkdv_kernel[(npb + triton.cdiv(n_img, bn), b * h)](
+        q, k, v, do, dk, dv, lse, delta, h, s_, d, p, gw, hh, hw, npb, *common,
+        DOT_PRECISION=prec, UPCAST_DOT=up, **cfg)
+    return dq, dk, dv
+
+
+class _ConvAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, grid, kernel, prefix, scale, cfg):
+        o, lse = _conv_attention_fwd(q, k, v, grid, kernel, prefix, scale, cfg)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.geom = (grid, kernel, prefix, scale, cfg)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        grid, kernel, prefix, scale, cfg = ctx.geom
+        dq, dk, dv = _conv_attention_bwd(do, q, k, v, o, lse, grid, kernel, prefix, scale, cfg)
+        return dq, dk, dv, None, None, None, None, None
+
+
+@register("conv_attention", "triton")
+def _conv_attention_triton(q, k, v, grid, kernel, prefix, scale, cfg=None):
+    if q.shape[-1] > _MAX_D:
+        raise ValueError(f"Dh must be <= {_MAX_D} for backend='triton', got {q.shape[-1]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _ConvAttentionFn.apply(q, k, v, grid, kernel, prefix, scale, cfg)
+
+
+# --------------------------------------------------------------------------- Triton: decode
+
+@triton.jit
+def _conv_decode_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr,
+    H, D, P, GW, HH, HW, SPAN, NROWS, NCOLS,
+    sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sod,
+    qk_scale,
+    RING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    p = tl.load(pos_ptr + b).to(tl.int32)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+
+    # Prefix keys (causal among themselves). Prefix slots are the same in both layouts.
+    offs_p = tl.arange(0, BLOCK_P)
+    p_ok = (offs_p < P) & (offs_p <= p)
+    kp = tl.load(k_base + offs_p[:, None] * sks + offs_d[None, :] * skd, mask=p_ok[:, None] & d_ok[None, :],
+                 other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_D)
+    s_p = tl.where(p_ok, tl.sum(kp * q[None, :], axis=1) * qk_scale, float("-inf"))  # (BLOCK_P,)
+
+    # The window: rows r - NROWS + 1 .. r, columns from max(0, c - HW), NCOLS of them, gathered
+    # as one (BLOCK_R * BLOCK_C) block; only those keys are read.
+    t = tl.maximum(p - P, 0)
+    r = t // GW
+    c = t - r * GW
+    idx = tl.arange(0, BLOCK_R * BLOCK_C)
+    kr = r - NROWS + 1 + idx // BLOCK_C
+    kc = tl.maximum(c - HW, 0) + idx % BLOCK_C
+    kt = kr * GW + kc
+    w_ok = ((idx // BLOCK_C) < NROWS) & ((idx % BLOCK_C) < NCOLS) & (kr >= 0) & (kc < GW) & (kc <= c + HW) \
+        & (kt <= t) & (p >= P)
+    if RING:
+        slot = P + kt % SPAN
+    else:
+        slot = P + kt
+    slot = tl.where(w_ok, slot, 0)
+    kw = tl.load(k_base + slot[:, None] * sks + offs_d[None, :] * skd, mask=w_ok[:, None] & d_ok[None, :],
+                 other=0.0).to(tl.float32)  # (BLOCK_R * BLOCK_C, BLOCK_D)
+    s_w = tl.where(w_ok, tl.sum(kw * q[None, :], axis=1) * qk_scale, float("-inf"))
+
+    m = tl.maximum(tl.max(s_p, axis=0), tl.max(s_w, axis=0))
+    e_p = tl.exp2(s_p - m)
+    e_w = tl.exp2(s_w - m)
+    denom = tl.sum(e_p, axis=0) + tl.sum(e_w, axis=0)
+    vp = tl.load(v_base + offs_p[:, None] * svs + offs_d[None, :] * svd, mask=p_ok[:, None] & d_ok[None, :],
+                 other=0.0).to(tl.float32)
+    vw = tl.load(v_base + slot[:, None] * svs + offs_d[None, :] * svd, mask=w_ok[:, None] & d_ok[None, :],
+                 other=0.0).to(tl.float32)
+    out = (tl.sum(e_p[:, None] * vp, axis=0) + tl.sum(e_w[:, None] * vw, axis=0)) / denom  # (BLOCK_D,)
+    tl.store(o_ptr + b * sob + h * soh + offs_d * sod, out.to(o_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _decode_geometry(grid, kernel, prefix: int, ring: bool) -> dict:
+    hh, hw = kernel[0] // 2, kernel[1] // 2
+    return {
+        "P": prefix, "GW": grid[1], "HH": hh, "HW": hw,
+        # The span of the ring; for the plain layout it is unused (the slot is the position).
+        "SPAN": _ring_rows(grid, kernel) * grid[1],
+        "NROWS": min(hh + 1, grid[0]),
+        "NCOLS": min(2 * hw + 1, grid[1]),
+    }
+
+
+@register("conv_decode_attention", "triton")
+def _conv_decode_attention_triton(q, k_cache, v_cache, pos, grid, kernel, prefix, scale, ring):
+    b, h, _, d = q.shape
+    if d > _MAX_D:
+        raise ValueError(f"Dh must be <= {_MAX_D} for backend='triton', got {d}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    o = torch.empty(b, h, 1, d, device=q.device, dtype=q.dtype)
+    if o.numel() == 0:
+        return o
+    g = _decode_geometry(grid, kernel, prefix, ring)
+    _conv_decode_kernel[(b * h,)](
+        q, k_cache, v_cache, o, pos,
+        h, d, g["P"], g["GW"], g["HH"], g["HW"], g["SPAN"], g["NROWS"], g["NCOLS"],
+        q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(),
+        o.stride(0), o.stride(1), o.stride(3),
+        scale * _LOG2E,
+        RING=ring, BLOCK_P=max(2, triton.next_power_of_2(max(prefix, 1))),
+        BLOCK_R=triton.next_power_of_2(g["NROWS"]), BLOCK_C=triton.next_power_of_2(g["NCOLS"]),
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        **({"num_warps": 4} if q.is_cuda else {}),
+    )
+    return o
+
+
+@register("conv_decode_attention", "cuda")
+def _conv_decode_attention_cuda(q, k_cache, v_cache, pos, grid, kernel, prefix, scale, ring):
+    C = _ext.load()
+    b, h, _, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    o = torch.empty(b, h, 1, d, device=q.device, dtype=q.dtype)
+    if o.numel() == 0:
+        return o
+    pos = pos.to(torch.int64).contiguous()
+    g = _decode_geometry(grid, kernel, prefix, ring)
+    with torch.cuda.device(q.device):
+        C.conv_decode_attention(
+            q.data_ptr(), q.stride(0), q.stride(1), q.stride(3),
+            k_cache.data_ptr(), *k_cache.stride(), v_cache.data_ptr(), *v_cache.stride(),
+            o.data_ptr(), o.stride(0), o.stride(1), o.stride(3), pos.data_ptr(),
+            b, h, d, g["P"], g["GW"], g["HH"], g["HW"], g["SPAN"], g["NROWS"], g["NCOLS"], bool(ring), scale,
+            _ext.dtype_code(q, "q"), _ext.stream_of(q),
+        )
+    return o
 
 
 # --------------------------------------------------------------------------- public ops
