@@ -1,0 +1,348 @@
+"""The ``Engine``: what embedding services call (DESIGN §5).
+
+One engine holds one model on one device. Public calls take a lock, so several threads may
+share an engine: calls are serialized, every input is validated before any work starts, a
+failing call raises only in its caller and leaves nothing half-changed behind, and a CUDA
+out-of-memory error is re-raised naming the batch size that failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vqim import kernels as K
+
+from .config import ModelConfig, dtype_from_name
+from .generate import Generator, Sampling
+from .models import VQIMModel, init_weights
+from .text import TextTokenizer
+from .weights import build_model, load_model, save_pretrained
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "demo"
+_MAX_SEED = 2**63 - 1
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _default_dtype(cfg: ModelConfig, device: torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The config's dtype on GPUs; float32 on CPU, where bf16 matmuls are slow."""
+    if dtype is None:
+        return dtype_from_name(cfg.dtype) if device.type == "cuda" else torch.float32
+    return dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+
+
+def _per_request(name: str, value, n: int) -> list:
+    """A scalar for all requests or one value per request."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} must be a scalar or a list of {n} values (one per request), got {len(value)}")
+        return list(value)
+    if isinstance(value, torch.Tensor) or isinstance(value, np.ndarray):
+        raise ValueError(f"{name} must be a python scalar or list, got {type(value).__name__}")
+    return [value] * n
+
+
+class Engine:
+    """Text-to-image (or class-conditional / unconditional) generation and image tokenization.
+
+    Build with :meth:`from_pretrained` (a model directory) or :meth:`from_preset` (random
+    weights of a named shape). ``max_batch_size`` bounds the images decoded together (each is
+    two decoder rows with guidance); longer requests run in chunks.
+    """
+
+    def __init__(self, model: VQIMModel, tokenizer: TextTokenizer | None, *, device: torch.device,
+                 max_batch_size: int = 16, use_cuda_graph: bool = True, model_dir: Path | None = None):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.device = device
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.model_dir = model_dir
+        self.generator = Generator(model.decoder, use_cuda_graph=use_cuda_graph)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, **kwargs) -> Engine:
+        """Load ``config.json`` + ``*.safetensors`` (+ ``tokenizer.model``) from ``path``.
+
+        ``path=None`` loads the demo model bundled with the package.
+        """
+        if path is None:
+            if not (BUNDLED_MODEL / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"no bundled demo model is installed yet (expected at {BUNDLED_MODEL}); pass a model "
+                    "directory to Engine.from_pretrained(path), or build a random-weight model with "
+                    "Engine.from_preset('tiny-t2i')")
+            path = BUNDLED_MODEL
+        path = Path(path)
+        dev = _default_device(device)
+        model = load_model(path, "cpu")
+        model = model.to(device=dev, dtype=_default_dtype(model.cfg, dev, dtype))
+        return cls(model, cls._text_tokenizer(model.cfg, path), device=dev, model_dir=path, **kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None, **kwargs) -> Engine:
+        """A random-weight engine of a named shape (``ModelConfig.from_name``), same weights for the same seed."""
+        cfg = ModelConfig.from_name(name)
+        dev = _default_device(device)
+        model = build_model(cfg, dev, _default_dtype(cfg, dev, dtype))
+        init_weights(model, seed)
+        return cls(model, cls._text_tokenizer(cfg, None), device=dev, **kwargs)
+
+    @staticmethod
+    def _text_tokenizer(cfg: ModelConfig, path: Path | None) -> TextTokenizer | None:
+        if cfg.text is None:
+            return None
+        tok = TextTokenizer.load(path, cfg.text.max_len)
+        if tok.vocab_size > cfg.text.vocab_size:
+            raise ValueError(f"the text tokenizer has {tok.vocab_size} ids but the text encoder embeds only "
+                             f"{cfg.text.vocab_size} (config text.vocab_size)")
+        return tok
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        tok = None
+        if self.model_dir is not None and (self.model_dir / "tokenizer.model").is_file():
+            tok = self.model_dir / "tokenizer.model"
+        with self._lock:
+            return save_pretrained(self.model, path, tokenizer_model=tok)
+
+    # ------------------------------------------------------------------ generation
+
+    @contextlib.contextmanager
+    def _oom_names_batch(self, what: str, batch: int):
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise torch.OutOfMemoryError(
+                f"out of GPU memory {what} a batch of {batch} images; lower the batch size "
+                f"(Engine.max_batch_size is {self.max_batch_size})") from e
+
+    def _requests(self, prompts, class_ids, num_images: int) -> tuple[list, bool]:
+        """One condition per request, and whether the model has a real unconditional branch."""
+        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+            raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
+        if self.cfg.is_text_to_image:
+            if class_ids is not None:
+                raise ValueError("class_ids is for class-conditional models; this one takes text prompts")
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+                raise ValueError("prompts must be a non-empty list of strings")
+            for p in prompts:
+                if not isinstance(p, str):
+                    raise ValueError(f"prompts must be strings, got {type(p).__name__}")
+            return list(prompts), True
+        if prompts is not None:
+            raise ValueError(f"{self.cfg.name} is not a text-to-image model: pass class_ids (or nothing), not prompts")
+        nc = self.cfg.decoder.num_classes
+        if class_ids is None:
+            return [nc], False  # unconditional: the BOS / null prefix
+        if nc == 0:
+            raise ValueError(f"{self.cfg.name} is unconditional: class_ids must be None")
+        if isinstance(class_ids, int):
+            class_ids = [class_ids]
+        if not isinstance(class_ids, (list, tuple)) or len(class_ids) == 0:
+            raise ValueError("class_ids must be a non-empty list of ints")
+        for c in class_ids:
+            if not isinstance(c, int) or not 0 <= c < nc:
+                raise ValueError(f"class_ids must be ints in [0, {nc}), got {c!r}")
+        return list(class_ids), True
+
+    def generate_codes(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, cfg_scale=3.0,
+                       temperature=1.0, top_k=0, top_p=1.0, seed=None, *, class_ids=None,
+                       progress: bool | Callable[[int], None] = False) -> torch.LongTensor:
+        """Image tokens ``[len(prompts) * num_images, grid_h, grid_w]``, request-major.
+
+        ``cfg_scale``, ``temperature``, ``top_k``, ``top_p`` and ``seed`` are scalars or one value
+        per prompt / class id. Image ``j`` of a request draws with seed ``seed + j``, so its
+        tokens do not depend on the other requests in the batch. ``seed=None`` picks one.
+        ``progress=True`` shows a tqdm bar over decode steps (a callable gets the step count).
+        """
+        conds, has_uncond = self._requests(prompts, class_ids, num_images)
+        n = len(conds)
+        params = {k: _per_request(k, v, n) for k, v in (("cfg_scale", cfg_scale), ("temperature", temperature),
+                                                          ("top_k", top_k), ("top_p", top_p))}
+        seeds = _per_request("seed", seed, n)
+        seeds = [random.SystemRandom().randrange(0, _MAX_SEED - num_images) if s is None else s for s in seeds]
+        for i in range(n):
+            K.validate_sampling_params(cfg_scale=params["cfg_scale"][i], temperature=params["temperature"][i],
+                                       top_k=params["top_k"][i], top_p=params["top_p"][i], seed=seeds[i])
+            if seeds[i] + num_images - 1 > _MAX_SEED:
+                raise ValueError(f"seed must be <= 2**63 - num_images (image j uses seed + j), got {seeds[i]}")
+        # One row per image.
+        rows = [(i, j) for i in range(n) for j in range(num_images)]
+        with self._lock:
+            return self._generate_rows(conds, rows, params, seeds, has_uncond, progress)
+
+    def _generate_rows(self, conds, rows, params, seeds, has_uncond, progress) -> torch.Tensor:
+        cfg = self.cfg.decoder
+        bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(rows) * cfg.num_tokens, unit="tok", desc="generate")
+        outs = []
+        try:
+            for s in range(0, len(rows), self.max_batch_size):
+                chunk = rows[s:s + self.max_batch_size]
+                b = len(chunk)
+                on_step = None
+                if bar is not None:
+                    on_step = lambda b=b: bar.update(b)  # noqa: E731
+                elif callable(progress):
+                    on_step = lambda b=b: progress(b)  # noqa: E731
+                with self._oom_names_batch("generating", b):
+                    outs.append(self._generate_chunk(conds, chunk, params, seeds, has_uncond, on_step))
+        finally:
+            if bar is not None:
+                bar.close()
+        return torch.cat(outs).view(len(rows), cfg.grid_h, cfg.grid_w)
+
+    @torch.no_grad()
+    def _generate_chunk(self, conds, chunk, params, seeds, has_uncond, on_step) -> torch.Tensor:
+        dev = self.device
+        req = [i for i, _ in chunk]
+        scales = [float(params["cfg_scale"][i]) for i in req]
+        guided = has_uncond and any(sc != 1.0 for sc in scales)
+
+        def col(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([params[name][i] for i in req], dtype=dtype, device=dev)
+
+        sampling = Sampling(cfg_scale=col("cfg_scale", torch.float32), temperature=col("temperature", torch.float32),
+                            top_k=col("top_k", torch.long), top_p=col("top_p", torch.float32),
+                            seed=torch.tensor([seeds[i] + j for i, j in chunk], dtype=torch.long, device=dev))
+        model = self.model
+        memory = mask = None
+        if self.cfg.is_text_to_image:
+            texts = [conds[i] for i in req] + ([""] * len(chunk) if guided else [])
+            # On the CUDA-graph path every batch is padded to max_len so one graph serves all prompts.
+            pad = self.cfg.text.max_len if (dev.type == "cuda" and self.generator.use_cuda_graph) else None
+            ids, mask = self.tokenizer.batch(texts, dev, pad_to=pad)  # (R, L)
+            memory = model.text(ids, mask)  # (R, L, W)
+            prefix = torch.full((len(texts), 1), self.cfg.decoder.num_classes, dtype=torch.long, device=dev)
+        else:
+            pre = [conds[i] for i in req] + ([self.cfg.decoder.num_classes] * len(chunk) if guided else [])
+            prefix = torch.tensor(pre, dtype=torch.long, device=dev)[:, None]  # (R, 1)
+        return self.generator.run(prefix, memory, mask, sampling, guided=guided, on_step=on_step)
+
+    def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, cfg_scale=3.0,
+                 temperature=1.0, top_k=0, top_p=1.0, seed=None, *, class_ids=None,
+                 progress: bool | Callable[[int], None] = False) -> list[Image.Image]:
+        """Images for each prompt (``num_images`` each, request-major): see :meth:`generate_codes`."""
+        codes = self.generate_codes(prompts, num_images, cfg_scale, temperature, top_k, top_p, seed,
+                                    class_ids=class_ids, progress=progress)
+        return self.decode_codes(codes)
+
+    # ------------------------------------------------------------------ tokenizer
+
+    def _pixels(self, images) -> torch.Tensor:
+        """PIL images / uint8 or float ``[B, 3, H, W]`` in [0, 1] -> float pixels on the device."""
+        size = self.cfg.vqgan.image_size
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, (list, tuple)):
+            if len(images) == 0:
+                raise ValueError("images must be a non-empty list")
+            arrs = []
+            for i, im in enumerate(images):
+                if not isinstance(im, Image.Image):
+                    raise ValueError(f"images[{i}] must be a PIL image, got {type(im).__name__}")
+                if im.size != (size, size):
+                    raise ValueError(f"images[{i}] is {im.size[0]}x{im.size[1]}; this tokenizer takes {size}x{size} "
+                                     "(resize or crop before encoding)")
+                arrs.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        elif isinstance(images, torch.Tensor):
+            x = images
+        else:
+            raise ValueError(f"images must be PIL images or a [B, 3, H, W] tensor, got {type(images).__name__}")
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[2:] != (size, size) or x.shape[0] == 0:
+            raise ValueError(f"images must be [B, 3, {size}, {size}] with B >= 1, got {tuple(x.shape)}")
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        elif x.is_floating_point():
+            lo, hi = float(x.min()), float(x.max())
+            if not (0.0 <= lo and hi <= 1.0):
+                raise ValueError(f"float images must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+        else:
+            raise ValueError(f"images must be uint8 or float, got {x.dtype}")
+        return x.to(self.device, self.model.vqgan.enc_patch.weight.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images) -> torch.LongTensor:
+        """Images -> tokens ``[B, g, g]`` (PIL images of the tokenizer's size, or a tensor)."""
+        x = self._pixels(images)
+        with self._lock, self._oom_names_batch("encoding", x.shape[0]):
+            return self.model.vqgan.encode(x)
+
+    def _codes(self, codes) -> torch.Tensor:
+        if isinstance(codes, np.ndarray):
+            codes = torch.from_numpy(codes)
+        if not isinstance(codes, torch.Tensor):
+            raise ValueError(f"codes must be a LongTensor [B, h, w], got {type(codes).__name__}")
+        g = self.cfg.vqgan.grid
+        if codes.dim() == 2:
+            codes = codes[None]
+        if codes.dim() != 3 or codes.shape[1:] != (g, g) or codes.shape[0] == 0:
+            raise ValueError(f"codes must be [B, {g}, {g}] with B >= 1, got {tuple(codes.shape)}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+        k = self.cfg.vqgan.codebook_size
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"codes must be in [0, {k}) (the codebook size), got values in [{lo}, {hi}]")
+        return codes.to(self.device, torch.long)
+
+    @torch.no_grad()
+    def decode_codes(self, codes, *, output_type: str = "pil"):
+        """Tokens ``[B, g, g]`` -> PIL images (``output_type="pil"``) or float pixels
+        ``[B, 3, H, W]`` in [0, 1] (``"pt"``; raw-output tokenizers are clamped to [0, 1])."""
+        if output_type not in ("pil", "pt"):
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        c = self._codes(codes)
+        with self._lock, self._oom_names_batch("decoding", c.shape[0]):
+            pixels = self.model.vqgan.decode(c).clamp_(0, 1)  # (B, 3, H, W) float32
+        if output_type == "pt":
+            return pixels
+        arr = (pixels * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+        return [Image.fromarray(a, mode="RGB") for a in arr]
+
+    @torch.no_grad()
+    def image_features(self, images, layer: int) -> torch.Tensor:
+        """Mean over the image tokens of decoder block ``layer``'s output ``[B, W]`` (float32):
+        the linear-probe feature (seed §[0102]). The prefix is BOS / null class; a text model
+        cross-attends to the empty prompt."""
+        n_layers = self.cfg.decoder.layers
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n_layers:
+            raise ValueError(f"layer must be an int in [0, {n_layers}), got {layer!r}")
+        x = self._pixels(images)
+        with self._lock, self._oom_names_batch("featurizing", x.shape[0]):
+            codes = self.model.vqgan.encode(x)
+            b = codes.shape[0]
+            memory = mask = None
+            if self.cfg.is_text_to_image:
+                ids, mask = self.tokenizer.batch([""] * b, self.device)
+                memory = self.model.text(ids, mask)
+            prefix = torch.full((b, 1), self.cfg.decoder.num_classes, dtype=torch.long, device=self.device)
+            h = self.model.decoder(prefix, codes.view(b, -1), memory, mask, hidden_layer=layer)  # (B, 1 + n, W)
+            return h[:, self.cfg.decoder.prefix:].float().mean(dim=1)

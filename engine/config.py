@@ -1,0 +1,285 @@
+"""Model configurations: dataclasses with derived fields and a preset table.
+
+One ``ModelConfig`` describes a whole generator: the ViT-VQGAN image tokenizer, an optional
+text encoder (encoder-decoder, Parti-style) and the autoregressive image decoder shared by
+text-to-image and decoder-only (unconditional / class-conditional ViM) models. Shapes of the
+paper's presets follow the seed text (Table 2, §[0110], §[0117]-[0122]); ``tiny-*`` presets are
+for tests and CPU smoke runs. Configs round-trip through ``config.json`` (``to_dict`` /
+``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str):
+        dtype_from_name(dtype)
+        return dtype
+    for k, v in _DTYPES.items():
+        if v == dtype:
+            return k
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+
+
+def _check_positive(obj: object, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{type(obj).__name__}.{n} must be a positive int, got {v!r}")
+
+
+def _check_heads(obj: object) -> None:
+    if obj.width % obj.heads:  # type: ignore[attr-defined]
+        raise ValueError(f"{type(obj).__name__}: width {obj.width} must be divisible by heads {obj.heads}")  # type: ignore[attr-defined]
+
+
+@dataclass
+class VQGANConfig:
+    """ViT-VQGAN image tokenizer (encoder and decoder share one shape)."""
+
+    image_size: int = 256
+    patch_size: int = 8
+    width: int = 512
+    layers: int = 8
+    heads: int = 8
+    mlp_dim: int = 2048
+    codebook_size: int = 8192
+    code_dim: int = 32
+    # "sigmoid": the decoder predicts the logit-Laplace mean in [0, 1] (seed §[0091]);
+    # "raw": no output activation (pixels are clamped only when converted to images).
+    output: str = "sigmoid"
+    dropout: float = 0.0
+    # Derived.
+    grid: int = field(init=False)
+    head_dim: int = field(init=False)
+    patch_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "image_size", "patch_size", "width", "layers", "heads", "mlp_dim",
+                        "codebook_size", "code_dim")
+        _check_heads(self)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"VQGANConfig.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        if self.output not in ("sigmoid", "raw"):
+            raise ValueError(f"VQGANConfig.output must be 'sigmoid' or 'raw', got {self.output!r}")
+        self.grid = self.image_size // self.patch_size
+        self.head_dim = self.width // self.heads
+        self.patch_dim = 3 * self.patch_size * self.patch_size
+
+
+@dataclass
+class TextEncoderConfig:
+    """Bidirectional transformer over sentencepiece ids (Parti's text encoder)."""
+
+    vocab_size: int = 32000
+    max_len: int = 128
+    width: int = 1024
+    layers: int = 12
+    heads: int = 16
+    mlp_dim: int = 4096
+    dropout: float = 0.1
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "vocab_size", "max_len", "width", "layers", "heads", "mlp_dim")
+        _check_heads(self)
+        self.head_dim = self.width // self.heads
+
+
+@dataclass
+class DecoderConfig:
+    """Autoregressive image-token decoder.
+
+    The sequence is ``prefix`` position(s) followed by image tokens in raster order. The prefix
+    token is a class id (``num_classes > 0``) or BOS; its embedding table has one extra row,
+    index ``num_classes``, which is BOS for unconditional models and the "null class" used as
+    the unconditional branch of classifier-free guidance for class-conditional ones.
+    """
+
+    vocab_size: int = 8192
+    grid_h: int = 32
+    grid_w: int = 32
+    width: int = 1024
+    layers: int = 12
+    heads: int = 16
+    mlp_dim: int = 4096
+    num_classes: int = 0
+    cross_attention: bool = False
+    memory_dim: int = 0  # width of the text encoder's output (cross-attention K/V input)
+    conv_kernel: tuple[int, int] = (11, 11)
+    # Layers using the conv-shaped mask (DESIGN §4); None means all. Others are fully causal.
+    conv_layers: tuple[int, ...] | None = None
+    dropout: float = 0.1
+    # Derived.
+    prefix: int = field(init=False)
+    num_tokens: int = field(init=False)
+    head_dim: int = field(init=False)
+    max_seq: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "vocab_size", "grid_h", "grid_w", "width", "layers", "heads", "mlp_dim")
+        _check_heads(self)
+        self.conv_kernel = tuple(int(k) for k in self.conv_kernel)  # type: ignore[assignment]
+        if len(self.conv_kernel) != 2 or any(k < 1 or k % 2 == 0 for k in self.conv_kernel):
+            raise ValueError(f"DecoderConfig.conv_kernel must be two odd positive ints, got {self.conv_kernel}")
+        if self.conv_layers is not None:
+            self.conv_layers = tuple(int(i) for i in self.conv_layers)
+            bad = [i for i in self.conv_layers if not 0 <= i < self.layers]
+            if bad:
+                raise ValueError(f"DecoderConfig.conv_layers must be in [0, {self.layers}), got {bad}")
+        if self.num_classes < 0:
+            raise ValueError(f"DecoderConfig.num_classes must be >= 0, got {self.num_classes}")
+        if self.cross_attention and self.memory_dim < 1:
+            raise ValueError("DecoderConfig.memory_dim must be set (>= 1) when cross_attention is on")
+        self.prefix = 1
+        self.num_tokens = self.grid_h * self.grid_w
+        self.head_dim = self.width // self.heads
+        # The last image token is sampled, never fed back, so it needs no cache slot.
+        self.max_seq = self.prefix + self.num_tokens - 1
+
+    def uses_conv(self, layer: int) -> bool:
+        return self.conv_layers is None or layer in self.conv_layers
+
+
+@dataclass
+class ModelConfig:
+    """A whole generator: tokenizer + (text encoder) + AR decoder, in one dtype."""
+
+    name: str
+    vqgan: VQGANConfig
+    decoder: DecoderConfig
+    text: TextEncoderConfig | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        dtype_from_name(self.dtype)
+        d, v = self.decoder, self.vqgan
+        if (d.grid_h, d.grid_w) != (v.grid, v.grid):
+            raise ValueError(f"{self.name}: decoder grid {d.grid_h}x{d.grid_w} must match the tokenizer grid {v.grid}x{v.grid}")
+        if d.vocab_size != v.codebook_size:
+            raise ValueError(f"{self.name}: decoder vocab_size {d.vocab_size} must equal codebook_size {v.codebook_size}")
+        if (self.text is not None) != d.cross_attention:
+            raise ValueError(f"{self.name}: decoder.cross_attention must be on exactly when there is a text encoder")
+        if self.text is not None and d.memory_dim != self.text.width:
+            raise ValueError(f"{self.name}: decoder.memory_dim {d.memory_dim} must equal text.width {self.text.width}")
+
+    @property
+    def is_text_to_image(self) -> bool:
+        return self.text is not None
+
+    def to_dict(self) -> dict:
+        def plain(c: object) -> dict:
+            return {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.init}
+
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "vqgan": plain(self.vqgan),
+            "decoder": {k: list(v) if isinstance(v, tuple) else v for k, v in plain(self.decoder).items()},
+            "text": plain(self.text) if self.text is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        try:
+            return cls(
+                name=d.get("name", "custom"),
+                dtype=d.get("dtype", "float32"),
+                vqgan=VQGANConfig(**d["vqgan"]),
+                decoder=DecoderConfig(**d["decoder"]),
+                text=TextEncoderConfig(**d["text"]) if d.get("text") else None,
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"config.json is not a vqim model config: {e}") from e
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return PRESETS[name]()
+
+
+VQGAN_PRESETS = {
+    # Table 2 of the seed: blocks / width / heads / MLP; 256 px, patch 8 -> 32 x 32 tokens.
+    "vit-vqgan-small": dict(width=512, layers=8, heads=8, mlp_dim=2048),
+    "vit-vqgan-base": dict(width=768, layers=12, heads=12, mlp_dim=3072),
+    "vit-vqgan-large": dict(width=1280, layers=32, heads=16, mlp_dim=5120),
+}
+
+
+def vqgan_config(name: str) -> VQGANConfig:
+    if name not in VQGAN_PRESETS:
+        raise ValueError(f"unknown tokenizer preset {name!r}; choose from {sorted(VQGAN_PRESETS)}")
+    return VQGANConfig(**VQGAN_PRESETS[name])
+
+
+def _parti(name: str, enc_layers: int, dec_layers: int, width: int, heads: int) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        vqgan=vqgan_config("vit-vqgan-small"),
+        text=TextEncoderConfig(width=width, layers=enc_layers, heads=heads, mlp_dim=4 * width),
+        decoder=DecoderConfig(width=width, layers=dec_layers, heads=heads, mlp_dim=4 * width,
+                              cross_attention=True, memory_dim=width),
+        dtype="bfloat16",
+    )
+
+
+def _vim(name: str, layers: int, width: int, heads: int) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        vqgan=vqgan_config("vit-vqgan-base"),
+        decoder=DecoderConfig(width=width, layers=layers, heads=heads, mlp_dim=4 * width, num_classes=1000),
+        dtype="bfloat16",
+    )
+
+
+def _tiny_vqgan() -> VQGANConfig:
+    # 64 px, patch 8 -> 8 x 8 tokens: big enough that an 5 x 5 conv window is a real mask.
+    return VQGANConfig(image_size=64, patch_size=8, width=64, layers=2, heads=4, mlp_dim=128,
+                       codebook_size=256, code_dim=8)
+
+
+def _tiny_t2i() -> ModelConfig:
+    return ModelConfig(
+        name="tiny-t2i",
+        vqgan=_tiny_vqgan(),
+        # 384 >= 259 ids of the byte-level fallback tokenizer.
+        text=TextEncoderConfig(vocab_size=384, max_len=128, width=64, layers=2, heads=4, mlp_dim=128, dropout=0.0),
+        decoder=DecoderConfig(vocab_size=256, grid_h=8, grid_w=8, width=64, layers=2, heads=4, mlp_dim=128,
+                              cross_attention=True, memory_dim=64, conv_kernel=(5, 5), dropout=0.0),
+    )
+
+
+def _tiny_vim() -> ModelConfig:
+    return ModelConfig(
+        name="tiny-vim",
+        vqgan=_tiny_vqgan(),
+        # Layer 1 fully causal, so both attention kinds are exercised.
+        decoder=DecoderConfig(vocab_size=256, grid_h=8, grid_w=8, width=64, layers=2, heads=4, mlp_dim=128,
+                              num_classes=10, conv_kernel=(5, 5), conv_layers=(0,), dropout=0.0),
+    )
+
+
+PRESETS = {
+    "parti-350m": lambda: _parti("parti-350m", 12, 12, 1024, 16),
+    "parti-750m": lambda: _parti("parti-750m", 12, 36, 1024, 16),
+    "parti-3b": lambda: _parti("parti-3b", 12, 36, 2048, 32),
+    "parti-20b": lambda: _parti("parti-20b", 16, 64, 4096, 64),
+    "vim-base": lambda: _vim("vim-base", 24, 1536, 16),
+    "vim-large": lambda: _vim("vim-large", 36, 2048, 32),
+    "tiny-t2i": _tiny_t2i,
+    "tiny-vim": _tiny_vim,
+}

@@ -1,0 +1,134 @@
+"""The decode loop: static KV cache, cross-attention K/V once per prompt, CFG as one batch.
+
+With guidance the decoder runs ``2B`` rows, conditional rows ``[0, B)`` and unconditional rows
+``[B, 2B)`` (empty prompt / null class); ``vqim.kernels.cfg_sample`` combines each pair and
+draws one token per request, and the same token is fed to both rows of the pair. Nothing in the
+loop reads a value back to the host: positions live in a device tensor, sampling runs with
+``validate=False`` and a row with no finite logit (token ``-1``) is checked once at the end.
+
+On CUDA the decode step (embedding, all blocks, head) is captured once per batch shape into a
+CUDA graph and replayed; the graph owns a static :class:`DecodeState` whose cross-attention
+buffers are refilled per request (text padded to ``max_len`` so one graph serves any prompt).
+That path needs a GPU and is not exercised by the CPU test suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from vqim import kernels as K
+
+from .models import ARDecoder, DecodeState
+
+
+@dataclass
+class Sampling:
+    """Per-request sampling settings as ``[B]`` device tensors (one row per image)."""
+
+    cfg_scale: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    seed: torch.Tensor
+
+
+class _GraphStep:
+    """``decode_step`` captured in a CUDA graph over static input/state buffers."""
+
+    def __init__(self, decoder: ARDecoder, state: DecodeState):
+        rows = state.batch
+        dev = state.k[0].device
+        self.state = state
+        self.token = torch.zeros(rows, dtype=torch.long, device=dev)
+        # Capture at the first image position: warm-up writes land in a slot that step 1
+        # overwrites before any query can read it.
+        self.pos = torch.full((1,), decoder.cfg.prefix, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles the Triton kernels and settles allocations
+                decoder.decode_step(state, self.token, self.pos)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decoder.decode_step(state, self.token, self.pos)
+
+    def __call__(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits
+
+
+class Generator:
+    """Runs the decode loop of one decoder; caches CUDA graphs by (rows, text length)."""
+
+    def __init__(self, decoder: ARDecoder, *, use_cuda_graph: bool = True):
+        self.decoder = decoder
+        self.use_cuda_graph = use_cuda_graph
+        self._graphs: dict[tuple[int, int], _GraphStep] = {}
+
+    def _graph_for(self, rows: int, memory: torch.Tensor | None, memory_mask: torch.Tensor | None) -> _GraphStep:
+        length = 0 if memory is None else memory.shape[1]
+        key = (rows, length)
+        g = self._graphs.get(key)
+        if g is None:
+            g = _GraphStep(self.decoder, self.decoder.new_state(rows, memory, memory_mask))
+            self._graphs[key] = g
+        elif memory is not None:
+            ks, vs = self.decoder.cross_kv(memory)
+            for dst, src in zip(g.state.cross_k + g.state.cross_v, ks + vs):
+                dst.copy_(src)
+            g.state.memory_mask.copy_(memory_mask[:, None, None, :])
+        return g
+
+    def graphs_used(self) -> int:
+        return len(self._graphs)
+
+    @torch.no_grad()
+    def run(self, prefix_ids: torch.Tensor, memory: torch.Tensor | None, memory_mask: torch.Tensor | None,
+            sampling: Sampling, *, guided: bool, on_step: Callable[[], None] | None = None) -> torch.Tensor:
+        """Sample ``[B, n]`` image tokens.
+
+        ``prefix_ids [R, 1]``, ``memory [R, L, W]``, ``memory_mask [R, L]`` hold ``R = 2B``
+        rows (conditional then unconditional) when ``guided``, else ``R = B``.
+        """
+        dec = self.decoder
+        cfg = dec.cfg
+        rows = prefix_ids.shape[0]
+        b = rows // 2 if guided else rows
+        dev = prefix_ids.device
+        graph = None
+        if self.use_cuda_graph and dev.type == "cuda":
+            graph = self._graph_for(rows, memory, memory_mask)
+            state = graph.state
+        else:
+            state = dec.new_state(rows, memory, memory_mask)
+
+        def sample(logits: torch.Tensor, step: int) -> torch.Tensor:
+            cond, uncond = (logits[:b], logits[b:]) if guided else (logits, None)
+            return K.cfg_sample(cond, uncond, cfg_scale=sampling.cfg_scale, temperature=sampling.temperature,
+                                top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed, step=step,
+                                validate=False)  # (B,)
+
+        out = torch.empty(b, cfg.num_tokens, dtype=torch.long, device=dev)
+        tok = sample(dec.prefill(state, prefix_ids), 0)
+        out[:, 0] = tok
+        pos = torch.full((1,), cfg.prefix, dtype=torch.long, device=dev)
+        if on_step is not None:
+            on_step()
+        for i in range(1, cfg.num_tokens):
+            feed = torch.cat([tok, tok]) if guided else tok  # (R,)
+            logits = graph(feed, pos) if graph is not None else dec.decode_step(state, feed, pos)
+            tok = sample(logits, i)
+            out[:, i] = tok
+            pos += 1
+            if on_step is not None:
+                on_step()
+        # The loop's only host sync: a row whose guided logits had no finite entry.
+        if bool((out < 0).any()):
+            raise FloatingPointError("a decode step produced no finite logit (NaN/inf in the model's output)")
+        return out

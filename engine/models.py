@@ -1,0 +1,378 @@
+"""Model definitions, one each, shared by inference and ``vqim.train``.
+
+* :class:`ViTVQGAN`: image tokenizer. Encoder: patchify -> transformer blocks -> tanh MLP ->
+  projection to the code dim -> l2 norm -> ``codebook_lookup``. Decoder: codes -> up-projection ->
+  blocks -> tanh MLP -> pixel patches (sigmoid or raw).
+* :class:`TextEncoder`: bidirectional transformer over token ids with a padding mask.
+* :class:`ARDecoder`: the autoregressive image-token decoder. Self-attention uses the
+  conv-shaped mask (``vqim.kernels.conv_attention`` for a whole sequence,
+  ``conv_decode_attention`` for one step on the static KV cache) on the layers the config
+  names and plain causal attention on the others; cross-attention to the text when there is an
+  encoder; a class-id or BOS prefix token otherwise.
+
+All ``forward`` methods are full-sequence (teacher forcing, training). The cached path is
+``ARDecoder.new_state`` / ``prefill`` / ``decode_step``: static buffers written by index, no
+host synchronization, so a CUDA graph can capture ``decode_step``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqim import kernels as K
+
+from .config import DecoderConfig, ModelConfig, TextEncoderConfig, VQGANConfig, dtype_from_name
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, out: int | None = None, *, act: str = "gelu", dropout: float = 0.0,
+                 bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, out or width, bias=bias)
+        self.act = nn.GELU(approximate="tanh") if act == "gelu" else nn.Tanh()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class Attention(nn.Module):
+    """Projections for self- or cross-attention; the attention itself is chosen by the caller."""
+
+    def __init__(self, width: int, heads: int, kv_dim: int | None = None, *, bias: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = width // heads
+        self.wq = nn.Linear(width, width, bias=bias)
+        self.wk = nn.Linear(kv_dim or width, width, bias=bias)
+        self.wv = nn.Linear(kv_dim or width, width, bias=bias)
+        self.wo = nn.Linear(width, width, bias=bias)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, Dh)
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, s, d = x.shape
+        return self.wo(x.transpose(1, 2).reshape(b, s, h * d))  # (B, S, W)
+
+    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split(self.wk(x)), self.split(self.wv(x))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN bidirectional block (ViT-VQGAN encoder/decoder, text encoder)."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, dropout: float, *, bias: bool = True):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, bias=bias)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_dim, dropout=dropout, bias=bias)
+        self.dropout = dropout
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.ln1(x)
+        q = self.attn.split(self.attn.wq(h))
+        k, v = self.attn.kv(h)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, S, Dh)
+        x = x + self.drop(self.attn.merge(a))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    b, c, hh, ww = x.shape
+    g_h, g_w = hh // p, ww // p
+    x = x.reshape(b, c, g_h, p, g_w, p).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p)
+    return x.reshape(b, g_h * g_w, c * p * p)  # (B, N, C*p*p)
+
+
+def unpatchify(x: torch.Tensor, p: int, g: int) -> torch.Tensor:
+    b = x.shape[0]
+    x = x.reshape(b, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, g, p, g, p)
+    return x.reshape(b, 3, g * p, g * p)  # (B, 3, H, W)
+
+
+class ViTVQGAN(nn.Module):
+    """ViT-VQGAN with factorized (``code_dim``), l2-normalized codes."""
+
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        self.cfg = cfg
+        n, w = cfg.grid * cfg.grid, cfg.width
+        self.enc_patch = nn.Linear(cfg.patch_dim, w)
+        self.enc_pos = nn.Parameter(torch.zeros(n, w))
+        self.enc_blocks = nn.ModuleList(EncoderBlock(w, cfg.heads, cfg.mlp_dim, cfg.dropout) for _ in range(cfg.layers))
+        self.enc_norm = nn.LayerNorm(w)
+        self.enc_out = MLP(w, cfg.mlp_dim, act="tanh")
+        self.enc_proj = nn.Linear(w, cfg.code_dim)
+        self.codebook = nn.Parameter(torch.zeros(cfg.codebook_size, cfg.code_dim))
+        self.dec_proj = nn.Linear(cfg.code_dim, w)
+        self.dec_pos = nn.Parameter(torch.zeros(n, w))
+        self.dec_blocks = nn.ModuleList(EncoderBlock(w, cfg.heads, cfg.mlp_dim, cfg.dropout) for _ in range(cfg.layers))
+        self.dec_norm = nn.LayerNorm(w)
+        self.dec_out = MLP(w, cfg.mlp_dim, act="tanh")
+        self.dec_patch = nn.Linear(w, cfg.patch_dim)
+
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [0, 1] -> l2-normalized latents ``[B, N, code_dim]``."""
+        x = self.enc_patch(patchify(pixels * 2 - 1, self.cfg.patch_size)) + self.enc_pos  # (B, N, W)
+        for blk in self.enc_blocks:
+            x = blk(x)
+        z = self.enc_proj(self.enc_out(self.enc_norm(x)))  # (B, N, code_dim)
+        return F.normalize(z.float(), dim=-1, eps=1e-12)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [0, 1] -> code ids ``[B, g, g]``."""
+        z = self.encode_latents(pixels)  # (B, N, D)
+        b, n, d = z.shape
+        idx = K.codebook_lookup(z.reshape(b * n, d), self.codebook)  # (B*N,)
+        return idx.view(b, self.cfg.grid, self.cfg.grid)
+
+    def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """l2-normalized code vectors ``[B, N, code_dim]`` -> pixels ``[B, 3, H, W]``."""
+        x = self.dec_proj(codes.to(self.dec_proj.weight.dtype)) + self.dec_pos  # (B, N, W)
+        for blk in self.dec_blocks:
+            x = blk(x)
+        x = self.dec_patch(self.dec_out(self.dec_norm(x))).float()  # (B, N, 3*p*p)
+        if self.cfg.output == "sigmoid":
+            x = torch.sigmoid(x)
+        return unpatchify(x, self.cfg.patch_size, self.cfg.grid)
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Code ids ``[B, g, g]`` -> pixels ``[B, 3, H, W]`` (float32)."""
+        b = ids.shape[0]
+        codes = F.normalize(self.codebook.float()[ids.reshape(b, -1)], dim=-1, eps=1e-12)  # (B, N, D)
+        return self.decode_latents(codes)
+
+
+# ----------------------------------------------------------------------------- text encoder
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Embedding(cfg.max_len, cfg.width)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg.width, cfg.heads, cfg.mlp_dim, cfg.dropout, bias=False)
+                                    for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask ``[B, L]`` (mask True on real tokens) -> memory ``[B, L, W]``."""
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = self.drop(self.tok_embed(ids) + self.pos_embed(pos))  # (B, L, W)
+        key_mask = mask[:, None, None, :]  # (B, 1, 1, L)
+        for blk in self.blocks:
+            x = blk(x, key_mask)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------- AR decoder
+
+
+@dataclass
+class DecodeState:
+    """Static buffers of one generation batch: per-layer self-attention caches
+    ``[B, H, max_seq, Dh]`` and cross-attention K/V ``[B, H, L, Dh]`` computed once."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    cross_k: list[torch.Tensor] | None = None
+    cross_v: list[torch.Tensor] | None = None
+    memory_mask: torch.Tensor | None = None  # (B, 1, 1, L) bool
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.conv = cfg.uses_conv(layer)
+        self.ln1 = nn.LayerNorm(cfg.width)
+        self.attn = Attention(cfg.width, cfg.heads, bias=False)
+        if cfg.cross_attention:
+            self.ln_x = nn.LayerNorm(cfg.width)
+            self.cross = Attention(cfg.width, cfg.heads, kv_dim=cfg.memory_dim, bias=False)
+        self.ln2 = nn.LayerNorm(cfg.width)
+        self.mlp = MLP(cfg.width, cfg.mlp_dim, dropout=cfg.dropout, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _self_attn_full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if self.conv:
+            return K.conv_attention(q, k, v, grid=(cfg.grid_h, cfg.grid_w), kernel=cfg.conv_kernel, prefix=cfg.prefix)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def _cross(self, x: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.cross.split(self.cross.wq(self.ln_x(x)))  # (B, H, S, Dh)
+        a = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask)  # (B, H, S, Dh)
+        return x + self.drop(self.cross.merge(a))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Full sequence ``x [B, S, W]`` from position 0; K/V also written to ``cache[:, :, :S]``.
+
+        ``memory_mask`` is ``[B, 1, 1, L]`` bool; ``cross_kv`` reuses precomputed cross K/V."""
+        h = self.ln1(x)
+        q = self.attn.split(self.attn.wq(h))  # (B, H, S, Dh)
+        k, v = self.attn.kv(h)
+        if cache is not None:
+            cache[0][:, :, : k.shape[2]] = k
+            cache[1][:, :, : v.shape[2]] = v
+        x = x + self.drop(self.attn.merge(self._self_attn_full(q, k, v)))
+        if self.cfg.cross_attention:
+            ck, cv = cross_kv if cross_kv is not None else self.cross.kv(memory)
+            x = self._cross(x, ck, cv, memory_mask)
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+    def step(self, x: torch.Tensor, pos: torch.Tensor, state: DecodeState, layer: int) -> torch.Tensor:
+        """One token ``x [B, 1, W]`` at sequence position ``pos`` (LongTensor ``[1]``, prefix included)."""
+        cfg = self.cfg
+        kc, vc = state.k[layer], state.v[layer]
+        h = self.ln1(x)
+        q = self.attn.split(self.attn.wq(h))  # (B, H, 1, Dh)
+        k, v = self.attn.kv(h)
+        # Written by index from a device tensor: no host sync, shapes static for graph capture.
+        kc.index_copy_(2, pos, k)
+        vc.index_copy_(2, pos, v)
+        if self.conv:
+            a = K.conv_decode_attention(q, kc, vc, pos.expand(x.shape[0]), grid=(cfg.grid_h, cfg.grid_w),
+                                        kernel=cfg.conv_kernel, prefix=cfg.prefix, validate=False)
+        else:
+            visible = torch.arange(kc.shape[2], device=x.device) <= pos  # (S_max,)
+            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=visible[None, None, None, :])
+        x = x + self.attn.merge(a)  # (B, 1, W)
+        if cfg.cross_attention:
+            x = self._cross(x, state.cross_k[layer], state.cross_v[layer], state.memory_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class ARDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.tok_embed = nn.Embedding(cfg.vocab_size, w)
+        self.prefix_embed = nn.Embedding(cfg.num_classes + 1, w)  # row num_classes: BOS / null class
+        self.row_embed = nn.Embedding(cfg.grid_h, w)
+        self.col_embed = nn.Embedding(cfg.grid_w, w)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.layers))
+        self.norm = nn.LayerNorm(w)
+        self.head = nn.Linear(w, cfg.vocab_size, bias=False)
+
+    @property
+    def null_prefix(self) -> int:
+        return self.cfg.num_classes
+
+    def embed(self, prefix_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """prefix_ids ``[B, 1]``, tokens ``[B, n]`` (grid positions 0..n-1) -> ``[B, 1 + n, W]``."""
+        i = torch.arange(tokens.shape[1], device=tokens.device)
+        img = self.tok_embed(tokens) + self.row_embed(i // self.cfg.grid_w) + self.col_embed(i % self.cfg.grid_w)
+        return self.drop(torch.cat([self.prefix_embed(prefix_ids), img], dim=1))  # (B, S, W)
+
+    def forward(self, prefix_ids: torch.Tensor, tokens: torch.Tensor, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None, *, hidden_layer: int | None = None) -> torch.Tensor:
+        """Teacher forcing: logits ``[B, 1 + n, V]`` (float32); position j predicts image token j.
+
+        With ``hidden_layer=l`` returns block ``l``'s output ``[B, 1 + n, W]`` instead.
+        ``memory_mask`` is ``[B, L]`` bool, True on real text tokens.
+        """
+        if tokens.shape[1] > self.cfg.num_tokens:
+            raise ValueError(f"tokens must have at most {self.cfg.num_tokens} positions, got {tokens.shape[1]}")
+        x = self.embed(prefix_ids, tokens)
+        mm = memory_mask[:, None, None, :] if memory_mask is not None else None
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, memory, mm)
+            if i == hidden_layer:
+                return x
+        return self.head(self.norm(x)).float()
+
+    def new_state(self, batch: int, memory: torch.Tensor | None = None,
+                  memory_mask: torch.Tensor | None = None) -> DecodeState:
+        """Zeroed caches (masked slots must hold finite values: 0 * NaN would leak through)."""
+        cfg = self.cfg
+        p = self.head.weight
+        shape = (batch, cfg.heads, cfg.max_seq, cfg.head_dim)
+        k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.blocks]
+        v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.blocks]
+        state = DecodeState(k, v)
+        if cfg.cross_attention:
+            if memory is None or memory_mask is None:
+                raise ValueError("this decoder cross-attends to text: memory and memory_mask are required")
+            state.cross_k, state.cross_v = self.cross_kv(memory)
+            state.memory_mask = memory_mask[:, None, None, :]
+        return state
+
+    def cross_kv(self, memory: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer cross-attention K and V ``[B, H, L, Dh]``: once per prompt, reused every step."""
+        kv = [blk.cross.kv(memory) for blk in self.blocks]
+        return [k for k, _ in kv], [v for _, v in kv]
+
+    def prefill(self, state: DecodeState, prefix_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prefix ``[B, 1]``, fill its cache slots, return logits ``[B, V]`` for image token 0."""
+        x = self.prefix_embed(prefix_ids)  # (B, 1, W)
+        for i, blk in enumerate(self.blocks):
+            cross = (state.cross_k[i], state.cross_v[i]) if state.cross_k is not None else None
+            x = blk(x, memory_mask=state.memory_mask, cache=(state.k[i], state.v[i]), cross_kv=cross)
+        return self.head(self.norm(x[:, -1])).float()
+
+    def decode_step(self, state: DecodeState, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Feed image token ``token [B]`` at sequence position ``pos`` (``[1]``, >= prefix);
+        returns logits ``[B, V]`` (float32) for the next image token."""
+        i = pos - self.cfg.prefix  # (1,) grid index of the fed token
+        x = self.tok_embed(token) + self.row_embed(i // self.cfg.grid_w) + self.col_embed(i % self.cfg.grid_w)
+        x = x[:, None, :]  # (B, 1, W)
+        for li, blk in enumerate(self.blocks):
+            x = blk.step(x, pos, state, li)
+        return self.head(self.norm(x[:, 0])).float()
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+class VQIMModel(nn.Module):
+    """Tokenizer + optional text encoder + AR decoder, as stored in one model directory."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vqgan = ViTVQGAN(cfg.vqgan)
+        self.text = TextEncoder(cfg.text) if cfg.text is not None else None
+        self.decoder = ARDecoder(cfg.decoder)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtype_from_name(self.cfg.dtype)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int = 0) -> None:
+    """Deterministic random init (trunc-normal 0.02 linears/embeddings, unit codebook rows),
+    the same on every device: values are drawn on CPU in fp32 and copied."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("codebook"):
+            val = torch.randn(p.shape, generator=g)
+        elif p.dim() == 1:
+            val = torch.ones(p.shape) if (".ln" in name or "norm" in name) and name.endswith("weight") else torch.zeros(p.shape)
+        else:
+            val = torch.randn(p.shape, generator=g).mul_(0.02).clamp_(-0.04, 0.04)
+        p.copy_(val.to(p.dtype))
