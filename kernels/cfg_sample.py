@@ -43,7 +43,10 @@ import math
 import numbers
 
 import torch
+import triton
+import triton.language as tl
 
+from . import _ext
 from ._registry import dispatch, register
 
 _MASK32 = 0xFFFFFFFF
@@ -321,6 +324,241 @@ def _check_rows(tokens: torch.Tensor) -> None:
 @register("cfg_sample", "torch")
 def _cfg_sample_torch_backend(cond, uncond, **prm):
     return _cfg_sample_torch(cond, uncond, **prm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel: one program per row, the vocabulary streamed in blocks (or held in registers)
+# ---------------------------------------------------------------------------------------------
+
+# Rows up to this many entries are loaded once and kept in registers for every pass
+# (8192 fp32 over 8 warps = 32 registers per thread for z, 32 for exp(z - max)).
+_MAX_RESIDENT = 8192
+_STREAM_BLOCK = 4096
+
+
+@triton.jit
+def _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND: tl.constexpr):
+    """Temperature-scaled guided logits of one block, fp32; masked (non-finite) entries -inf."""
+    inb = cols < V
+    c = tl.load(c_row + cols * stride_cv, mask=inb, other=float("-inf")).to(tl.float32)
+    if HAS_UNCOND:
+        u = tl.load(u_row + cols * stride_uv, mask=inb, other=float("-inf")).to(tl.float32)
+        x = u + s * (c - u)
+        ok = (c > float("-inf")) & (c < float("inf")) & (u > float("-inf")) & (u < float("inf"))
+    else:
+        x = c
+        ok = c == c
+    z = x / tdiv
+    # NaN fails both comparisons, so NaN/+-inf are masked; -0.0 -> +0.0 so that the integer
+    # key below orders them as equal, as float comparison does.
+    ok = ok & (z > float("-inf")) & (z < float("inf"))
+    z = tl.where(z == 0.0, 0.0, z)
+    return tl.where(ok, z, float("-inf"))
+
+
+@triton.jit
+def _ordered_key(z):
+    """Monotone map of fp32 to int64 (the bit pattern with the magnitude of negatives flipped):
+    a threshold search over keys finds exact float values in at most 32 halvings."""
+    bits = z.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _cfg_sample_kernel(
+    cond_ptr, uncond_ptr, scale_ptr, temp_ptr, topk_ptr, topp_ptr, seed_ptr, step_ptr,
+    tok_ptr, logp_ptr,
+    V, stride_cb, stride_cv, stride_ub, stride_uv,
+    HAS_UNCOND: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.load(scale_ptr + row)
+    t = tl.load(temp_ptr + row)
+    k = tl.load(topk_ptr + row)
+    p = tl.load(topp_ptr + row)
+    seed = tl.load(seed_ptr + row)
+    step = tl.load(step_ptr + row)
+    greedy = t == 0.0
+    tdiv = tl.where(greedy, 1.0, t)
+    c_row = cond_ptr + row * stride_cb
+    u_row = uncond_ptr + row * stride_ub
+    ar = tl.arange(0, BLOCK)
+    # With ONE_BLOCK the row is loaded here once and every pass below reuses these registers;
+    # otherwise each pass re-streams the row (L2-resident after the first pass).
+    z0 = _guided_block(c_row, u_row, ar, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)  # (BLOCK,)
+
+    # Pass 1: max, first argmax, number of finite entries, smallest finite key.
+    m = tl.full((), float("-inf"), tl.float32)
+    amax = tl.full((), 0, tl.int32) + V
+    n = tl.full((), 0, tl.int32)
+    kmin = tl.full((), 2**40, tl.int64)
+    for b0 in range(0, V, BLOCK):
+        cols = b0 + ar
+        if ONE_BLOCK:
+            z = z0
+        else:
+            z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+        fin = z > float("-inf")
+        bm = tl.max(z, 0)
+        bidx = tl.min(tl.where(z == bm, cols, V), 0)
+        # Strict '>' keeps the lowest index on ties across blocks.
+        amax = tl.where(bm > m, bidx, amax)
+        m = tl.maximum(m, bm)
+        n += tl.sum(fin.to(tl.int32), 0)
+        kmin = tl.minimum(kmin, tl.min(tl.where(fin, _ordered_key(z), 2**40), 0))
+    if ONE_BLOCK:
+        e0 = tl.exp(z0 - m)  # (BLOCK,) 0 on masked entries
+    sampling = (n > 0) & (t > 0.0)
+    kmax = _ordered_key(m)
+
+    # Top-k: the largest key lo with count(key >= lo) >= k is exactly the k-th largest value.
+    # Invariant count(key >= lo) >= k > count(key >= hi); off (or k >= n) leaves lo = min key.
+    # Each pass also finds the data keys on either side of mid and moves the bound onto them
+    # (the count is constant between them), so the search ends once the k-th and (k+1)-th
+    # values are separated: ~log2(V) + a few passes instead of 32.
+    k_on = sampling & (k > 0) & (k < n)
+    lo = kmin
+    hi = tl.where(k_on, kmax + 1, kmin + 1)
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        cnt = tl.full((), 0, tl.int64)
+        nxt = tl.full((), 2**40, tl.int64)
+        prv = tl.full((), -(2**40), tl.int64)
+        for b0 in range(0, V, BLOCK):
+            cols = b0 + ar
+            if ONE_BLOCK:
+                z = z0
+            else:
+                z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+            key = tl.where(z > float("-inf"), _ordered_key(z), -(2**40))
+            above = key >= mid
+            cnt += tl.sum(above.to(tl.int64), 0)
+            nxt = tl.minimum(nxt, tl.min(tl.where(above, key, 2**40), 0))
+            prv = tl.maximum(prv, tl.max(tl.where(above, -(2**40), key), 0))
+        ok = cnt >= k
+        lo = tl.where(ok, nxt, lo)
+        hi = tl.where(ok, hi, prv + 1)
+    tau_k = lo
+
+    # Top-p: the smallest key tau with mass(key > tau) < p * mass(key >= tau_k); every token with
+    # key >= tau has a preceding mass (the mass strictly above its value) < p. Invariant:
+    # mass(key > lo) >= p * Zk > mass(key > hi); off leaves tau = tau_k.
+    p_on = sampling & (p < 1.0)
+    zk = tl.full((), 0.0, tl.float32)
+    if p_on:
+        for b0 in range(0, V, BLOCK):
+            cols = b0 + ar
+            if ONE_BLOCK:
+                z = z0
+                e = e0
+            else:
+                z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+                e = tl.exp(z - m)
+            sel = (z > float("-inf")) & (_ordered_key(z) >= tau_k)
+            zk += tl.sum(tl.where(sel, e, 0.0), 0)
+    target = p * zk
+    lo = tau_k - 1
+    hi = tl.where(p_on, kmax, tau_k)
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        mass = tl.full((), 0.0, tl.float32)
+        nxt = tl.full((), 2**40, tl.int64)
+        prv = tl.full((), -(2**40), tl.int64)
+        for b0 in range(0, V, BLOCK):
+            cols = b0 + ar
+            if ONE_BLOCK:
+                z = z0
+                e = e0
+            else:
+                z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+                e = tl.exp(z - m)
+            key = tl.where(z > float("-inf"), _ordered_key(z), -(2**40))
+            above = key > mid
+            mass += tl.sum(tl.where(above, e, 0.0), 0)
+            nxt = tl.minimum(nxt, tl.min(tl.where(above, key, 2**40), 0))
+            prv = tl.maximum(prv, tl.max(tl.where(above, -(2**40), key), 0))
+        # mass(key > t) is the same for every t in [prv, nxt - 1]: snap the bound to that range.
+        ok = mass < target
+        hi = tl.where(ok, prv, hi)
+        lo = tl.where(ok, lo, nxt - 1)
+    tau = hi
+
+    # The draw: total kept mass, then the first index whose running sum exceeds u * total.
+    total = tl.full((), 0.0, tl.float32)
+    for b0 in range(0, V, BLOCK):
+        cols = b0 + ar
+        if ONE_BLOCK:
+            z = z0
+            e = e0
+        else:
+            z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+            e = tl.exp(z - m)
+        sel = (z > float("-inf")) & (_ordered_key(z) >= tau)
+        total += tl.sum(tl.where(sel, e, 0.0), 0)
+    r, _, _, _ = tl.randint4x(seed, step)
+    u01 = (r.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    thresh = u01 * total
+    idx = tl.full((), -1, tl.int32)
+    zsel = tl.full((), 0.0, tl.float32)
+    last = tl.full((), -1, tl.int32)
+    zlast = tl.full((), 0.0, tl.float32)
+    carry = tl.full((), 0.0, tl.float32)
+    for b0 in range(0, V, BLOCK):
+        cols = b0 + ar
+        if ONE_BLOCK:
+            z = z0
+            e = e0
+        else:
+            z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+            e = tl.exp(z - m)
+        sel = (z > float("-inf")) & (_ordered_key(z) >= tau)
+        w = tl.where(sel, e, 0.0)
+        cs = tl.cumsum(w, 0) + carry
+        first = tl.min(tl.where(cs > thresh, cols, V), 0)
+        take = (idx < 0) & (first < V)
+        idx = tl.where(take, first, idx)
+        zsel = tl.where(take, tl.sum(tl.where(cols == first, z, 0.0), 0), zsel)
+        blast = tl.max(tl.where(sel, cols, -1), 0)
+        zlast = tl.where(blast > last, tl.sum(tl.where(cols == blast, z, 0.0), 0), zlast)
+        last = tl.maximum(last, blast)
+        carry += tl.sum(w, 0)
+    # Rounding can leave u * total at or past the running sum's end: the last kept token.
+    zsel = tl.where(idx < 0, zlast, zsel)
+    idx = tl.where(idx < 0, last, idx)
+    logp = zsel - m - tl.log(total)
+
+    tok = tl.where(greedy, amax, idx)
+    logp = tl.where(greedy, 0.0, logp)
+    tok = tl.where(n > 0, tok, -1)
+    logp = tl.where(n > 0, logp, float("nan"))
+    tl.store(tok_ptr + row, tok.to(tl.int64))
+    tl.store(logp_ptr + row, logp)
+
+
+def _launch_config(v: int, block: int | None) -> tuple[int, bool, int]:
+    if block is None:
+        block = triton.next_power_of_2(v) if v <= _MAX_RESIDENT else _STREAM_BLOCK
+    one_block = v <= block
+    num_warps = 8 if block >= 2048 else 4 if block >= 512 else 1
+    return block, one_block, num_warps
+
+
+@register("cfg_sample", "triton")
+def _cfg_sample_triton(cond, uncond, *, cfg_scale, temperature, top_k, top_p, seed, step, block=None):
+    b, v = cond.shape
+    tok = torch.empty(b, dtype=torch.long, device=cond.device)
+    logp = torch.empty(b, dtype=torch.float32, device=cond.device)
+    if b == 0:
+        return tok, logp
+    blk, one_block, num_warps = _launch_config(v, block)
+    has_u = uncond is not None
+    u = uncond if has_u else cond
+    _cfg_sample_kernel[(b,)](
+        cond, u, cfg_scale, temperature, top_k, top_p, seed, step, tok, logp,
+        v, cond.stride(0), cond.stride(1), u.stride(0), u.stride(1),
+        HAS_UNCOND=has_u, BLOCK=blk, ONE_BLOCK=one_block, num_warps=num_warps,
+    )
+    return tok, logp
 
 
 # ---------------------------------------------------------------------------------------------
