@@ -1,0 +1,131 @@
+"""End-to-end generation benchmark, shared by ``vqim bench`` and ``benchmarks/bench_generate.py``.
+
+For a preset and a batch size (images; with CFG the decoder runs twice as many rows) it
+measures the decode step (decoder step + ``cfg_sample``) at a fixed mid-grid position, eager
+and, on CUDA, replayed from a CUDA graph; and one whole image (``generate_codes`` +
+``decode_codes``) per batch, divided by the batch. The roofline of a step is
+``(decoder weight bytes + K/V bytes the step reads) / HBM bandwidth`` (DESIGN §6).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from vqim import kernels as K
+
+from .api import Engine
+from .generate import _GraphStep
+
+HBM_BYTES_PER_S = 3.0e12  # one H100 SXM, device-to-device copy (DESIGN §6)
+
+
+def timeit(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, iters: int = 20) -> dict[str, float]:
+    """Median / p20 / p80 milliseconds of ``fn`` after warm-up (CUDA events on GPUs)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    return {"ms": statistics.median(times), "p20": q[1], "p80": q[7]}
+
+
+def step_bytes(engine: Engine, rows: int, pos: int, text_len: int) -> int:
+    """HBM bytes one decode step must read: decoder weights (embedding tables excluded: one
+    row each is read) + the self-attention K/V its queries see + the cross-attention K/V."""
+    dec = engine.model.decoder
+    cfg = dec.cfg
+    embeds = {"tok_embed", "prefix_embed", "row_embed", "col_embed"}
+    weight = sum(p.numel() * p.element_size() for n, p in dec.named_parameters() if n.split(".")[0] not in embeds)
+    elt = dec.head.weight.element_size()
+    per_key = rows * cfg.width * 2 * elt  # K and V of one position, all heads, all rows
+    conv_keys = int(K.conv_mask_ref((cfg.grid_h, cfg.grid_w), cfg.conv_kernel, cfg.prefix, seq_len=pos + 1)[pos].sum())
+    kv = 0
+    for layer in range(cfg.layers):
+        kv += per_key * (conv_keys if cfg.uses_conv(layer) else pos + 1)
+        if cfg.cross_attention:
+            kv += per_key * text_len
+    return weight + kv
+
+
+def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = 3.0, step_iters: int = 20,
+                 image_iters: int = 2, modes: tuple[str, ...] | None = None) -> list[dict]:
+    """Rows of the table for one engine and batch size (one per mode: eager, graph)."""
+    dev = engine.device
+    dec = engine.model.decoder
+    cfg = dec.cfg
+    guided = engine.cfg.is_text_to_image or cfg.num_classes > 0
+    rows = 2 * batch if guided else batch
+    if modes is None:
+        modes = ("eager", "graph") if dev.type == "cuda" else ("eager",)
+    prompts = ["a red circle on a blue square"] * batch if engine.cfg.is_text_to_image else None
+    class_ids = [1] * batch if (not engine.cfg.is_text_to_image and cfg.num_classes > 0) else None
+    memory = mask = None
+    text_len = 0
+    with torch.no_grad():
+        if engine.cfg.is_text_to_image:
+            pad = engine.cfg.text.max_len if dev.type == "cuda" else None
+            ids, mask = engine.tokenizer.batch(prompts + [""] * batch, dev, pad_to=pad)
+            memory = engine.model.text(ids, mask)
+            text_len = ids.shape[1]
+        prefix = torch.full((rows, 1), cfg.num_classes, dtype=torch.long, device=dev)
+        sampling = dict(cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0,
+                        seed=torch.arange(batch, device=dev), validate=False)
+        pos_int = cfg.prefix + cfg.num_tokens // 2  # mid-grid: a full conv window
+        pos = torch.full((1,), pos_int, dtype=torch.long, device=dev)
+        tok = torch.zeros(rows, dtype=torch.long, device=dev)
+        nbytes = step_bytes(engine, rows, pos_int, text_len)
+        use_graph = engine.generator.use_cuda_graph
+        out = []
+        for mode in modes:
+            state = dec.new_state(rows, memory, mask)
+            dec.prefill(state, prefix)
+            if mode == "graph":
+                g = _GraphStep(dec, state)
+                run = lambda: g(tok, pos)  # noqa: E731
+            else:
+                run = lambda: dec.decode_step(state, tok, pos)  # noqa: E731
+
+            def step():
+                logits = run()
+                uncond = logits[batch:] if guided else None
+                return K.cfg_sample(logits[:batch], uncond, step=7, **sampling)
+
+            t_step = timeit(step, dev, iters=step_iters)
+            engine.generator.use_cuda_graph = mode == "graph"
+
+            def image():
+                codes = engine.generate_codes(prompts, 1, cfg_scale, seed=0, class_ids=class_ids)
+                engine.decode_codes(codes, output_type="pt")
+
+            t_img = timeit(image, dev, warmup=1, iters=image_iters)
+            roof_ms = nbytes / HBM_BYTES_PER_S * 1e3
+            out.append({
+                "preset": engine.cfg.name, "dtype": str(dec.head.weight.dtype).replace("torch.", ""),
+                "batch": batch, "rows": rows, "mode": mode,
+                "step_ms": t_step["ms"], "step_p20": t_step["p20"], "step_p80": t_step["p80"],
+                "tok_per_s": batch / t_step["ms"] * 1e3,
+                "GB_per_s": nbytes / (t_step["ms"] * 1e-3) / 1e9,
+                "roofline_ms": roof_ms, "roofline_share": roof_ms / t_step["ms"],
+                "image_ms": t_img["ms"] / batch, "image_p20": t_img["p20"] / batch, "image_p80": t_img["p80"] / batch,
+            })
+        engine.generator.use_cuda_graph = use_graph
+    return out
+
+
+COLUMNS = ["preset", "dtype", "batch", "rows", "mode", "step_ms", "step_p20", "step_p80", "tok_per_s", "GB_per_s",
+           "roofline_ms", "roofline_share", "image_ms", "image_p20", "image_p80"]

@@ -1,0 +1,154 @@
+"""The ``vqim`` command line: ``generate``, ``encode``, ``decode``, ``bench``.
+
+Every command takes the model as ``--model DIR`` (a model directory) or ``--preset NAME``
+(random weights of a named shape); with neither, the bundled demo model. Bad input exits with
+status 2 and one ``vqim: error: ...`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .config import PRESETS
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR", help="model directory (config.json, *.safetensors, tokenizer.model)")
+    src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
+                     help=f"random-weight model of a named shape: {', '.join(sorted(PRESETS))}")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: the model's dtype on GPU, float32 on CPU")
+    p.add_argument("--model-seed", type=int, default=0, help="weight seed of --preset (default 0)")
+
+
+def _engine(args: argparse.Namespace):
+    from .api import Engine
+
+    if args.preset is not None:
+        return Engine.from_preset(args.preset, seed=args.model_seed, device=args.device, dtype=args.dtype)
+    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+
+
+def _outputs(path: str, n: int) -> list[Path]:
+    """``out.png`` for one image, ``out-0.png``, ``out-1.png``, ... for several."""
+    p = Path(path)
+    if n == 1:
+        return [p]
+    return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
+
+
+def _generate(args: argparse.Namespace) -> None:
+    eng = _engine(args)
+    text = eng.cfg.is_text_to_image
+    if text and not args.prompt:
+        raise ValueError(f"{eng.cfg.name} is a text-to-image model: give a PROMPT")
+    if not text and args.prompt:
+        raise ValueError(f"{eng.cfg.name} takes no text prompt (use --class-id for a class-conditional model)")
+    imgs = eng.generate(args.prompt if text else None, num_images=args.n, cfg_scale=args.cfg,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        class_ids=args.class_id, progress=not args.quiet)
+    for img, path in zip(imgs, _outputs(args.output, len(imgs))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        print(path)
+
+
+def _encode(args: argparse.Namespace) -> None:
+    eng = _engine(args)
+    imgs = [Image.open(p).convert("RGB") for p in args.images]
+    codes = eng.encode_images(imgs).cpu().numpy()
+    np.save(args.output, codes)
+    print(f"{args.output}: codes {codes.shape} in [0, {eng.cfg.vqgan.codebook_size})")
+
+
+def _decode(args: argparse.Namespace) -> None:
+    eng = _engine(args)
+    codes = np.load(args.codes)
+    imgs = eng.decode_codes(codes)
+    for img, path in zip(imgs, _outputs(args.output, len(imgs))):
+        img.save(path)
+        print(path)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .api import Engine
+    from .bench import COLUMNS, bench_engine
+
+    presets = args.bench_presets or (["tiny-t2i", "tiny-vim"] if args.preset is None else [args.preset])
+    rows = []
+    for name in presets:
+        eng = Engine.from_preset(name, seed=args.model_seed, device=args.device, dtype=args.dtype)
+        if eng.device.type != "cuda":
+            print(f"{name}: CPU timings (the target is a GPU; CPU numbers only show the benchmark runs)",
+                  file=sys.stderr)
+        for b in args.batch:
+            rows += bench_engine(eng, b, cfg_scale=args.cfg)
+    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in COLUMNS}
+    print("  ".join(c.rjust(widths[c]) for c in COLUMNS))
+    for r in rows:
+        print("  ".join(_fmt(r[c]).rjust(widths[c]) for c in COLUMNS))
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vqim", description="Vector-quantized image generation and tokenization.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text (or class) -> image(s)")
+    g.add_argument("prompt", nargs="*", help="text prompt(s); none for class-conditional/unconditional models")
+    g.add_argument("-o", "--output", default="out.png", help="output PNG (out-0.png, out-1.png ... for several)")
+    g.add_argument("-n", type=int, default=1, help="images per prompt")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--class-id", type=int, nargs="+", default=None, help="class id(s) of a class-conditional model")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_args(g)
+    g.set_defaults(func=_generate)
+
+    e = sub.add_parser("encode", help="images -> codes (.npy, [B, h, w] int64)")
+    e.add_argument("images", nargs="+")
+    e.add_argument("-o", "--output", default="codes.npy")
+    _add_model_args(e)
+    e.set_defaults(func=_encode)
+
+    d = sub.add_parser("decode", help="codes (.npy) -> images")
+    d.add_argument("codes")
+    d.add_argument("-o", "--output", default="out.png")
+    _add_model_args(d)
+    d.set_defaults(func=_decode)
+
+    b = sub.add_parser("bench", help="ms per decode step and per image, against the HBM roofline")
+    b.add_argument("bench_presets", nargs="*", metavar="PRESET", help="presets to run (default: the tiny ones)")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
+    b.add_argument("--cfg", type=float, default=3.0)
+    _add_model_args(b)
+    b.set_defaults(func=_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vqim: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
