@@ -6,8 +6,10 @@ from .codebook_lookup import codebook_lookup, codebook_lookup_ref, codebook_quan
 from .conv_attention import (conv_attention, conv_attention_ref, conv_cache_len, conv_cache_slot,
                              conv_decode_attention, conv_decode_attention_ref, conv_mask_ref)
 from .cfg_sample import cfg_sample, cfg_sample_ref, validate_sampling_params
+from .adafactor8 import Adafactor8bit
 
 __all__ = [
+    "Adafactor8bit",
     "BACKENDS",
     "cfg_sample",
     "cfg_sample_ref",

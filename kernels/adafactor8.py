@@ -1,0 +1,411 @@
+"""Adafactor with int8 first moments and fused step kernels.
+
+The update is exactly ``vqim.train.Adafactor`` (see its docstring for the formulas); only the
+first moment is stored differently: flattened in the param's logical (row-major) order and cut
+into blocks of 256 values, each block kept as symmetric int8 ``q in [-127, 127]`` with one fp32
+scale ``absmax / 127`` (``m = q * scale``). Every tensor is quantized, including tensors smaller
+than one block (they are one partial block; its absmax comes from the values present), so
+there is a single code path and no fp32 exception list.
+
+One optimizer step of a parameter, viewed as ``(L, R, C)`` (rank >= 2: leading dims flattened
+into L, factored over the last two; rank < 2: ``(1, 1, N)`` with the full second moment):
+
+1. ``row_col_sums`` kernel (factored only): one reduction pass over g gives the row and column
+   sums of g^2 (deterministic per-tile partials, summed by torch). Tiny torch ops then update
+   the row/col statistics r, c and form the factors ``a = rsqrt(r / mean r)``, ``b = rsqrt(c)``,
+   so ``u = g * a[row] * b[col]``. For rank < 2 the full v is updated elementwise by torch (the
+   tensor is a vector) and ``a = 1``, ``b = rsqrt(v)``: the same kernels then serve both cases.
+2. Update clipping needs ``RMS(u)`` over the whole tensor before any moment is written, so a
+   second reduction pass (the update kernel with ``SUMSQ_ONLY``) sums ``u^2`` per program;
+   ``clip = 1 / max(1, RMS(u) / d)`` stays on the device (no host sync).
+3. The fused step kernel reads g, p, the int8 moment and its scales once, forms
+   ``m = beta1 * q * scale + (1 - beta1) * u * clip``, writes ``p * (1 - lr * wd) - lr * m``
+   (the update uses the fp32 m, as bitsandbytes does) and re-quantizes m per 256-block.
+
+So g is read three times (twice for rank < 2), p and the moment once each.
+
+Rounding: nearest (half away from zero). Measured against the fp32 reference (a 300-step MLP
+run, ``benchmarks/bench_adafactor8.py --rounding-study``) it tracks fp32 more closely than
+stochastic rounding; ``rounding="stochastic"`` is kept on the torch backend for that study only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from vqim.train.optim import (BETA1, BETA2, CLIP_THRESHOLD, EPS1, WEIGHT_DECAY, beta2_at, check_hyperparameters,
+                              load_state_keeping_dtypes)
+
+from . import _ext
+from ._registry import dispatch, register
+
+QBLOCK = 256  # values per int8 block (one fp32 scale each)
+QMAX = 127.0  # symmetric int8: -128 is never used, so q and -q are both representable
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- quantization
+
+def quantize_blockwise(m: torch.Tensor, *, generator: torch.Generator | None = None,
+                       stochastic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat fp32 ``m [N]`` -> (int8 ``[N]``, fp32 scales ``[ceil(N / 256)]``), the kernels' rule.
+
+    ``scale = absmax / 127`` per block; ``q = round(m * (127 / absmax))`` half away from zero
+    (an all-zero block gets scale 0 and q 0). Stochastic rounding adds U[0, 1) before flooring.
+    """
+    n = m.numel()
+    nb = triton.cdiv(n, QBLOCK)
+    padded = torch.zeros(nb * QBLOCK, dtype=torch.float32, device=m.device)
+    padded[:n] = m
+    absmax = padded.view(nb, QBLOCK).abs().amax(dim=1)  # (nb,)
+    inv = torch.where(absmax > 0, QMAX / torch.where(absmax > 0, absmax, 1.0), 0.0)
+    x = (padded.view(nb, QBLOCK) * inv[:, None]).view(-1)[:n]  # (N,) in [-127, 127]
+    if stochastic:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        q = torch.floor(x + noise)
+    else:
+        q = torch.sign(x) * torch.floor(x.abs() + 0.5)
+    return q.clamp_(-QMAX, QMAX).to(torch.int8), absmax / QMAX
+
+
+def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 ``[N]`` + scales -> fp32 ``[N]`` (``q * scale`` of its block)."""
+    return q.float() * scale.repeat_interleave(QBLOCK)[: q.numel()]
+
+
+# ----------------------------------------------------------------------------- reduction pass
+
+@triton.jit
+def _adafactor8_row_col_sums_kernel(
+    g_ptr, rowpart_ptr, colpart_ptr,
+    L, R, C, n_row_blocks,
+    stride_gl, stride_gr, stride_gc,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Axis 0 enumerates (slice, row block), axis 1 the column block; every program writes its
+    # own partial row and column sums, so the reduction is deterministic (no atomics).
+    pid0 = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    sl = pid0 // n_row_blocks
+    pid_r = pid0 % n_row_blocks
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < R
+    cmask = cols < C
+    base = g_ptr + sl.to(tl.int64) * stride_gl
+    g = tl.load(base + rows[:, None].to(tl.int64) * stride_gr + cols[None, :].to(tl.int64) * stride_gc,
+                mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_C)
+    g2 = g * g
+    tl.store(rowpart_ptr + (pid_c * L + sl).to(tl.int64) * R + rows, tl.sum(g2, axis=1), mask=rmask)
+    tl.store(colpart_ptr + (pid_r * L + sl).to(tl.int64) * C + cols, tl.sum(g2, axis=0), mask=cmask)
+
+
+def _row_col_blocks(r: int, c: int) -> tuple[int, int]:
+    return min(32, max(16, triton.next_power_of_2(r))), min(128, max(16, triton.next_power_of_2(c)))
+
+
+@register("adafactor8_row_col_sums", "triton")
+def _row_col_sums_triton(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    L, R, C = g3.shape
+    br, bc = _row_col_blocks(R, C)
+    nrb, ncb = triton.cdiv(R, br), triton.cdiv(C, bc)
+    rowpart = torch.empty(ncb, L, R, dtype=torch.float32, device=g3.device)
+    colpart = torch.empty(nrb, L, C, dtype=torch.float32, device=g3.device)
+    _adafactor8_row_col_sums_kernel[(L * nrb, ncb)](
+        g3, rowpart, colpart, L, R, C, nrb, *g3.stride(), BLOCK_R=br, BLOCK_C=bc,
+    )
+    return rowpart.sum(dim=0), colpart.sum(dim=0)
+
+
+@register("adafactor8_row_col_sums", "cuda")
+def _row_col_sums_cuda(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    C_ = _ext.load()
+    L, R, C = g3.shape
+    row = torch.empty(L, R, dtype=torch.float32, device=g3.device)
+    col = torch.empty(L, C, dtype=torch.float32, device=g3.device)
+    with torch.cuda.device(g3.device):
+        C_.adafactor8_row_col_sums(g3.data_ptr(), *g3.stride(), row.data_ptr(), col.data_ptr(), L, R, C,
+                                   _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
+    return row, col
+
+
+@register("adafactor8_row_col_sums", "torch")
+def _row_col_sums_torch(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g2 = g3.float().square()  # (L, R, C)
+    return g2.sum(dim=2), g2.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------- fused update
+
+@triton.jit
+def _adafactor8_update_kernel(
+    g_ptr, p_ptr, q_ptr, scale_ptr, a_ptr, b_ptr, clip_ptr, part_ptr,
+    N, R, C, n_blocks,
+    stride_gl, stride_gr, stride_gc, stride_pl, stride_pr, stride_pc,
+    lr, decay, beta1, one_minus_beta1,
+    SUMSQ_ONLY: tl.constexpr, BLOCKS: tl.constexpr, QBLOCK: tl.constexpr,
+):
+    # One program owns BLOCKS whole quantization blocks, so each block's absmax is a row max.
+    pid = tl.program_id(0)
+    blk = pid.to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,)
+    bmask = blk < n_blocks
+    idx = blk[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]  # (BLOCKS, QBLOCK) flat logical index
+    mask = idx < N
+    col = idx % C
+    lr_row = idx // C  # l * R + row: the index into a
+    sl = lr_row // R
+    row = lr_row % R
+    g = tl.load(g_ptr + sl * stride_gl + row * stride_gr + col * stride_gc, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + lr_row, mask=mask, other=0.0)
+    b = tl.load(b_ptr + sl * C + col, mask=mask, other=0.0)
+    u = g * a * b  # g / sqrt(V)
+    if SUMSQ_ONLY:
+        tl.store(part_ptr + pid, tl.sum(tl.sum(u * u, axis=1), axis=0))
+    else:
+        clip = tl.load(clip_ptr)
+        q = tl.load(q_ptr + idx, mask=mask, other=0).to(tl.float32)
+        s = tl.load(scale_ptr + blk, mask=bmask, other=0.0)
+        m = beta1 * (q * s[:, None]) + one_minus_beta1 * (u * clip)  # fp32 first moment
+        p_off = sl * stride_pl + row * stride_pr + col * stride_pc
+        p = tl.load(p_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
+        p_new = p * decay - lr * m
+        tl.store(p_ptr + p_off, p_new.to(p_ptr.dtype.element_ty), mask=mask)
+        absmax = tl.max(tl.abs(m), axis=1)  # (BLOCKS,); masked lanes hold m = 0
+        # Divide by a safe value: tl.where evaluates both branches.
+        inv = tl.where(absmax > 0, 127.0 / tl.where(absmax > 0, absmax, 1.0), 0.0)
+        x = m * inv[:, None]
+        qn = tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(0.5 - x))
+        qn = tl.minimum(tl.maximum(qn, -127.0), 127.0)
+        tl.store(q_ptr + idx, qn.to(tl.int8), mask=mask)
+        tl.store(scale_ptr + blk, absmax / 127.0, mask=bmask)
+
+
+_BLOCKS_PER_PROGRAM = 4
+
+
+def _launch_update(g3, p3, q, scale, a, b, clip, part, lr, decay, beta1, sumsq_only):
+    L, R, C = g3.shape
+    n = q.numel()
+    nb = scale.numel()
+    grid = (triton.cdiv(nb, _BLOCKS_PER_PROGRAM),)
+    _adafactor8_update_kernel[grid](
+        g3, p3, q, scale, a, b, clip, part, n, R, C, nb, *g3.stride(), *p3.stride(),
+        lr, decay, beta1, 1.0 - beta1,
+        SUMSQ_ONLY=sumsq_only, BLOCKS=_BLOCKS_PER_PROGRAM, QBLOCK=QBLOCK,
+    )
+
+
+@register("adafactor8_sumsq", "triton")
+def _sumsq_triton(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    nb = triton.cdiv(g3.numel(), QBLOCK)
+    part = torch.empty(triton.cdiv(nb, _BLOCKS_PER_PROGRAM), dtype=torch.float32, device=g3.device)
+    _launch_update(g3, g3, g3, g3.new_empty(nb, dtype=torch.float32), a, b, a, part, 0.0, 1.0, 0.0, True)
+    return part.sum()
+
+
+@register("adafactor8_sumsq", "cuda")
+def _sumsq_cuda(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    C_ = _ext.load()
+    L, R, C = g3.shape
+    out = torch.empty((), dtype=torch.float32, device=g3.device)
+    with torch.cuda.device(g3.device):
+        C_.adafactor8_sumsq(g3.data_ptr(), *g3.stride(), a.data_ptr(), b.data_ptr(), out.data_ptr(), L, R, C,
+                            _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
+    return out
+
+
+def _update_direction(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    L, R, C = g3.shape
+    return (g3.float() * a.view(L, R, 1) * b.view(L, 1, C)).reshape(-1)  # (N,) u = g / sqrt(V)
+
+
+@register("adafactor8_sumsq", "torch")
+def _sumsq_torch(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _update_direction(g3, a, b).square().sum()
+
+
+@register("adafactor8_step", "triton")
+def _step_triton(g3, p3, q, scale, a, b, clip, lr, decay, beta1, rounding, generator):
+    _launch_update(g3, p3, q, scale, a, b, clip, clip, lr, decay, beta1, False)
+
+
+@register("adafactor8_step", "cuda")
+def _step_cuda(g3, p3, q, scale, a, b, clip, lr, decay, beta1, rounding, generator):
+    C_ = _ext.load()
+    L, R, C = g3.shape
+    if g3.dtype != p3.dtype:
+        g3 = g3.to(p3.dtype)
+    with torch.cuda.device(g3.device):
+        C_.adafactor8_step(g3.data_ptr(), *g3.stride(), p3.data_ptr(), *p3.stride(), q.data_ptr(),
+                           scale.data_ptr(), a.data_ptr(), b.data_ptr(), clip.data_ptr(), L, R, C,
+                           lr, decay, beta1, 1.0 - beta1, _ext.dtype_code(p3, "param"), _ext.stream_of(g3))
+
+
+@register("adafactor8_step", "torch")
+def _step_torch(g3, p3, q, scale, a, b, clip, lr, decay, beta1, rounding, generator):
+    u = _update_direction(g3, a, b)  # (N,)
+    m = beta1 * dequantize_blockwise(q, scale) + (1.0 - beta1) * (u * clip)
+    p_new = p3.float().reshape(-1) * decay - lr * m
+    p3.copy_(p_new.view(p3.shape))
+    q_new, scale_new = quantize_blockwise(m, generator=generator, stochastic=rounding == "stochastic")
+    q.copy_(q_new)
+    scale.copy_(scale_new)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def _view3(t: torch.Tensor) -> torch.Tensor:
+    """``(L, R, C)`` view of a param or grad: leading dims merged for rank >= 2, ``(1, 1, N)`` below."""
+    shape = (math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1]) if t.dim() >= 2 else (1, 1, t.numel())
+    return t.reshape(shape)  # a view where the strides allow, else a copy
+
+
+class Adafactor8bit(torch.optim.Optimizer):
+    """Adafactor (same update as ``vqim.train.Adafactor``) with the first moment stored as int8.
+
+    Args:
+        params: parameters or param groups; fp32, fp16 or bf16, any shape; grads may be
+            non-contiguous.
+        lr: absolute learning rate (relative step off); schedulers set ``group["lr"]``.
+        betas: ``(beta1, beta2)``, default Parti's ``(0.9, 0.96)``.
+        eps1: added to ``g^2`` (paper's eps1, 1e-30).
+        weight_decay: decoupled, multiplied by ``lr`` (default 4.5e-2).
+        clip_threshold: update clipping ``u / max(1, RMS(u) / d)`` (default 1.0).
+        backend: ``None`` (Triton on CUDA, the torch path on CPU), ``"triton"``, ``"cuda"``,
+            ``"torch"``; the torch path implements the kernels' semantics exactly.
+        rounding: ``"nearest"`` (the kernels' rule) or ``"stochastic"`` (torch backend only; kept
+            for the rounding study, it tracks fp32 less closely).
+
+    State per parameter: ``step`` (int), ``exp_avg_q`` (int8 ``[numel]``, logical row-major
+    order), ``exp_avg_scale`` (fp32 ``[ceil(numel / 256)]``), and ``exp_avg_sq_row`` +
+    ``exp_avg_sq_col`` (fp32, factored) or ``exp_avg_sq`` (fp32, rank < 2). ``state_dict()``
+    round-trips all of it exactly.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (BETA1, BETA2),
+                 eps1: float = EPS1, weight_decay: float = WEIGHT_DECAY, clip_threshold: float = CLIP_THRESHOLD,
+                 *, backend: str | None = None, rounding: str = "nearest"):
+        check_hyperparameters(lr, betas, eps1, weight_decay, clip_threshold)
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps1=eps1, weight_decay=weight_decay,
+                        clip_threshold=clip_threshold)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype not in _PARAM_DTYPES:
+                    raise ValueError(f"params must be float32, float16 or bfloat16, got {p.dtype}")
+        self.backend = backend
+        self.rounding = rounding
+        self._generator: torch.Generator | None = None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        load_state_keeping_dtypes(self, state_dict)
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if state:
+            return state
+        n = p.numel()
+        kw = dict(dtype=torch.float32, device=p.device)
+        state["step"] = 0
+        state["exp_avg_q"] = torch.zeros(n, dtype=torch.int8, device=p.device)
+        state["exp_avg_scale"] = torch.zeros(triton.cdiv(n, QBLOCK), **kw)
+        if p.dim() >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **kw)
+            state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **kw)
+        else:
+            state["exp_avg_sq"] = torch.zeros(p.shape, **kw)
+        return state
+
+    def init_state(self) -> None:
+        """Create every parameter's state now (e.g. to measure its memory before training)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p)
+
+    def state_bytes(self) -> int:
+        """Bytes held by the state tensors."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps1, wd, d = group["lr"], group["eps1"], group["weight_decay"], group["clip_threshold"]
+            for p in group["params"]:
+                if p.grad is None or p.numel() == 0:
+                    continue
+                self._step_param(p, beta1, beta2, lr, eps1, wd, d)
+        return loss
+
+    def _step_param(self, p: torch.Tensor, beta1: float, beta2: float, lr: float, eps1: float, wd: float,
+                    d: float) -> None:
+        grad = p.grad
+        if grad.is_sparse:
+            raise ValueError("Adafactor8bit does not support sparse gradients")
+        if grad.dtype not in _PARAM_DTYPES:
+            raise ValueError(f"grads must be float32, float16 or bfloat16, got {grad.dtype}")
+        backend = self.backend
+        if self.rounding == "stochastic" and backend != "torch":
+            raise ValueError("rounding='stochastic' runs only with backend='torch'")
+        state = self._init_state(p)
+        state["step"] += 1
+        beta2_t = beta2_at(beta2, state["step"])
+        g3 = _view3(grad)  # (L, R, C)
+        L, R, C = g3.shape
+        if p.dim() >= 2:
+            r, c = state["exp_avg_sq_row"].view(L, R), state["exp_avg_sq_col"].view(L, C)
+            row_sum, col_sum = dispatch("adafactor8_row_col_sums", backend, p.device)(g3)
+            r.mul_(beta2_t).add_(row_sum / C + eps1, alpha=1.0 - beta2_t)
+            c.mul_(beta2_t).add_(col_sum / R + eps1, alpha=1.0 - beta2_t)
+            a = (r / r.mean(dim=1, keepdim=True)).rsqrt().reshape(-1)  # (L*R,)
+            b = c.rsqrt().reshape(-1)  # (L*C,)
+        else:
+            v = state["exp_avg_sq"].view(-1)
+            v.mul_(beta2_t).add_(grad.float().reshape(-1).square() + eps1, alpha=1.0 - beta2_t)
+            a = torch.ones(1, dtype=torch.float32, device=p.device)
+            b = v.rsqrt()  # (N,)
+        n = g3.numel()
+        sumsq = dispatch("adafactor8_sumsq", backend, p.device)(g3, a, b)
+        clip = (1.0 / torch.clamp((sumsq / n).sqrt() / d, min=1.0)).reshape(1)  # device scalar, no host sync
+
+        p3 = _view3(p)
+        # A param whose strides do not merge into (L, R, C) is updated in a copy, then written back.
+        writes_back = p3.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+        if self.rounding == "stochastic" and self._generator is None:
+            self._generator = torch.Generator(device=p.device).manual_seed(0)
+        dispatch("adafactor8_step", backend, p.device)(
+            g3, p3, state["exp_avg_q"], state["exp_avg_scale"], a, b, clip, lr, 1.0 - lr * wd, beta1,
+            self.rounding, self._generator)
+        if writes_back:
+            p.copy_(p3.view(p.shape))
+
+
+def parti_350m_param_shapes(text_vocab: int = 16000) -> list[tuple[int, ...]]:
+    """Parameter shapes of a ``parti-350m``-sized encoder-decoder (for memory and benchmarks).
+
+    12 encoder + 12 decoder layers, width 1024, 16 heads, MLP 4x, 8192 image codes, a
+    ``text_vocab``-piece text vocabulary (default 16000, a SentencePiece size), 128 text and
+    1024 image positions; linears with biases, pre-LN with gain and bias.
+    """
+    w, f = 1024, 4096
+    attn = [(w, w), (w,)] * 4  # q, k, v, out projections
+    mlp = [(f, w), (f,), (w, f), (w,)]
+    ln = [(w,), (w,)]
+    enc_layer = attn + mlp + ln * 2
+    dec_layer = attn + attn + mlp + ln * 3  # self-attention, cross-attention, MLP
+    shapes = [(text_vocab, w), (128, w)] + enc_layer * 12 + ln
+    shapes += [(8192 + 1, w), (1024, w)] + dec_layer * 12 + ln + [(8192, w), (8192,)]  # +1: BOS
+    return shapes
