@@ -1,0 +1,363 @@
+"""cfg_sample: exact greedy, the sampled distribution, determinism, Triton (interpreter) parity,
+the CUDA twin, bad input.
+
+The Triton interpreter runs ~40 ms per row, so Triton tests batch many rows (different steps,
+mixed per-row settings) into one call at small V; the large-sample distribution tests run on
+the torch reference, which the Triton kernel matches token for token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import assert_close, assert_equal
+from vqim.kernels import _ext, cfg_sample, cfg_sample_ref, validate_sampling_params
+from vqim.kernels.cfg_sample import philox_uniform, sampling_mask_ref
+
+# -inf logits are legal input; numpy (under the interpreter) warns about the masked NaNs.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def exact_probs(cond, uncond, *, cfg_scale, temperature, top_k, top_p) -> torch.Tensor:
+    """The target distribution in float64 for one setting, every row: CFG, temperature, the
+    top-k/top-p mask of the definition, renormalized."""
+    c = cond.double()
+    x = c if uncond is None else uncond.double() + cfg_scale * (c - uncond.double())
+    if uncond is not None:
+        x = torch.where(c.isfinite() & uncond.isfinite(), x, float("-inf"))
+    z = x / temperature  # (B, V)
+    b = z.shape[0]
+    keep = sampling_mask_ref(z, torch.full((b,), top_k), torch.full((b,), top_p, dtype=torch.float64))
+    w = torch.where(keep, torch.exp(z - z.max(1, keepdim=True).values), 0.0)
+    return w / w.sum(1, keepdim=True)
+
+
+def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> tuple[bool, str]:
+    """Chi-square goodness of fit at level 1e-4 (Wilson-Hilferty quantile); bins with an expected
+    count under 5 are pooled. Tokens of probability 0 must never be drawn (checked exactly)."""
+    n = int(counts.sum())
+    if int(counts[probs == 0].sum()) != 0:
+        return False, f"drew a token of probability 0: {(counts * (probs == 0)).nonzero().flatten().tolist()}"
+    exp = probs * n
+    big = exp >= 5
+    obs_b, exp_b = counts[big].double(), exp[big]
+    small_exp = exp[~big & (probs > 0)].sum()
+    if small_exp > 0:
+        obs_b = torch.cat([obs_b, counts[~big & (probs > 0)].sum().double().view(1)])
+        exp_b = torch.cat([exp_b, small_exp.view(1)])
+    df = max(obs_b.numel() - 1, 1)
+    stat = float(((obs_b - exp_b) ** 2 / exp_b).sum()) if obs_b.numel() > 1 else 0.0
+    z = 3.719  # standard normal quantile at 1 - 1e-4
+    crit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return stat <= crit, f"chi2 {stat:.1f} > {crit:.1f} (df {df}, n {n})"
+
+
+def draw_many(cond_row, uncond_row, n, backend, **kw):
+    """n draws of one row's distribution in ONE call: the row repeated with steps 0..n-1."""
+    c = cond_row.expand(n, -1)
+    u = None if uncond_row is None else uncond_row.expand(n, -1)
+    return cfg_sample(c, u, seed=1234, step=torch.arange(n), backend=backend, **kw)
+
+
+def _logits(v, *, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(1, v, generator=g) * 1.5
+    uncond = torch.randn(1, v, generator=g) * 1.5
+    return cond, uncond
+
+
+# ------------------------------------------------------------------------------------------------
+# temperature = 0: exact argmax
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_is_exact_argmax_ties_to_lowest(backend, dtype):
+    b, v = 9, 97
+    cond = torch.randn(b, v).to(dtype)
+    uncond = torch.randn(b, v).to(dtype)
+    scale = torch.tensor([0.0, 1.0, 3.0, 10.0, 1.5, 2.0, 0.5, 7.0, 3.0])
+    # Row 4: two exact maxima (ties -> lowest index); row 5: -inf entries including the max.
+    cond[4] = uncond[4] = 0.0
+    cond[4, 11] = cond[4, 60] = uncond[4, 11] = uncond[4, 60] = 1.0
+    cond[5, :40] = float("-inf")
+    x = uncond.double() + scale.double()[:, None] * (cond.double() - uncond.double())
+    x = torch.where(cond.isfinite() & uncond.isfinite(), x, float("-inf"))
+    expected = x.float().argmax(1)  # first maximal index
+    got = cfg_sample(cond, uncond, cfg_scale=scale, temperature=0.0, seed=0, step=3, backend=backend)
+    assert_equal(got, expected)
+    assert int(got[4]) == 11
+    assert int(got[5]) >= 40
+
+
+# ------------------------------------------------------------------------------------------------
+# Distribution
+# ------------------------------------------------------------------------------------------------
+
+_DIST_CASES = {
+    # name: (cfg_scale, temperature, top_k, top_p, logits modifier)
+    "plain_s1": (1.0, 1.0, 0, 1.0, None),
+    "s0_uncond_only": (0.0, 1.0, 0, 1.0, None),
+    "s3_temp07_k5": (3.0, 0.7, 5, 1.0, None),
+    "s10_temp3": (10.0, 3.0, 0, 1.0, None),
+    "k1": (3.0, 1.0, 1, 1.0, None),
+    "k_ge_V": (3.0, 1.0, 1000, 1.0, None),
+    "tiny_p": (3.0, 1.0, 0, 1e-6, None),
+    "p0.6": (3.0, 1.5, 0, 0.6, None),
+    "k8_p0.9": (1.0, 1.0, 8, 0.9, None),
+    "ties_at_k": (1.0, 1.0, 3, 1.0, "ties"),
+    "ties_at_p": (1.0, 1.0, 0, 0.5, "ties"),
+    "neg_inf": (3.0, 1.0, 0, 0.95, "neginf"),
+}
+
+
+def _case_logits(mod, v):
+    cond, uncond = _logits(v, seed=7)
+    if mod == "ties":
+        # Values 3 > 2 = 2 = 2 > 1 ...: the tie group straddles k = 3 and, with equal cond and
+        # uncond, p = 0.5 (mass above the group < 0.5 <= mass through it): all three are kept.
+        cond = torch.zeros(1, v)
+        cond[0, 5], cond[0, [2, 9, 17]], cond[0, 20:26] = 3.0, 2.0, 1.0
+        uncond = cond.clone()
+    elif mod == "neginf":
+        cond[0, ::3] = float("-inf")
+        uncond[0, 1::5] = float("-inf")
+    return cond, uncond
+
+
+@pytest.mark.parametrize("case", sorted(_DIST_CASES))
+def test_reference_distribution(case):
+    s, t, k, p, mod = _DIST_CASES[case]
+    v, n = 24, 20000
+    cond, uncond = _case_logits(mod, v)
+    probs = exact_probs(cond, uncond, cfg_scale=s, temperature=t, top_k=k, top_p=p)[0]
+    tok = draw_many(cond, uncond, n, "torch", cfg_scale=s, temperature=t, top_k=k, top_p=p)
+    counts = torch.bincount(tok, minlength=v)
+    ok, msg = chi_square_ok(counts, probs)
+    assert ok, f"{case}: {msg}"
+    if mod == "ties":
+        kept = (probs > 0).nonzero().flatten().tolist()
+        assert kept == [2, 5, 9, 17], kept
+
+
+@pytest.mark.parametrize("case", ["s3_temp07_k5", "p0.6", "ties_at_k"])
+def test_triton_distribution(case):
+    """Fewer draws through the interpreter; the same chi-square bound derived from n."""
+    s, t, k, p, mod = _DIST_CASES[case]
+    v, n = 24, 384
+    cond, uncond = _case_logits(mod, v)
+    probs = exact_probs(cond, uncond, cfg_scale=s, temperature=t, top_k=k, top_p=p)[0]
+    tok = draw_many(cond, uncond, n, "triton", cfg_scale=s, temperature=t, top_k=k, top_p=p)
+    ok, msg = chi_square_ok(torch.bincount(tok, minlength=v), probs)
+    assert ok, f"{case}: {msg}"
+
+
+def test_sampling_mask_matches_definition():
+    """Top-k keeps values >= the k-th largest (ties included); top-p keeps each token whose mass
+    strictly above its value is < p, checked by brute force on random rows with ties."""
+    b, v = 64, 30
+    z = torch.randint(-4, 5, (b, v)).double() / 2  # many ties
+    z[::5, ::4] = float("-inf")
+    k = torch.randint(0, v + 3, (b,))
+    p = torch.rand(b, dtype=torch.float64).clamp_min(1e-3)
+    keep = sampling_mask_ref(z, k, p)
+    for i in range(b):
+        zi = z[i]
+        fin = zi.isfinite()
+        nf = int(fin.sum())
+        kk = int(k[i])
+        keep_k = fin.clone()
+        if 0 < kk < nf:
+            kth = zi[fin].sort(descending=True).values[kk - 1]
+            keep_k &= zi >= kth
+        w = torch.where(keep_k, torch.exp(zi - zi.max()), 0.0)
+        above = torch.stack([w[zi > zi[j]].sum() for j in range(v)])
+        expected = keep_k & (above < p[i] * w.sum())
+        assert_equal(keep[i], expected, msg=f"row {i} k={kk} p={float(p[i]):.3f}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Randomness and determinism
+# ------------------------------------------------------------------------------------------------
+
+def test_philox_matches_known_words_and_is_uniform():
+    # Philox4x32-10 known-answer: key (0, 0), counter (0, 0, 0, 0) -> first word 0x6627e8d5
+    # (Random123's kat_vectors); the uniform keeps its top 24 bits.
+    u = philox_uniform(torch.tensor([0]), torch.tensor([0]))
+    assert float(u[0]) == (0x6627E8D5 >> 8) * 2.0**-24
+    us = philox_uniform(torch.tensor(99), torch.arange(20000))
+    assert 0.0 <= float(us.min()) and float(us.max()) < 1.0
+    hist = torch.histc(us, bins=10, min=0, max=1)
+    ok, msg = chi_square_ok(hist.long(), torch.full((10,), 0.1, dtype=torch.float64))
+    assert ok, msg
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_same_seed_step_same_token_across_batch_layouts(backend):
+    b, v = 12, 61
+    cond = torch.randn(b, v) * 2
+    uncond = torch.randn(b, v) * 2
+    seed = torch.randint(0, 2**40, (b,))
+    step = torch.randint(0, 5000, (b,))
+    kw = dict(cfg_scale=torch.linspace(0, 6, b), temperature=torch.linspace(0.5, 2, b),
+              top_k=torch.tensor([0, 3, 10, 0] * 3), top_p=torch.tensor([1.0, 0.9, 0.5] * 4))
+    full = cfg_sample(cond, uncond, seed=seed, step=step, backend=backend, **kw)
+    again = cfg_sample(cond, uncond, seed=seed, step=step, backend=backend, **kw)
+    assert_equal(again, full)
+    perm = torch.randperm(b)
+    permuted = cfg_sample(cond[perm], uncond[perm], seed=seed[perm], step=step[perm], backend=backend,
+                          **{name: t[perm] for name, t in kw.items()})
+    assert_equal(permuted, full[perm])
+    for i in (0, 5):  # alone, in a batch of one, with python scalars
+        one = cfg_sample(cond[i:i + 1], uncond[i:i + 1], seed=int(seed[i]), step=int(step[i]), backend=backend,
+                         **{name: t[i].item() for name, t in kw.items()})
+        assert int(one[0]) == int(full[i])
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernel parity (interpreter): registers path and streamed path, mixed per-row settings
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [None, 32])
+def test_triton_matches_reference(dtype, block):
+    from vqim.kernels.cfg_sample import _cfg_sample_torch, _cfg_sample_triton, _row_params
+
+    b, v = 24, 111  # v not a multiple of the streamed block
+    base = torch.randn(b, 2 * v) * 2
+    cond = base[:, ::2].to(dtype)  # non-contiguous view
+    uncond = (torch.randn(v, b) * 2).to(dtype).T  # column-major
+    cond[3, :50] = float("-inf")
+    uncond[4, 7::3] = float("-inf")
+    cond[5] = torch.where(torch.arange(v) % 2 == 0, 1.0, -1.0).to(dtype)  # heavy ties
+    prm = _row_params(
+        b, cond.device,
+        cfg_scale=torch.tensor([0.0, 1.0, 3.0, 10.0] * 6),
+        temperature=torch.tensor([1.0, 0.7, 2.0, 0.0, 1.0, 1.3] * 4),
+        top_k=torch.tensor([0, 1, 5, 0, 200, 40, 3, 0] * 3),
+        top_p=torch.tensor([1.0, 0.9, 1e-6, 0.5, 1.0, 0.3] * 4),
+        seed=torch.randint(0, 2**62, (b,)), step=torch.randint(0, 2**40, (b,)),
+    )
+    want_tok, want_lp = _cfg_sample_torch(cond, uncond, **prm)
+    got_tok, got_lp = _cfg_sample_triton(cond, uncond, block=block, **prm)
+    assert_equal(got_tok, want_tok)
+    assert_close(got_lp, want_lp, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_no_guidance_and_all_masked_row():
+    b, v = 4, 50
+    cond = torch.randn(b, v)
+    cond[2] = float("-inf")
+    tok, lp = cfg_sample(cond, None, cfg_scale=5.0, top_k=4, seed=3, step=1, backend="triton",
+                         return_logprob=True, validate=False)
+    want, want_lp = cfg_sample(cond, None, cfg_scale=5.0, top_k=4, seed=3, step=1, backend="torch",
+                               return_logprob=True, validate=False)
+    assert_equal(tok, want)
+    assert int(tok[2]) == -1 and math.isnan(float(lp[2]))
+    assert_close(lp[[0, 1, 3]], want_lp[[0, 1, 3]], atol=1e-5)
+    with pytest.raises(ValueError, match="no finite guided logit"):
+        cfg_sample(cond, None, cfg_scale=5.0, seed=3, step=1, backend="triton")
+
+
+def test_logprob_is_log_of_target_probability():
+    v = 16
+    cond, uncond = _logits(v, seed=3)
+    kw = dict(cfg_scale=3.0, temperature=0.8, top_k=6, top_p=0.9)
+    probs = exact_probs(cond, uncond, **kw)[0]
+    tok, lp = cfg_sample(cond.expand(50, -1), uncond.expand(50, -1), seed=5, step=torch.arange(50),
+                         return_logprob=True, **kw)
+    assert_close(lp, probs[tok].log().float(), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA twin
+# ------------------------------------------------------------------------------------------------
+
+def test_compiled_module_exposes_cfg_sample():
+    if not _ext.available():
+        pytest.skip("vqim.kernels._C is not built (no nvcc here)")
+    C = _ext.load()
+    assert "cfg_sample" in C.ops
+    assert callable(C.cfg_sample)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("v", [8192, 65536 + 3])
+def test_gpu_parity_with_reference(backend, v):
+    b = 64
+    dev = torch.device("cuda")
+    cond = (torch.randn(b, v, device=dev) * 3).bfloat16()
+    uncond = (torch.randn(b, v, device=dev) * 3).bfloat16()
+    cond[1, ::7] = float("-inf")
+    kw = dict(cfg_scale=torch.linspace(0, 10, b, device=dev), temperature=torch.linspace(0, 2, b, device=dev),
+              top_k=torch.tensor([0, 1, 50, 5000] * (b // 4), device=dev),
+              top_p=torch.tensor([1.0, 0.95, 0.5, 1e-4] * (b // 4), device=dev),
+              seed=torch.randint(0, 2**62, (b,), device=dev), step=torch.arange(b, device=dev))
+    want, want_lp = cfg_sample(cond, uncond, backend="torch", return_logprob=True, **kw)
+    got, got_lp = cfg_sample(cond, uncond, backend=backend, return_logprob=True, **kw)
+    # Rounding (fast exp, summation order) may move a draw across a CDF boundary: rare.
+    agree = (got == want).float().mean().item()
+    assert agree >= 0.95, f"{backend} agrees with the reference on {agree:.1%} of rows"
+    same = got == want
+    assert_close(got_lp[same], want_lp[same], atol=1e-3, rtol=1e-3)
+    assert_equal(cfg_sample(cond, uncond, backend=backend, **kw), got)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(top_p=0.0), "top_p must be in \\(0, 1\\]"),
+    (dict(top_p=1.5), "top_p must be in \\(0, 1\\]"),
+    (dict(top_p=float("nan")), "top_p must not be NaN"),
+    (dict(top_k=-1), "top_k must be in \\[0"),
+    (dict(top_k=2.5), "top_k must be an int"),
+    (dict(temperature=-0.1), "temperature must be finite and >= 0"),
+    (dict(temperature=float("inf")), "temperature must be finite"),
+    (dict(cfg_scale=float("nan")), "cfg_scale must not be NaN"),
+    (dict(seed=-1), "seed must be in \\[0"),
+    (dict(step=-3), "step must be in \\[0"),
+    (dict(top_p=torch.tensor([0.5, 0.0, 1.0])), "top_p must be in \\(0, 1\\]"),
+    (dict(temperature=torch.tensor([1.0, float("nan"), 1.0])), "temperature must not be NaN"),
+    (dict(top_k=torch.tensor([0, -2, 1])), "top_k must be in \\[0"),
+    (dict(top_k=torch.tensor([0.5, 1.0, 1.0])), "top_k must be an integer tensor"),
+    (dict(cfg_scale=torch.ones(4)), "cfg_scale must be a scalar, a 0-d tensor or a tensor of shape \\[B\\]"),
+])
+def test_bad_parameters_raise(kw, match):
+    cond, uncond = torch.randn(3, 10), torch.randn(3, 10)
+    args = dict(cfg_scale=2.0, seed=0, step=0)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        cfg_sample(cond, uncond, **args)
+    # The once-per-request helper the engine calls gives the same errors.
+    with pytest.raises(ValueError, match=match):
+        validate_sampling_params(batch=3, **kw)
+
+
+def test_bad_logits_raise():
+    with pytest.raises(ValueError, match="cond_logits must be a 2-D tensor"):
+        cfg_sample(torch.randn(10), None, cfg_scale=1.0, seed=0, step=0)
+    with pytest.raises(ValueError, match="uncond_logits must be None or a tensor of cond_logits' shape"):
+        cfg_sample(torch.randn(2, 10), torch.randn(2, 9), cfg_scale=1.0, seed=0, step=0)
+    with pytest.raises(ValueError, match="cond_logits must be float32, float16 or bfloat16"):
+        cfg_sample(torch.zeros(2, 10, dtype=torch.long), None, cfg_scale=1.0, seed=0, step=0)
+    bad = torch.randn(2, 10)
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="must not contain NaN or \\+inf"):
+        cfg_sample(bad, None, cfg_scale=1.0, seed=0, step=0)
+    with pytest.raises(ValueError, match="no finite guided logit"):
+        cfg_sample(torch.full((2, 10), float("-inf")), None, cfg_scale=1.0, seed=0, step=0)
+    # validate=False skips the synced checks: the masked row is marked -1 instead.
+    tok = cfg_sample(torch.full((2, 10), float("-inf")), None, cfg_scale=1.0, seed=0, step=0, validate=False)
+    assert tok.tolist() == [-1, -1]
+
+
+def test_reference_function_is_the_torch_backend():
+    cond, uncond = torch.randn(5, 33), torch.randn(5, 33)
+    kw = dict(cfg_scale=2.0, temperature=0.9, top_k=7, top_p=0.8, seed=11, step=torch.arange(5))
+    assert_equal(cfg_sample_ref(cond, uncond, **kw), cfg_sample(cond, uncond, backend="torch", **kw))
