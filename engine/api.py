@@ -79,10 +79,11 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, **kwargs) -> Engine:
+                        dtype: str | torch.dtype | None = None, tp: int = 1, **kwargs) -> Engine:
         """Load ``config.json`` + ``*.safetensors`` (+ ``tokenizer.model``) from ``path``.
 
-        ``path=None`` loads the demo model bundled with the package.
+        ``path=None`` loads the demo model bundled with the package. ``tp=N`` (under
+        ``torchrun --nproc-per-node N``) loads this rank's tensor-parallel shard (``vqim.engine.tp``).
         """
         if path is None:
             if not (BUNDLED_MODEL / "config.json").is_file():
@@ -92,6 +93,10 @@ class Engine:
                     "Engine.from_preset('tiny-t2i')")
             path = BUNDLED_MODEL
         path = Path(path)
+        if tp != 1:
+            from .tp import engine_from_pretrained
+
+            return engine_from_pretrained(path, tp, device, dtype, **kwargs)
         dev = _default_device(device)
         model = load_model(path, "cpu")
         model = model.to(device=dev, dtype=_default_dtype(model.cfg, dev, dtype))

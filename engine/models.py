@@ -310,7 +310,8 @@ class ARDecoder(nn.Module):
         """Zeroed caches (masked slots must hold finite values: 0 * NaN would leak through)."""
         cfg = self.cfg
         p = self.head.weight
-        shape = (batch, cfg.heads, cfg.max_seq, cfg.head_dim)
+        # Heads this module holds: cfg.heads / N on a tensor-parallel rank (vqim.engine.tp).
+        shape = (batch, self.blocks[0].attn.heads, cfg.max_seq, cfg.head_dim)
         k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.blocks]
         v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.blocks]
         state = DecodeState(k, v)
