@@ -129,9 +129,11 @@ def _row_col_sums_cuda(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     L, R, C = g3.shape
     row = torch.empty(L, R, dtype=torch.float32, device=g3.device)
     col = torch.empty(L, C, dtype=torch.float32, device=g3.device)
+    # Column sums per block of 32 rows, summed in a fixed order by a second launch.
+    workspace = torch.empty(triton.cdiv(R, 32) * L * C, dtype=torch.float32, device=g3.device)
     with torch.cuda.device(g3.device):
-        C_.adafactor8_row_col_sums(g3.data_ptr(), *g3.stride(), row.data_ptr(), col.data_ptr(), L, R, C,
-                                   _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
+        C_.adafactor8_row_col_sums(g3.data_ptr(), *g3.stride(), row.data_ptr(), col.data_ptr(), workspace.data_ptr(),
+                                   L, R, C, _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
     return row, col
 
 
@@ -214,9 +216,10 @@ def _sumsq_cuda(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     C_ = _ext.load()
     L, R, C = g3.shape
     out = torch.empty((), dtype=torch.float32, device=g3.device)
+    workspace = torch.empty(1024, dtype=torch.float32, device=g3.device)  # per-CTA partials (csrc: kSumsqMaxBlocks)
     with torch.cuda.device(g3.device):
-        C_.adafactor8_sumsq(g3.data_ptr(), *g3.stride(), a.data_ptr(), b.data_ptr(), out.data_ptr(), L, R, C,
-                            _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
+        C_.adafactor8_sumsq(g3.data_ptr(), *g3.stride(), a.data_ptr(), b.data_ptr(), out.data_ptr(),
+                            workspace.data_ptr(), L, R, C, _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
     return out
 
 
@@ -239,7 +242,7 @@ def _step_triton(g3, p3, q, scale, a, b, clip, lr, decay, beta1, rounding, gener
 def _step_cuda(g3, p3, q, scale, a, b, clip, lr, decay, beta1, rounding, generator):
     C_ = _ext.load()
     L, R, C = g3.shape
-    if g3.dtype != p3.dtype:
+    if g3.dtype != p3.dtype:  # the kernel is templated on one storage type
         g3 = g3.to(p3.dtype)
     with torch.cuda.device(g3.device):
         C_.adafactor8_step(g3.data_ptr(), *g3.stride(), p3.data_ptr(), *p3.stride(), q.data_ptr(),

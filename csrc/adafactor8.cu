@@ -1,0 +1,260 @@
+// Adafactor with int8 first moments: the CUDA twin of kernels/adafactor8.py.
+//
+// A parameter is viewed as (L, R, C) with element strides (rank >= 2: leading dims merged, the
+// last two factored; rank < 2: (1, 1, N)). Three launches per parameter, as in the Triton path:
+//   adafactor8_row_col_sums: one pass over g -> row sums [L, R] and column sums [L, C] of g^2;
+//   adafactor8_sumsq:        one pass over g -> sum of u^2, u = g * a[l, r] * b[l, c]
+//                            (update clipping needs the RMS of the whole update first);
+//   adafactor8_step:         one pass reading g, p, the int8 moment and its scales, writing p and
+//                            the re-quantized moment (one warp per block of 256 values).
+// Every reduction has a fixed order (per-block partials summed by one block), so results do not
+// depend on scheduling. The step uses explicitly rounded multiplies/adds (no FMA contraction)
+// so it computes the same fp32 numbers as the torch path.
+#include <algorithm>
+
+#include "common.h"
+
+namespace vqim {
+namespace {
+
+constexpr int kQBlock = 256;          // values per int8 block
+constexpr int kRowsPerBlock = 32;     // rows of one row_col_sums CTA
+constexpr int kSumsqThreads = 256;
+constexpr int kSumsqMaxBlocks = 1024;  // also the workspace size the Python launcher allocates
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block (32 x 8 threads) = 32 rows of one slice; threadIdx.x walks the columns (coalesced for a
+// contiguous grad), threadIdx.y the rows ty, ty + 8, ty + 16, ty + 24. Row sums are complete in
+// the block; column sums are partial per row block and summed by col_partials_sum_kernel.
+template <typename T>
+__global__ void row_col_sums_kernel(const T* __restrict__ g, int64_t sgl, int64_t sgr, int64_t sgc,
+                                    float* __restrict__ row_out, float* __restrict__ col_part, int64_t L,
+                                    int64_t R, int64_t C) {
+  const int64_t n_row_blocks = (R + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t l = blockIdx.x / n_row_blocks;
+  const int64_t rb = blockIdx.x % n_row_blocks;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  __shared__ float col_sh[8][33];
+  float row_acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const T* base = g + l * sgl;
+  for (int64_t c0 = 0; c0 < C; c0 += 32) {
+    const int64_t c = c0 + tx;
+    float col_acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t r = rb * kRowsPerBlock + ty + 8 * k;
+      if (r < R && c < C) {
+        const float v = to_float(base[r * sgr + c * sgc]);
+        row_acc[k] += v * v;
+        col_acc += v * v;
+      }
+    }
+    col_sh[ty][tx] = col_acc;
+    __syncthreads();
+    if (ty == 0 && c < C) {
+      float s = 0.f;
+#pragma unroll
+      for (int y = 0; y < 8; ++y) s += col_sh[y][tx];
+      col_part[(rb * L + l) * C + c] = s;
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float s = warp_sum(row_acc[k]);
+    const int64_t r = rb * kRowsPerBlock + ty + 8 * k;
+    if (tx == 0 && r < R) row_out[l * R + r] = s;
+  }
+}
+
+__global__ void col_partials_sum_kernel(const float* __restrict__ col_part, float* __restrict__ col_out,
+                                        int64_t n_row_blocks, int64_t LC) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= LC) return;
+  float s = 0.f;
+  for (int64_t rb = 0; rb < n_row_blocks; ++rb) s += col_part[rb * LC + i];
+  col_out[i] = s;
+}
+
+struct View3 {
+  int64_t R, C, s0, s1, s2;
+  __device__ __forceinline__ int64_t offset(int64_t idx) const {
+    const int64_t lr = idx / C;
+    return (lr / R) * s0 + (lr % R) * s1 + (idx % C) * s2;
+  }
+};
+
+// u = g * a[l * R + r] * b[l * C + c] for the flat logical index idx.
+template <typename T>
+__device__ __forceinline__ float update_direction(const T* g, const View3& gv, const float* a, const float* b,
+                                                  int64_t idx) {
+  const int64_t lr = idx / gv.C;
+  const int64_t col = idx % gv.C;
+  const int64_t l = lr / gv.R;
+  const float gval = to_float(g[l * gv.s0 + (lr % gv.R) * gv.s1 + col * gv.s2]);
+  return __fmul_rn(__fmul_rn(gval, a[lr]), b[l * gv.C + col]);
+}
+
+template <typename T>
+__global__ void sumsq_partial_kernel(const T* __restrict__ g, View3 gv, const float* __restrict__ a,
+                                     const float* __restrict__ b, float* __restrict__ part, int64_t N) {
+  float acc = 0.f;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float u = update_direction(g, gv, a, b, i);
+    acc += u * u;
+  }
+  __shared__ float warp_part[kSumsqThreads / 32];
+  acc = warp_sum(acc);
+  if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < kSumsqThreads / 32 ? warp_part[threadIdx.x] : 0.f;
+    v = warp_sum(v);
+    if (threadIdx.x == 0) part[blockIdx.x] = v;
+  }
+}
+
+__global__ void sum_partials_kernel(const float* __restrict__ part, float* __restrict__ out, int n) {
+  float acc = 0.f;
+  for (int i = threadIdx.x; i < n; i += 32) acc += part[i];
+  acc = warp_sum(acc);
+  if (threadIdx.x == 0) *out = acc;
+}
+
+// One warp per quantization block; lane k handles values k, k + 32, ..., k + 224 (coalesced).
+template <typename T>
+__global__ void step_kernel(const T* __restrict__ g, View3 gv, T* __restrict__ p, View3 pv,
+                            int8_t* __restrict__ q, float* __restrict__ scale, const float* __restrict__ a,
+                            const float* __restrict__ b, const float* __restrict__ clip_ptr, int64_t N,
+                            int64_t n_blocks, float lr, float decay, float beta1, float one_minus_beta1) {
+  const int64_t blk = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (blk >= n_blocks) return;  // whole warps exit together
+  const int lane = threadIdx.x & 31;
+  const float clip = *clip_ptr;
+  const float s_old = scale[blk];
+  float m[kQBlock / 32];
+  float absmax = 0.f;
+#pragma unroll
+  for (int k = 0; k < kQBlock / 32; ++k) {
+    const int64_t idx = blk * kQBlock + lane + 32 * k;
+    m[k] = 0.f;
+    if (idx < N) {
+      const float u = update_direction(g, gv, a, b, idx);
+      const float m_old = __fmul_rn(static_cast<float>(q[idx]), s_old);
+      m[k] = __fadd_rn(__fmul_rn(beta1, m_old), __fmul_rn(one_minus_beta1, __fmul_rn(u, clip)));
+      const int64_t po = pv.offset(idx);
+      const float pval = to_float(p[po]);
+      p[po] = from_float<T>(__fsub_rn(__fmul_rn(pval, decay), __fmul_rn(lr, m[k])));
+      absmax = fmaxf(absmax, fabsf(m[k]));
+    }
+  }
+  absmax = warp_max(absmax);
+  const float inv = absmax > 0.f ? __fdiv_rn(127.f, absmax) : 0.f;
+#pragma unroll
+  for (int k = 0; k < kQBlock / 32; ++k) {
+    const int64_t idx = blk * kQBlock + lane + 32 * k;
+    if (idx < N) {
+      const float x = roundf(__fmul_rn(m[k], inv));  // half away from zero, as the Triton kernel
+      q[idx] = static_cast<int8_t>(fminf(fmaxf(x, -127.f), 127.f));
+    }
+  }
+  if (lane == 0) scale[blk] = __fdiv_rn(absmax, 127.f);
+}
+
+void check_view(int64_t L, int64_t R, int64_t C) {
+  VQIM_CHECK(L >= 1 && R >= 1 && C >= 1, "adafactor8: the (L, R, C) view must have positive sizes, got (", L,
+             ", ", R, ", ", C, ")");
+}
+
+void row_col_sums(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_t row_out,
+                  std::uintptr_t col_out, std::uintptr_t col_workspace, int64_t L, int64_t R, int64_t C,
+                  int dtype, std::uintptr_t stream) {
+  check_view(L, R, C);
+  const int64_t n_row_blocks = (R + kRowsPerBlock - 1) / kRowsPerBlock;
+  VQIM_CHECK(L * n_row_blocks < (int64_t{1} << 31), "adafactor8_row_col_sums: too many rows (L * R = ", L * R, ")");
+  cudaStream_t s = as_stream(stream);
+  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
+    row_col_sums_kernel<scalar_t><<<static_cast<unsigned>(L * n_row_blocks), dim3(32, 8), 0, s>>>(
+        as_ptr<const scalar_t>(g), sgl, sgr, sgc, as_ptr<float>(row_out), as_ptr<float>(col_workspace), L, R, C);
+  });
+  VQIM_CUDA_CHECK(cudaGetLastError());
+  const int64_t LC = L * C;
+  col_partials_sum_kernel<<<static_cast<unsigned>((LC + 255) / 256), 256, 0, s>>>(
+      as_ptr<const float>(col_workspace), as_ptr<float>(col_out), n_row_blocks, LC);
+  VQIM_CUDA_CHECK(cudaGetLastError());
+}
+
+void sumsq(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_t a, std::uintptr_t b,
+           std::uintptr_t out, std::uintptr_t workspace, int64_t L, int64_t R, int64_t C, int dtype,
+           std::uintptr_t stream) {
+  check_view(L, R, C);
+  const int64_t N = L * R * C;
+  const int blocks = static_cast<int>(std::min<int64_t>((N + 8 * kSumsqThreads - 1) / (8 * kSumsqThreads),
+                                                        kSumsqMaxBlocks));
+  cudaStream_t s = as_stream(stream);
+  const View3 gv{R, C, sgl, sgr, sgc};
+  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
+    sumsq_partial_kernel<scalar_t><<<blocks, kSumsqThreads, 0, s>>>(
+        as_ptr<const scalar_t>(g), gv, as_ptr<const float>(a), as_ptr<const float>(b), as_ptr<float>(workspace), N);
+  });
+  VQIM_CUDA_CHECK(cudaGetLastError());
+  sum_partials_kernel<<<1, 32, 0, s>>>(as_ptr<const float>(workspace), as_ptr<float>(out), blocks);
+  VQIM_CUDA_CHECK(cudaGetLastError());
+}
+
+void step(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_t p, int64_t spl, int64_t spr,
+          int64_t spc, std::uintptr_t q, std::uintptr_t scale, std::uintptr_t a, std::uintptr_t b,
+          std::uintptr_t clip, int64_t L, int64_t R, int64_t C, double lr, double decay, double beta1,
+          double one_minus_beta1, int dtype, std::uintptr_t stream) {
+  check_view(L, R, C);
+  const int64_t N = L * R * C;
+  const int64_t n_blocks = (N + kQBlock - 1) / kQBlock;
+  constexpr int kWarps = 8;
+  const int64_t grid = (n_blocks + kWarps - 1) / kWarps;
+  VQIM_CHECK(grid < (int64_t{1} << 31), "adafactor8_step: tensor too large (N = ", N, ")");
+  cudaStream_t s = as_stream(stream);
+  const View3 gv{R, C, sgl, sgr, sgc};
+  const View3 pv{R, C, spl, spr, spc};
+  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
+    step_kernel<scalar_t><<<static_cast<unsigned>(grid), kWarps * 32, 0, s>>>(
+        as_ptr<const scalar_t>(g), gv, as_ptr<scalar_t>(p), pv, as_ptr<int8_t>(q), as_ptr<float>(scale),
+        as_ptr<const float>(a), as_ptr<const float>(b), as_ptr<const float>(clip), N, n_blocks,
+        static_cast<float>(lr), static_cast<float>(decay), static_cast<float>(beta1),
+        static_cast<float>(one_minus_beta1));
+  });
+  VQIM_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+}  // namespace vqim
+
+VQIM_REGISTER_OP(adafactor8, [](vqim::py::module_& m) {
+  namespace py = vqim::py;
+  m.def("adafactor8_row_col_sums", &vqim::row_col_sums,
+        "row [L, R] and column [L, C] sums of g^2 over an (L, R, C) strided view; col_workspace holds "
+        "ceil(R / 32) * L * C floats",
+        py::arg("g"), py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("row_out"), py::arg("col_out"),
+        py::arg("col_workspace"), py::arg("L"), py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("stream"));
+  m.def("adafactor8_sumsq", &vqim::sumsq,
+        "sum of (g * a[l, r] * b[l, c])^2 into out (fp32 scalar); workspace holds 1024 floats", py::arg("g"),
+        py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("a"), py::arg("b"), py::arg("out"),
+        py::arg("workspace"), py::arg("L"), py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("stream"));
+  m.def("adafactor8_step", &vqim::step,
+        "fused step: m = beta1 * q * scale + (1 - beta1) * u * clip; p = p * decay - lr * m; re-quantize m",
+        py::arg("g"), py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("p"), py::arg("spl"), py::arg("spr"),
+        py::arg("spc"), py::arg("q"), py::arg("scale"), py::arg("a"), py::arg("b"), py::arg("clip"), py::arg("L"),
+        py::arg("R"), py::arg("C"), py::arg("lr"), py::arg("decay"), py::arg("beta1"), py::arg("one_minus_beta1"),
+        py::arg("dtype"), py::arg("stream"));
+});
