@@ -561,6 +561,26 @@ def _cfg_sample_triton(cond, uncond, *, cfg_scale, temperature, top_k, top_p, se
     return tok, logp
 
 
+
+@register("cfg_sample", "cuda")
+def _cfg_sample_cuda(cond, uncond, *, cfg_scale, temperature, top_k, top_p, seed, step):
+    C = _ext.load()
+    b, v = cond.shape
+    tok = torch.empty(b, dtype=torch.long, device=cond.device)
+    logp = torch.empty(b, dtype=torch.float32, device=cond.device)
+    if b == 0:
+        return tok, logp
+    has_u = uncond is not None
+    u = (uncond if uncond.dtype == cond.dtype else uncond.to(cond.dtype)) if has_u else cond
+    with torch.cuda.device(cond.device):
+        C.cfg_sample(
+            cond.data_ptr(), cond.stride(0), cond.stride(1), u.data_ptr(), u.stride(0), u.stride(1), has_u,
+            cfg_scale.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(),
+            seed.data_ptr(), step.data_ptr(), tok.data_ptr(), logp.data_ptr(), b, v,
+            _ext.dtype_code(cond, "cond_logits"), _ext.stream_of(cond),
+        )
+    return tok, logp
+
 # ---------------------------------------------------------------------------------------------
 # Public op
 # ---------------------------------------------------------------------------------------------
