@@ -21,6 +21,16 @@ from vqim.engine.weights import build_model, load_model, save_pretrained
 from vqim.kernels import codebook_lookup
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models run thousands of small ops: intra-op threads only add spin-wait
+    contention on a shared 2-core machine (10x slower under load), so use one, then restore."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -1,0 +1,253 @@
+"""The Engine API (DESIGN §5) on the tiny random-weight presets: determinism, CFG batching,
+per-request settings, the tokenizer round trip, linear-probe features, bad inputs, thread
+safety, out-of-memory handling and model directories."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import assert_close, assert_equal
+from vqim.engine import Engine
+from vqim.engine.generate import Sampling
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models run thousands of small ops: intra-op threads only add spin-wait
+    contention on a shared 2-core machine (10x slower under load), so use one, then restore."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _sharpen(engine: Engine, std: float = 0.3) -> Engine:
+    """Larger random weights so the logits are far from uniform and conditions matter."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def t2i() -> Engine:
+    return _sharpen(Engine.from_preset("tiny-t2i", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def vim() -> Engine:
+    return _sharpen(Engine.from_preset("tiny-vim", device="cpu"))
+
+
+def test_generate_returns_images_and_same_seed_same_image(t2i):
+    imgs = t2i.generate(["a red circle"], num_images=1, seed=5)
+    assert len(imgs) == 1 and imgs[0].size == (64, 64) and imgs[0].mode == "RGB"
+    again = t2i.generate(["a red circle"], num_images=1, seed=5)
+    assert np.array_equal(np.asarray(imgs[0]), np.asarray(again[0]))
+    other = t2i.generate_codes(["a red circle"], seed=6)
+    assert not torch.equal(other, t2i.generate_codes(["a red circle"], seed=5))
+
+
+def test_tokens_do_not_depend_on_the_batch_they_share(t2i):
+    """Image j of a request uses seed + j; per-request settings mixed in one batch give each
+    request what it gets alone."""
+    together = t2i.generate_codes(["a red circle", "a blue square"], num_images=2, seed=[10, 20],
+                                  cfg_scale=[2.0, 4.0], temperature=[1.0, 0.7], top_k=[0, 50], top_p=[1.0, 0.9])
+    assert together.shape == (4, 8, 8)
+    a1 = t2i.generate_codes(["a red circle"], num_images=1, seed=11, cfg_scale=2.0)
+    b0 = t2i.generate_codes(["a blue square"], num_images=1, seed=20, cfg_scale=4.0, temperature=0.7, top_k=50,
+                            top_p=0.9)
+    assert_equal(together[1], a1[0])
+    assert_equal(together[2], b0[0])
+    t2i.max_batch_size = 3  # chunking must not change tokens either
+    try:
+        chunked = t2i.generate_codes(["a red circle", "a blue square"], num_images=2, seed=[10, 20],
+                                     cfg_scale=[2.0, 4.0], temperature=[1.0, 0.7], top_k=[0, 50], top_p=[1.0, 0.9])
+    finally:
+        t2i.max_batch_size = 16
+    assert_equal(chunked, together)
+
+
+def test_guidance_changes_tokens_and_scale_one_is_conditional_only(t2i):
+    cond_only = t2i.generate_codes(["a red circle"], seed=3, cfg_scale=1.0)
+    guided = t2i.generate_codes(["a red circle"], seed=3, cfg_scale=5.0)
+    assert not torch.equal(cond_only, guided)
+    # A scale-1 request decoded inside a CFG batch (its own unconditional row present)
+    # draws the tokens of conditional-only decoding.
+    mixed = t2i.generate_codes(["a red circle", "a blue square"], seed=[3, 4], cfg_scale=[1.0, 5.0])
+    assert_equal(mixed[0], cond_only[0])
+
+
+def test_cfg_batch_layout_scale_one_equals_unguided_loop(vim):
+    """The decoder loop itself: 2B rows with scale 1 == B rows without the unconditional half."""
+    dev = torch.device("cpu")
+    s = Sampling(cfg_scale=torch.ones(2), temperature=torch.ones(2), top_k=torch.zeros(2, dtype=torch.long),
+                 top_p=torch.ones(2), seed=torch.tensor([0, 1]))
+    cond = torch.tensor([[2], [7]], device=dev)
+    null = torch.full((2, 1), vim.cfg.decoder.num_classes)
+    plain = vim.generator.run(cond, None, None, s, guided=False)
+    paired = vim.generator.run(torch.cat([cond, null]), None, None, s, guided=True)
+    assert_equal(paired, plain)
+
+
+def test_class_conditional_and_unconditional(vim):
+    a = vim.generate_codes(class_ids=[1, 2], num_images=1, seed=0, cfg_scale=3.0)
+    assert a.shape == (2, 8, 8) and 0 <= a.min() and a.max() < 256
+    assert not torch.equal(a[0], a[1])  # same seed, different class
+    u = vim.generate_codes(num_images=2, seed=0)  # null class prefix, no guidance
+    assert u.shape == (2, 8, 8)
+
+
+def test_greedy_is_seed_independent(vim):
+    a = vim.generate_codes(class_ids=[4], seed=1, temperature=0.0)
+    b = vim.generate_codes(class_ids=[4], seed=2, temperature=0.0)
+    assert_equal(a, b)
+
+
+def test_encode_then_decode_round_trips_shapes_and_ranges(t2i):
+    codes = t2i.generate_codes(["x"], num_images=2, seed=0)
+    imgs = t2i.decode_codes(codes)
+    assert [im.size for im in imgs] == [(64, 64)] * 2
+    again = t2i.encode_images(imgs)
+    assert again.shape == (2, 8, 8) and again.dtype == torch.long
+    assert 0 <= again.min() and again.max() < t2i.cfg.vqgan.codebook_size
+    px = t2i.decode_codes(again, output_type="pt")
+    assert px.shape == (2, 3, 64, 64) and 0 <= px.min() and px.max() <= 1
+    # Tensors and PIL images are the same input.
+    t = torch.from_numpy(np.stack([np.asarray(im) for im in imgs])).permute(0, 3, 1, 2)
+    assert_equal(t2i.encode_images(t), again)
+    assert_equal(t2i.encode_images(t.float() / 255), again)
+
+
+def test_image_features_average_one_blocks_image_tokens(vim):
+    imgs = [Image.fromarray(np.random.randint(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    seen = {}
+    dec = vim.model.decoder
+    hook = dec.blocks[1].register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    try:
+        with torch.no_grad():
+            codes = vim.encode_images(imgs)
+            prefix = torch.full((2, 1), vim.cfg.decoder.num_classes)
+            dec(prefix, codes.view(2, -1))
+    finally:
+        hook.remove()
+    f1 = vim.image_features(imgs, 1)
+    assert f1.shape == (2, 64) and f1.dtype == torch.float32
+    assert_close(f1, seen["out"][:, 1:].mean(1), atol=1e-6)  # prefix excluded
+    assert not torch.allclose(vim.image_features(imgs, 0), f1)
+
+
+def test_text_model_features_use_the_empty_prompt(t2i):
+    img = t2i.decode_codes(torch.zeros(1, 8, 8, dtype=torch.long))
+    assert t2i.image_features(img, 0).shape == (1, 64)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompts=[]), "prompts must be a non-empty list"),
+    (dict(prompts=[3]), "prompts must be strings"),
+    (dict(prompts=["a"], top_p=0.0), "top_p"),
+    (dict(prompts=["a"], top_p=1.5), "top_p"),
+    (dict(prompts=["a"], temperature=-1.0), "temperature"),
+    (dict(prompts=["a"], top_k=-2), "top_k"),
+    (dict(prompts=["a"], seed=-1), "seed"),
+    (dict(prompts=["a"], num_images=0), "num_images"),
+    (dict(prompts=["a", "b"], cfg_scale=[1.0]), "cfg_scale must be a scalar or a list of 2"),
+    (dict(prompts=["a"], class_ids=[1]), "class_ids"),
+])
+def test_bad_generate_inputs_are_named(t2i, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        t2i.generate_codes(**kwargs)
+
+
+def test_bad_class_inputs_are_named(vim):
+    with pytest.raises(ValueError, match=r"class_ids must be ints in \[0, 10\)"):
+        vim.generate_codes(class_ids=[10])
+    with pytest.raises(ValueError, match="not a text-to-image model"):
+        vim.generate_codes(["a red circle"])
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\)"):
+        vim.image_features(torch.rand(1, 3, 64, 64), 2)
+
+
+def test_long_prompt_is_truncated_with_a_warning(t2i):
+    with pytest.warns(UserWarning, match="truncated to 128"):
+        codes = t2i.generate_codes(["red " * 100], seed=0, cfg_scale=1.0)
+    assert codes.shape == (1, 8, 8)
+
+
+def test_bad_codes_and_images_are_named(t2i):
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 256\)"):
+        t2i.decode_codes(torch.full((1, 8, 8), 256))
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 256\)"):
+        t2i.decode_codes(torch.full((1, 8, 8), -1))
+    with pytest.raises(ValueError, match=r"codes must be \[B, 8, 8\]"):
+        t2i.decode_codes(torch.zeros(1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        t2i.decode_codes(torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match=r"images\[1\] is 32x32; this tokenizer takes 64x64"):
+        t2i.encode_images([Image.new("RGB", (64, 64)), Image.new("RGB", (32, 32))])
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, 64, 64\]"):
+        t2i.encode_images(torch.rand(1, 3, 64, 32))
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        t2i.encode_images(torch.rand(1, 3, 64, 64) * 2)
+
+
+def test_threads_share_an_engine_and_a_failure_stays_in_its_caller(vim):
+    expected = {s: vim.generate_codes(class_ids=[s % 10], seed=s) for s in range(3)}
+    results, errors = {}, {}
+
+    def work(s):
+        try:
+            if s == 99:
+                vim.generate_codes(class_ids=[1], top_p=2.0)
+            else:
+                results[s] = vim.generate_codes(class_ids=[s % 10], seed=s)
+        except Exception as e:  # noqa: BLE001 (the test records what each thread got)
+            errors[s] = e
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (0, 1, 99, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert list(errors) == [99] and isinstance(errors[99], ValueError)
+    for s in range(3):
+        assert_equal(results[s], expected[s], msg=f"thread {s}")
+
+
+def test_out_of_memory_names_the_batch_size_and_the_engine_survives(vim, monkeypatch):
+    real = vim.generator.run
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(vim.generator, "run", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="batch of 6 images"):
+        vim.generate_codes(class_ids=[1, 2, 3], num_images=2, seed=0)
+    monkeypatch.setattr(vim.generator, "run", real)
+    assert vim.generate_codes(class_ids=[1], seed=0).shape == (1, 8, 8)
+
+
+def test_from_pretrained_without_a_bundled_model_points_to_from_preset():
+    with pytest.raises(FileNotFoundError, match=r"from_preset\('tiny-t2i'\)"):
+        Engine.from_pretrained()
+
+
+def test_save_then_from_pretrained_generates_the_same_images(t2i, tmp_path):
+    t2i.save_pretrained(tmp_path)
+    loaded = Engine.from_pretrained(tmp_path, device="cpu")
+    assert loaded.cfg == t2i.cfg
+    assert_equal(loaded.generate_codes(["a red circle"], seed=9), t2i.generate_codes(["a red circle"], seed=9))
+
+
+def test_presets_are_seeded():
+    a = Engine.from_preset("tiny-vim", seed=3, device="cpu").model.decoder.head.weight
+    b = Engine.from_preset("tiny-vim", seed=3, device="cpu").model.decoder.head.weight
+    c = Engine.from_preset("tiny-vim", seed=4, device="cpu").model.decoder.head.weight
+    assert_equal(a, b)
+    assert not torch.equal(a, c)
