@@ -262,12 +262,21 @@ def _conv_visible(qs, ks, P, GW, HH, HW):
 
 
 @triton.jit
-def _first_key(qs, P, GW, HH, HW):
-    """First sequence position an image query at ``qs`` sees after the prefix (monotone in qs)."""
-    qt = tl.maximum(qs - P, 0)
+def _first_key(q_start, q_end, P, GW, HH, HW):
+    """First image key (sequence position) any query in [q_start, q_end) sees.
+
+    For a query at (r, c) it is max(0, r - HH) * GW + max(0, c - HW): increasing along a row,
+    and the start of every later row is no smaller except in the top HH rows, where the row
+    clamps to 0 and the next row's c = 0 query reaches further left than the first query.
+    So the block's minimum is at its first query or at the start of its second row.
+    """
+    qt = tl.maximum(q_start - P, 0)
     r = qt // GW
     c = qt - r * GW
-    return P + tl.maximum(r - HH, 0) * GW + tl.maximum(c - HW, 0)
+    first = tl.maximum(r - HH, 0) * GW + tl.maximum(c - HW, 0)
+    if P + (r + 1) * GW < q_end:
+        first = tl.minimum(first, tl.maximum(r + 1 - HH, 0) * GW)
+    return P + first
 
 
 @triton.jit
@@ -357,7 +366,7 @@ def _conv_attention_fwd_kernel(
                                   DOT_PRECISION, UPCAST_DOT)
     # Image keys: the raster interval from the first query's first window key to the last query
     # (empty for a prefix block, where lo >= P >= q_end).
-    lo = _first_key(tl.maximum(q_start, P), P, GW, HH, HW)
+    lo = _first_key(q_start, q_end, P, GW, HH, HW)
     for n0 in range(lo, q_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
@@ -421,7 +430,7 @@ def _conv_attention_bwd_dq_kernel(
                           v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
                           offs_m, offs_n, offs_n < p_end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
                           DOT_PRECISION, UPCAST_DOT)
-    lo = _first_key(tl.maximum(q_start, P), P, GW, HH, HW)
+    lo = _first_key(q_start, q_end, P, GW, HH, HW)
     for n0 in range(lo, q_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dq = _bwd_dq_step(dq, q, do, lse, delta, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
