@@ -1,0 +1,483 @@
+"""Tensor-parallel inference on ``torch.distributed`` (DESIGN §5).
+
+The model code stays single-device: :func:`tensor_parallel` is a transform applied to a built
+:class:`~vqim.engine.models.VQIMModel` (gpt-fast's ``tp.py`` pattern). Per rank ``r`` of ``N``:
+
+* attention (decoder self- and cross-attention, text encoder): ``wq``/``wk``/``wv`` are
+  column-parallel (output rows of heads ``[r H/N, (r+1) H/N)``), ``wo`` is row-parallel followed
+  by an all-reduce. ``Attention.heads`` becomes ``H / N`` with ``head_dim`` unchanged, so the
+  split/merge of the model and the KV cache and cross-attention K/V (allocated from the module's
+  head count) are sharded by heads with no change to the model code;
+* MLP: ``fc1`` column-parallel, ``fc2`` row-parallel + all-reduce (the bias, if any, is added
+  once, after the reduce);
+* token embeddings (decoder image tokens, text ids) are vocab-parallel: each rank embeds the ids
+  of its row range, zeros the others, all-reduce;
+* the decoder's output projection is vocab-parallel and its logits are all-gathered, so every
+  rank holds the same full ``[R, V]`` logits and ``cfg_sample`` (same seed, same step) draws
+  the same token on every rank with no other collective.
+
+The ViT-VQGAN tokenizer, the norms and the position/prefix embeddings stay replicated (the
+tokenizer runs once per image, not per token). Per decode step that is ``2 L`` all-reduces
+(``3 L`` with cross-attention) of ``[R, W]`` plus one for the embedding, and one all-gather of
+the logits: :func:`collectives_per_step`.
+
+:func:`load_tp_model` reads only this rank's slices from the safetensors files
+(``safe_open(...).get_slice``): no rank materializes the full decoder or text encoder.
+Every load and validation point goes through :func:`agree`, which all-gathers an error flag and
+message, so a failure on one rank raises on all ranks with that message instead of leaving the
+others blocked in a collective; the process group also gets a timeout.
+
+CUDA graphs: the row-parallel all-reduce and the logits all-gather are plain in-place NCCL
+collectives on the current stream, which CUDA-graph capture accepts (NCCL >= 2.9.6), so
+``Generator``'s captured decode step is kept under TP. That path needs GPUs and is not run by
+the CPU test suite (gloo on CPU has no graphs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from .api import Engine, _default_dtype
+from .config import ModelConfig, dtype_from_name
+from .models import Attention, VQIMModel, init_weights
+from .weights import build_model, expected_tensors, load_config
+
+DEFAULT_TIMEOUT_S = 600.0
+_MAX_SEED = 2**63 - 1
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+@dataclass
+class CollectiveStats:
+    """Collectives issued by the TP layers while :func:`count_collectives` is active
+    (counted in Python: a CUDA-graph replay issues them without passing through here)."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {"all_reduce": 0, "all_gather": 0})
+    # Payload bytes per rank: the all-reduced tensor; the all-gather's full output.
+    bytes: dict[str, int] = field(default_factory=lambda: {"all_reduce": 0, "all_gather": 0})
+
+
+_STATS: CollectiveStats | None = None
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[CollectiveStats]:
+    global _STATS
+    prev, _STATS = _STATS, CollectiveStats()
+    try:
+        yield _STATS
+    finally:
+        _STATS = prev
+
+
+def _note(kind: str, nbytes: int) -> None:
+    if _STATS is not None:
+        _STATS.counts[kind] += 1
+        _STATS.bytes[kind] += nbytes
+
+
+def all_reduce_(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum ``x`` over the group, in place (ring all-reduce: every rank gets the same values)."""
+    _note("all_reduce", x.numel() * x.element_size())
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_last(x: torch.Tensor, world: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along the last dim, in rank order."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    _note("all_gather", x.numel() * x.element_size() * world)
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=-1)
+
+
+# ----------------------------------------------------------------------------- parallel layers
+
+
+class RowParallelLinear(nn.Module):
+    """``y = all_reduce(x_r W_r^T) + b``: input features of this rank, full output.
+
+    ``weight`` is ``[out, in / N]``; ``bias`` (replicated) is added once after the reduce."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: dist.ProcessGroup | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce_(F.linear(x, self.weight), self.group)  # (..., out)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows ``[start, start + V / N)`` of an embedding table; other ids embed to zero on this
+    rank and the all-reduce fills them from the rank that holds them."""
+
+    def __init__(self, weight: torch.Tensor, start: int, group: dist.ProcessGroup | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (V / N, W)
+        self.start = start
+        self.group = group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (..., W)
+        return all_reduce_(out.masked_fill_(outside[..., None], 0), self.group)
+
+
+class VocabParallelHead(nn.Module):
+    """Output projection over vocab rows ``[r V / N, (r+1) V / N)``, logits all-gathered to ``[..., V]``."""
+
+    def __init__(self, weight: torch.Tensor, world: int, group: dist.ProcessGroup | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (V / N, W)
+        self.world = world
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_gather_last(F.linear(x, self.weight), self.world, self.group)  # (..., V)
+
+
+# ----------------------------------------------------------------------------- the transform
+
+
+# How each sharded module's parameters split: "col" (dim 0 of weight and bias), "row" (dim 1 of
+# the weight), "vocab" / "head" (dim 0 of the table). Keys are module paths.
+def shard_plan(model: VQIMModel) -> dict[str, str]:
+    plan: dict[str, str] = {}
+
+    def attention(prefix: str) -> None:
+        for n in ("wq", "wk", "wv"):
+            plan[f"{prefix}.{n}"] = "col"
+        plan[f"{prefix}.wo"] = "row"
+
+    def block(prefix: str, cross: bool) -> None:
+        attention(f"{prefix}.attn")
+        if cross:
+            attention(f"{prefix}.cross")
+        plan[f"{prefix}.mlp.fc1"] = "col"
+        plan[f"{prefix}.mlp.fc2"] = "row"
+
+    if model.text is not None:
+        plan["text.tok_embed"] = "vocab"
+        for i in range(len(model.text.blocks)):
+            block(f"text.blocks.{i}", False)
+    plan["decoder.tok_embed"] = "vocab"
+    for i in range(len(model.decoder.blocks)):
+        block(f"decoder.blocks.{i}", model.cfg.decoder.cross_attention)
+    plan["decoder.head"] = "head"
+    return plan
+
+
+def param_shard_dims(model: VQIMModel) -> dict[str, int]:
+    """Full parameter name -> the dim it is split along (absent: replicated)."""
+    dims = {}
+    for mod, kind in shard_plan(model).items():
+        dims[f"{mod}.weight"] = 1 if kind == "row" else 0
+        if kind == "col":
+            dims[f"{mod}.bias"] = 0
+    return dims
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """Raise ``ValueError`` naming the first size of ``cfg`` that ``tp`` does not divide."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ValueError(f"tp must be an int >= 1, got {tp!r}")
+    sizes = []
+    if cfg.text is not None:
+        t = cfg.text
+        sizes += [("text.heads", t.heads), ("text.mlp_dim", t.mlp_dim), ("text.vocab_size", t.vocab_size)]
+    d = cfg.decoder
+    sizes += [("decoder.heads", d.heads), ("decoder.mlp_dim", d.mlp_dim), ("decoder.vocab_size", d.vocab_size)]
+    for name, v in sizes:
+        if v % tp:
+            raise ValueError(f"{cfg.name}: {name} = {v} does not divide by the tensor-parallel size tp = {tp} "
+                             f"(heads, MLP width and vocab are split evenly across ranks)")
+
+
+def _shard(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    n = t.shape[dim] // world
+    return t.narrow(dim, rank * n, n)
+
+
+def tensor_parallel(model: VQIMModel, rank: int, world: int, group: dist.ProcessGroup | None = None) -> VQIMModel:
+    """Shard ``model`` in place for rank ``rank`` of ``world`` (meta or materialized weights).
+
+    Module paths and parameter names are unchanged, so a state dict of the local slices (see
+    :func:`load_tp_model`) loads with ``strict=True``. Raises ``ValueError`` where ``world``
+    does not divide a head count, MLP width or vocab.
+    """
+    check_tp(model.cfg, world)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    for path, kind in shard_plan(model).items():
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        old = getattr(parent, leaf)
+        w = old.weight.detach()
+        if kind == "col":
+            b = old.bias.detach() if old.bias is not None else None
+            new = nn.Linear(1, 1, bias=b is not None, device="meta")
+            new.weight = nn.Parameter(_shard(w, 0, rank, world), requires_grad=False)
+            new.in_features, new.out_features = w.shape[1], w.shape[0] // world
+            if b is not None:
+                new.bias = nn.Parameter(_shard(b, 0, rank, world), requires_grad=False)
+        elif kind == "row":
+            b = old.bias.detach() if old.bias is not None else None
+            new = RowParallelLinear(_shard(w, 1, rank, world), b, group)
+        elif kind == "vocab":
+            new = VocabParallelEmbedding(_shard(w, 0, rank, world), rank * (w.shape[0] // world), group)
+        else:
+            new = VocabParallelHead(_shard(w, 0, rank, world), world, group)
+        setattr(parent, leaf, new)
+    for m in model.modules():
+        # The tokenizer's attention stays replicated; only sharded blocks lose heads.
+        if isinstance(m, Attention) and isinstance(m.wo, RowParallelLinear):
+            m.heads = m.heads // world
+    return model
+
+
+# ----------------------------------------------------------------------------- process group
+
+
+def agree(error: BaseException | None, group: dist.ProcessGroup | None = None) -> None:
+    """Collective check point: if any rank passes an error, every rank raises.
+
+    The failing rank re-raises its own exception; the others raise ``RuntimeError`` carrying
+    its message, so no rank goes on into a collective the failed one never joins."""
+    msg = None if error is None else f"{type(error).__name__}: {error}"
+    msgs: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(msgs, msg, group=group)
+    if error is not None:
+        raise error
+    for r, m in enumerate(msgs):
+        if m is not None:
+            raise RuntimeError(f"tensor-parallel rank {r} failed: {m}")
+
+
+@contextlib.contextmanager
+def agreed(group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Run a block on every rank, then :func:`agree` on whether it raised (``Exception`` only)."""
+    err: Exception | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (re-raised by agree on this rank, reported on the others)
+        err = e
+    agree(err, group)
+
+
+def init_distributed(tp: int, device: str | torch.device | None = None, *,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, torch.device]:
+    """Join (or reuse) the default process group; return ``(rank, device)`` of this process.
+
+    Outside an initialized group this needs ``torchrun``'s environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). NCCL for CUDA devices, gloo for CPU.
+    ``device=None`` or ``"cuda"`` means ``cuda:LOCAL_RANK`` when CUDA is available.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise ValueError(f"tp={tp} needs torch.distributed: run under `torchrun --nproc-per-node {tp} ...` "
+                             f"(environment lacks {', '.join(missing)})")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                device_id=dev if dev.type == "cuda" else None)
+    world = dist.get_world_size()
+    if world != tp:
+        raise ValueError(f"tp={tp} but the process group has {world} ranks (torchrun --nproc-per-node must equal tp)")
+    return dist.get_rank(), dev
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_tp_state_dict(model_dir: str | Path, cfg: ModelConfig, model: VQIMModel, rank: int,
+                       world: int) -> dict[str, torch.Tensor]:
+    """This rank's slices of every tensor in ``model_dir`` (checked like ``weights.load_state_dict``:
+    names, full shapes, dtypes), read with ``get_slice`` so only the slices leave the file."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no *.safetensors file")
+    want = expected_tensors(cfg)
+    dims = param_shard_dims(model)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if name in state:
+                    raise ValueError(f"tensor {name!r} appears in more than one safetensors file ({f.name})")
+                if name not in want:
+                    raise ValueError(f"{f.name}: unexpected tensor {name!r} (not in a {cfg.name} model)")
+                shape, dtype = want[name]
+                sl = st.get_slice(name)
+                got_shape = tuple(sl.get_shape())
+                if got_shape != shape:
+                    raise ValueError(f"{f.name}: tensor {name!r} has shape {got_shape}, the config needs {shape}")
+                dim = dims.get(name)
+                if dim is None:
+                    t = sl[:]
+                else:
+                    n = shape[dim] // world
+                    index = [slice(None)] * len(shape)
+                    index[dim] = slice(rank * n, (rank + 1) * n)
+                    t = sl[tuple(index)]
+                if t.dtype != dtype:
+                    raise ValueError(f"{f.name}: tensor {name!r} has dtype {t.dtype}, the config needs {dtype}")
+                state[name] = t
+    missing = sorted(set(want) - set(state))
+    if missing:
+        raise ValueError(f"{model_dir}: missing {len(missing)} tensor(s), first {missing[:5]}")
+    return state
+
+
+def load_tp_model(model_dir: str | Path, rank: int, world: int, group: dist.ProcessGroup | None = None,
+                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> VQIMModel:
+    """Build the sharded model on the meta device and fill it with this rank's slices.
+
+    Every step that can fail runs under :func:`agreed`, so all ranks raise together."""
+    with agreed(group):
+        cfg = load_config(model_dir)
+        check_tp(cfg, world)
+    model = tensor_parallel(build_model(cfg, "meta"), rank, world, group)
+    with agreed(group):
+        state = load_tp_state_dict(model_dir, cfg, model, rank, world)
+        model.load_state_dict(state, strict=True, assign=True)
+        model = model.to(device=device, dtype=dtype or dtype_from_name(cfg.dtype))
+    return model
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class TPEngine(Engine):
+    """An :class:`Engine` whose model is one tensor-parallel shard (one rank per process).
+
+    Every rank makes the same calls with the same arguments; all ranks return the same tokens
+    and images, and :attr:`is_main` (rank 0) is the one that should write them."""
+
+    rank: int = 0
+    world: int = 1
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def generate_codes(self, prompts=None, num_images: int = 1, cfg_scale=3.0, temperature=1.0, top_k=0,
+                       top_p=1.0, seed=None, *, class_ids=None, progress=False):
+        # A seed picked per rank would make the ranks draw different tokens: rank 0 picks.
+        if seed is None or (isinstance(seed, (list, tuple)) and any(s is None for s in seed)):
+            box = [random.SystemRandom().randrange(0, _MAX_SEED // 2)]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            seed = [box[0] if s is None else s for s in seed] if isinstance(seed, (list, tuple)) else box[0]
+        with agreed(self.group):
+            return super().generate_codes(prompts, num_images, cfg_scale, temperature, top_k, top_p, seed,
+                                          class_ids=class_ids, progress=progress and self.is_main)
+
+    def save_pretrained(self, path):
+        raise ValueError("save_pretrained needs the full model: this engine holds one tensor-parallel shard "
+                         "(save from a tp=1 engine)")
+
+
+def _finish(model: VQIMModel, tokenizer_path: Path | None, rank: int, world: int, dev: torch.device,
+            **kwargs) -> TPEngine:
+    group = dist.group.WORLD
+    with agreed(group):
+        eng = TPEngine(model, TPEngine._text_tokenizer(model.cfg, tokenizer_path), device=dev,
+                       model_dir=tokenizer_path, **kwargs)
+    eng.rank, eng.world, eng.group = rank, world, group
+    return eng
+
+
+def engine_from_pretrained(path: str | Path, tp: int, device: str | torch.device | None = None,
+                           dtype: str | torch.dtype | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                           **kwargs) -> TPEngine:
+    """``Engine.from_pretrained(path, tp=N)``: this process's shard of a tensor-parallel engine."""
+    rank, dev = init_distributed(tp, device, timeout_s=timeout_s)
+    group = dist.group.WORLD
+    with agreed(group):
+        want_dtype = _default_dtype(load_config(path), dev, dtype)
+    model = load_tp_model(path, rank, tp, group, dev, want_dtype)
+    return _finish(model, Path(path), rank, tp, dev, **kwargs)
+
+
+def engine_from_preset(name: str, tp: int, seed: int = 0, device: str | torch.device | None = None,
+                       dtype: str | torch.dtype | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                       **kwargs) -> TPEngine:
+    """A random-weight tensor-parallel engine (benchmarks): every rank draws the full weights
+    with the same seed (as ``Engine.from_preset``), then keeps its shard."""
+    rank, dev = init_distributed(tp, device, timeout_s=timeout_s)
+    group = dist.group.WORLD
+    with agreed(group):
+        cfg = ModelConfig.from_name(name)
+        check_tp(cfg, tp)
+    model = build_model(cfg, "cpu", torch.float32)
+    init_weights(model, seed)
+    model = tensor_parallel(model, rank, tp, group).to(device=dev, dtype=_default_dtype(cfg, dev, dtype))
+    return _finish(model, None, rank, tp, dev, **kwargs)
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def collectives_per_step(cfg: ModelConfig, rows: int, tp: int, dtype: torch.dtype) -> dict[str, int]:
+    """Collectives of one decode step of ``rows`` decoder rows (2 per image with CFG), per rank.
+
+    ``all_reduce_bytes`` is the summed payload (a ring all-reduce moves about ``2 (N-1)/N`` of
+    it over each link); ``all_gather_bytes`` is the gathered logits ``[rows, V]``.
+    """
+    d = cfg.decoder
+    elt = torch.empty((), dtype=dtype).element_size()
+    per_layer = 3 if d.cross_attention else 2  # self-attn wo, (cross wo), fc2
+    n_reduce = d.layers * per_layer + 1  # + the vocab-parallel token embedding
+    if tp == 1:
+        return {"all_reduce": 0, "all_reduce_bytes": 0, "all_gather": 0, "all_gather_bytes": 0}
+    return {"all_reduce": n_reduce, "all_reduce_bytes": n_reduce * rows * d.width * elt,
+            "all_gather": 1, "all_gather_bytes": rows * d.vocab_size * elt}
+
+
+def run_ranks(fn: Callable[..., object], world: int, *args) -> None:
+    """Spawn ``world`` CPU processes on gloo over 127.0.0.1 and run ``fn(rank, world, *args)``
+    in each, after joining the process group (tests and the CPU benchmark)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_rank_main, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _rank_main(rank: int, world: int, port: int, fn: Callable[..., object], args: tuple) -> None:
+    torch.set_num_threads(1)  # ranks share the cores; oversubscribed threads are far slower
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()

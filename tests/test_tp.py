@@ -1,0 +1,228 @@
+"""Tensor-parallel inference (vqim.engine.tp) with gloo on CPU, 2 processes spawned by the test.
+
+One spawn per module (process start-up and torch import dominate): both ranks load the tiny
+decoder-only and encoder-decoder models with ``Engine.from_pretrained(dir, tp=2)`` and run every
+scenario; the results come back through files and the tests compare them with TP=1 in this
+process. Per-step logits are compared teacher-forced (both fed the TP=1 tokens) against a float64
+TP=1 run, within a small factor of plain fp32 TP=1's own error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from helpers import assert_equal, assert_within_torch_error
+
+from vqim import kernels as K
+from vqim.engine import Engine, ModelConfig
+from vqim.engine import tp as TP
+from vqim.engine.weights import build_model, save_pretrained
+
+WORLD = 2
+CONDS = {"tiny-vim": {"class_ids": [3, 7]}, "tiny-t2i": {"prompts": ["a red circle", "two blue squares"]}}
+# Greedy is top_k = 1; the sampled case uses guidance, temperature and nucleus filtering.
+RUNS = {
+    "greedy": dict(num_images=2, cfg_scale=2.0, top_k=1, seed=0),
+    "sampled": dict(num_images=2, cfg_scale=3.0, temperature=1.0, top_k=0, top_p=0.9, seed=1234),
+}
+
+
+def _stepwise_logits(eng: Engine, name: str, tokens: torch.Tensor) -> torch.Tensor:
+    """Unguided cached decode fed ``tokens [B, n]``: logits ``[B, n, V]`` from prefill and every step."""
+    dec = eng.model.decoder
+    cfg = dec.cfg
+    memory = mask = None
+    if "prompts" in CONDS[name]:
+        ids, mask = eng.tokenizer.batch(CONDS[name]["prompts"], eng.device)  # (B, L)
+        memory = eng.model.text(ids, mask)  # (B, L, W)
+        prefix = torch.full((len(CONDS[name]["prompts"]), 1), cfg.num_classes, dtype=torch.long)
+    else:
+        prefix = torch.tensor(CONDS[name]["class_ids"])[:, None]  # (B, 1)
+    with torch.no_grad():
+        state = dec.new_state(prefix.shape[0], memory, mask)
+        out = [dec.prefill(state, prefix)]
+        pos = torch.full((1,), cfg.prefix, dtype=torch.long)
+        for i in range(1, cfg.num_tokens):
+            out.append(dec.decode_step(state, tokens[:, i - 1], pos))
+            pos += 1
+    return torch.stack(out, dim=1)  # (B, n, V)
+
+
+def _conv_attention64(q, k, v, *, grid, kernel, prefix):
+    """conv_attention by its definition, in any dtype (the op takes fp32/fp16/bf16 only)."""
+    mask = K.conv_mask_ref(grid, kernel, prefix, seq_len=q.shape[2])  # (S, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _conv_decode_attention64(q, k_cache, v_cache, pos, *, grid, kernel, prefix, validate):
+    mask = K.conv_mask_ref(grid, kernel, prefix, seq_len=k_cache.shape[2])[pos]  # (B, S_max)
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[:, None, None, :])
+
+
+def _first_images(codes: torch.Tensor, num_images: int) -> torch.Tensor:
+    return codes.view(codes.shape[0], -1)[::num_images]  # (B, n): image 0 of each request
+
+
+def _worker(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
+    res: dict[str, object] = {}
+    for name in CONDS:
+        eng = Engine.from_pretrained(dirs[name], device="cpu", tp=world)
+        res[f"{name}/type"] = type(eng).__name__
+        res[f"{name}/local_numel"] = sum(p.numel() for p in eng.model.decoder.parameters())
+        res[f"{name}/heads"] = eng.model.decoder.blocks[0].attn.heads
+        for run, kw in RUNS.items():
+            res[f"{name}/{run}"] = eng.generate_codes(**CONDS[name], **kw)
+        tokens = _first_images(res[f"{name}/greedy"], RUNS["greedy"]["num_images"])
+        res[f"{name}/logits"] = _stepwise_logits(eng, name, tokens)
+        res[f"{name}/random_seed"] = eng.generate_codes(**CONDS[name], num_images=1, seed=None)
+        # One decode step at its real width, collectives counted by the TP layers.
+        b = tokens.shape[0]
+        dec = eng.model.decoder
+        memory = mask = None
+        if dec.cfg.cross_attention:
+            ids, mask = eng.tokenizer.batch(CONDS[name]["prompts"], eng.device)
+            memory = eng.model.text(ids, mask)
+        with torch.no_grad():
+            state = dec.new_state(b, memory, mask)
+            with TP.count_collectives() as st:
+                dec.decode_step(state, tokens[:, 0], torch.tensor([dec.cfg.prefix]))
+        res[f"{name}/collectives"] = (dict(st.counts), dict(st.bytes))
+    try:
+        Engine.from_pretrained(dirs["bad-heads"], device="cpu", tp=world)
+        res["bad-heads"] = "loaded"
+    except ValueError as e:
+        res["bad-heads"] = str(e)
+    try:
+        TP.agree(ValueError("corrupt shard on rank 1") if rank == 1 else None)
+        res["agree"] = "no error"
+    except Exception as e:  # noqa: BLE001 (the test checks the type and message)
+        res["agree"] = f"{type(e).__name__}: {e}"
+    torch.save(res, f"{out}/rank{rank}.pt")
+    dist.barrier()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    dirs, engines = {}, {}
+    for name in CONDS:
+        eng = Engine.from_preset(name, seed=5, device="cpu", dtype=torch.float32)
+        dirs[name] = str(eng.save_pretrained(root / name))
+        engines[name] = Engine.from_pretrained(dirs[name], device="cpu")
+    bad = ModelConfig.from_name("tiny-vim").to_dict()
+    bad["decoder"]["heads"] = 1
+    dirs["bad-heads"] = str(save_pretrained(build_model(ModelConfig.from_dict(bad), "cpu", torch.float32),
+                                            root / "bad-heads"))
+    TP.run_ranks(_worker, WORLD, dirs, str(root))
+    ranks = [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
+    return engines, dirs, ranks
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+@pytest.mark.parametrize("name", sorted(CONDS))
+def test_tp2_tokens_equal_tp1(runs, name, run):
+    engines, _, ranks = runs
+    ref = engines[name].generate_codes(**CONDS[name], **RUNS[run])
+    for r, res in enumerate(ranks):
+        assert res[f"{name}/type"] == "TPEngine"
+        assert_equal(res[f"{name}/{run}"], ref, msg=f"{name} {run} rank {r}")
+
+
+@pytest.mark.parametrize("name", sorted(CONDS))
+def test_tp2_logits_every_step_within_fp32_error(runs, name, monkeypatch):
+    engines, dirs, ranks = runs
+    tokens = _first_images(engines[name].generate_codes(**CONDS[name], **RUNS["greedy"]), RUNS["greedy"]["num_images"])
+    with monkeypatch.context() as m:
+        m.setattr(K, "conv_attention", _conv_attention64)
+        m.setattr(K, "conv_decode_attention", _conv_decode_attention64)
+        ref64 = _stepwise_logits(Engine.from_pretrained(dirs[name], device="cpu", dtype=torch.float64), name, tokens)
+    tp1 = _stepwise_logits(engines[name], name, tokens)
+    for r, res in enumerate(ranks):
+        got = res[f"{name}/logits"]
+        assert got.dtype == torch.float32
+        for step in range(got.shape[1]):
+            assert_within_torch_error(got[:, step], ref64[:, step], tp1[:, step], factor=4.0,
+                                      msg=f"{name} rank {r} step {step}")
+    # The gathered logits are bit-identical on every rank: that is what keeps the sampled tokens equal.
+    assert_equal(ranks[0][f"{name}/logits"], ranks[1][f"{name}/logits"], msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(CONDS))
+def test_each_rank_holds_its_shard(runs, name):
+    engines, _, ranks = runs
+    full = engines[name].model.decoder
+    cfg = full.cfg
+    replicated = sum(p.numel() for n, p in full.named_parameters()
+                     if f"decoder.{n}" not in TP.param_shard_dims(engines[name].model))
+    sharded = sum(p.numel() for p in full.parameters()) - replicated
+    for res in ranks:
+        assert res[f"{name}/heads"] == cfg.heads // WORLD
+        assert res[f"{name}/local_numel"] == replicated + sharded // WORLD
+
+
+@pytest.mark.parametrize("name", sorted(CONDS))
+def test_unseeded_generation_agrees_across_ranks(runs, name):
+    _, _, ranks = runs
+    assert_equal(ranks[0][f"{name}/random_seed"], ranks[1][f"{name}/random_seed"], msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(CONDS))
+def test_collectives_per_step_match_accounting(runs, name):
+    engines, _, ranks = runs
+    rows = len(next(iter(CONDS[name].values())))
+    want = TP.collectives_per_step(engines[name].cfg, rows, WORLD, torch.float32)
+    for res in ranks:
+        counts, nbytes = res[f"{name}/collectives"]
+        assert counts == {"all_reduce": want["all_reduce"], "all_gather": want["all_gather"]}
+        assert nbytes == {"all_reduce": want["all_reduce_bytes"], "all_gather": want["all_gather_bytes"]}
+
+
+def test_heads_not_dividing_fail_on_every_rank(runs):
+    _, _, ranks = runs
+    for res in ranks:
+        assert "decoder.heads = 1 does not divide" in res["bad-heads"], res["bad-heads"]
+        assert "tp = 2" in res["bad-heads"]
+
+
+def test_failure_on_one_rank_raises_on_all(runs):
+    _, _, ranks = runs
+    assert ranks[1]["agree"] == "ValueError: corrupt shard on rank 1"
+    assert ranks[0]["agree"] == "RuntimeError: tensor-parallel rank 1 failed: ValueError: corrupt shard on rank 1"
+
+
+def test_check_tp_names_the_size():
+    cfg = ModelConfig.from_name("tiny-t2i")
+    TP.check_tp(cfg, 4)
+    with pytest.raises(ValueError, match=r"text.heads = 4 does not divide .* tp = 3"):
+        TP.check_tp(cfg, 3)
+    d = ModelConfig.from_name("tiny-vim").to_dict()
+    d["decoder"].update(width=48, heads=3, mlp_dim=96)  # heads and MLP divide by 3, vocab 256 does not
+    with pytest.raises(ValueError, match=r"decoder.vocab_size = 256 does not divide .* tp = 3"):
+        TP.check_tp(ModelConfig.from_dict(d), 3)
+    with pytest.raises(ValueError, match="tp must be an int >= 1"):
+        TP.check_tp(cfg, 0)
+
+
+def test_transform_keeps_parameter_names_with_local_shapes():
+    cfg = ModelConfig.from_name("tiny-t2i")
+    full = build_model(cfg, "meta")
+    shapes = {k: tuple(v.shape) for k, v in full.state_dict().items()}
+    dims = TP.param_shard_dims(full)
+    local = TP.tensor_parallel(build_model(cfg, "meta"), 1, 4)
+    got = {k: tuple(v.shape) for k, v in local.state_dict().items()}
+    assert got.keys() == shapes.keys()
+    for k, s in shapes.items():
+        want = list(s)
+        if k in dims:
+            want[dims[k]] //= 4
+        assert got[k] == tuple(want), k
+    assert "vqgan.enc_blocks.0.attn.wq.weight" not in dims  # the tokenizer stays replicated
+
+
+def test_tp_without_torchrun_says_how_to_run(tmp_path, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
+        Engine.from_pretrained(tmp_path, device="cpu", tp=2)
