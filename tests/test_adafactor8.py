@@ -18,7 +18,7 @@ from torch import nn
 
 from helpers import assert_close, assert_equal
 from vqim.kernels import Adafactor8bit as Exported, _ext, registered
-from vqim.kernels.adafactor8 import (QBLOCK, Adafactor8bit, dequantize_blockwise, parti_350m_param_shapes,
+from vqim.kernels.adafactor8 import (QBLOCK, Adafactor8bit, dequantize_blockwise, parti_param_shapes,
                                      quantize_blockwise)
 from vqim.train import Adafactor
 
@@ -287,10 +287,18 @@ def train(task, make_opt, steps=300, batch=64, seed=0):
         return nn.functional.cross_entropy(model(x), y).item(), model
 
 
+@pytest.fixture
+def single_thread():
+    """Tiny models run faster on one thread (no pool wake-ups on a busy machine); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task,lr", [(_mlp_task, 1e-2), (_transformer_task, 1e-2)], ids=["mlp", "transformer"])
-def test_training_parity_300_steps(task, lr):
-    torch.set_num_threads(1)
+def test_training_parity_300_steps(task, lr, single_thread):
     start_loss = nn.functional.cross_entropy(task()[0](task()[1]), task()[2]).item()
     loss32, _ = train(task, lambda ps: Adafactor(ps, lr=lr))
     loss8, _ = train(task, lambda ps: Adafactor8bit(ps, lr=lr))
@@ -301,7 +309,7 @@ def test_training_parity_300_steps(task, lr):
 # ----------------------------------------------------------------------------- memory
 
 def test_state_bytes_per_param_parti_350m():
-    params = [torch.empty(s, device="meta") for s in parti_350m_param_shapes()]
+    params = [torch.empty(s, device="meta") for s in parti_param_shapes()]
     n = sum(p.numel() for p in params)
     assert 300e6 < n < 450e6
     opt = Adafactor8bit(params)
