@@ -375,3 +375,19 @@ def test_gpu_backends_match_torch_path(backend, dtype):
         assert (sg["exp_avg_q"].cpu().int() - sr["exp_avg_q"].int()).abs().max() <= 1
         assert_close(sg["exp_avg_scale"].cpu(), sr["exp_avg_scale"], atol=1e-12, rtol=1e-4)
         assert_close(pg.detach().cpu().float(), pr.detach().float(), atol=1e-5, rtol=2 * eps)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_contiguous_param(backend):
+    """A param whose leading dims cannot merge into one (a permuted 4-D leaf) is updated in place."""
+    base = torch.randn(4, 5, 6, 7)
+    p_ref = base.clone().permute(1, 0, 2, 3).requires_grad_()  # (5, 4, 6, 7), non-contiguous
+    p8 = base.clone().permute(1, 0, 2, 3).requires_grad_()
+    ref, opt = Adafactor([p_ref], lr=1e-2), Adafactor8bit([p8], lr=1e-2, backend=backend)
+    g = torch.randn(5, 4, 6, 7)
+    p_ref.grad, p8.grad = g.clone(), g.clone()
+    ref.step()
+    opt.step()
+    assert not p8.is_contiguous()
+    upd = (p_ref.detach() - base.permute(1, 0, 2, 3)).abs().max().item()
+    assert_close(p8.detach(), p_ref.detach(), atol=1e-3 * upd, rtol=1e-6)
