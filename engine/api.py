@@ -240,8 +240,9 @@ class Engine:
         memory = mask = None
         if self.cfg.is_text_to_image:
             texts = [conds[i] for i in req] + ([""] * len(chunk) if guided else [])
-            # On the CUDA-graph path every batch is padded to max_len so one graph serves all prompts.
-            pad = self.cfg.text.max_len if (dev.type == "cuda" and self.generator.use_cuda_graph) else None
+            # On CUDA every batch is padded to max_len, so one captured graph serves all prompts
+            # and graph and eager runs compute the same thing.
+            pad = self.cfg.text.max_len if dev.type == "cuda" else None
             ids, mask = self.tokenizer.batch(texts, dev, pad_to=pad)  # (R, L)
             memory = model.text(ids, mask)  # (R, L, W)
             prefix = torch.full((len(texts), 1), self.cfg.decoder.num_classes, dtype=torch.long, device=dev)

@@ -1,8 +1,10 @@
 """End-to-end generation benchmark, shared by ``vqim bench`` and ``benchmarks/bench_generate.py``.
 
 For a preset and a batch size (images; with CFG the decoder runs twice as many rows) it
-measures the decode step (decoder step + ``cfg_sample``) at a fixed mid-grid position, eager
-and, on CUDA, replayed from a CUDA graph; and one whole image (``generate_codes`` +
+measures the decode step (decoder step + ``cfg_sample``) at a fixed mid-grid position in three
+modes: ``eager`` (our kernels, Python-launched), ``graph`` (the same step replayed from a CUDA
+graph, CUDA only) and ``torch`` (eager with every vqim op on its plain-PyTorch reference: the
+peer); and one whole image (``generate_codes`` +
 ``decode_codes``) per batch, divided by the batch. The roofline of a step is
 ``(decoder weight bytes + K/V bytes the step reads) / HBM bandwidth`` (DESIGN §6).
 """
@@ -71,7 +73,7 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = 3.0, step_ite
     guided = engine.cfg.is_text_to_image or cfg.num_classes > 0
     rows = 2 * batch if guided else batch
     if modes is None:
-        modes = ("eager", "graph") if dev.type == "cuda" else ("eager",)
+        modes = ("torch", "eager", "graph") if dev.type == "cuda" else ("eager",)
     prompts = ["a red circle on a blue square"] * batch if engine.cfg.is_text_to_image else None
     class_ids = [1] * batch if (not engine.cfg.is_text_to_image and cfg.num_classes > 0) else None
     memory = mask = None
@@ -91,41 +93,54 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = 3.0, step_ite
         nbytes = step_bytes(engine, rows, pos_int, text_len)
         use_graph = engine.generator.use_cuda_graph
         out = []
-        for mode in modes:
-            state = dec.new_state(rows, memory, mask)
-            dec.prefill(state, prefix)
-            if mode == "graph":
-                g = _GraphStep(dec, state)
-                run = lambda: g(tok, pos)  # noqa: E731
-            else:
-                run = lambda: dec.decode_step(state, tok, pos)  # noqa: E731
-
-            def step():
-                logits = run()
-                uncond = logits[batch:] if guided else None
-                return K.cfg_sample(logits[:batch], uncond, step=7, **sampling)
-
-            t_step = timeit(step, dev, iters=step_iters)
-            engine.generator.use_cuda_graph = mode == "graph"
-
-            def image():
-                codes = engine.generate_codes(prompts, 1, cfg_scale, seed=0, class_ids=class_ids)
-                engine.decode_codes(codes, output_type="pt")
-
-            t_img = timeit(image, dev, warmup=1, iters=image_iters)
-            roof_ms = nbytes / HBM_BYTES_PER_S * 1e3
-            out.append({
-                "preset": engine.cfg.name, "dtype": str(dec.head.weight.dtype).replace("torch.", ""),
-                "batch": batch, "rows": rows, "mode": mode,
-                "step_ms": t_step["ms"], "step_p20": t_step["p20"], "step_p80": t_step["p80"],
-                "tok_per_s": batch / t_step["ms"] * 1e3,
-                "GB_per_s": nbytes / (t_step["ms"] * 1e-3) / 1e9,
-                "roofline_ms": roof_ms, "roofline_share": roof_ms / t_step["ms"],
-                "image_ms": t_img["ms"] / batch, "image_p20": t_img["p20"] / batch, "image_p80": t_img["p80"] / batch,
-            })
-        engine.generator.use_cuda_graph = use_graph
+        try:
+            for mode in modes:
+                with K.use_backend("torch" if mode == "torch" else None):
+                    engine.generator.use_cuda_graph = mode == "graph"
+                    t_step, t_img = _time_mode(engine, mode, rows, batch, guided, prefix, memory, mask, sampling,
+                                               tok, pos, prompts, class_ids, cfg_scale, step_iters, image_iters)
+                roof_ms = nbytes / HBM_BYTES_PER_S * 1e3
+                out.append({
+                    "preset": engine.cfg.name, "dtype": str(dec.head.weight.dtype).replace("torch.", ""),
+                    "batch": batch, "rows": rows, "mode": mode,
+                    "step_ms": t_step["ms"], "step_p20": t_step["p20"], "step_p80": t_step["p80"],
+                    "tok_per_s": batch / t_step["ms"] * 1e3,
+                    "GB_per_s": nbytes / (t_step["ms"] * 1e-3) / 1e9,
+                    "roofline_ms": roof_ms, "roofline_share": roof_ms / t_step["ms"],
+                    "image_ms": t_img["ms"] / batch, "image_p20": t_img["p20"] / batch,
+                    "image_p80": t_img["p80"] / batch,
+                })
+        finally:
+            engine.generator.use_cuda_graph = use_graph
+    base = next((r["step_ms"] for r in out if r["mode"] == "torch"), None)
+    for r in out:
+        r["x_torch"] = base / r["step_ms"] if base else float("nan")
     return out
 
 
+def _time_mode(engine, mode, rows, batch, guided, prefix, memory, mask, sampling, tok, pos, prompts, class_ids,
+               cfg_scale, step_iters, image_iters):
+    dec = engine.model.decoder
+    dev = engine.device
+    state = dec.new_state(rows, memory, mask)
+    dec.prefill(state, prefix)
+    if mode == "graph":
+        g = _GraphStep(dec, state)
+        run = lambda: g(tok, pos)  # noqa: E731
+    else:
+        run = lambda: dec.decode_step(state, tok, pos)  # noqa: E731
+
+    def step():
+        logits = run()
+        uncond = logits[batch:] if guided else None
+        return K.cfg_sample(logits[:batch], uncond, step=7, **sampling)
+
+    def image():
+        codes = engine.generate_codes(prompts, 1, cfg_scale, seed=0, class_ids=class_ids)
+        engine.decode_codes(codes, output_type="pt")
+
+    return timeit(step, dev, iters=step_iters), timeit(image, dev, warmup=1, iters=image_iters)
+
+
 COLUMNS = ["preset", "dtype", "batch", "rows", "mode", "step_ms", "step_p20", "step_p80", "tok_per_s", "GB_per_s",
-           "roofline_ms", "roofline_share", "image_ms", "image_p20", "image_p80"]
+           "roofline_ms", "roofline_share", "x_torch", "image_ms", "image_p20", "image_p80"]

@@ -66,9 +66,10 @@ class _GraphStep:
 class Generator:
     """Runs the decode loop of one decoder; caches CUDA graphs by (rows, text length)."""
 
-    def __init__(self, decoder: ARDecoder, *, use_cuda_graph: bool = True):
+    def __init__(self, decoder: ARDecoder, *, use_cuda_graph: bool = True, max_graphs: int = 4):
         self.decoder = decoder
         self.use_cuda_graph = use_cuda_graph
+        self.max_graphs = max_graphs
         self._graphs: dict[tuple[int, int], _GraphStep] = {}
 
     def _graph_for(self, rows: int, memory: torch.Tensor | None, memory_mask: torch.Tensor | None) -> _GraphStep:
@@ -76,6 +77,10 @@ class Generator:
         key = (rows, length)
         g = self._graphs.get(key)
         if g is None:
+            if len(self._graphs) >= self.max_graphs:
+                # Each graph pins a whole KV cache: drop the oldest shape.
+                self._graphs.pop(next(iter(self._graphs)))
+                torch.cuda.empty_cache()
             g = _GraphStep(self.decoder, self.decoder.new_state(rows, memory, memory_mask))
             self._graphs[key] = g
         elif memory is not None:
@@ -84,9 +89,6 @@ class Generator:
                 dst.copy_(src)
             g.state.memory_mask.copy_(memory_mask[:, None, None, :])
         return g
-
-    def graphs_used(self) -> int:
-        return len(self._graphs)
 
     @torch.no_grad()
     def run(self, prefix_ids: torch.Tensor, memory: torch.Tensor | None, memory_mask: torch.Tensor | None,

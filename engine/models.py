@@ -242,8 +242,10 @@ class DecoderBlock(nn.Module):
             x = self._cross(x, ck, cv, memory_mask)
         return x + self.drop(self.mlp(self.ln2(x)))
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, state: DecodeState, layer: int) -> torch.Tensor:
-        """One token ``x [B, 1, W]`` at sequence position ``pos`` (LongTensor ``[1]``, prefix included)."""
+    def step(self, x: torch.Tensor, pos: torch.Tensor, pos_rows: torch.Tensor, state: DecodeState,
+             layer: int) -> torch.Tensor:
+        """One token ``x [B, 1, W]`` at sequence position ``pos`` (LongTensor ``[1]``, prefix
+        included; ``pos_rows`` is the same position per row, ``[B]`` contiguous, for the kernel)."""
         cfg = self.cfg
         kc, vc = state.k[layer], state.v[layer]
         h = self.ln1(x)
@@ -253,7 +255,7 @@ class DecoderBlock(nn.Module):
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v)
         if self.conv:
-            a = K.conv_decode_attention(q, kc, vc, pos.expand(x.shape[0]), grid=(cfg.grid_h, cfg.grid_w),
+            a = K.conv_decode_attention(q, kc, vc, pos_rows, grid=(cfg.grid_h, cfg.grid_w),
                                         kernel=cfg.conv_kernel, prefix=cfg.prefix, validate=False)
         else:
             visible = torch.arange(kc.shape[2], device=x.device) <= pos  # (S_max,)
@@ -341,8 +343,9 @@ class ARDecoder(nn.Module):
         i = pos - self.cfg.prefix  # (1,) grid index of the fed token
         x = self.tok_embed(token) + self.row_embed(i // self.cfg.grid_w) + self.col_embed(i % self.cfg.grid_w)
         x = x[:, None, :]  # (B, 1, W)
+        pos_rows = pos.repeat(token.shape[0])  # (B,) materialized: kernels index it per row
         for li, blk in enumerate(self.blocks):
-            x = blk.step(x, pos, state, li)
+            x = blk.step(x, pos, pos_rows, state, li)
         return self.head(self.norm(x[:, 0])).float()
 
 

@@ -251,3 +251,52 @@ def test_presets_are_seeded():
     c = Engine.from_preset("tiny-vim", seed=4, device="cpu").model.decoder.head.weight
     assert_equal(a, b)
     assert not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager_decoding():
+    eng = _sharpen(Engine.from_preset("tiny-t2i", device="cuda", dtype=torch.float32))
+    prompts = ["a red circle", "a much longer prompt about a blue square"]
+    graph = [eng.generate_codes(prompts, num_images=2, seed=s) for s in (0, 1)]  # the second call reuses the graph
+    eng.generator.use_cuda_graph = False
+    eager = [eng.generate_codes(prompts, num_images=2, seed=s) for s in (0, 1)]
+    for g, e in zip(graph, eager):
+        assert_equal(g, e)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny-t2i", "tiny-vim"])
+@torch.no_grad()
+def test_kv_cache_decode_on_gpu_kernels_matches_teacher_forcing(name):
+    from tests.test_models import _decoder_inputs, randomize
+    from vqim.engine.config import ModelConfig
+    from vqim.engine.weights import build_model
+
+    cfg = ModelConfig.from_name(name)
+    model = build_model(cfg, "cpu", torch.float32).eval()
+    randomize(model)
+    inputs = _decoder_inputs(cfg, model)  # text memory computed on CPU
+    model.cuda()
+    prefix, tokens, memory, mask = (None if t is None else t.cuda() for t in inputs)
+    dec = model.decoder
+    n = cfg.decoder.num_tokens
+    full = dec(prefix, tokens[:, : n - 1], memory, mask)
+    state = dec.new_state(prefix.shape[0], memory, mask)
+    steps = [dec.prefill(state, prefix)]
+    pos = torch.tensor([1], device="cuda")
+    for i in range(n - 1):
+        steps.append(dec.decode_step(state, tokens[:, i], pos))
+        pos += 1
+    scale = full.abs().max().item()
+    assert_close(torch.stack(steps, 1), full, atol=1e-3 * scale)
+
+
+@pytest.mark.gpu
+def test_parti_350m_generates_in_bf16():
+    eng = Engine.from_preset("parti-350m", device="cuda")
+    assert eng.model.decoder.head.weight.dtype == torch.bfloat16
+    imgs = eng.generate(["a red circle"], num_images=2, seed=0, cfg_scale=3.0)
+    assert [im.size for im in imgs] == [(256, 256)] * 2
