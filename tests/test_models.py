@@ -18,6 +18,7 @@ from vqim.engine.config import PRESETS, DecoderConfig, ModelConfig, VQGANConfig,
 from vqim.engine.models import ViTVQGAN
 from vqim.engine.text import TextTokenizer
 from vqim.engine.weights import build_model, load_model, save_pretrained
+from vqim import kernels as K
 from vqim.kernels import codebook_lookup
 
 
@@ -145,6 +146,33 @@ def test_kv_cache_decode_equals_teacher_forcing_at_every_step(name):
     scale = full.abs().max().item()
     assert scale > 1.0  # the weights make a mask or cache error visible
     assert_close(cached, full, atol=2e-5 * scale, msg=f"{name} cached vs teacher-forced logits")
+
+
+@torch.no_grad()
+def test_decoder_through_the_triton_kernels_in_the_interpreter():
+    """The same model code on the real Triton kernels (CPU interpreter): conv_attention for the
+    teacher-forced pass, conv_decode_attention on the static cache for the first 10 steps (past
+    the end of the first grid row), cfg_sample for a draw. Few steps: the interpreter is slow."""
+    cfg = ModelConfig.from_name("tiny-t2i")
+    model = build_model(cfg, "cpu", torch.float32).eval()
+    randomize(model)
+    dec = model.decoder
+    prefix, tokens, memory, mask = _decoder_inputs(cfg, model, b=2)
+    n = cfg.decoder.num_tokens
+    ref = dec(prefix, tokens[:, : n - 1], memory, mask)  # torch references
+    scale = ref.abs().max().item()
+    with K.use_backend("triton"):
+        full = dec(prefix, tokens[:, : n - 1], memory, mask)
+        state = dec.new_state(2, memory, mask)
+        steps = [dec.prefill(state, prefix)]
+        pos = torch.tensor([cfg.decoder.prefix])
+        for i in range(10):
+            steps.append(dec.decode_step(state, tokens[:, i], pos))
+            pos += 1
+        tok = K.cfg_sample(steps[-1][:1], steps[-1][1:], cfg_scale=3.0, seed=0, step=1)
+    assert_close(full, ref, atol=2e-5 * scale, msg="triton conv_attention")
+    assert_close(torch.stack(steps, 1), ref[:, :11], atol=2e-5 * scale, msg="triton conv_decode_attention")
+    assert_equal(tok, K.cfg_sample(steps[-1][:1], steps[-1][1:], cfg_scale=3.0, seed=0, step=1, backend="torch"))
 
 
 @torch.no_grad()
