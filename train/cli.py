@@ -1,0 +1,79 @@
+"""``vqim train tokenizer|stage1|stage2|export``.
+
+    vqim train tokenizer DATA -o tokenizer.model [--vocab-size 1000]
+    vqim train stage1 CONFIG [--resume] [--steps N] [--out-dir DIR] [--device D]
+    vqim train stage2 CONFIG [--resume] ...
+    vqim train export CHECKPOINT -o MODEL_DIR [--text-tokenizer FILE] [--dtype bfloat16]
+
+CONFIG is a JSON or TOML file of :class:`vqim.train.config.TrainConfig` fields. For several
+GPUs (or CPU processes) launch with ``torchrun --nproc-per-node N -m vqim.train.cli stage1 CONFIG``.
+Bad input exits with status 2 and one ``vqim train: error: ...`` line; a diverged run (NaN/inf
+loss) exits with status 1 naming the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vqim train", description="Train the tokenizer and the image-token predictor.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tokenizer", help="train a sentencepiece model on a dataset's captions")
+    t.add_argument("data", help="dataset folder with captions.jsonl")
+    t.add_argument("-o", "--output", default="tokenizer.model")
+    t.add_argument("--vocab-size", type=int, default=1000, help="upper bound on the number of pieces")
+
+    for name, help_ in (("stage1", "train the ViT-VQGAN image tokenizer"),
+                        ("stage2", "train the text encoder + image-token decoder on the frozen tokenizer")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help="training config (.json or .toml)")
+        s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+        s.add_argument("--steps", type=int, default=None, help="override the config's steps")
+        s.add_argument("--out-dir", default=None, help="override the config's out_dir")
+        s.add_argument("--device", default=None, help="override the config's device")
+
+    e = sub.add_parser("export", help="checkpoint -> engine model directory")
+    e.add_argument("checkpoint")
+    e.add_argument("-o", "--output", required=True, help="model directory to write")
+    e.add_argument("--text-tokenizer", default=None, help="sentencepiece model (default: the run's)")
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .loop import TrainingDiverged
+
+    try:
+        if args.command == "tokenizer":
+            from .data import ImageDataset, train_sentencepiece
+
+            caps = ImageDataset(args.data, 1).captions
+            out = train_sentencepiece(caps, args.output, args.vocab_size)
+            print(out)
+        elif args.command in ("stage1", "stage2"):
+            from .config import TrainConfig
+            from .loop import train
+
+            cfg = TrainConfig.load(args.config, steps=args.steps, out_dir=args.out_dir, device=args.device)
+            run = train(cfg, args.command, resume=args.resume)
+            if run.dist.main:
+                print(run.ckpt_path)
+        else:
+            from .export import export
+
+            print(export(args.checkpoint, args.output, text_tokenizer=args.text_tokenizer, dtype=args.dtype))
+    except TrainingDiverged as e:
+        print(f"vqim train: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vqim train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

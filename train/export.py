@@ -1,0 +1,51 @@
+"""Export a training checkpoint to the engine's model directory.
+
+A stage-2 checkpoint holds the whole model (its frozen tokenizer included); a stage-1 checkpoint
+holds the tokenizer only, and is exported with the text encoder and decoder at their seeded
+random init (enough for ``vqim encode``/``decode`` and as the start of stage 2). The directory is
+written by the engine's own ``save_pretrained`` (``config.json``, ``model.safetensors``,
+``tokenizer.model``), so ``Engine.from_pretrained(out_dir)`` loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vqim.engine.config import ModelConfig, dtype_from_name
+from vqim.engine.models import VQIMModel, init_weights
+from vqim.engine.weights import save_pretrained
+
+
+def model_from_checkpoint(checkpoint: str | Path) -> tuple[VQIMModel, dict]:
+    """The engine model (fp32, eval mode) held by a training checkpoint, and the checkpoint."""
+    p = Path(checkpoint)
+    if not p.is_file():
+        raise ValueError(f"checkpoint: no such file {p}")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    if ckpt.get("stage") not in ("stage1", "stage2"):
+        raise ValueError(f"checkpoint: {p} is not a vqim training checkpoint")
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    model = VQIMModel(cfg)
+    if ckpt["stage"] == "stage2":
+        model.load_state_dict(ckpt["model"])
+    else:
+        init_weights(model, ckpt["train_config"]["seed"])
+        model.vqgan.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, *, text_tokenizer: str | Path | None = None,
+           dtype: str | None = None) -> Path:
+    """Write ``out_dir`` for the engine. ``text_tokenizer`` defaults to the run's sentencepiece
+    model (``train_config.text_tokenizer``); ``dtype`` to the model config's dtype."""
+    model, ckpt = model_from_checkpoint(checkpoint)
+    tok = text_tokenizer or ckpt["train_config"].get("text_tokenizer")
+    if tok is not None and not Path(tok).is_file():
+        raise ValueError(f"text_tokenizer: no such file {tok}")
+    if model.cfg.text is not None and tok is None:
+        print("vqim train export: no sentencepiece model given; the engine will use its byte-level tokenizer",
+              flush=True)
+    model = model.to(dtype_from_name(dtype or model.cfg.dtype))
+    return save_pretrained(model, out_dir, tokenizer_model=tok)
