@@ -21,7 +21,7 @@ from PIL import Image
 from vqim import kernels as K
 
 from .config import ModelConfig, dtype_from_name
-from .generate import Generator, Sampling
+from .generate import Generator, Sampling, check_tokens
 from .models import VQIMModel, init_weights
 from .text import TextTokenizer
 from .weights import build_model, load_model, save_pretrained
@@ -249,7 +249,7 @@ class Engine:
         else:
             pre = [conds[i] for i in req] + ([self.cfg.decoder.num_classes] * len(chunk) if guided else [])
             prefix = torch.tensor(pre, dtype=torch.long, device=dev)[:, None]  # (R, 1)
-        return self.generator.run(prefix, memory, mask, sampling, guided=guided, on_step=on_step)
+        return check_tokens(self.generator.run(prefix, memory, mask, sampling, guided=guided, on_step=on_step))
 
     def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, cfg_scale=3.0,
                  temperature=1.0, top_k=0, top_p=1.0, seed=None, *, class_ids=None,

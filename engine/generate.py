@@ -130,7 +130,12 @@ class Generator:
             pos += 1
             if on_step is not None:
                 on_step()
-        # The loop's only host sync: a row whose guided logits had no finite entry.
-        if bool((out < 0).any()):
-            raise FloatingPointError("a decode step produced no finite logit (NaN/inf in the model's output)")
         return out
+
+
+def check_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """The one host sync of a generation, after the loop: ``cfg_sample`` marks a row whose
+    guided logits had no finite entry with token -1 instead of syncing every step."""
+    if bool((tokens < 0).any()):
+        raise FloatingPointError("a decode step produced no finite logit (NaN/inf in the model's output)")
+    return tokens

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +37,8 @@ def _valid_png(path, size=(64, 64)) -> np.ndarray:
 
 def test_entry_point_generate_writes_a_png(tmp_path):
     """The installed console script, as the README runs it."""
-    exe = shutil.which("vqim")
+    beside = Path(sys.executable).parent / "vqim"  # the venv's script, even when not on PATH
+    exe = str(beside) if beside.is_file() else shutil.which("vqim")
     assert exe is not None, "the vqim console script is not installed (pip install -e .)"
     out = tmp_path / "out.png"
     r = subprocess.run([exe, "generate", "a red circle", "--preset", "tiny-t2i", "-o", str(out), "--seed", "0",

@@ -268,6 +268,29 @@ def test_cuda_graph_replay_equals_eager_decoding():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_decode_loop_never_syncs_with_the_host(graph):
+    eng = Engine.from_preset("tiny-t2i", device="cuda")
+    eng.generator.use_cuda_graph = graph
+    b = 2
+    ids, mask = eng.tokenizer.batch(["a red circle"] * b + [""] * b, eng.device, pad_to=128)
+    s = Sampling(cfg_scale=torch.full((b,), 3.0, device="cuda"), temperature=torch.ones(b, device="cuda"),
+                 top_k=torch.zeros(b, dtype=torch.long, device="cuda"), top_p=torch.ones(b, device="cuda"),
+                 seed=torch.arange(b, device="cuda"))
+    prefix = torch.zeros(2 * b, 1, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        memory = eng.model.text(ids, mask)
+        eng.generator.run(prefix, memory, mask, s, guided=True)  # warm-up (kernel compilation, graph capture)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = eng.generator.run(prefix, memory, mask, s, guided=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (b, 64)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-t2i", "tiny-vim"])
 @torch.no_grad()
 def test_kv_cache_decode_on_gpu_kernels_matches_teacher_forcing(name):
