@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, append_results, device_name, print_table,  # noqa: E402
                      timeit)
 
-from vqim.kernels import (conv_attention, conv_attention_ref, conv_cache_len, conv_cache_slot,  # noqa: E402
-                          conv_decode_attention, conv_mask_ref)
+from vqim.kernels import (conv_attention, conv_attention_ref, conv_cache_len, conv_decode_attention,  # noqa: E402
+                          conv_mask_ref)
 from vqim.kernels import _ext  # noqa: E402
 
 GRID, KERNEL, PREFIX = (32, 32), (11, 11), 1

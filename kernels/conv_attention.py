@@ -18,6 +18,7 @@ attention in fp32 with it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -149,7 +150,8 @@ def _check_qkv(q, k, v) -> None:
 def _check_seq(s: int, grid, prefix: int, arg: str = "S") -> None:
     full = prefix + grid[0] * grid[1]
     if s > full:
-        raise ValueError(f"{arg} must be <= prefix + grid_h * grid_w = {full} for grid {grid}, prefix {prefix}; got {s}")
+        raise ValueError(f"{arg} must be <= prefix + grid_h * grid_w = {full} for grid {grid}, prefix {prefix}; "
+                         f"got {s}")
 
 
 def conv_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, kernel=(11, 11),
@@ -297,8 +299,9 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def _block_range(pid, NPB, P, S, BLOCK: tl.constexpr):
-    """[start, end) of block ``pid``: the first NPB blocks tile the prefix, the rest the image."""
+def _block_range(pid, P, S, BLOCK: tl.constexpr):
+    """[start, end) of block ``pid``: the first blocks tile the prefix, the rest the image."""
+    NPB = tl.cdiv(tl.minimum(P, S), BLOCK)
     if pid < NPB:
         start = pid * BLOCK
         end = tl.minimum(P, start + BLOCK)
@@ -333,7 +336,7 @@ def _fwd_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, n_ok, d_ok, m_ok
 @triton.jit
 def _conv_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    H, S, D, P, GW, HH, HW, NPB,
+    H, S, D, P, GW, HH, HW,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
     qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -343,7 +346,7 @@ def _conv_attention_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_start, q_end = _block_range(pid, NPB, P, S, BLOCK_M)
+    q_start, q_end = _block_range(pid, P, S, BLOCK_M)
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_end
@@ -400,7 +403,7 @@ def _bwd_dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_m, offs_n, n_ok, d_
 @triton.jit
 def _conv_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
-    H, S, D, P, GW, HH, HW, NPB,
+    H, S, D, P, GW, HH, HW,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -410,7 +413,7 @@ def _conv_attention_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_start, q_end = _block_range(pid, NPB, P, S, BLOCK_M)
+    q_start, q_end = _block_range(pid, P, S, BLOCK_M)
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_end
@@ -444,7 +447,7 @@ def _conv_attention_bwd_dq_kernel(
 @triton.jit
 def _conv_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr,
-    H, S, D, P, GW, HH, HW, NPB,
+    H, S, D, P, GW, HH, HW,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -454,7 +457,7 @@ def _conv_attention_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    k_start, k_end = _block_range(pid, NPB, P, S, BLOCK_N)
+    k_start, k_end = _block_range(pid, P, S, BLOCK_N)
     offs_n = k_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < k_end
@@ -493,13 +496,28 @@ def _conv_attention_bwd_dkdv_kernel(
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=nd)
 
 
-def _fwd_config(d: int, device: torch.device) -> dict:
-    block_d = max(16, triton.next_power_of_2(d))
-    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d}
-    if device.type == "cuda":
-        cfg["num_warps"] = 4 if block_d <= 64 else 8
-        cfg["num_stages"] = 2
-    return cfg
+def _default_blocks(d: int) -> dict:
+    """Block sizes where no autotuning happens (the interpreter): 64 x 64 tiles, the shape the
+    visited-work count favours among tensor-core friendly sizes on the 32 x 32 grid."""
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": max(16, triton.next_power_of_2(d))}
+
+
+# On CUDA the tile shape is autotuned per geometry: the exact work count (bench, `visited_work`)
+# says smaller key blocks skip more masked work, larger tiles run the tensor cores better;
+# which wins depends on the GPU, so it is measured there rather than fixed here.
+_CUDA_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3),
+                          (32, 32, 4, 2)]
+]
+_TUNE_KEY = ["S", "D", "P", "GW", "HH", "HW"]
+
+
+@functools.cache
+def _tuned(name: str):
+    kernel = {"fwd": _conv_attention_fwd_kernel, "dq": _conv_attention_bwd_dq_kernel,
+              "dkdv": _conv_attention_bwd_dkdv_kernel}[name]
+    return triton.autotune(configs=_CUDA_CONFIGS, key=_TUNE_KEY)(kernel)
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -507,53 +525,57 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "tf32x3" if dtype == torch.float32 and device.type == "cuda" else "ieee"
 
 
-def _geometry_args(s: int, grid, kernel, prefix: int, block: int) -> tuple[int, ...]:
-    return (s, prefix, grid[1], kernel[0] // 2, kernel[1] // 2, triton.cdiv(min(prefix, s), block))
+def _launch(name: str, block_key: str, q: torch.Tensor, s: int, prefix: int, cfg: dict | None, args: tuple) -> None:
+    """Launch kernel ``name`` over the prefix blocks + image blocks of ``block_key``'s size, with
+    the explicit ``cfg`` (tests, the interpreter) or the autotuned one (CUDA, no cfg)."""
+    b, h = q.shape[0], q.shape[1]
+    d = q.shape[-1]
+
+    def launch_grid(meta):
+        blk = meta[block_key]
+        return (triton.cdiv(min(prefix, s), blk) + triton.cdiv(max(0, s - prefix), blk), b * h)
+
+    consts = {"DOT_PRECISION": _precision(q.dtype, q.device), "UPCAST_DOT": interpreter_dot_upcast(q.dtype, q.device)}
+    if cfg is None and q.is_cuda:
+        _tuned(name)[launch_grid](*args, BLOCK_D=max(16, triton.next_power_of_2(d)), **consts)
+        return
+    cfg = dict(cfg or _default_blocks(d))
+    kernel = {"fwd": _conv_attention_fwd_kernel, "dq": _conv_attention_bwd_dq_kernel,
+              "dkdv": _conv_attention_bwd_dkdv_kernel}[name]
+    kernel[launch_grid(cfg)](*args, **cfg, **consts)
+
+
+def _geometry(grid, kernel, prefix: int) -> tuple[int, int, int, int]:
+    """The kernels' (P, GW, HH, HW) arguments."""
+    return (prefix, grid[1], kernel[0] // 2, kernel[1] // 2)
 
 
 def _conv_attention_fwd(q, k, v, grid, kernel, prefix, scale, cfg=None):
     b, h, s, d = q.shape
-    cfg = dict(cfg or _fwd_config(d, q.device))
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, H, S, Dh)
     lse = torch.empty(b * h, s, device=q.device, dtype=torch.float32)  # (B*H, S), log2 units
     if q.numel() == 0:
         return o, lse
-    s_, p, gw, hh, hw, npb = _geometry_args(s, grid, kernel, prefix, bm)
-    n_img = max(0, s - prefix)
-    launch = (npb + triton.cdiv(n_img, bm), b * h)
-    _conv_attention_fwd_kernel[launch](
-        q, k, v, o, lse, h, s_, d, p, gw, hh, hw, npb,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        scale * _LOG2E,
-        DOT_PRECISION=_precision(q.dtype, q.device), UPCAST_DOT=interpreter_dot_upcast(q.dtype, q.device),
-        **cfg,
-    )
+    _launch("fwd", "BLOCK_M", q, s, prefix, cfg,
+            (q, k, v, o, lse, h, s, d, *_geometry(grid, kernel, prefix),
+             *q.stride(), *k.stride(), *v.stride(), *o.stride(), scale * _LOG2E))
     return o, lse
 
 
 def _conv_attention_bwd(do, q, k, v, o, lse, grid, kernel, prefix, scale, cfg=None):
     b, h, s, d = q.shape
-    cfg = dict(cfg or _fwd_config(d, q.device))
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     dq = torch.empty(b, h, s, d, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     if q.numel() == 0:
         return dq, dk, dv
     delta = (do.float() * o.float()).sum(-1).reshape(b * h, s).contiguous()  # (B*H, S): rowsum(dO * O)
-    prec = _precision(q.dtype, q.device)
-    up = interpreter_dot_upcast(q.dtype, q.device)
-    n_img = max(0, s - prefix)
-    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), scale * _LOG2E, scale)
-    s_, p, gw, hh, hw, npb = _geometry_args(s, grid, kernel, prefix, bm)
-    _conv_attention_bwd_dq_kernel[(npb + triton.cdiv(n_img, bm), b * h)](
-        q, k, v, do, dq, lse, delta, h, s_, d, p, gw, hh, hw, npb, *common,
-        DOT_PRECISION=prec, UPCAST_DOT=up, **cfg)
-    s_, p, gw, hh, hw, npb = _geometry_args(s, grid, kernel, prefix, bn)
-    _conv_attention_bwd_dkdv_kernel[(npb + triton.cdiv(n_img, bn), b * h)](
-        q, k, v, do, dk, dv, lse, delta, h, s_, d, p, gw, hh, hw, npb, *common,
-        DOT_PRECISION=prec, UPCAST_DOT=up, **cfg)
+    geo = _geometry(grid, kernel, prefix)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), scale * _LOG2E, scale)
+    _launch("dq", "BLOCK_M", q, s, prefix, cfg,
+            (q, k, v, do, dq, lse, delta, h, s, d, *geo, *strides))
+    _launch("dkdv", "BLOCK_N", q, s, prefix, cfg,
+            (q, k, v, do, dk, dv, lse, delta, h, s, d, *geo, *strides))
     return dq, dk, dv
 
 

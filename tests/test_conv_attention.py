@@ -356,7 +356,8 @@ def test_gpu_decode(backend, dtype, ring):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_prefill(dtype):
-    for grid, kernel, prefix, s in [((32, 32), (11, 11), 1, None), ((32, 32), (5, 7), 0, 1000), ((5, 7), (3, 3), 3, None)]:
+    cases = [((32, 32), (11, 11), 1, None), ((32, 32), (5, 7), 0, 1000), ((5, 7), (3, 3), 3, None)]
+    for grid, kernel, prefix, s in cases:
         s = prefix + grid[0] * grid[1] if s is None else s
         q, k, v = (t.detach().cuda().requires_grad_() for t in make_qkv(2, 4, s, 64, dtype))
         check_against_dense(lambda q, k, v: conv_attention(q, k, v, grid=grid, kernel=kernel, prefix=prefix),
