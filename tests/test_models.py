@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import assert_close, assert_equal
+from tests.helpers import assert_close, assert_equal, assert_within_torch_error
 from vqim.engine.config import PRESETS, DecoderConfig, ModelConfig, VQGANConfig, vqgan_config
 from vqim.engine.models import ViTVQGAN
 from vqim.engine.text import TextTokenizer
@@ -125,6 +125,18 @@ def _decoder_inputs(cfg: ModelConfig, model, b: int = 3):
     return prefix, tokens, memory, mask
 
 
+def _cached_logits(dec, prefix, tokens, memory, mask) -> torch.Tensor:
+    """Prefill + one decode step per image token (teacher-forced inputs): ``[B, n, V]``."""
+    n = dec.cfg.num_tokens
+    state = dec.new_state(prefix.shape[0], memory, mask)
+    steps = [dec.prefill(state, prefix)]
+    pos = torch.tensor([dec.cfg.prefix])
+    for i in range(n - 1):
+        steps.append(dec.decode_step(state, tokens[:, i], pos))
+        pos += 1
+    return torch.stack(steps, dim=1)
+
+
 @pytest.mark.parametrize("name", ["tiny-t2i", "tiny-vim"])
 @torch.no_grad()
 def test_kv_cache_decode_equals_teacher_forcing_at_every_step(name):
@@ -135,17 +147,19 @@ def test_kv_cache_decode_equals_teacher_forcing_at_every_step(name):
     prefix, tokens, memory, mask = _decoder_inputs(cfg, model)
     n = cfg.decoder.num_tokens
     full = dec(prefix, tokens[:, : n - 1], memory, mask)  # (B, n, V): position j predicts token j
-
-    state = dec.new_state(prefix.shape[0], memory, mask)
-    steps = [dec.prefill(state, prefix)]
-    pos = torch.tensor([cfg.decoder.prefix])
-    for i in range(n - 1):
-        steps.append(dec.decode_step(state, tokens[:, i], pos))
-        pos += 1
-    cached = torch.stack(steps, dim=1)  # (B, n, V)
+    cached = _cached_logits(dec, prefix, tokens, memory, mask)  # (B, n, V)
     scale = full.abs().max().item()
     assert scale > 1.0  # the weights make a mask or cache error visible
     assert_close(cached, full, atol=2e-5 * scale, msg=f"{name} cached vs teacher-forced logits")
+
+    # bf16 weights and cache: the cached path's error against fp32 is within 2x the
+    # teacher-forced bf16 forward's own error (DESIGN §6 tolerance rule).
+    low = build_model(cfg, "cpu", torch.bfloat16).eval()
+    low.load_state_dict(model.state_dict())
+    mem16 = memory.bfloat16() if memory is not None else None
+    full16 = low.decoder(prefix, tokens[:, : n - 1], mem16, mask)
+    cached16 = _cached_logits(low.decoder, prefix, tokens, mem16, mask)
+    assert_within_torch_error(cached16, full, full16, msg=f"{name} bf16 cached logits")
 
 
 @torch.no_grad()
