@@ -5,8 +5,9 @@
 //   adafactor8_row_col_sums: one pass over g -> row sums [L, R] and column sums [L, C] of g^2;
 //   adafactor8_sumsq:        one pass over g -> sum of u^2, u = g * a[l, r] * b[l, c]
 //                            (update clipping needs the RMS of the whole update first);
-//   adafactor8_step:         one pass reading g, p, the int8 moment and its scales, writing p and
-//                            the re-quantized moment (one warp per block of 256 values).
+//   adafactor8_step:         turns that sum into the clipping factor, then one pass reading g, p,
+//                            the int8 moment and its scales, writing p and the re-quantized moment
+//                            (one warp per block of 256 values).
 // Every reduction has a fixed order (per-block partials summed by one block), so results do not
 // depend on scheduling. The step uses explicitly rounded multiplies/adds (no FMA contraction)
 // so it computes the same fp32 numbers as the torch path.
@@ -137,12 +138,18 @@ __global__ void sum_partials_kernel(const float* __restrict__ part, float* __res
 template <typename T>
 __global__ void step_kernel(const T* __restrict__ g, View3 gv, T* __restrict__ p, View3 pv,
                             int8_t* __restrict__ q, float* __restrict__ scale, const float* __restrict__ a,
-                            const float* __restrict__ b, const float* __restrict__ clip_ptr, int64_t N,
-                            int64_t n_blocks, float lr, float decay, float beta1, float one_minus_beta1) {
+                            const float* __restrict__ b, const float* __restrict__ sumsq_parts, int n_parts,
+                            int64_t N, int64_t n_blocks, float lr, float decay, float beta1,
+                            float one_minus_beta1, float clip_threshold) {
   const int64_t blk = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (blk >= n_blocks) return;  // whole warps exit together
   const int lane = threadIdx.x & 31;
-  const float clip = *clip_ptr;
+  // Update clipping from the partial sums of u^2 (few, in L2): clip = 1 / max(1, RMS(u) / d).
+  float sumsq = 0.f;
+  for (int i = lane; i < n_parts; i += 32) sumsq += sumsq_parts[i];
+  sumsq = warp_sum(sumsq);
+  const float rms = sqrtf(__fdiv_rn(sumsq, static_cast<float>(N)));
+  const float clip = __fdiv_rn(1.f, fmaxf(__fdiv_rn(rms, clip_threshold), 1.f));
   const float s_old = scale[blk];
   float m[kQBlock / 32];
   float absmax = 0.f;
@@ -216,9 +223,11 @@ void sumsq(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr
 
 void step(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_t p, int64_t spl, int64_t spr,
           int64_t spc, std::uintptr_t q, std::uintptr_t scale, std::uintptr_t a, std::uintptr_t b,
-          std::uintptr_t clip, int64_t L, int64_t R, int64_t C, double lr, double decay, double beta1,
-          double one_minus_beta1, int dtype, std::uintptr_t stream) {
+          std::uintptr_t sumsq_parts, int64_t n_parts, int64_t L, int64_t R, int64_t C, double lr, double decay,
+          double beta1, double one_minus_beta1, double clip_threshold, int dtype, std::uintptr_t stream) {
   check_view(L, R, C);
+  VQIM_CHECK(n_parts >= 1 && n_parts <= 4096, "adafactor8_step: n_parts must be in [1, 4096], got ", n_parts);
+  VQIM_CHECK(clip_threshold > 0, "adafactor8_step: clip_threshold must be > 0, got ", clip_threshold);
   const int64_t N = L * R * C;
   const int64_t n_blocks = (N + kQBlock - 1) / kQBlock;
   constexpr int kWarps = 8;
@@ -230,9 +239,9 @@ void step(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_
   VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
     step_kernel<scalar_t><<<static_cast<unsigned>(grid), kWarps * 32, 0, s>>>(
         as_ptr<const scalar_t>(g), gv, as_ptr<scalar_t>(p), pv, as_ptr<int8_t>(q), as_ptr<float>(scale),
-        as_ptr<const float>(a), as_ptr<const float>(b), as_ptr<const float>(clip), N, n_blocks,
-        static_cast<float>(lr), static_cast<float>(decay), static_cast<float>(beta1),
-        static_cast<float>(one_minus_beta1));
+        as_ptr<const float>(a), as_ptr<const float>(b), as_ptr<const float>(sumsq_parts), static_cast<int>(n_parts),
+        N, n_blocks, static_cast<float>(lr), static_cast<float>(decay), static_cast<float>(beta1),
+        static_cast<float>(one_minus_beta1), static_cast<float>(clip_threshold));
   });
   VQIM_CUDA_CHECK(cudaGetLastError());
 }
@@ -252,9 +261,11 @@ VQIM_REGISTER_OP(adafactor8, [](vqim::py::module_& m) {
         py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("a"), py::arg("b"), py::arg("out"),
         py::arg("workspace"), py::arg("L"), py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("stream"));
   m.def("adafactor8_step", &vqim::step,
-        "fused step: m = beta1 * q * scale + (1 - beta1) * u * clip; p = p * decay - lr * m; re-quantize m",
+        "fused step: clip from the partial sums of u^2; m = beta1 * q * scale + (1 - beta1) * u * clip; "
+        "p = p * decay - lr * m; re-quantize m",
         py::arg("g"), py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("p"), py::arg("spl"), py::arg("spr"),
-        py::arg("spc"), py::arg("q"), py::arg("scale"), py::arg("a"), py::arg("b"), py::arg("clip"), py::arg("L"),
-        py::arg("R"), py::arg("C"), py::arg("lr"), py::arg("decay"), py::arg("beta1"), py::arg("one_minus_beta1"),
-        py::arg("dtype"), py::arg("stream"));
+        py::arg("spc"), py::arg("q"), py::arg("scale"), py::arg("a"), py::arg("b"), py::arg("sumsq_parts"),
+        py::arg("n_parts"), py::arg("L"), py::arg("R"), py::arg("C"), py::arg("lr"), py::arg("decay"),
+        py::arg("beta1"), py::arg("one_minus_beta1"), py::arg("clip_threshold"), py::arg("dtype"),
+        py::arg("stream"));
 });

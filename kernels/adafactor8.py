@@ -16,11 +16,13 @@ into L, factored over the last two; rank < 2: ``(1, 1, N)`` with the full second
    so ``u = g * a[row] * b[col]``. For rank < 2 the full v is updated elementwise by torch (the
    tensor is a vector) and ``a = 1``, ``b = rsqrt(v)``: the same kernels then serve both cases.
 2. Update clipping needs ``RMS(u)`` over the whole tensor before any moment is written, so a
-   second reduction pass (the update kernel with ``SUMSQ_ONLY``) sums ``u^2`` per program;
-   ``clip = 1 / max(1, RMS(u) / d)`` stays on the device (no host sync).
-3. The fused step kernel reads g, p, the int8 moment and its scales once, forms
-   ``m = beta1 * q * scale + (1 - beta1) * u * clip``, writes ``p * (1 - lr * wd) - lr * m``
-   (the update uses the fp32 m, as bitsandbytes does) and re-quantizes m per 256-block.
+   second reduction pass (``sumsq`` kernel, a fixed grid of at most 256 programs) writes
+   partial sums of ``u^2``.
+3. The fused step kernel re-sums those few partials (from L2) into
+   ``clip = 1 / max(1, RMS(u) / d)`` (no host sync, no extra launch), reads g, p, the int8
+   moment and its scales once, forms ``m = beta1 * q * scale + (1 - beta1) * u * clip``, writes
+   ``p * (1 - lr * wd) - lr * m`` (the update uses the fp32 m, as bitsandbytes does) and
+   re-quantizes m per 256-block.
 
 So g is read three times (twice for rank < 2), p and the moment once each.
 
@@ -153,17 +155,9 @@ def _row_col_sums_torch(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- fused update
 
 @triton.jit
-def _adafactor8_update_kernel(
-    g_ptr, p_ptr, q_ptr, scale_ptr, a_ptr, b_ptr, clip_ptr, part_ptr,
-    N, R, C, n_blocks,
-    stride_gl, stride_gr, stride_gc, stride_pl, stride_pr, stride_pc,
-    lr, decay, beta1, one_minus_beta1,
-    SUMSQ_ONLY: tl.constexpr, BLOCKS: tl.constexpr, QBLOCK: tl.constexpr,
-):
-    # One program owns BLOCKS whole quantization blocks, so each block's absmax is a row max.
-    pid = tl.program_id(0)
-    blk = pid.to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,)
-    bmask = blk < n_blocks
+def _update_direction_tile(g_ptr, a_ptr, b_ptr, blk, N, R, C, stride_gl, stride_gr, stride_gc,
+                           QBLOCK: tl.constexpr):
+    """u = g * a[l, row] * b[l, col] (= g / sqrt(V)) for the quantization blocks ``blk``."""
     idx = blk[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]  # (BLOCKS, QBLOCK) flat logical index
     mask = idx < N
     col = idx % C
@@ -173,56 +167,83 @@ def _adafactor8_update_kernel(
     g = tl.load(g_ptr + sl * stride_gl + row * stride_gr + col * stride_gc, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + lr_row, mask=mask, other=0.0)
     b = tl.load(b_ptr + sl * C + col, mask=mask, other=0.0)
-    u = g * a * b  # g / sqrt(V)
-    if SUMSQ_ONLY:
-        tl.store(part_ptr + pid, tl.sum(tl.sum(u * u, axis=1), axis=0))
-    else:
-        clip = tl.load(clip_ptr)
-        q = tl.load(q_ptr + idx, mask=mask, other=0).to(tl.float32)
-        s = tl.load(scale_ptr + blk, mask=bmask, other=0.0)
-        m = beta1 * (q * s[:, None]) + one_minus_beta1 * (u * clip)  # fp32 first moment
-        p_off = sl * stride_pl + row * stride_pr + col * stride_pc
-        p = tl.load(p_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
-        p_new = p * decay - lr * m
-        tl.store(p_ptr + p_off, p_new.to(p_ptr.dtype.element_ty), mask=mask)
-        absmax = tl.max(tl.abs(m), axis=1)  # (BLOCKS,); masked lanes hold m = 0
-        # Divide by a safe value: tl.where evaluates both branches.
-        inv = tl.where(absmax > 0, 127.0 / tl.where(absmax > 0, absmax, 1.0), 0.0)
-        x = m * inv[:, None]
-        qn = tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(0.5 - x))
-        qn = tl.minimum(tl.maximum(qn, -127.0), 127.0)
-        tl.store(q_ptr + idx, qn.to(tl.int8), mask=mask)
-        tl.store(scale_ptr + blk, absmax / 127.0, mask=bmask)
+    return g * a * b, idx, mask, sl, row, col
 
 
-_BLOCKS_PER_PROGRAM = 4
+@triton.jit
+def _adafactor8_sumsq_kernel(
+    g_ptr, a_ptr, b_ptr, part_ptr,
+    N, R, C, n_tiles,
+    stride_gl, stride_gr, stride_gc,
+    BLOCKS: tl.constexpr, QBLOCK: tl.constexpr,
+):
+    # A fixed grid strides over the tiles, so there are few partials (the step kernel sums them
+    # itself) and their order never depends on scheduling.
+    pid = tl.program_id(0)
+    acc = tl.zeros((BLOCKS, QBLOCK), tl.float32)
+    for t in range(pid, n_tiles, tl.num_programs(0)):
+        blk = (t * BLOCKS + tl.arange(0, BLOCKS)).to(tl.int64)  # int64: idx = blk * QBLOCK may pass 2^31
+        u, idx, mask, sl, row, col = _update_direction_tile(g_ptr, a_ptr, b_ptr, blk, N, R, C,
+                                                            stride_gl, stride_gr, stride_gc, QBLOCK)
+        acc += u * u
+    tl.store(part_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
-def _launch_update(g3, p3, q, scale, a, b, clip, part, lr, decay, beta1, sumsq_only):
-    L, R, C = g3.shape
-    n = q.numel()
-    nb = scale.numel()
-    grid = (triton.cdiv(nb, _BLOCKS_PER_PROGRAM),)
-    _adafactor8_update_kernel[grid](
-        g3, p3, q, scale, a, b, clip, part, n, R, C, nb, *g3.stride(), *p3.stride(),
-        lr, decay, beta1, 1.0 - beta1,
-        SUMSQ_ONLY=sumsq_only, BLOCKS=_BLOCKS_PER_PROGRAM, QBLOCK=QBLOCK,
-    )
+@triton.jit
+def _adafactor8_step_kernel(
+    g_ptr, p_ptr, q_ptr, scale_ptr, a_ptr, b_ptr, part_ptr,
+    N, R, C, n_blocks, n_parts,
+    stride_gl, stride_gr, stride_gc, stride_pl, stride_pr, stride_pc,
+    lr, decay, beta1, one_minus_beta1, clip_threshold,
+    BLOCKS: tl.constexpr, QBLOCK: tl.constexpr, PARTS: tl.constexpr,
+):
+    # Update clipping: every program re-sums the (<= PARTS) partial sums of u^2 from L2.
+    parts = tl.load(part_ptr + tl.arange(0, PARTS), mask=tl.arange(0, PARTS) < n_parts, other=0.0)
+    rms = tl.sqrt(tl.sum(parts, axis=0) / N)
+    clip = 1.0 / tl.maximum(rms / clip_threshold, 1.0)
+    # One program owns BLOCKS whole quantization blocks, so each block's absmax is a row max.
+    pid = tl.program_id(0)
+    blk = pid.to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,)
+    bmask = blk < n_blocks
+    u, idx, mask, sl, row, col = _update_direction_tile(g_ptr, a_ptr, b_ptr, blk, N, R, C,
+                                                        stride_gl, stride_gr, stride_gc, QBLOCK)
+    q = tl.load(q_ptr + idx, mask=mask, other=0).to(tl.float32)
+    s = tl.load(scale_ptr + blk, mask=bmask, other=0.0)
+    m = beta1 * (q * s[:, None]) + one_minus_beta1 * (u * clip)  # fp32 first moment; 0 on masked lanes
+    p_off = sl * stride_pl + row * stride_pr + col * stride_pc
+    p = tl.load(p_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
+    p_new = p * decay - lr * m
+    tl.store(p_ptr + p_off, p_new.to(p_ptr.dtype.element_ty), mask=mask)
+    absmax = tl.max(tl.abs(m), axis=1)  # (BLOCKS,)
+    # Divide by a safe value: tl.where evaluates both branches.
+    inv = tl.where(absmax > 0, 127.0 / tl.where(absmax > 0, absmax, 1.0), 0.0)
+    x = m * inv[:, None]
+    qn = tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(0.5 - x))
+    qn = tl.minimum(tl.maximum(qn, -127.0), 127.0)
+    tl.store(q_ptr + idx, qn.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + blk, absmax / 127.0, mask=bmask)
+
+
+_BLOCKS_PER_PROGRAM = 4  # quantization blocks per program: 1024 values
+_SUMSQ_PROGRAMS = 256  # most partial sums of u^2 (what each step program re-reads)
 
 
 @register("adafactor8_sumsq", "triton")
 def _sumsq_triton(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    nb = triton.cdiv(g3.numel(), QBLOCK)
-    part = torch.empty(triton.cdiv(nb, _BLOCKS_PER_PROGRAM), dtype=torch.float32, device=g3.device)
-    _launch_update(g3, g3, g3, g3.new_empty(nb, dtype=torch.float32), a, b, a, part, 0.0, 1.0, 0.0, True)
-    return part.sum()
+    L, R, C = g3.shape
+    n_tiles = triton.cdiv(triton.cdiv(g3.numel(), QBLOCK), _BLOCKS_PER_PROGRAM)
+    grid = min(n_tiles, _SUMSQ_PROGRAMS)
+    part = torch.empty(grid, dtype=torch.float32, device=g3.device)
+    _adafactor8_sumsq_kernel[(grid,)](g3, a, b, part, g3.numel(), R, C, n_tiles, *g3.stride(),
+                                      BLOCKS=_BLOCKS_PER_PROGRAM, QBLOCK=QBLOCK)
+    return part
 
 
 @register("adafactor8_sumsq", "cuda")
 def _sumsq_cuda(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     C_ = _ext.load()
     L, R, C = g3.shape
-    out = torch.empty((), dtype=torch.float32, device=g3.device)
+    out = torch.empty(1, dtype=torch.float32, device=g3.device)
     workspace = torch.empty(1024, dtype=torch.float32, device=g3.device)  # per-CTA partials (csrc: kSumsqMaxBlocks)
     with torch.cuda.device(g3.device):
         C_.adafactor8_sumsq(g3.data_ptr(), *g3.stride(), a.data_ptr(), b.data_ptr(), out.data_ptr(),
@@ -237,28 +258,38 @@ def _update_direction(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tor
 
 @register("adafactor8_sumsq", "torch")
 def _sumsq_torch(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return _update_direction(g3, a, b).square().sum()
+    return _update_direction(g3, a, b).square().sum().reshape(1)
 
 
 @register("adafactor8_step", "triton")
-def _step_triton(g3, p3, q, scale, a, b, clip, lr, decay, beta1, rounding, generator):
-    _launch_update(g3, p3, q, scale, a, b, clip, clip, lr, decay, beta1, False)
+def _step_triton(g3, p3, q, scale, a, b, sumsq_parts, lr, decay, beta1, clip_threshold, rounding, generator):
+    L, R, C = g3.shape
+    nb = scale.numel()
+    grid = (triton.cdiv(nb, _BLOCKS_PER_PROGRAM),)
+    _adafactor8_step_kernel[grid](
+        g3, p3, q, scale, a, b, sumsq_parts, q.numel(), R, C, nb, sumsq_parts.numel(), *g3.stride(), *p3.stride(),
+        lr, decay, beta1, 1.0 - beta1, clip_threshold,
+        BLOCKS=_BLOCKS_PER_PROGRAM, QBLOCK=QBLOCK, PARTS=max(16, triton.next_power_of_2(sumsq_parts.numel())),
+    )
 
 
 @register("adafactor8_step", "cuda")
-def _step_cuda(g3, p3, q, scale, a, b, clip, lr, decay, beta1, rounding, generator):
+def _step_cuda(g3, p3, q, scale, a, b, sumsq_parts, lr, decay, beta1, clip_threshold, rounding, generator):
     C_ = _ext.load()
     L, R, C = g3.shape
     if g3.dtype != p3.dtype:  # the kernel is templated on one storage type
         g3 = g3.to(p3.dtype)
     with torch.cuda.device(g3.device):
         C_.adafactor8_step(g3.data_ptr(), *g3.stride(), p3.data_ptr(), *p3.stride(), q.data_ptr(),
-                           scale.data_ptr(), a.data_ptr(), b.data_ptr(), clip.data_ptr(), L, R, C,
-                           lr, decay, beta1, 1.0 - beta1, _ext.dtype_code(p3, "param"), _ext.stream_of(g3))
+                           scale.data_ptr(), a.data_ptr(), b.data_ptr(), sumsq_parts.data_ptr(), sumsq_parts.numel(),
+                           L, R, C, lr, decay, beta1, 1.0 - beta1, clip_threshold,
+                           _ext.dtype_code(p3, "param"), _ext.stream_of(g3))
 
 
 @register("adafactor8_step", "torch")
-def _step_torch(g3, p3, q, scale, a, b, clip, lr, decay, beta1, rounding, generator):
+def _step_torch(g3, p3, q, scale, a, b, sumsq_parts, lr, decay, beta1, clip_threshold, rounding, generator):
+    n = q.numel()
+    clip = 1.0 / torch.clamp((sumsq_parts.sum() / n).sqrt() / clip_threshold, min=1.0)  # update clipping
     u = _update_direction(g3, a, b)  # (N,)
     m = beta1 * dequantize_blockwise(q, scale) + (1.0 - beta1) * (u * clip)
     p_new = p3.float().reshape(-1) * decay - lr * m
@@ -387,9 +418,9 @@ class Adafactor8bit(torch.optim.Optimizer):
             v.mul_(beta2_t).add_(grad.float().reshape(-1).square() + eps1, alpha=1.0 - beta2_t)
             a = torch.ones(1, dtype=torch.float32, device=p.device)
             b = v.rsqrt()  # (N,)
-        n = g3.numel()
-        sumsq = dispatch("adafactor8_sumsq", backend, p.device)(g3, a, b)
-        clip = (1.0 / torch.clamp((sumsq / n).sqrt() / d, min=1.0)).reshape(1)  # device scalar, no host sync
+        # Partial sums of u^2 (their total is what matters); the step kernel turns them into the
+        # clipping factor on the device, so there is no host sync.
+        sumsq_parts = dispatch("adafactor8_sumsq", backend, p.device)(g3, a, b)
 
         p3 = _view3(p)
         # A param whose strides do not merge into (L, R, C) is updated in a copy, then written back.
@@ -397,7 +428,7 @@ class Adafactor8bit(torch.optim.Optimizer):
         if self.rounding == "stochastic" and self._generator is None:
             self._generator = torch.Generator(device=p.device).manual_seed(0)
         dispatch("adafactor8_step", backend, p.device)(
-            g3, p3, state["exp_avg_q"], state["exp_avg_scale"], a, b, clip, lr, 1.0 - lr * wd, beta1,
+            g3, p3, state["exp_avg_q"], state["exp_avg_scale"], a, b, sumsq_parts, lr, 1.0 - lr * wd, beta1, d,
             self.rounding, self._generator)
         if writes_back:
             p.copy_(p3.view(p.shape))

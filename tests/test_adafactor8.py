@@ -351,6 +351,13 @@ def test_extension_exposes_adafactor8():
     for op in ("adafactor8_row_col_sums", "adafactor8_sumsq", "adafactor8_step"):
         assert hasattr(C, op)
     assert "adafactor8" in C.ops
+    # Argument checks run before any CUDA call, so they work without a GPU.
+    view = dict(L=1, R=3, C=4, dtype=0, stream=0)
+    with pytest.raises(ValueError, match="n_parts"):
+        C.adafactor8_step(0, 12, 4, 1, 0, 12, 4, 1, 0, 0, 0, 0, 0, 0, lr=1e-3, decay=1.0, beta1=0.9,
+                          one_minus_beta1=0.1, clip_threshold=1.0, **view)
+    with pytest.raises(ValueError, match="positive sizes"):
+        C.adafactor8_row_col_sums(0, 0, 1, 1, 0, 0, 0, L=1, R=0, C=4, dtype=0, stream=0)
 
 
 @pytest.mark.gpu
