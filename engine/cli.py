@@ -31,9 +31,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _engine(args: argparse.Namespace):
     from .api import Engine
 
+    import os
+
+    # Under `torchrun --nproc-per-node N` each rank loads its tensor-parallel shard (vqim.engine.tp).
+    tp = int(os.environ.get("WORLD_SIZE", "1"))
     if args.preset is not None:
+        if tp > 1:
+            from .tp import engine_from_preset
+
+            return engine_from_preset(args.preset, tp, seed=args.model_seed, device=args.device, dtype=args.dtype)
         return Engine.from_preset(args.preset, seed=args.model_seed, device=args.device, dtype=args.dtype)
-    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, tp=tp)
 
 
 def _outputs(path: str, n: int) -> list[Path]:
@@ -54,6 +62,8 @@ def _generate(args: argparse.Namespace) -> None:
     imgs = eng.generate(args.prompt if text else None, num_images=args.n, cfg_scale=args.cfg,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                         class_ids=args.class_id, progress=not args.quiet)
+    if not getattr(eng, "is_main", True):
+        return  # tensor parallel: every rank holds the same images, rank 0 writes them
     for img, path in zip(imgs, _outputs(args.output, len(imgs))):
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path)
