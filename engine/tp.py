@@ -35,6 +35,7 @@ the CPU test suite (gloo on CPU has no graphs).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
@@ -283,6 +284,11 @@ def agreed(group: dist.ProcessGroup | None = None) -> Iterator[None]:
     agree(err, group)
 
 
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(tp: int, device: str | torch.device | None = None, *,
                      timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, torch.device]:
     """Join (or reuse) the default process group; return ``(rank, device)`` of this process.
@@ -305,6 +311,7 @@ def init_distributed(tp: int, device: str | torch.device | None = None, *,
                              f"(environment lacks {', '.join(missing)})")
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
+        atexit.register(_destroy)
     world = dist.get_world_size()
     if world != tp:
         raise ValueError(f"tp={tp} but the process group has {world} ranks (torchrun --nproc-per-node must equal tp)")

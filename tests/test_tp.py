@@ -9,11 +9,18 @@ TP=1 run, within a small factor of plain fp32 TP=1's own error.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import assert_equal, assert_within_torch_error
+from PIL import Image
 
 from vqim import kernels as K
 from vqim.engine import Engine, ModelConfig
@@ -226,3 +233,37 @@ def test_tp_without_torchrun_says_how_to_run(tmp_path, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
         Engine.from_pretrained(tmp_path, device="cpu", tp=2)
+
+
+def _torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}", "--master-addr=127.0.0.1",
+           f"--master-port={port}", "-m", "vqim.engine.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_cli_under_torchrun_rank0_writes_tp1_images(runs, tmp_path):
+    engines, dirs, _ = runs
+    out = tmp_path / "img.png"
+    p = _torchrun(["generate", "--model", dirs["tiny-vim"], "--class-id", "3", "-n", "2", "--seed", "7",
+                   "--device", "cpu", "-q", "-o", str(out)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    written = sorted(x.name for x in tmp_path.iterdir())
+    assert written == ["img-0.png", "img-1.png"]
+    assert p.stdout.count("img-0.png") == 1  # printed (and written) by rank 0 only
+    ref = engines["tiny-vim"].generate(class_ids=[3], num_images=2, seed=7)
+    for i, im in enumerate(ref):
+        got = np.asarray(Image.open(tmp_path / f"img-{i}.png"))
+        assert_equal(torch.tensor(np.array(got)), torch.tensor(np.array(im)), msg=f"image {i}")
+
+
+def test_cli_under_torchrun_error_ends_every_rank(runs, tmp_path):
+    _, dirs, _ = runs
+    p = _torchrun(["generate", "--model", dirs["bad-heads"], "--device", "cpu", "-q", "-o", str(tmp_path / "x.png")],
+                  tmp_path)
+    assert p.returncode != 0
+    assert p.stderr.count("vqim: error: tiny-vim: decoder.heads = 1 does not divide") == WORLD, p.stderr[-3000:]
+    assert not list(tmp_path.glob("*.png"))
