@@ -116,6 +116,9 @@ class Engine:
     def _text_tokenizer(cfg: ModelConfig, path: Path | None) -> TextTokenizer | None:
         if cfg.text is None:
             return None
+        if cfg.text.tokenizer == "sentencepiece" and (path is None or not (path / "tokenizer.model").is_file()):
+            raise FileNotFoundError(f"{cfg.name} was trained with a sentencepiece tokenizer but "
+                                    f"{path if path is not None else 'the model'} has no tokenizer.model")
         tok = TextTokenizer.load(path, cfg.text.max_len)
         if tok.vocab_size > cfg.text.vocab_size:
             raise ValueError(f"the text tokenizer has {tok.vocab_size} ids but the text encoder embeds only "

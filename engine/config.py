@@ -91,11 +91,16 @@ class TextEncoderConfig:
     heads: int = 16
     mlp_dim: int = 4096
     dropout: float = 0.1
+    # "bytes": the byte-level fallback (any prompt, no file); "sentencepiece": the model
+    # directory must hold the tokenizer.model the encoder was trained with.
+    tokenizer: str = "bytes"
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "max_len", "width", "layers", "heads", "mlp_dim")
         _check_heads(self)
+        if self.tokenizer not in ("bytes", "sentencepiece"):
+            raise ValueError(f"TextEncoderConfig.tokenizer must be 'bytes' or 'sentencepiece', got {self.tokenizer!r}")
         self.head_dim = self.width // self.heads
 
 

@@ -100,7 +100,9 @@ def _atomic_write(dst: Path, write) -> None:
 def save_pretrained(model: VQIMModel, model_dir: str | Path, tokenizer_model: str | Path | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and (if given) ``tokenizer.model``.
 
-    The config's dtype is set to the weights' dtype so the directory loads as saved.
+    The config's dtype is set to the weights' dtype so the directory loads as saved; with a
+    ``tokenizer_model`` the text config records ``tokenizer: sentencepiece`` so a directory that
+    loses the file fails to load instead of silently tokenizing by bytes.
     """
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +112,8 @@ def save_pretrained(model: VQIMModel, model_dir: str | Path, tokenizer_model: st
         raise ValueError(f"save_pretrained expects one dtype for all tensors, got {sorted(map(str, dtypes))}")
     cfg = model.cfg.to_dict()
     cfg["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtypes.pop()]
+    if tokenizer_model is not None and cfg["text"] is not None:
+        cfg["text"]["tokenizer"] = "sentencepiece"
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
     if tokenizer_model is not None:

@@ -318,3 +318,24 @@ def test_load_rejects_a_directory_without_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"name": "x"}))
     with warnings.catch_warnings(), pytest.raises(ValueError, match="not a vqim model config"):
         load_model(tmp_path)
+
+
+def test_a_sentencepiece_model_directory_needs_its_tokenizer(tmp_path):
+    import sentencepiece as spm
+
+    from vqim.engine import Engine
+    from vqim.engine.text import SentencePieceTokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"a red circle on a blue square number {i}" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    model_dir = tmp_path / "model"
+    save_pretrained(build_model(ModelConfig.from_name("tiny-t2i"), "cpu"), model_dir,
+                    tokenizer_model=tmp_path / "sp.model")
+    assert json.loads((model_dir / "config.json").read_text())["text"]["tokenizer"] == "sentencepiece"
+    eng = Engine.from_pretrained(model_dir, device="cpu")
+    assert isinstance(eng.tokenizer.impl, SentencePieceTokenizer)
+    (model_dir / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.model"):
+        Engine.from_pretrained(model_dir, device="cpu")
