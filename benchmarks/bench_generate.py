@@ -44,6 +44,13 @@ def run(device: torch.device, presets, batches, *, cfg_scale: float = 3.0) -> li
     return rows
 
 
+@pytest.fixture(autouse=True)
+def _needs_cuda(request):
+    """benchmarks/ has no conftest: honour the gpu marker here, when a benchmark is about to run."""
+    if request.node.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("batch", BATCHES)
