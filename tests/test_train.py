@@ -205,6 +205,14 @@ def test_sentencepiece_matches_engine_ids(data, tmp_path):
     assert 0 < len(ids) < len(caps[0].split()) * 3 and tok.sp.decode(ids) == caps[0]
 
 
+def test_example_configs_parse():
+    from pathlib import Path
+
+    for name in ("shapes_stage1.json", "shapes_stage2.json"):
+        cfg = TrainConfig.load(Path(__file__).parent.parent / "train" / "configs" / name)
+        assert cfg.model_config().name == "tiny-t2i"
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="cond_dropout"):
         TrainConfig(data=".", out_dir=".", cond_dropout=1.5)
@@ -220,7 +228,7 @@ def test_config_errors(tmp_path):
 # ----------------------------------------------------------------------------- stage 1
 
 
-def test_stage1_trains_and_reports_codebook_usage(stage1_ckpt, capsys):
+def test_stage1_trains_and_reports_codebook_usage(stage1_ckpt):
     ckpt, _, run_dir = stage1_ckpt
     hist = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [h for h in hist if "loss" in h]
