@@ -39,46 +39,51 @@ from _common import (H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, append_results, devi
 from vqim.kernels import (conv_attention, conv_attention_ref, conv_cache_len, conv_decode_attention,  # noqa: E402
                           conv_mask_ref)
 from vqim.kernels import _ext  # noqa: E402
+from vqim.kernels.conv_attention import _prefix_block  # noqa: E402
 
 GRID, KERNEL, PREFIX = (32, 32), (11, 11), 1
 
 
 # --------------------------------------------------------------------------- visited work (CPU)
 
-def _blocks_visited(mask: torch.Tensor, q_groups: list[torch.Tensor], k_groups_of) -> int:
-    """Number of (query group, key group) tiles with a visible pair; k_groups_of(qg) lists the
-    key groups the kernel would iterate for that query group."""
-    n = 0
+def _tiles_visited(mask: torch.Tensor, q_groups: list[torch.Tensor], k_groups_of) -> tuple[int, int]:
+    """(tiles, work): the (query group, key group) tiles with a visible pair, and their summed
+    padded size; ``k_groups_of(qg)`` lists the (key indices, padded width) the kernel iterates."""
+    tiles = work = 0
     for qg in q_groups:
-        for kg in k_groups_of(qg):
+        for kg, width in k_groups_of(qg):
             kg = kg[kg < mask.shape[1]]
             if kg.numel() and bool(mask[qg][:, kg].any()):
-                n += 1
-    return n
+                tiles += 1
+                work += width
+    return tiles, work
 
 
 def visited_work(grid=GRID, kernel=KERNEL, prefix=PREFIX, *, tiling="raster", block_m=64, block_n=64,
                  tile=(8, 8), key_tiles="raster") -> dict:
-    """(query, key) pairs a tiling computes (visited tiles x BLOCK_M x BLOCK_N) vs pairs the mask keeps.
+    """(query, key) pairs a tiling computes (visited tiles x their padded sizes) vs pairs the mask keeps.
 
-    ``tiling="raster"`` mirrors the shipped kernel exactly: prefix blocks, then raster runs of
-    block_m image queries, each iterating key blocks of block_n from its first window key to its
-    last query (blocks with no visible pair skipped). ``tiling="spatial"``: query tiles of
-    ``tile`` (rows x cols) of the grid, with key groups either aligned raster runs of block_n
-    (``key_tiles="raster"``) or spatial tiles of the same shape (``key_tiles="spatial"``).
+    ``tiling="raster"`` mirrors the shipped kernel exactly: prefix query blocks, then raster runs
+    of block_m image queries, each iterating the prefix in key tiles of BLOCK_P (16 for a short
+    prefix), then key blocks of block_n from its first window key to its last query (blocks with
+    no visible pair skipped). ``tiling="spatial"``: query tiles of ``tile`` (rows x cols) of the
+    grid, with key groups either aligned raster runs of block_n (``key_tiles="raster"``) or
+    spatial tiles of the same shape (``key_tiles="spatial"``), the prefix as in raster.
     """
     mask = conv_mask_ref(grid, kernel, prefix)
     s = mask.shape[0]
     gh, gw = grid
     hh, hw = kernel[0] // 2, kernel[1] // 2
-    prefix_groups = [torch.arange(i, min(prefix, i + block_n)) for i in range(0, prefix, block_n)]
+    bp = _prefix_block(prefix)
+    prefix_groups = [(torch.arange(i, min(prefix, i + bp)), bp) for i in range(0, prefix, bp)]
     if tiling == "raster":
-        q_groups = [torch.arange(i, min(prefix, i + block_m)) for i in range(0, prefix, block_m)]
-        q_groups += [torch.arange(i, min(s, i + block_m)) for i in range(prefix, s, block_m)]
+        bm = block_m
+        q_groups = [torch.arange(i, min(prefix, i + bm)) for i in range(0, prefix, bm)]
+        q_groups += [torch.arange(i, min(s, i + bm)) for i in range(prefix, s, bm)]
 
         def k_groups_of(qg):
             q0, q1 = int(qg[0]), int(qg[-1]) + 1
-            out = [g[g < q1] for g in prefix_groups if int(g[0]) < q1]
+            out = [(g[g < q1], w) for g, w in prefix_groups if int(g[0]) < q1]
             if q1 > prefix:
                 firsts = []
                 for t in (q0 - prefix, (max(q0 - prefix, 0) // gw + 1) * gw):
@@ -86,31 +91,29 @@ def visited_work(grid=GRID, kernel=KERNEL, prefix=PREFIX, *, tiling="raster", bl
                         r, c = divmod(t, gw)
                         firsts.append(max(0, r - hh) * gw + max(0, c - hw))
                 lo = prefix + min(firsts)
-                out += [torch.arange(n0, min(q1, n0 + block_n)) for n0 in range(lo, q1, block_n)]
+                out += [(torch.arange(n0, min(q1, n0 + block_n)), block_n) for n0 in range(lo, q1, block_n)]
             return out
-        bm, bn = block_m, block_n
     else:
         th, tw = tile
+        bm = th * tw
         pos = torch.arange(gh * gw).view(gh, gw) + prefix
-        q_groups = [torch.arange(i, min(prefix, i + th * tw)) for i in range(0, prefix, th * tw)]
+        q_groups = [torch.arange(i, min(prefix, i + bm)) for i in range(0, prefix, bm)]
         q_groups += [pos[r:r + th, c:c + tw].flatten() for r in range(0, gh, th) for c in range(0, gw, tw)]
         if key_tiles == "raster":
-            img_groups = [torch.arange(i, min(s, i + block_n)) for i in range(prefix, s, block_n)]
-            bn = block_n
+            img_groups = [(torch.arange(i, min(s, i + block_n)), block_n) for i in range(prefix, s, block_n)]
         else:
-            img_groups = [pos[r:r + th, c:c + tw].flatten() for r in range(0, gh, th) for c in range(0, gw, tw)]
-            bn = th * tw
+            img_groups = [(pos[r:r + th, c:c + tw].flatten(), bm) for r in range(0, gh, th) for c in range(0, gw, tw)]
 
         def k_groups_of(qg):
             return prefix_groups + img_groups
-        bm = th * tw
-    tiles = _blocks_visited(mask, q_groups, k_groups_of)
+    tiles, width = _tiles_visited(mask, q_groups, k_groups_of)
     pairs = int(mask.sum())
-    work = tiles * bm * bn
+    work = width * bm
     dense_causal = sum(math.ceil((i + 1) / 64) * 64 * 64 for i in range(0, s, 64))  # 64 x 64 causal tiles
-    return {"tiling": tiling if tiling == "raster" else f"spatial {tile[0]}x{tile[1]} / keys {key_tiles}",
-            "BM": bm, "BN": bn, "tiles": tiles, "work_pairs": work, "useful_pairs": pairs,
-            "useful_share": pairs / work, "vs_dense_causal": work / dense_causal}
+    name = "raster" if tiling == "raster" else f"spatial {tile[0]}x{tile[1]} / keys {key_tiles}"
+    return {"tiling": name, "BM": bm, "BN": block_n if tiling == "raster" or key_tiles == "raster" else bm,
+            "tiles": tiles, "work_pairs": work, "useful_pairs": pairs, "useful_share": pairs / work,
+            "vs_dense_causal": work / dense_causal}
 
 
 def work_table() -> list[dict]:

@@ -339,7 +339,7 @@ def _conv_attention_fwd_kernel(
     H, S, D, P, GW, HH, HW,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
     qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -359,10 +359,11 @@ def _conv_attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    # The prefix: every image query sees all of it, prefix queries see it causally.
+    # The prefix: every image query sees all of it, prefix queries see it causally. Its own
+    # narrow key tiles (BLOCK_P, typically 16) so one BOS token does not cost a 64-wide tile.
     p_end = tl.minimum(P, q_end)
-    for n0 in range(0, p_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    for n0 in range(0, p_end, BLOCK_P):
+        offs_n = n0 + tl.arange(0, BLOCK_P)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
                                   v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
                                   offs_m, offs_n, offs_n < p_end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
@@ -406,7 +407,7 @@ def _conv_attention_bwd_dq_kernel(
     H, S, D, P, GW, HH, HW,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -427,8 +428,8 @@ def _conv_attention_bwd_dq_kernel(
     v_base = v_ptr + b * svb + h * svh
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     p_end = tl.minimum(P, q_end)
-    for n0 in range(0, p_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    for n0 in range(0, p_end, BLOCK_P):
+        offs_n = n0 + tl.arange(0, BLOCK_P)
         dq = _bwd_dq_step(dq, q, do, lse, delta, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
                           v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
                           offs_m, offs_n, offs_n < p_end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
@@ -536,6 +537,8 @@ def _launch(name: str, block_key: str, q: torch.Tensor, s: int, prefix: int, cfg
         return (triton.cdiv(min(prefix, s), blk) + triton.cdiv(max(0, s - prefix), blk), b * h)
 
     consts = {"DOT_PRECISION": _precision(q.dtype, q.device), "UPCAST_DOT": interpreter_dot_upcast(q.dtype, q.device)}
+    if name != "dkdv":
+        consts["BLOCK_P"] = _prefix_block(prefix)
     if cfg is None and q.is_cuda:
         _tuned(name)[launch_grid](*args, BLOCK_D=max(16, triton.next_power_of_2(d)), **consts)
         return
@@ -543,6 +546,12 @@ def _launch(name: str, block_key: str, q: torch.Tensor, s: int, prefix: int, cfg
     kernel = {"fwd": _conv_attention_fwd_kernel, "dq": _conv_attention_bwd_dq_kernel,
               "dkdv": _conv_attention_bwd_dkdv_kernel}[name]
     kernel[launch_grid(cfg)](*args, **cfg, **consts)
+
+
+def _prefix_block(prefix: int) -> int:
+    """Key tile width for the prefix loop: the prefix rounded up to a power of two, at least 16
+    (the smallest tl.dot operand) and at most 64."""
+    return min(64, max(16, triton.next_power_of_2(max(prefix, 1))))
 
 
 def _geometry(grid, kernel, prefix: int) -> tuple[int, int, int, int]:

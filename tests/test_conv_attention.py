@@ -160,7 +160,8 @@ TRITON_CASES = [
     ((16, 16), (11, 11), 1, None, 32, torch.float16, None, True),
     ((16, 16), (3, 3), 3, 200, 64, torch.float32, {"BLOCK_M": 32, "BLOCK_N": 16}, False),
     ((16, 16), (5, 7), 0, None, 32, torch.bfloat16, {"BLOCK_M": 32, "BLOCK_N": 32}, False),
-    ((6, 40), (3, 5), 3, 211, 32, torch.float32, SMALL_BLOCKS, False),  # wide grid: key blocks outside windows skipped
+    ((6, 40), (3, 5), 3, 211, 32, torch.float32, SMALL_BLOCKS, False),
+    ((3, 4), (3, 3), 70, None, 32, torch.float32, SMALL_BLOCKS, False),  # a prefix wider than its key tile  # wide grid: key blocks outside windows skipped
     ((32, 32), (11, 11), 1, None, 64, torch.bfloat16, None, False),
     ((32, 32), (5, 7), 0, 1000, 32, torch.float16, None, True),
 ]
@@ -376,8 +377,8 @@ from triton.compiler import ASTSource
 
 ca = importlib.import_module("vqim.kernels.conv_attention")
 cases = [
-    (ca._conv_attention_fwd_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64)),
-    (ca._conv_attention_bwd_dq_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64)),
+    (ca._conv_attention_fwd_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_P=16, BLOCK_D=64)),
+    (ca._conv_attention_bwd_dq_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_P=16, BLOCK_D=64)),
     (ca._conv_attention_bwd_dkdv_kernel, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=128)),
     (ca._conv_decode_kernel, dict(RING=True, BLOCK_P=2, BLOCK_R=8, BLOCK_C=16, BLOCK_D=64)),
 ]
