@@ -171,7 +171,7 @@ def prefill_rows(b, h, grid, kernel, prefix, d, dtype, device, iters) -> list[di
             if mode == "fwd":
                 def call(fn=fn):
                     with torch.no_grad():
-                        fn(q, k, v)
+                        fn(q.detach(), k.detach(), v.detach())
             else:
                 def call(fn=fn):
                     torch.autograd.grad(fn(q, k, v), (q, k, v), do)
@@ -298,8 +298,8 @@ def main() -> None:
         dec = decode_rows(8, 16, GRID, KERNEL, PREFIX, 64, torch.bfloat16, device, iters=100)
     else:
         print("\nCPU: tiny sizes, Triton through the interpreter; these numbers are NOT the target (GPU is).")
-        pre = prefill_rows(1, 2, (8, 8), (5, 5), 1, 32, torch.float32, device, iters=3)
-        dec = decode_rows(2, 2, (8, 8), (5, 5), 1, 32, torch.float32, device, iters=5)
+        pre = prefill_rows(1, 2, (8, 8), (5, 5), 1, 32, torch.float32, device, iters=6)
+        dec = decode_rows(2, 2, (8, 8), (5, 5), 1, 32, torch.float32, device, iters=6)
     print()
     print_table(pre, ["mode", "method", "B", "H", "S", "Dh", "dtype", "ms", "p20", "p80", "eff_TFLOP/s", "roofline",
                       "ours_speedup"])
