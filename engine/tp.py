@@ -215,7 +215,8 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
 
 def _shard(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     n = t.shape[dim] // world
-    return t.narrow(dim, rank * n, n)
+    # A copy, not a view: a view would keep the whole unsharded tensor alive.
+    return t.narrow(dim, rank * n, n).clone()
 
 
 def tensor_parallel(model: VQIMModel, rank: int, world: int, group: dist.ProcessGroup | None = None) -> VQIMModel:
@@ -441,9 +442,11 @@ def engine_from_preset(name: str, tp: int, seed: int = 0, device: str | torch.de
     with agreed(group):
         cfg = ModelConfig.from_name(name)
         check_tp(cfg, tp)
-    model = build_model(cfg, "cpu", torch.float32)
+    # Drawn on CPU in the engine's dtype, exactly as Engine.from_preset draws them; each rank
+    # holds the full weights once (benchmarks only: real models load by slices).
+    model = build_model(cfg, "cpu", _default_dtype(cfg, dev, dtype))
     init_weights(model, seed)
-    model = tensor_parallel(model, rank, tp, group).to(device=dev, dtype=_default_dtype(cfg, dev, dtype))
+    model = tensor_parallel(model, rank, tp, group).to(dev)
     return _finish(model, None, rank, tp, dev, **kwargs)
 
 

@@ -96,6 +96,9 @@ def _worker(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
             with TP.count_collectives() as st:
                 dec.decode_step(state, tokens[:, 0], torch.tensor([dec.cfg.prefix]))
         res[f"{name}/collectives"] = (dict(st.counts), dict(st.bytes))
+    # Random weights drawn per rank like Engine.from_preset, then sharded (benchmarks, CLI --preset).
+    res["preset/greedy"] = TP.engine_from_preset("tiny-vim", world, seed=5, device="cpu").generate_codes(
+        **CONDS["tiny-vim"], **RUNS["greedy"])
     try:
         Engine.from_pretrained(dirs["bad-heads"], device="cpu", tp=world)
         res["bad-heads"] = "loaded"
@@ -135,6 +138,13 @@ def test_tp2_tokens_equal_tp1(runs, name, run):
     for r, res in enumerate(ranks):
         assert res[f"{name}/type"] == "TPEngine"
         assert_equal(res[f"{name}/{run}"], ref, msg=f"{name} {run} rank {r}")
+
+
+def test_tp2_from_preset_equals_tp1_preset(runs):
+    _, _, ranks = runs
+    ref = Engine.from_preset("tiny-vim", seed=5, device="cpu").generate_codes(**CONDS["tiny-vim"], **RUNS["greedy"])
+    for r, res in enumerate(ranks):
+        assert_equal(res["preset/greedy"], ref, msg=f"rank {r}")
 
 
 @pytest.mark.parametrize("name", sorted(CONDS))
