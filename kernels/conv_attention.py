@@ -244,11 +244,14 @@ def _conv_decode_attention_torch(q, k_cache, v_cache, pos, grid, kernel, prefix,
 # --------------------------------------------------------------------------- Triton: prefill
 
 # Query blocks are raster runs of BLOCK_M positions: the prefix is split into its own blocks
-# and image blocks start at image token 0, so a block never mixes the two and its key range is
-# one contiguous raster interval [first key of its first query, its last query]. A spatial
-# tiling (e.g. 8 x 8 query tiles) was counted against this on the 32 x 32 grid with an 11 x 11
-# kernel and visits more (query, key) pairs at the same block sizes (see
-# benchmarks/bench_conv_attention.py, `visited_work`), so raster runs are what ships.
+# and image blocks start at image token 0, so a block never mixes the two and its image keys
+# lie in one raster interval [first window key of the block, its last query]; key tiles in that
+# interval that no query of the block sees are skipped, the rest are masked element-wise.
+# Spatial query tiles were counted exactly against this (benchmarks/bench_conv_attention.py,
+# `visited_work`): on the 32 x 32 grid with the 11 x 11 kernel and a BOS token, raster 64 x 64
+# tiles compute 255k (query, key) pairs for 53k visible ones, 8 x 8 spatial query tiles 304k
+# (spatial key tiles) or 427k (raster key tiles), so raster runs are what ships.
+
 
 @triton.jit
 def _conv_visible(qs, ks, P, GW, HH, HW):
