@@ -1,8 +1,10 @@
 // Adafactor with int8 first moments: the CUDA twin of kernels/adafactor8.py.
 //
 // A parameter is viewed as (L, R, C) with element strides (rank >= 2: leading dims merged, the
-// last two factored; rank < 2: (1, 1, N)). Three launches per parameter, as in the Triton path:
+// last two factored; rank < 2: (1, 1, N)). The launches per parameter, as in the Triton path:
 //   adafactor8_row_col_sums: one pass over g -> row sums [L, R] and column sums [L, C] of g^2;
+//   adafactor8_factors:      r, c statistics and the factors a = rsqrt(r / mean r), b = rsqrt(c)
+//                            (adafactor8_full_factors: v and b = rsqrt(v) for rank < 2);
 //   adafactor8_sumsq:        one pass over g -> sum of u^2, u = g * a[l, r] * b[l, c]
 //                            (update clipping needs the RMS of the whole update first);
 //   adafactor8_step:         turns that sum into the clipping factor, then one pass reading g, p,
@@ -22,6 +24,7 @@ constexpr int kQBlock = 256;          // values per int8 block
 constexpr int kRowsPerBlock = 32;     // rows of one row_col_sums CTA
 constexpr int kSumsqThreads = 256;
 constexpr int kSumsqMaxBlocks = 1024;  // also the workspace size the Python launcher allocates
+constexpr int kFactorsThreads = 256;
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -86,6 +89,60 @@ __global__ void col_partials_sum_kernel(const float* __restrict__ col_part, floa
   float s = 0.f;
   for (int64_t rb = 0; rb < n_row_blocks; ++rb) s += col_part[rb * LC + i];
   col_out[i] = s;
+}
+
+// One block per (slice, side): side 0 sums the row partials, updates r and writes
+// a = 1 / sqrt(r / mean r); side 1 does the same for the columns (c, b = 1 / sqrt(c)).
+// Each thread re-reads only the r values it wrote itself, so one barrier (for the mean) suffices.
+__global__ void factors_kernel(const float* __restrict__ rowpart, const float* __restrict__ colpart,
+                               float* __restrict__ r, float* __restrict__ c, float* __restrict__ a,
+                               float* __restrict__ b, int64_t L, int64_t R, int64_t C, int64_t n_rowparts,
+                               int64_t n_colparts, float beta2_t, float one_minus_beta2_t, float eps1) {
+  const int64_t l = blockIdx.x;
+  if (blockIdx.y == 0) {
+    float local = 0.f;
+    for (int64_t i = threadIdx.x; i < R; i += blockDim.x) {
+      float s = 0.f;
+      for (int64_t k = 0; k < n_rowparts; ++k) s += rowpart[(k * L + l) * R + i];
+      const float rn = beta2_t * r[l * R + i] + one_minus_beta2_t * (s / static_cast<float>(C) + eps1);
+      r[l * R + i] = rn;
+      local += rn;
+    }
+    __shared__ float warp_part[kFactorsThreads / 32];
+    __shared__ float mean_sh;
+    local = warp_sum(local);
+    if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = local;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      float v = threadIdx.x < kFactorsThreads / 32 ? warp_part[threadIdx.x] : 0.f;
+      v = warp_sum(v);
+      if (threadIdx.x == 0) mean_sh = v / static_cast<float>(R);
+    }
+    __syncthreads();
+    const float mean = mean_sh;
+    for (int64_t i = threadIdx.x; i < R; i += blockDim.x) a[l * R + i] = 1.f / sqrtf(r[l * R + i] / mean);
+  } else {
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+      float s = 0.f;
+      for (int64_t k = 0; k < n_colparts; ++k) s += colpart[(k * L + l) * C + j];
+      const float cn = beta2_t * c[l * C + j] + one_minus_beta2_t * (s / static_cast<float>(R) + eps1);
+      c[l * C + j] = cn;
+      b[l * C + j] = 1.f / sqrtf(cn);
+    }
+  }
+}
+
+// Unfactored (rank < 2) tensors: v <- beta2_t * v + (1 - beta2_t) * (g^2 + eps1), b = 1 / sqrt(v).
+template <typename T>
+__global__ void full_factors_kernel(const T* __restrict__ g, int64_t stride_g, float* __restrict__ v,
+                                    float* __restrict__ b, int64_t N, float beta2_t, float one_minus_beta2_t,
+                                    float eps1) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N) return;
+  const float gv = to_float(g[i * stride_g]);
+  const float vn = beta2_t * v[i] + one_minus_beta2_t * (gv * gv + eps1);
+  v[i] = vn;
+  b[i] = 1.f / sqrtf(vn);
 }
 
 struct View3 {
@@ -203,6 +260,31 @@ void row_col_sums(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::
   VQIM_CUDA_CHECK(cudaGetLastError());
 }
 
+void factors(std::uintptr_t rowpart, std::uintptr_t colpart, std::uintptr_t r, std::uintptr_t c, std::uintptr_t a,
+             std::uintptr_t b, int64_t L, int64_t R, int64_t C, int64_t n_rowparts, int64_t n_colparts,
+             double beta2_t, double one_minus_beta2_t, double eps1, std::uintptr_t stream) {
+  check_view(L, R, C);
+  VQIM_CHECK(n_rowparts >= 1 && n_colparts >= 1, "adafactor8_factors: need at least one partial sum per side, got ",
+             n_rowparts, " and ", n_colparts);
+  VQIM_CHECK(L < (int64_t{1} << 31), "adafactor8_factors: too many slices (L = ", L, ")");
+  factors_kernel<<<dim3(static_cast<unsigned>(L), 2), kFactorsThreads, 0, as_stream(stream)>>>(
+      as_ptr<const float>(rowpart), as_ptr<const float>(colpart), as_ptr<float>(r), as_ptr<float>(c),
+      as_ptr<float>(a), as_ptr<float>(b), L, R, C, n_rowparts, n_colparts, static_cast<float>(beta2_t),
+      static_cast<float>(one_minus_beta2_t), static_cast<float>(eps1));
+  VQIM_CUDA_CHECK(cudaGetLastError());
+}
+
+void full_factors(std::uintptr_t g, int64_t stride_g, std::uintptr_t v, std::uintptr_t b, int64_t N, double beta2_t,
+                  double one_minus_beta2_t, double eps1, int dtype, std::uintptr_t stream) {
+  VQIM_CHECK(N >= 1, "adafactor8_full_factors: N must be >= 1, got ", N);
+  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
+    full_factors_kernel<scalar_t><<<static_cast<unsigned>((N + 255) / 256), 256, 0, as_stream(stream)>>>(
+        as_ptr<const scalar_t>(g), stride_g, as_ptr<float>(v), as_ptr<float>(b), N, static_cast<float>(beta2_t),
+        static_cast<float>(one_minus_beta2_t), static_cast<float>(eps1));
+  });
+  VQIM_CUDA_CHECK(cudaGetLastError());
+}
+
 void sumsq(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_t a, std::uintptr_t b,
            std::uintptr_t out, std::uintptr_t workspace, int64_t L, int64_t R, int64_t C, int dtype,
            std::uintptr_t stream) {
@@ -256,6 +338,16 @@ VQIM_REGISTER_OP(adafactor8, [](vqim::py::module_& m) {
         "ceil(R / 32) * L * C floats",
         py::arg("g"), py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("row_out"), py::arg("col_out"),
         py::arg("col_workspace"), py::arg("L"), py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("stream"));
+  m.def("adafactor8_factors", &vqim::factors,
+        "sum the (P, L, R) / (P, L, C) partials, update r [L, R] and c [L, C] in place, write "
+        "a = 1 / sqrt(r / mean r) and b = 1 / sqrt(c)",
+        py::arg("rowpart"), py::arg("colpart"), py::arg("r"), py::arg("c"), py::arg("a"), py::arg("b"), py::arg("L"),
+        py::arg("R"), py::arg("C"), py::arg("n_rowparts"), py::arg("n_colparts"), py::arg("beta2_t"),
+        py::arg("one_minus_beta2_t"), py::arg("eps1"), py::arg("stream"));
+  m.def("adafactor8_full_factors", &vqim::full_factors,
+        "unfactored second moment: v <- beta2_t v + (1 - beta2_t)(g^2 + eps1) in place, b = 1 / sqrt(v)",
+        py::arg("g"), py::arg("stride_g"), py::arg("v"), py::arg("b"), py::arg("N"), py::arg("beta2_t"),
+        py::arg("one_minus_beta2_t"), py::arg("eps1"), py::arg("dtype"), py::arg("stream"));
   m.def("adafactor8_sumsq", &vqim::sumsq,
         "sum of (g * a[l, r] * b[l, c])^2 into out (fp32 scalar); workspace holds 1024 floats", py::arg("g"),
         py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("a"), py::arg("b"), py::arg("out"),

@@ -11,10 +11,11 @@ One optimizer step of a parameter, viewed as ``(L, R, C)`` (rank >= 2: leading d
 into L, factored over the last two; rank < 2: ``(1, 1, N)`` with the full second moment):
 
 1. ``row_col_sums`` kernel (factored only): one reduction pass over g gives the row and column
-   sums of g^2 (deterministic per-tile partials, summed by torch). Tiny torch ops then update
-   the row/col statistics r, c and form the factors ``a = rsqrt(r / mean r)``, ``b = rsqrt(c)``,
-   so ``u = g * a[row] * b[col]``. For rank < 2 the full v is updated elementwise by torch (the
-   tensor is a vector) and ``a = 1``, ``b = rsqrt(v)``: the same kernels then serve both cases.
+   sums of g^2 as deterministic per-tile partials (no atomics). A small ``factors`` kernel sums
+   the partials, updates the row/col statistics r, c and writes ``a = rsqrt(r / mean r)``,
+   ``b = rsqrt(c)``, so ``u = g * a[row] * b[col]``. For rank < 2 the ``full_factors`` kernel
+   updates the full v elementwise and writes ``b = rsqrt(v)`` with ``a = 1``: the same two
+   kernels below then serve both cases.
 2. Update clipping needs ``RMS(u)`` over the whole tensor before any moment is written, so a
    second reduction pass (``sumsq`` kernel, a fixed grid of at most 256 programs) writes
    partial sums of ``u^2``.
@@ -40,6 +41,7 @@ State: 1.026 bytes per parameter for a parti-350m-shaped list (1 int8 + 1/64 for
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -129,15 +131,15 @@ def _row_col_sums_triton(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _adafactor8_row_col_sums_kernel[(L * nrb, ncb)](
         g3, rowpart, colpart, L, R, C, nrb, *g3.stride(), BLOCK_R=br, BLOCK_C=bc,
     )
-    return rowpart.sum(dim=0), colpart.sum(dim=0)
+    return rowpart, colpart  # partials: the factors kernel sums them
 
 
 @register("adafactor8_row_col_sums", "cuda")
 def _row_col_sums_cuda(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     C_ = _ext.load()
     L, R, C = g3.shape
-    row = torch.empty(L, R, dtype=torch.float32, device=g3.device)
-    col = torch.empty(L, C, dtype=torch.float32, device=g3.device)
+    row = torch.empty(1, L, R, dtype=torch.float32, device=g3.device)
+    col = torch.empty(1, L, C, dtype=torch.float32, device=g3.device)
     # Column sums per block of 32 rows, summed in a fixed order by a second launch.
     workspace = torch.empty(triton.cdiv(R, 32) * L * C, dtype=torch.float32, device=g3.device)
     with torch.cuda.device(g3.device):
@@ -148,8 +150,136 @@ def _row_col_sums_cuda(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register("adafactor8_row_col_sums", "torch")
 def _row_col_sums_torch(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums of g^2 as ``(P, L, R)`` and ``(P, L, C)`` partials (here P = 1)."""
     g2 = g3.float().square()  # (L, R, C)
-    return g2.sum(dim=2), g2.sum(dim=1)
+    return g2.sum(dim=2)[None], g2.sum(dim=1)[None]
+
+
+# ----------------------------------------------------------------------------- second-moment statistics
+
+@triton.jit
+def _adafactor8_factors_kernel(
+    rowpart_ptr, colpart_ptr, r_ptr, c_ptr, a_ptr, b_ptr,
+    L, R, C, n_rowparts, n_colparts,
+    beta2_t, one_minus_beta2_t, eps1,
+    BLOCK: tl.constexpr,
+):
+    # Program (l, 0) updates the row statistics of slice l and writes a = rsqrt(r / mean r);
+    # program (l, 1) updates the column statistics and writes b = rsqrt(c). The vectors are
+    # short (<= a few thousand), so one program per slice and side is enough.
+    sl = tl.program_id(0)
+    side = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    if side == 0:
+        total = tl.zeros((BLOCK,), tl.float32)
+        for i0 in range(0, R, BLOCK):
+            rows = i0 + offs
+            mask = rows < R
+            s = tl.zeros((BLOCK,), tl.float32)
+            for k in range(0, n_rowparts):
+                s += tl.load(rowpart_ptr + (k * L + sl) * R + rows, mask=mask, other=0.0)
+            r_new = beta2_t * tl.load(r_ptr + sl * R + rows, mask=mask, other=0.0) \
+                + one_minus_beta2_t * (s / C + eps1)
+            total += tl.where(mask, r_new, 0.0)
+        mean = tl.sum(total, axis=0) / R
+        # Second sweep recomputes r_new (same arithmetic) rather than re-reading what this
+        # program just stored: no cross-thread visibility question.
+        for i0 in range(0, R, BLOCK):
+            rows = i0 + offs
+            mask = rows < R
+            s = tl.zeros((BLOCK,), tl.float32)
+            for k in range(0, n_rowparts):
+                s += tl.load(rowpart_ptr + (k * L + sl) * R + rows, mask=mask, other=0.0)
+            r_new = beta2_t * tl.load(r_ptr + sl * R + rows, mask=mask, other=0.0) \
+                + one_minus_beta2_t * (s / C + eps1)
+            tl.store(r_ptr + sl * R + rows, r_new, mask=mask)
+            tl.store(a_ptr + sl * R + rows, 1.0 / tl.sqrt(r_new / mean), mask=mask)
+    else:
+        for j0 in range(0, C, BLOCK):
+            cols = j0 + offs
+            mask = cols < C
+            s = tl.zeros((BLOCK,), tl.float32)
+            for k in range(0, n_colparts):
+                s += tl.load(colpart_ptr + (k * L + sl) * C + cols, mask=mask, other=0.0)
+            c_new = beta2_t * tl.load(c_ptr + sl * C + cols, mask=mask, other=1.0) \
+                + one_minus_beta2_t * (s / R + eps1)
+            tl.store(c_ptr + sl * C + cols, c_new, mask=mask)
+            tl.store(b_ptr + sl * C + cols, 1.0 / tl.sqrt(c_new), mask=mask)
+
+
+@register("adafactor8_factors", "triton")
+def _factors_triton(rowpart, colpart, r, c, beta2_t, eps1):
+    L, R = r.shape
+    C = c.shape[1]
+    a = torch.empty(L * R, dtype=torch.float32, device=r.device)
+    b = torch.empty(L * C, dtype=torch.float32, device=r.device)
+    _adafactor8_factors_kernel[(L, 2)](
+        rowpart, colpart, r, c, a, b, L, R, C, rowpart.shape[0], colpart.shape[0], beta2_t, 1.0 - beta2_t, eps1,
+        BLOCK=1024 if max(R, C) >= 1024 else max(16, triton.next_power_of_2(max(R, C))),
+    )
+    return a, b
+
+
+@register("adafactor8_factors", "cuda")
+def _factors_cuda(rowpart, colpart, r, c, beta2_t, eps1):
+    C_ = _ext.load()
+    L, R = r.shape
+    C = c.shape[1]
+    a = torch.empty(L * R, dtype=torch.float32, device=r.device)
+    b = torch.empty(L * C, dtype=torch.float32, device=r.device)
+    with torch.cuda.device(r.device):
+        C_.adafactor8_factors(rowpart.data_ptr(), colpart.data_ptr(), r.data_ptr(), c.data_ptr(), a.data_ptr(),
+                              b.data_ptr(), L, R, C, rowpart.shape[0], colpart.shape[0], beta2_t, 1.0 - beta2_t, eps1,
+                              _ext.stream_of(r))
+    return a, b
+
+
+@register("adafactor8_factors", "torch")
+def _factors_torch(rowpart, colpart, r, c, beta2_t, eps1):
+    """r, c <- EMA of the row / column means of g^2 (+eps1); a = rsqrt(r / mean r), b = rsqrt(c)."""
+    L, R = r.shape
+    C = c.shape[1]
+    r.mul_(beta2_t).add_(rowpart.sum(dim=0) / C + eps1, alpha=1.0 - beta2_t)  # (L, R)
+    c.mul_(beta2_t).add_(colpart.sum(dim=0) / R + eps1, alpha=1.0 - beta2_t)  # (L, C)
+    return (r / r.mean(dim=1, keepdim=True)).rsqrt().reshape(-1), c.rsqrt().reshape(-1)
+
+
+@triton.jit
+def _adafactor8_full_factors_kernel(g_ptr, v_ptr, b_ptr, N, stride_g, beta2_t, one_minus_beta2_t, eps1,
+                                    BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(g_ptr + offs * stride_g, mask=mask, other=0.0).to(tl.float32)
+    v_new = beta2_t * tl.load(v_ptr + offs, mask=mask, other=1.0) + one_minus_beta2_t * (g * g + eps1)
+    tl.store(v_ptr + offs, v_new, mask=mask)
+    tl.store(b_ptr + offs, 1.0 / tl.sqrt(v_new), mask=mask)
+
+
+@register("adafactor8_full_factors", "triton")
+def _full_factors_triton(g3, v, beta2_t, eps1):
+    n = v.numel()
+    b = torch.empty(n, dtype=torch.float32, device=v.device)
+    _adafactor8_full_factors_kernel[(triton.cdiv(n, 1024),)](g3, v, b, n, g3.stride(2), beta2_t, 1.0 - beta2_t, eps1,
+                                                             BLOCK=1024)
+    return b
+
+
+@register("adafactor8_full_factors", "cuda")
+def _full_factors_cuda(g3, v, beta2_t, eps1):
+    C_ = _ext.load()
+    n = v.numel()
+    b = torch.empty(n, dtype=torch.float32, device=v.device)
+    with torch.cuda.device(v.device):
+        C_.adafactor8_full_factors(g3.data_ptr(), g3.stride(2), v.data_ptr(), b.data_ptr(), n, beta2_t, 1.0 - beta2_t,
+                                   eps1, _ext.dtype_code(g3, "grad"), _ext.stream_of(v))
+    return b
+
+
+@register("adafactor8_full_factors", "torch")
+def _full_factors_torch(g3, v, beta2_t, eps1):
+    """Full second moment of a (1, 1, N) tensor: v <- EMA of g^2 + eps1; b = rsqrt(v)."""
+    v.mul_(beta2_t).add_(g3.float().reshape(-1).square() + eps1, alpha=1.0 - beta2_t)
+    return v.rsqrt()
 
 
 # ----------------------------------------------------------------------------- fused update
@@ -301,6 +431,12 @@ def _step_torch(g3, p3, q, scale, a, b, sumsq_parts, lr, decay, beta1, clip_thre
 
 # ----------------------------------------------------------------------------- optimizer
 
+@functools.cache
+def _ones(device: torch.device) -> torch.Tensor:
+    """The row factor of an unfactored tensor (one row): allocated once per device."""
+    return torch.ones(1, dtype=torch.float32, device=device)
+
+
 def _view3(t: torch.Tensor) -> torch.Tensor:
     """``(L, R, C)`` view of a param or grad: leading dims merged for rank >= 2, ``(1, 1, N)`` below."""
     shape = (math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1]) if t.dim() >= 2 else (1, 1, t.numel())
@@ -408,16 +544,12 @@ class Adafactor8bit(torch.optim.Optimizer):
         L, R, C = g3.shape
         if p.dim() >= 2:
             r, c = state["exp_avg_sq_row"].view(L, R), state["exp_avg_sq_col"].view(L, C)
-            row_sum, col_sum = dispatch("adafactor8_row_col_sums", backend, p.device)(g3)
-            r.mul_(beta2_t).add_(row_sum / C + eps1, alpha=1.0 - beta2_t)
-            c.mul_(beta2_t).add_(col_sum / R + eps1, alpha=1.0 - beta2_t)
-            a = (r / r.mean(dim=1, keepdim=True)).rsqrt().reshape(-1)  # (L*R,)
-            b = c.rsqrt().reshape(-1)  # (L*C,)
+            rowpart, colpart = dispatch("adafactor8_row_col_sums", backend, p.device)(g3)
+            a, b = dispatch("adafactor8_factors", backend, p.device)(rowpart, colpart, r, c, beta2_t, eps1)  # (L*R,), (L*C,)
         else:
             v = state["exp_avg_sq"].view(-1)
-            v.mul_(beta2_t).add_(grad.float().reshape(-1).square() + eps1, alpha=1.0 - beta2_t)
-            a = torch.ones(1, dtype=torch.float32, device=p.device)
-            b = v.rsqrt()  # (N,)
+            b = dispatch("adafactor8_full_factors", backend, p.device)(g3, v, beta2_t, eps1)  # (N,)
+            a = _ones(p.device)
         # Partial sums of u^2 (their total is what matters); the step kernel turns them into the
         # clipping factor on the device, so there is no host sync.
         sumsq_parts = dispatch("adafactor8_sumsq", backend, p.device)(g3, a, b)

@@ -23,6 +23,8 @@ from vqim.kernels.adafactor8 import (QBLOCK, Adafactor8bit, dequantize_blockwise
 from vqim.train import Adafactor
 
 BETA1, BETA2, WD = 0.9, 0.96, 4.5e-2
+ADAFACTOR8_OPS = ("adafactor8_row_col_sums", "adafactor8_factors", "adafactor8_full_factors", "adafactor8_sumsq",
+                  "adafactor8_step")
 
 
 # ----------------------------------------------------------------------------- reference by hand
@@ -341,14 +343,14 @@ def test_bad_arguments():
 
 def test_exported_and_every_backend_registered():
     assert Exported is Adafactor8bit
-    for op in ("adafactor8_row_col_sums", "adafactor8_sumsq", "adafactor8_step"):
+    for op in ADAFACTOR8_OPS:
         assert registered(op) == ("cuda", "torch", "triton")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: the CUDA build is skipped by design")
 def test_extension_exposes_adafactor8():
     C = _ext.load()
-    for op in ("adafactor8_row_col_sums", "adafactor8_sumsq", "adafactor8_step"):
+    for op in ADAFACTOR8_OPS:
         assert hasattr(C, op)
     assert "adafactor8" in C.ops
     # Argument checks run before any CUDA call, so they work without a GPU.
@@ -358,6 +360,9 @@ def test_extension_exposes_adafactor8():
                           one_minus_beta1=0.1, clip_threshold=1.0, **view)
     with pytest.raises(ValueError, match="positive sizes"):
         C.adafactor8_row_col_sums(0, 0, 1, 1, 0, 0, 0, L=1, R=0, C=4, dtype=0, stream=0)
+    with pytest.raises(ValueError, match="at least one partial"):
+        C.adafactor8_factors(0, 0, 0, 0, 0, 0, L=1, R=3, C=4, n_rowparts=0, n_colparts=1, beta2_t=0.5,
+                             one_minus_beta2_t=0.5, eps1=1e-30, stream=0)
 
 
 @pytest.mark.gpu
