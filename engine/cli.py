@@ -1,4 +1,5 @@
-"""The ``vqim`` command line: ``generate``, ``encode``, ``decode``, ``bench``.
+"""The ``vqim`` command line: ``generate``, ``encode``, ``decode``, ``bench``, ``eval shapes``,
+and ``train ...`` (handed to :mod:`vqim.train.cli`).
 
 Every command takes the model as ``--model DIR`` (a model directory) or ``--preset NAME``
 (random weights of a named shape); with neither, the bundled demo model. Bad input exits with
@@ -146,10 +147,44 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cfg", type=float, default=3.0)
     _add_model_args(b)
     b.set_defaults(func=_bench)
+
+    ev = sub.add_parser("eval", help="alignment benchmarks: `vqim eval shapes` (held-out prompts of the shapes data)")
+    ev.add_argument("benchmark", choices=["shapes"])
+    ev.add_argument("-n", "--num-prompts", type=int, default=100, help="held-out prompts of each kind (1 and 2 shapes)")
+    ev.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to compare")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch", type=int, default=32)
+    ev.add_argument("--recon-images", type=int, default=256, help="validation images for the tokenizer's PSNR")
+    ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    _add_model_args(ev)
+    ev.set_defaults(func=_eval)
+
+    # Listed for --help only: main() hands `vqim train ...` to vqim.train.cli before parsing.
+    sub.add_parser("train", help="vqim train tokenizer|stage1|stage2|export ... (see `vqim train -h`)", add_help=False)
     return ap
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from vqim.train import eval_shapes
+
+    results = eval_shapes.evaluate(_engine(args), num_prompts=args.num_prompts, cfg_scales=args.cfg, seed=args.seed,
+                                   batch_size=args.batch, recon_images=args.recon_images)
+    print(eval_shapes.format_report(results))
+    if args.json:
+        out = Path(args.json)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(out)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from vqim.train.cli import main as train_main
+
+        return train_main(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     try:

@@ -79,3 +79,26 @@ def test_runs_on_a_real_engine():
         assert 0.0 <= row["exact_one_shape"] <= 1.0 and row["prompts_two_shapes"] == 2
     t = res["tokenizer"]
     assert 0 < t["codebook_usage"] <= 1 and t["recon_psnr_db"] > 0
+
+
+def test_cli_eval_shapes_writes_json(tmp_path, capsys):
+    import json
+
+    from vqim.engine.cli import main
+
+    out = tmp_path / "res.json"
+    rc = main(["eval", "shapes", "--preset", "tiny-t2i", "--device", "cpu", "-n", "1", "--cfg", "1", "2",
+               "--batch", "2", "--recon-images", "2", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [row["cfg_scale"] for row in res["alignment"]] == [1.0, 2.0]
+    assert "exact_one_shape" in capsys.readouterr().out
+
+
+def test_cli_hands_train_to_the_training_cli(capsys):
+    from vqim.engine.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "-h"])
+    assert exc.value.code == 0
+    assert "stage1" in capsys.readouterr().out
