@@ -263,24 +263,33 @@ def agree(error: BaseException | None, group: dist.ProcessGroup | None = None) -
     """Collective check point: if any rank passes an error, every rank raises.
 
     The failing rank re-raises its own exception; the others raise ``RuntimeError`` carrying
-    its message, so no rank goes on into a collective the failed one never joins."""
+    its message, so no rank goes on into a collective the failed one never joins. Either is
+    marked as agreed, so an enclosing :func:`agreed` lets it through without another round."""
     msg = None if error is None else f"{type(error).__name__}: {error}"
     msgs: list[str | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(msgs, msg, group=group)
     if error is not None:
+        error._vqim_tp_agreed = True  # type: ignore[union-attr]
         raise error
     for r, m in enumerate(msgs):
         if m is not None:
-            raise RuntimeError(f"tensor-parallel rank {r} failed: {m}")
+            err = RuntimeError(f"tensor-parallel rank {r} failed: {m}")
+            err._vqim_tp_agreed = True  # type: ignore[attr-defined]
+            raise err
 
 
 @contextlib.contextmanager
 def agreed(group: dist.ProcessGroup | None = None) -> Iterator[None]:
-    """Run a block on every rank, then :func:`agree` on whether it raised (``Exception`` only)."""
+    """Run a block on every rank, then :func:`agree` on whether it raised (``Exception`` only).
+
+    An error some inner :func:`agree` already shared (on this rank or another) is re-raised as is:
+    the other ranks have raised too and will not join another round."""
     err: Exception | None = None
     try:
         yield
     except Exception as e:  # noqa: BLE001 (re-raised by agree on this rank, reported on the others)
+        if getattr(e, "_vqim_tp_agreed", False):
+            raise
         err = e
     agree(err, group)
 
@@ -404,6 +413,13 @@ class TPEngine(Engine):
         with agreed(self.group):
             return super().generate_codes(prompts, num_images, cfg_scale, temperature, top_k, top_p, seed,
                                           class_ids=class_ids, progress=progress and self.is_main)
+
+    def _generate_rows(self, *args, **kwargs):
+        # Reached once the request is validated: a rank whose validation failed is in the
+        # matching agree() of generate_codes, so every rank stops here instead of the others
+        # entering the decode loop's collectives alone.
+        agree(None, self.group)
+        return super()._generate_rows(*args, **kwargs)
 
     def save_pretrained(self, path):
         raise ValueError("save_pretrained needs the full model: this engine holds one tensor-parallel shard "

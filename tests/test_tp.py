@@ -109,6 +109,13 @@ def _worker(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
         res["agree"] = "no error"
     except Exception as e:  # noqa: BLE001 (the test checks the type and message)
         res["agree"] = f"{type(e).__name__}: {e}"
+    # Only rank 1's request is invalid: rank 0 must not go on into the decode loop alone.
+    eng = Engine.from_pretrained(dirs["tiny-vim"], device="cpu", tp=world)
+    try:
+        eng.generate_codes(**CONDS["tiny-vim"], top_p=1.5 if rank == 1 else 1.0, seed=0)
+        res["one-rank-invalid"] = "no error"
+    except Exception as e:  # noqa: BLE001 (the test checks the type and message)
+        res["one-rank-invalid"] = f"{type(e).__name__}: {e}"
     torch.save(res, f"{out}/rank{rank}.pt")
     dist.barrier()
 
@@ -207,6 +214,12 @@ def test_failure_on_one_rank_raises_on_all(runs):
     _, _, ranks = runs
     assert ranks[1]["agree"] == "ValueError: corrupt shard on rank 1"
     assert ranks[0]["agree"] == "RuntimeError: tensor-parallel rank 1 failed: ValueError: corrupt shard on rank 1"
+
+
+def test_invalid_request_on_one_rank_raises_on_all(runs):
+    _, _, ranks = runs
+    assert ranks[1]["one-rank-invalid"].startswith("ValueError: top_p"), ranks[1]["one-rank-invalid"]
+    assert ranks[0]["one-rank-invalid"].startswith("RuntimeError: tensor-parallel rank 1 failed: ValueError: top_p")
 
 
 def test_check_tp_names_the_size():
