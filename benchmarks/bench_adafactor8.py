@@ -101,7 +101,7 @@ def run(device: torch.device, dtype: torch.dtype, tiny: bool) -> list[dict]:
             "op": "adafactor8_step", "impl": name, "dtype": str(dtype).removeprefix("torch."), "params": n,
             "ms": t["ms"], "p20": t["p20"], "p80": t["p80"], "GB/s": gbs,
             "%HBM": 100 * gbs * 1e9 / H100_HBM_BYTES_PER_S,
-            "x ours": t["ms"] / base_ms if base_ms else float("nan"),
+            "time / ours": t["ms"] / base_ms if base_ms else float("nan"),
             "state B/param": state_bytes(opt) / n,
         })
         del opt, params
@@ -202,9 +202,10 @@ def main() -> None:
     tiny = device.type != "cuda"
     if tiny:
         torch.set_num_threads(1)  # small CPU ops: thread-pool wake-ups would dominate on a shared machine
-    print(f"device: {device_name(device)}; {'TINY width-64 model: CPU numbers are not the target' if tiny else 'parti-350m shapes'}")
+    what = "TINY width-64 model: CPU numbers are not the target" if tiny else "parti-350m shapes"
+    print(f"device: {device_name(device)}; {what}")
     rows = run(device, DTYPES[args.dtype], tiny)
-    print_table(rows, ["impl", "dtype", "params", "ms", "p20", "p80", "GB/s", "%HBM", "x ours", "state B/param"])
+    print_table(rows, ["impl", "dtype", "params", "ms", "p20", "p80", "GB/s", "%HBM", "time / ours", "state B/param"])
     if args.save:
         if device.type != "cuda":
             print("--save ignored: only GPU rows are recorded")

@@ -545,7 +545,8 @@ class Adafactor8bit(torch.optim.Optimizer):
         if p.dim() >= 2:
             r, c = state["exp_avg_sq_row"].view(L, R), state["exp_avg_sq_col"].view(L, C)
             rowpart, colpart = dispatch("adafactor8_row_col_sums", backend, p.device)(g3)
-            a, b = dispatch("adafactor8_factors", backend, p.device)(rowpart, colpart, r, c, beta2_t, eps1)  # (L*R,), (L*C,)
+            # a (L*R,), b (L*C,): u = g * a[l, row] * b[l, col]
+            a, b = dispatch("adafactor8_factors", backend, p.device)(rowpart, colpart, r, c, beta2_t, eps1)
         else:
             v = state["exp_avg_sq"].view(-1)
             b = dispatch("adafactor8_full_factors", backend, p.device)(g3, v, beta2_t, eps1)  # (N,)
