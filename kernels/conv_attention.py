@@ -695,6 +695,8 @@ def _conv_decode_attention_triton(q, k_cache, v_cache, pos, grid, kernel, prefix
     o = torch.empty(b, h, 1, d, device=q.device, dtype=q.dtype)
     if o.numel() == 0:
         return o
+    # The kernel reads pos[row] at unit stride; an expanded view (stride 0) would be read out of bounds.
+    pos = pos.contiguous()
     g = _decode_geometry(grid, kernel, prefix, ring)
     _conv_decode_kernel[(b * h,)](
         q, k_cache, v_cache, o, pos,

@@ -309,6 +309,19 @@ def test_decode_reference_path(ring):
     assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
+
+def test_decode_accepts_expanded_pos():
+    """The engine passes one position for the whole batch as pos.expand(B) (stride 0)."""
+    grid, kernel, prefix, b = (4, 4), (3, 3), 1, 3
+    q = torch.randn(b, 2, 1, 16)
+    kc, vc = torch.randn(b, 2, prefix + 16, 16), torch.randn(b, 2, prefix + 16, 16)
+    pos = torch.tensor([9]).expand(b)
+    assert pos.stride(0) == 0
+    out = conv_decode_attention(q, kc, vc, pos, grid=grid, kernel=kernel, prefix=prefix, backend="triton")
+    expected = conv_decode_attention(q, kc, vc, pos.contiguous(), grid=grid, kernel=kernel, prefix=prefix,
+                                     backend="torch")
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
 def test_decode_bad_inputs():
     grid, kernel, prefix = (4, 4), (3, 3), 1
     q = torch.randn(2, 2, 1, 8)
