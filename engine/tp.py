@@ -55,7 +55,8 @@ from .config import ModelConfig, dtype_from_name
 from .models import Attention, VQIMModel, init_weights
 from .weights import build_model, expected_tensors, load_config
 
-DEFAULT_TIMEOUT_S = 600.0
+# Seconds a rank waits in a collective before the process group gives up on a silent peer.
+DEFAULT_TIMEOUT_S = float(os.environ.get("VQIM_TP_TIMEOUT_S", "600"))
 _MAX_SEED = 2**63 - 1
 
 

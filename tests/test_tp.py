@@ -290,3 +290,28 @@ def test_cli_under_torchrun_error_ends_every_rank(runs, tmp_path):
     assert p.returncode != 0
     assert p.stderr.count("vqim: error: tiny-vim: decoder.heads = 1 does not divide") == WORLD, p.stderr[-3000:]
     assert not list(tmp_path.glob("*.png"))
+
+
+def _cuda_worker(rank: int, world: int, model_dir: str, out: str) -> None:
+    eng = Engine.from_pretrained(model_dir, device=f"cuda:{rank}", dtype=torch.float32, tp=world)
+    res = {"graph": eng.generate_codes(**CONDS["tiny-t2i"], **RUNS["greedy"]).cpu()}
+    res["graphs_used"] = eng.generator.graphs_used()
+    eng.generator.use_cuda_graph = False
+    res["eager"] = eng.generate_codes(**CONDS["tiny-t2i"], **RUNS["greedy"]).cpu()
+    torch.save(res, f"{out}/cuda{rank}.pt")
+
+
+@pytest.mark.gpu
+def test_tp2_nccl_cuda_graph_decode_equals_tp1(runs, tmp_path):
+    """The captured decode step with NCCL collectives inside (needs 2 GPUs)."""
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} GPUs for NCCL tensor parallelism, found {torch.cuda.device_count()}")
+    _, dirs, _ = runs
+    ref = Engine.from_pretrained(dirs["tiny-t2i"], device="cuda:0", dtype=torch.float32, use_cuda_graph=False)
+    want = ref.generate_codes(**CONDS["tiny-t2i"], **RUNS["greedy"]).cpu()
+    TP.run_ranks(_cuda_worker, WORLD, dirs["tiny-t2i"], str(tmp_path), device_type="cuda")
+    for r in range(WORLD):
+        res = torch.load(tmp_path / f"cuda{r}.pt")
+        assert res["graphs_used"] == 1
+        assert_equal(res["graph"], want, msg=f"graph rank {r}")
+        assert_equal(res["eager"], want, msg=f"eager rank {r}")
