@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_results, device_name, print_table, timeit  # noqa: E402
 
 from vqim.engine import Engine, ModelConfig  # noqa: E402
+from vqim.engine.config import dtype_from_name  # noqa: E402
 from vqim.engine import tp as TP  # noqa: E402
 
 CUDA_PRESETS = ("parti-750m", "parti-3b")
@@ -39,10 +40,12 @@ CPU_PRESETS = ("tiny-t2i", "tiny-vim")
 PROMPT = "a red circle on a blue square"
 
 
-def analytic_rows(presets, tps, batches, dtype: torch.dtype) -> list[dict]:
+def analytic_rows(presets, tps, batches) -> list[dict]:
+    """In each preset's own dtype (bf16 for the paper's models, fp32 for the tiny ones)."""
     rows = []
     for name in presets:
         cfg = ModelConfig.from_name(name)
+        dtype = dtype_from_name(cfg.dtype)
         for tp in tps:
             if tp == 1:
                 continue
@@ -54,7 +57,8 @@ def analytic_rows(presets, tps, batches, dtype: torch.dtype) -> list[dict]:
             for b in batches:
                 r = 2 * b  # CFG: conditional + unconditional rows
                 c = TP.collectives_per_step(cfg, r, tp, dtype)
-                rows.append({"preset": name, "tp": tp, "batch": b, "rows": r, "all_reduce": c["all_reduce"],
+                rows.append({"preset": name, "dtype": cfg.dtype, "tp": tp, "batch": b, "rows": r,
+                             "all_reduce": c["all_reduce"],
                              "all_reduce_MB": c["all_reduce_bytes"] / 1e6,
                              "link_MB": c["all_reduce_bytes"] * 2 * (tp - 1) / tp / 1e6,
                              "all_gather": c["all_gather"], "all_gather_MB": c["all_gather_bytes"] / 1e6})
@@ -206,11 +210,10 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     device_type = "cuda" if cuda else "cpu"
     presets = args.presets or (CUDA_PRESETS if cuda else CPU_PRESETS)
-    dtype = torch.bfloat16 if cuda else torch.float32
 
-    print(f"== collectives per decode step, per rank ({str(dtype)[6:]}, analytic)")
-    print_table(analytic_rows(sorted(set(presets) | set(CUDA_PRESETS)), [2, 4, 8], args.batch, dtype),
-                ["preset", "tp", "batch", "rows", "all_reduce", "all_reduce_MB", "link_MB", "all_gather",
+    print("== collectives per decode step, per rank (analytic)")
+    print_table(analytic_rows(sorted(set(presets) | set(CUDA_PRESETS)), [2, 4, 8], args.batch),
+                ["preset", "dtype", "tp", "batch", "rows", "all_reduce", "all_reduce_MB", "link_MB", "all_gather",
                  "all_gather_MB"])
     print("\n== collectives counted in a gloo run (2 CPU ranks, fp32, one CFG pair)")
     counted = measured_counts(CPU_PRESETS)
