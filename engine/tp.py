@@ -221,7 +221,8 @@ def _shard(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
 
 
 def tensor_parallel(model: VQIMModel, rank: int, world: int, group: dist.ProcessGroup | None = None) -> VQIMModel:
-    """Shard ``model`` in place for rank ``rank`` of ``world`` (meta or materialized weights).
+    """Shard ``model`` in place for rank ``rank`` of ``world`` (meta or materialized weights), for
+    inference (the new parameters do not require grad).
 
     Module paths and parameter names are unchanged, so a state dict of the local slices (see
     :func:`load_tp_model`) loads with ``strict=True``. Raises ``ValueError`` where ``world``
@@ -230,6 +231,8 @@ def tensor_parallel(model: VQIMModel, rank: int, world: int, group: dist.Process
     check_tp(model.cfg, world)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    if world == 1:
+        return model  # nothing to split, and no collective to issue
     for path, kind in shard_plan(model).items():
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path)

@@ -249,6 +249,10 @@ def test_transform_keeps_parameter_names_with_local_shapes():
             want[dims[k]] //= 4
         assert got[k] == tuple(want), k
     assert "vqgan.enc_blocks.0.attn.wq.weight" not in dims  # the tokenizer stays replicated
+    same = build_model(cfg, "meta")
+    assert TP.tensor_parallel(same, 0, 1) is same and type(same.decoder.head) is torch.nn.Linear
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\)"):
+        TP.tensor_parallel(build_model(cfg, "meta"), 2, 2)
 
 
 def test_tp_without_torchrun_says_how_to_run(tmp_path, monkeypatch):
