@@ -284,16 +284,44 @@ def _full_factors_torch(g3, v, beta2_t, eps1):
 
 # ----------------------------------------------------------------------------- fused update
 
+# How the flat index of a value maps to (slice, row, col), as a constexpr so the integer
+# divisions (slow on GPUs) are done per element only where they must be.
+_LAYOUT_GENERAL = 0  # any (L, R, C): divide every flat index
+_LAYOUT_ROWS = 1  # C % 256 == 0: a quantization block lies inside one row, divide once per block
+_LAYOUT_FLAT = 2  # (1, 1, N): the flat index is the column
+
+
+def _layout(L: int, R: int, C: int) -> int:
+    if L == 1 and R == 1:
+        return _LAYOUT_FLAT
+    return _LAYOUT_ROWS if C % QBLOCK == 0 else _LAYOUT_GENERAL
+
+
 @triton.jit
 def _update_direction_tile(g_ptr, a_ptr, b_ptr, blk, N, R, C, stride_gl, stride_gr, stride_gc,
-                           QBLOCK: tl.constexpr):
+                           QBLOCK: tl.constexpr, LAYOUT: tl.constexpr):
     """u = g * a[l, row] * b[l, col] (= g / sqrt(V)) for the quantization blocks ``blk``."""
-    idx = blk[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]  # (BLOCKS, QBLOCK) flat logical index
+    lane = tl.arange(0, QBLOCK)
+    idx = blk[:, None] * QBLOCK + lane[None, :]  # (BLOCKS, QBLOCK) flat logical index
     mask = idx < N
-    col = idx % C
-    lr_row = idx // C  # l * R + row: the index into a
-    sl = lr_row // R
-    row = lr_row % R
+    zero = idx * 0
+    if LAYOUT == 2:
+        col = idx
+        lr_row = zero  # l * R + row: the index into a
+        sl = zero
+        row = zero
+    elif LAYOUT == 1:
+        start = blk * QBLOCK  # (BLOCKS,)
+        lr_b = start // C  # (BLOCKS,)
+        col = (start % C)[:, None] + lane[None, :]
+        lr_row = lr_b[:, None] + zero
+        sl = (lr_b // R)[:, None] + zero
+        row = (lr_b % R)[:, None] + zero
+    else:
+        col = idx % C
+        lr_row = idx // C
+        sl = lr_row // R
+        row = lr_row % R
     g = tl.load(g_ptr + sl * stride_gl + row * stride_gr + col * stride_gc, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + lr_row, mask=mask, other=0.0)
     b = tl.load(b_ptr + sl * C + col, mask=mask, other=0.0)
@@ -305,7 +333,7 @@ def _adafactor8_sumsq_kernel(
     g_ptr, a_ptr, b_ptr, part_ptr,
     N, R, C, n_tiles,
     stride_gl, stride_gr, stride_gc,
-    BLOCKS: tl.constexpr, QBLOCK: tl.constexpr,
+    BLOCKS: tl.constexpr, QBLOCK: tl.constexpr, LAYOUT: tl.constexpr,
 ):
     # A fixed grid strides over the tiles, so there are few partials (the step kernel sums them
     # itself) and their order never depends on scheduling.
@@ -314,7 +342,7 @@ def _adafactor8_sumsq_kernel(
     for t in range(pid, n_tiles, tl.num_programs(0)):
         blk = (t * BLOCKS + tl.arange(0, BLOCKS)).to(tl.int64)  # int64: idx = blk * QBLOCK may pass 2^31
         u, idx, mask, sl, row, col = _update_direction_tile(g_ptr, a_ptr, b_ptr, blk, N, R, C,
-                                                            stride_gl, stride_gr, stride_gc, QBLOCK)
+                                                            stride_gl, stride_gr, stride_gc, QBLOCK, LAYOUT)
         acc += u * u
     tl.store(part_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
@@ -325,7 +353,7 @@ def _adafactor8_step_kernel(
     N, R, C, n_blocks, n_parts,
     stride_gl, stride_gr, stride_gc, stride_pl, stride_pr, stride_pc,
     lr, decay, beta1, one_minus_beta1, clip_threshold,
-    BLOCKS: tl.constexpr, QBLOCK: tl.constexpr, PARTS: tl.constexpr,
+    BLOCKS: tl.constexpr, QBLOCK: tl.constexpr, PARTS: tl.constexpr, LAYOUT: tl.constexpr,
 ):
     # Update clipping: every program re-sums the (<= PARTS) partial sums of u^2 from L2.
     parts = tl.load(part_ptr + tl.arange(0, PARTS), mask=tl.arange(0, PARTS) < n_parts, other=0.0)
@@ -336,7 +364,7 @@ def _adafactor8_step_kernel(
     blk = pid.to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,)
     bmask = blk < n_blocks
     u, idx, mask, sl, row, col = _update_direction_tile(g_ptr, a_ptr, b_ptr, blk, N, R, C,
-                                                        stride_gl, stride_gr, stride_gc, QBLOCK)
+                                                        stride_gl, stride_gr, stride_gc, QBLOCK, LAYOUT)
     q = tl.load(q_ptr + idx, mask=mask, other=0).to(tl.float32)
     s = tl.load(scale_ptr + blk, mask=bmask, other=0.0)
     m = beta1 * (q * s[:, None]) + one_minus_beta1 * (u * clip)  # fp32 first moment; 0 on masked lanes
@@ -365,7 +393,7 @@ def _sumsq_triton(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
     grid = min(n_tiles, _SUMSQ_PROGRAMS)
     part = torch.empty(grid, dtype=torch.float32, device=g3.device)
     _adafactor8_sumsq_kernel[(grid,)](g3, a, b, part, g3.numel(), R, C, n_tiles, *g3.stride(),
-                                      BLOCKS=_BLOCKS_PER_PROGRAM, QBLOCK=QBLOCK)
+                                      BLOCKS=_BLOCKS_PER_PROGRAM, QBLOCK=QBLOCK, LAYOUT=_layout(L, R, C))
     return part
 
 
@@ -400,6 +428,7 @@ def _step_triton(g3, p3, q, scale, a, b, sumsq_parts, lr, decay, beta1, clip_thr
         g3, p3, q, scale, a, b, sumsq_parts, q.numel(), R, C, nb, sumsq_parts.numel(), *g3.stride(), *p3.stride(),
         lr, decay, beta1, 1.0 - beta1, clip_threshold,
         BLOCKS=_BLOCKS_PER_PROGRAM, QBLOCK=QBLOCK, PARTS=max(16, triton.next_power_of_2(sumsq_parts.numel())),
+        LAYOUT=_layout(L, R, C),
     )
 
 

@@ -152,6 +152,8 @@ CASES = [
     ((5,), torch.float32, "contiguous"),  # smaller than one block
     ((), torch.float32, "contiguous"),
     ((300, 1), torch.float16, "transposed"),
+    ((2, 3, 512), torch.float32, "transposed"),  # rows of a multiple of 256: the per-block index path
+    ((5, 256), torch.bfloat16, "strided"),
 ]
 
 
@@ -168,7 +170,7 @@ def test_three_steps_moment_within_quantization_error(backend):
 
 def test_triton_equals_torch_path():
     """The torch path implements the kernels' arithmetic: same int8 state after several steps."""
-    shapes = [(97, 111), (2, 3, 40), (1025,)]
+    shapes = [(97, 111), (2, 3, 40), (3, 512), (1025,)]  # one shape per index layout
     params = {b: [torch.randn(s, requires_grad=True) for s in shapes] for b in ("triton", "torch")}
     for a, b in zip(*params.values()):
         b.data.copy_(a.data)
@@ -375,22 +377,25 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vqim.kernels import adafactor8 as A
 
-f32, i32, i64, g = "*fp32", "i32", "i64", sys.argv[1]
+f32, i32, i64, g, layout = "*fp32", "i32", "i64", sys.argv[1], int(sys.argv[2])
 c = "constexpr"
 kernels = [
     (A._adafactor8_row_col_sums_kernel, dict(g_ptr=g, rowpart_ptr=f32, colpart_ptr=f32, L=i32, R=i32, C=i32,
-     n_row_blocks=i32, stride_gl=i64, stride_gr=i64, stride_gc=i64, BLOCK_R=c, BLOCK_C=c), dict(BLOCK_R=32, BLOCK_C=128)),
+     n_row_blocks=i32, stride_gl=i64, stride_gr=i64, stride_gc=i64, BLOCK_R=c, BLOCK_C=c),
+     dict(BLOCK_R=32, BLOCK_C=128)),
     (A._adafactor8_factors_kernel, dict(rowpart_ptr=f32, colpart_ptr=f32, r_ptr=f32, c_ptr=f32, a_ptr=f32, b_ptr=f32,
      L=i32, R=i32, C=i32, n_rowparts=i32, n_colparts=i32, beta2_t="fp32", one_minus_beta2_t="fp32", eps1="fp32",
      BLOCK=c), dict(BLOCK=1024)),
     (A._adafactor8_full_factors_kernel, dict(g_ptr=g, v_ptr=f32, b_ptr=f32, N=i32, stride_g=i32, beta2_t="fp32",
      one_minus_beta2_t="fp32", eps1="fp32", BLOCK=c), dict(BLOCK=1024)),
     (A._adafactor8_sumsq_kernel, dict(g_ptr=g, a_ptr=f32, b_ptr=f32, part_ptr=f32, N=i32, R=i32, C=i32, n_tiles=i32,
-     stride_gl=i32, stride_gr=i32, stride_gc=i32, BLOCKS=c, QBLOCK=c), dict(BLOCKS=4, QBLOCK=256)),
+     stride_gl=i32, stride_gr=i32, stride_gc=i32, BLOCKS=c, QBLOCK=c, LAYOUT=c),
+     dict(BLOCKS=4, QBLOCK=256, LAYOUT=layout)),
     (A._adafactor8_step_kernel, dict(g_ptr=g, p_ptr=g, q_ptr="*i8", scale_ptr=f32, a_ptr=f32, b_ptr=f32, part_ptr=f32,
      N=i32, R=i32, C=i32, n_blocks=i32, n_parts=i32, stride_gl=i32, stride_gr=i32, stride_gc=i32, stride_pl=i32,
      stride_pr=i32, stride_pc=i32, lr="fp32", decay="fp32", beta1="fp32", one_minus_beta1="fp32",
-     clip_threshold="fp32", BLOCKS=c, QBLOCK=c, PARTS=c), dict(BLOCKS=4, QBLOCK=256, PARTS=256)),
+     clip_threshold="fp32", BLOCKS=c, QBLOCK=c, PARTS=c, LAYOUT=c),
+     dict(BLOCKS=4, QBLOCK=256, PARTS=256, LAYOUT=layout)),
 ]
 for fn, sig, consts in kernels:
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
@@ -399,12 +404,12 @@ print("compiled", len(kernels))
 """
 
 
-@pytest.mark.parametrize("grad_dtype", ["*fp32", "*bf16"])
-def test_triton_kernels_compile_for_sm90(tmp_path, grad_dtype):
+@pytest.mark.parametrize("grad_dtype,layout", [("*fp32", 0), ("*bf16", 1), ("*fp32", 2)])
+def test_triton_kernels_compile_for_sm90(tmp_path, grad_dtype, layout):
     """The interpreter never lowers the kernels; compile them to an sm_90 cubin (no GPU needed)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, grad_dtype], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, grad_dtype, str(layout)], env=env, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "compiled 5" in out.stdout
 
