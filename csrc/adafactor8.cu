@@ -147,35 +147,73 @@ __global__ void full_factors_kernel(const T* __restrict__ g, int64_t stride_g, f
 
 struct View3 {
   int64_t R, C, s0, s1, s2;
-  __device__ __forceinline__ int64_t offset(int64_t idx) const {
-    const int64_t lr = idx / C;
-    return (lr / R) * s0 + (lr % R) * s1 + (idx % C) * s2;
+};
+
+// How the flat logical index of a value maps to (slice l, row, col): a template parameter so the
+// integer divisions (slow on GPUs) run per element only where they must (kernels/adafactor8.py).
+enum Layout : int { kGeneral = 0, kRows = 1 /* C % 256 == 0: a block lies in one row */, kFlat = 2 /* L = R = 1 */ };
+
+struct Pos {
+  int64_t lr, l, row, col;  // lr = l * R + row, the index into a
+};
+
+template <int kLayout>
+struct BlockLocator {
+  int64_t lr_b = 0, l_b = 0, row_b = 0, col0 = 0;
+  __device__ __forceinline__ BlockLocator(int64_t R, int64_t C, int64_t blk) {
+    if constexpr (kLayout == kRows) {
+      const int64_t start = blk * kQBlock;
+      lr_b = start / C;
+      col0 = start % C;
+      l_b = lr_b / R;
+      row_b = lr_b % R;
+    }
+  }
+  // idx = blk * 256 + within.
+  __device__ __forceinline__ Pos at(int64_t R, int64_t C, int64_t idx, int within) const {
+    if constexpr (kLayout == kFlat) {
+      return {0, 0, 0, idx};
+    } else if constexpr (kLayout == kRows) {
+      return {lr_b, l_b, row_b, col0 + within};
+    } else {
+      const int64_t lr = idx / C;
+      return {lr, lr / R, lr % R, idx % C};
+    }
   }
 };
 
-// u = g * a[l * R + r] * b[l * C + c] for the flat logical index idx.
+// u = g * a[l * R + row] * b[l * C + col] (= g / sqrt(V)).
 template <typename T>
 __device__ __forceinline__ float update_direction(const T* g, const View3& gv, const float* a, const float* b,
-                                                  int64_t idx) {
-  const int64_t lr = idx / gv.C;
-  const int64_t col = idx % gv.C;
-  const int64_t l = lr / gv.R;
-  const float gval = to_float(g[l * gv.s0 + (lr % gv.R) * gv.s1 + col * gv.s2]);
-  return __fmul_rn(__fmul_rn(gval, a[lr]), b[l * gv.C + col]);
+                                                  const Pos& ps) {
+  const float gval = to_float(g[ps.l * gv.s0 + ps.row * gv.s1 + ps.col * gv.s2]);
+  return __fmul_rn(__fmul_rn(gval, a[ps.lr]), b[ps.l * gv.C + ps.col]);
 }
 
-template <typename T>
+// Warps stride over the quantization blocks (lane k: values k, k + 32, ...); one partial per CTA.
+template <typename T, int kLayout>
 __global__ void sumsq_partial_kernel(const T* __restrict__ g, View3 gv, const float* __restrict__ a,
-                                     const float* __restrict__ b, float* __restrict__ part, int64_t N) {
+                                     const float* __restrict__ b, float* __restrict__ part, int64_t N,
+                                     int64_t n_blocks) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   float acc = 0.f;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float u = update_direction(g, gv, a, b, i);
-    acc += u * u;
+  for (int64_t blk = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); blk < n_blocks;
+       blk += warps) {
+    const BlockLocator<kLayout> loc(gv.R, gv.C, blk);
+#pragma unroll
+    for (int k = 0; k < kQBlock / 32; ++k) {
+      const int within = lane + 32 * k;
+      const int64_t idx = blk * kQBlock + within;
+      if (idx < N) {
+        const float u = update_direction(g, gv, a, b, loc.at(gv.R, gv.C, idx, within));
+        acc += u * u;
+      }
+    }
   }
   __shared__ float warp_part[kSumsqThreads / 32];
   acc = warp_sum(acc);
-  if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = acc;
+  if (lane == 0) warp_part[threadIdx.x >> 5] = acc;
   __syncthreads();
   if (threadIdx.x < 32) {
     float v = threadIdx.x < kSumsqThreads / 32 ? warp_part[threadIdx.x] : 0.f;
@@ -192,7 +230,8 @@ __global__ void sum_partials_kernel(const float* __restrict__ part, float* __res
 }
 
 // One warp per quantization block; lane k handles values k, k + 32, ..., k + 224 (coalesced).
-template <typename T>
+// p shares the (L, R, C) view of g (its own strides).
+template <typename T, int kLayout>
 __global__ void step_kernel(const T* __restrict__ g, View3 gv, T* __restrict__ p, View3 pv,
                             int8_t* __restrict__ q, float* __restrict__ scale, const float* __restrict__ a,
                             const float* __restrict__ b, const float* __restrict__ sumsq_parts, int n_parts,
@@ -208,17 +247,20 @@ __global__ void step_kernel(const T* __restrict__ g, View3 gv, T* __restrict__ p
   const float rms = sqrtf(__fdiv_rn(sumsq, static_cast<float>(N)));
   const float clip = __fdiv_rn(1.f, fmaxf(__fdiv_rn(rms, clip_threshold), 1.f));
   const float s_old = scale[blk];
+  const BlockLocator<kLayout> loc(gv.R, gv.C, blk);
   float m[kQBlock / 32];
   float absmax = 0.f;
 #pragma unroll
   for (int k = 0; k < kQBlock / 32; ++k) {
-    const int64_t idx = blk * kQBlock + lane + 32 * k;
+    const int within = lane + 32 * k;
+    const int64_t idx = blk * kQBlock + within;
     m[k] = 0.f;
     if (idx < N) {
-      const float u = update_direction(g, gv, a, b, idx);
+      const Pos ps = loc.at(gv.R, gv.C, idx, within);
+      const float u = update_direction(g, gv, a, b, ps);
       const float m_old = __fmul_rn(static_cast<float>(q[idx]), s_old);
       m[k] = __fadd_rn(__fmul_rn(beta1, m_old), __fmul_rn(one_minus_beta1, __fmul_rn(u, clip)));
-      const int64_t po = pv.offset(idx);
+      const int64_t po = ps.l * pv.s0 + ps.row * pv.s1 + ps.col * pv.s2;
       const float pval = to_float(p[po]);
       p[po] = from_float<T>(__fsub_rn(__fmul_rn(pval, decay), __fmul_rn(lr, m[k])));
       absmax = fmaxf(absmax, fabsf(m[k]));
@@ -236,6 +278,21 @@ __global__ void step_kernel(const T* __restrict__ g, View3 gv, T* __restrict__ p
   }
   if (lane == 0) scale[blk] = __fdiv_rn(absmax, 127.f);
 }
+
+int layout_of(int64_t L, int64_t R, int64_t C) {
+  if (L == 1 && R == 1) return kFlat;
+  return C % kQBlock == 0 ? kRows : kGeneral;
+}
+
+// Runtime layout -> template parameter.
+#define VQIM_LAYOUT_SWITCH(layout, LAYOUT, ...)                         \
+  [&] {                                                                 \
+    switch (layout) {                                                   \
+      case kFlat: { constexpr int LAYOUT = kFlat; return __VA_ARGS__(); } \
+      case kRows: { constexpr int LAYOUT = kRows; return __VA_ARGS__(); } \
+      default: { constexpr int LAYOUT = kGeneral; return __VA_ARGS__(); } \
+    }                                                                   \
+  }()
 
 void check_view(int64_t L, int64_t R, int64_t C) {
   VQIM_CHECK(L >= 1 && R >= 1 && C >= 1, "adafactor8: the (L, R, C) view must have positive sizes, got (", L,
@@ -290,13 +347,18 @@ void sumsq(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr
            std::uintptr_t stream) {
   check_view(L, R, C);
   const int64_t N = L * R * C;
-  const int blocks = static_cast<int>(std::min<int64_t>((N + 8 * kSumsqThreads - 1) / (8 * kSumsqThreads),
-                                                        kSumsqMaxBlocks));
+  const int64_t n_blocks = (N + kQBlock - 1) / kQBlock;
+  constexpr int kWarps = kSumsqThreads / 32;
+  // At least 4 quantization blocks per warp; at most kSumsqMaxBlocks partials.
+  const int blocks = static_cast<int>(std::min<int64_t>((n_blocks + 4 * kWarps - 1) / (4 * kWarps), kSumsqMaxBlocks));
   cudaStream_t s = as_stream(stream);
   const View3 gv{R, C, sgl, sgr, sgc};
   VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
-    sumsq_partial_kernel<scalar_t><<<blocks, kSumsqThreads, 0, s>>>(
-        as_ptr<const scalar_t>(g), gv, as_ptr<const float>(a), as_ptr<const float>(b), as_ptr<float>(workspace), N);
+    VQIM_LAYOUT_SWITCH(layout_of(L, R, C), kLayout, [&] {
+      sumsq_partial_kernel<scalar_t, kLayout><<<blocks, kSumsqThreads, 0, s>>>(
+          as_ptr<const scalar_t>(g), gv, as_ptr<const float>(a), as_ptr<const float>(b), as_ptr<float>(workspace), N,
+          n_blocks);
+    });
   });
   VQIM_CUDA_CHECK(cudaGetLastError());
   sum_partials_kernel<<<1, 32, 0, s>>>(as_ptr<const float>(workspace), as_ptr<float>(out), blocks);
@@ -319,11 +381,13 @@ void step(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_
   const View3 gv{R, C, sgl, sgr, sgc};
   const View3 pv{R, C, spl, spr, spc};
   VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
-    step_kernel<scalar_t><<<static_cast<unsigned>(grid), kWarps * 32, 0, s>>>(
-        as_ptr<const scalar_t>(g), gv, as_ptr<scalar_t>(p), pv, as_ptr<int8_t>(q), as_ptr<float>(scale),
-        as_ptr<const float>(a), as_ptr<const float>(b), as_ptr<const float>(sumsq_parts), static_cast<int>(n_parts),
-        N, n_blocks, static_cast<float>(lr), static_cast<float>(decay), static_cast<float>(beta1),
-        static_cast<float>(one_minus_beta1), static_cast<float>(clip_threshold));
+    VQIM_LAYOUT_SWITCH(layout_of(L, R, C), kLayout, [&] {
+      step_kernel<scalar_t, kLayout><<<static_cast<unsigned>(grid), kWarps * 32, 0, s>>>(
+          as_ptr<const scalar_t>(g), gv, as_ptr<scalar_t>(p), pv, as_ptr<int8_t>(q), as_ptr<float>(scale),
+          as_ptr<const float>(a), as_ptr<const float>(b), as_ptr<const float>(sumsq_parts),
+          static_cast<int>(n_parts), N, n_blocks, static_cast<float>(lr), static_cast<float>(decay),
+          static_cast<float>(beta1), static_cast<float>(one_minus_beta1), static_cast<float>(clip_threshold));
+    });
   });
   VQIM_CUDA_CHECK(cudaGetLastError());
 }
