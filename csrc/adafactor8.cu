@@ -2,7 +2,7 @@
 //
 // A parameter is viewed as (L, R, C) with element strides (rank >= 2: leading dims merged, the
 // last two factored; rank < 2: (1, 1, N)). The launches per parameter, as in the Triton path:
-//   adafactor8_row_col_sums: one pass over g -> row sums [L, R] and column sums [L, C] of g^2;
+//   adafactor8_row_col_sums: one pass over g -> partial row and column sums of g^2;
 //   adafactor8_factors:      r, c statistics and the factors a = rsqrt(r / mean r), b = rsqrt(c)
 //                            (adafactor8_full_factors: v and b = rsqrt(v) for rank < 2);
 //   adafactor8_sumsq:        one pass over g -> sum of u^2, u = g * a[l, r] * b[l, c]
@@ -10,7 +10,7 @@
 //   adafactor8_step:         turns that sum into the clipping factor, then one pass reading g, p,
 //                            the int8 moment and its scales, writing p and the re-quantized moment
 //                            (one warp per block of 256 values).
-// Every reduction has a fixed order (per-block partials summed by one block), so results do not
+// Every reduction has a fixed order (per-tile partials summed in index order), so results do not
 // depend on scheduling. The step uses explicitly rounded multiplies/adds (no FMA contraction)
 // so it computes the same fp32 numbers as the torch path.
 #include <algorithm>
@@ -22,6 +22,7 @@ namespace {
 
 constexpr int kQBlock = 256;          // values per int8 block
 constexpr int kRowsPerBlock = 32;     // rows of one row_col_sums CTA
+constexpr int kColsPerBlock = 256;    // columns of one row_col_sums CTA
 constexpr int kSumsqThreads = 256;
 constexpr int kSumsqMaxBlocks = 1024;  // also the workspace size the Python launcher allocates
 constexpr int kFactorsThreads = 256;
@@ -38,27 +39,30 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Block (32 x 8 threads) = 32 rows of one slice; threadIdx.x walks the columns (coalesced for a
-// contiguous grad), threadIdx.y the rows ty, ty + 8, ty + 16, ty + 24. Row sums are complete in
-// the block; column sums are partial per row block and summed by col_partials_sum_kernel.
+// CTA (32 x 8 threads) = a tile of 32 rows x kColsPerBlock columns of one slice; threadIdx.x
+// walks the columns (coalesced for a contiguous grad), threadIdx.y the rows ty, ty + 8, ty + 16,
+// ty + 24. Each CTA writes its own partial row sums (one per column tile) and column sums (one
+// per row tile), so the sums have a fixed order; factors_kernel adds the partials.
 template <typename T>
 __global__ void row_col_sums_kernel(const T* __restrict__ g, int64_t sgl, int64_t sgr, int64_t sgc,
-                                    float* __restrict__ row_out, float* __restrict__ col_part, int64_t L,
+                                    float* __restrict__ row_part, float* __restrict__ col_part, int64_t L,
                                     int64_t R, int64_t C) {
   const int64_t n_row_blocks = (R + kRowsPerBlock - 1) / kRowsPerBlock;
   const int64_t l = blockIdx.x / n_row_blocks;
   const int64_t rb = blockIdx.x % n_row_blocks;
+  const int64_t cb = blockIdx.y;
   const int tx = threadIdx.x, ty = threadIdx.y;
   __shared__ float col_sh[8][33];
   float row_acc[4] = {0.f, 0.f, 0.f, 0.f};
   const T* base = g + l * sgl;
-  for (int64_t c0 = 0; c0 < C; c0 += 32) {
+  const int64_t c_end = std::min<int64_t>(C, (cb + 1) * kColsPerBlock);
+  for (int64_t c0 = cb * kColsPerBlock; c0 < c_end; c0 += 32) {
     const int64_t c = c0 + tx;
     float col_acc = 0.f;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t r = rb * kRowsPerBlock + ty + 8 * k;
-      if (r < R && c < C) {
+      if (r < R && c < c_end) {
         const float v = to_float(base[r * sgr + c * sgc]);
         row_acc[k] += v * v;
         col_acc += v * v;
@@ -66,7 +70,7 @@ __global__ void row_col_sums_kernel(const T* __restrict__ g, int64_t sgl, int64_
     }
     col_sh[ty][tx] = col_acc;
     __syncthreads();
-    if (ty == 0 && c < C) {
+    if (ty == 0 && c < c_end) {
       float s = 0.f;
 #pragma unroll
       for (int y = 0; y < 8; ++y) s += col_sh[y][tx];
@@ -78,17 +82,8 @@ __global__ void row_col_sums_kernel(const T* __restrict__ g, int64_t sgl, int64_
   for (int k = 0; k < 4; ++k) {
     const float s = warp_sum(row_acc[k]);
     const int64_t r = rb * kRowsPerBlock + ty + 8 * k;
-    if (tx == 0 && r < R) row_out[l * R + r] = s;
+    if (tx == 0 && r < R) row_part[(cb * L + l) * R + r] = s;
   }
-}
-
-__global__ void col_partials_sum_kernel(const float* __restrict__ col_part, float* __restrict__ col_out,
-                                        int64_t n_row_blocks, int64_t LC) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= LC) return;
-  float s = 0.f;
-  for (int64_t rb = 0; rb < n_row_blocks; ++rb) s += col_part[rb * LC + i];
-  col_out[i] = s;
 }
 
 // One block per (slice, side): side 0 sums the row partials, updates r and writes
@@ -299,21 +294,18 @@ void check_view(int64_t L, int64_t R, int64_t C) {
              ", ", R, ", ", C, ")");
 }
 
-void row_col_sums(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_t row_out,
-                  std::uintptr_t col_out, std::uintptr_t col_workspace, int64_t L, int64_t R, int64_t C,
-                  int dtype, std::uintptr_t stream) {
+void row_col_sums(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_t row_part,
+                  std::uintptr_t col_part, int64_t L, int64_t R, int64_t C, int dtype, std::uintptr_t stream) {
   check_view(L, R, C);
   const int64_t n_row_blocks = (R + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t n_col_blocks = (C + kColsPerBlock - 1) / kColsPerBlock;
   VQIM_CHECK(L * n_row_blocks < (int64_t{1} << 31), "adafactor8_row_col_sums: too many rows (L * R = ", L * R, ")");
-  cudaStream_t s = as_stream(stream);
+  VQIM_CHECK(n_col_blocks < 65536, "adafactor8_row_col_sums: too many columns (C = ", C, ")");
+  const dim3 grid(static_cast<unsigned>(L * n_row_blocks), static_cast<unsigned>(n_col_blocks));
   VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
-    row_col_sums_kernel<scalar_t><<<static_cast<unsigned>(L * n_row_blocks), dim3(32, 8), 0, s>>>(
-        as_ptr<const scalar_t>(g), sgl, sgr, sgc, as_ptr<float>(row_out), as_ptr<float>(col_workspace), L, R, C);
+    row_col_sums_kernel<scalar_t><<<grid, dim3(32, 8), 0, as_stream(stream)>>>(
+        as_ptr<const scalar_t>(g), sgl, sgr, sgc, as_ptr<float>(row_part), as_ptr<float>(col_part), L, R, C);
   });
-  VQIM_CUDA_CHECK(cudaGetLastError());
-  const int64_t LC = L * C;
-  col_partials_sum_kernel<<<static_cast<unsigned>((LC + 255) / 256), 256, 0, s>>>(
-      as_ptr<const float>(col_workspace), as_ptr<float>(col_out), n_row_blocks, LC);
   VQIM_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -398,10 +390,10 @@ void step(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_
 VQIM_REGISTER_OP(adafactor8, [](vqim::py::module_& m) {
   namespace py = vqim::py;
   m.def("adafactor8_row_col_sums", &vqim::row_col_sums,
-        "row [L, R] and column [L, C] sums of g^2 over an (L, R, C) strided view; col_workspace holds "
-        "ceil(R / 32) * L * C floats",
-        py::arg("g"), py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("row_out"), py::arg("col_out"),
-        py::arg("col_workspace"), py::arg("L"), py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("stream"));
+        "partial sums of g^2 over an (L, R, C) strided view: row_part [ceil(C / 256), L, R] (one per column "
+        "tile) and col_part [ceil(R / 32), L, C] (one per row tile)",
+        py::arg("g"), py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("row_part"), py::arg("col_part"),
+        py::arg("L"), py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("stream"));
   m.def("adafactor8_factors", &vqim::factors,
         "sum the (P, L, R) / (P, L, C) partials, update r [L, R] and c [L, C] in place, write "
         "a = 1 / sqrt(r / mean r) and b = 1 / sqrt(c)",

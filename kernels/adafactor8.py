@@ -138,14 +138,13 @@ def _row_col_sums_triton(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _row_col_sums_cuda(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     C_ = _ext.load()
     L, R, C = g3.shape
-    row = torch.empty(1, L, R, dtype=torch.float32, device=g3.device)
-    col = torch.empty(1, L, C, dtype=torch.float32, device=g3.device)
-    # Column sums per block of 32 rows, summed in a fixed order by a second launch.
-    workspace = torch.empty(triton.cdiv(R, 32) * L * C, dtype=torch.float32, device=g3.device)
+    # One partial per tile of 32 rows x 256 columns (csrc: kRowsPerBlock, kColsPerBlock).
+    rowpart = torch.empty(triton.cdiv(C, 256), L, R, dtype=torch.float32, device=g3.device)
+    colpart = torch.empty(triton.cdiv(R, 32), L, C, dtype=torch.float32, device=g3.device)
     with torch.cuda.device(g3.device):
-        C_.adafactor8_row_col_sums(g3.data_ptr(), *g3.stride(), row.data_ptr(), col.data_ptr(), workspace.data_ptr(),
-                                   L, R, C, _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
-    return row, col
+        C_.adafactor8_row_col_sums(g3.data_ptr(), *g3.stride(), rowpart.data_ptr(), colpart.data_ptr(), L, R, C,
+                                   _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
+    return rowpart, colpart
 
 
 @register("adafactor8_row_col_sums", "torch")
