@@ -25,7 +25,10 @@ into L, factored over the last two; rank < 2: ``(1, 1, N)`` with the full second
    ``p * (1 - lr * wd) - lr * m`` (the update uses the fp32 m, as bitsandbytes does) and
    re-quantizes m per 256-block.
 
-So g is read three times (twice for rank < 2), p and the moment once each.
+So g is read three times (twice for rank < 2), p and the moment once each, in 4 launches per
+factored tensor and 3 per vector (plus allocations): one launch per kernel, nothing from torch.
+Each launch handles one parameter; a multi-tensor launch over all parameters would be the next
+step where launch overhead dominates (many small tensors).
 
 Rounding: nearest (half away from zero), chosen by measurement against the fp32 reference
 (``benchmarks/bench_adafactor8.py --rounding-study``, CPU, 300 steps): fed the fp32 run's own
