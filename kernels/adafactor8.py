@@ -98,41 +98,52 @@ def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _adafactor8_row_col_sums_kernel(
     g_ptr, rowpart_ptr, colpart_ptr,
-    L, R, C, n_row_blocks,
+    L, R, C, n_row_groups,
     stride_gl, stride_gr, stride_gc,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROW_TILES: tl.constexpr,
 ):
-    # Axis 0 enumerates (slice, row block), axis 1 the column block; every program writes its
-    # own partial row and column sums, so the reduction is deterministic (no atomics).
+    # Axis 0 enumerates (slice, group of ROW_TILES row tiles), axis 1 the column tile. Every
+    # program writes its own partial row sums (one per column tile) and column sums (one per row
+    # group), so the reduction is deterministic (no atomics); row groups keep the column
+    # partials few (<= 64) for tall matrices.
     pid0 = tl.program_id(0)
     pid_c = tl.program_id(1)
-    sl = pid0 // n_row_blocks
-    pid_r = pid0 % n_row_blocks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    sl = pid0 // n_row_groups
+    rg = pid0 % n_row_groups
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < R
     cmask = cols < C
     base = g_ptr + sl.to(tl.int64) * stride_gl
-    g = tl.load(base + rows[:, None].to(tl.int64) * stride_gr + cols[None, :].to(tl.int64) * stride_gc,
-                mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_C)
-    g2 = g * g
-    tl.store(rowpart_ptr + (pid_c * L + sl).to(tl.int64) * R + rows, tl.sum(g2, axis=1), mask=rmask)
-    tl.store(colpart_ptr + (pid_r * L + sl).to(tl.int64) * C + cols, tl.sum(g2, axis=0), mask=cmask)
+    col_acc = tl.zeros((BLOCK_C,), tl.float32)
+    for t in range(ROW_TILES):
+        rows = (rg * ROW_TILES + t) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        g = tl.load(base + rows[:, None].to(tl.int64) * stride_gr + cols[None, :].to(tl.int64) * stride_gc,
+                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_C)
+        g2 = g * g
+        tl.store(rowpart_ptr + (pid_c * L + sl).to(tl.int64) * R + rows, tl.sum(g2, axis=1), mask=rmask)
+        col_acc += tl.sum(g2, axis=0)
+    tl.store(colpart_ptr + (rg * L + sl).to(tl.int64) * C + cols, col_acc, mask=cmask)
 
 
-def _row_col_blocks(r: int, c: int) -> tuple[int, int]:
-    return min(32, max(16, triton.next_power_of_2(r))), min(128, max(16, triton.next_power_of_2(c)))
+_MAX_COL_PARTIALS = 64
+
+
+def _row_col_blocks(r: int, c: int) -> tuple[int, int, int]:
+    block_r = min(32, max(16, triton.next_power_of_2(r)))
+    block_c = min(128, max(16, triton.next_power_of_2(c)))
+    row_tiles = triton.next_power_of_2(triton.cdiv(triton.cdiv(r, block_r), _MAX_COL_PARTIALS))
+    return block_r, block_c, row_tiles
 
 
 @register("adafactor8_row_col_sums", "triton")
 def _row_col_sums_triton(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     L, R, C = g3.shape
-    br, bc = _row_col_blocks(R, C)
-    nrb, ncb = triton.cdiv(R, br), triton.cdiv(C, bc)
+    br, bc, tiles = _row_col_blocks(R, C)
+    n_groups, ncb = triton.cdiv(R, br * tiles), triton.cdiv(C, bc)
     rowpart = torch.empty(ncb, L, R, dtype=torch.float32, device=g3.device)
-    colpart = torch.empty(nrb, L, C, dtype=torch.float32, device=g3.device)
-    _adafactor8_row_col_sums_kernel[(L * nrb, ncb)](
-        g3, rowpart, colpart, L, R, C, nrb, *g3.stride(), BLOCK_R=br, BLOCK_C=bc,
+    colpart = torch.empty(n_groups, L, C, dtype=torch.float32, device=g3.device)
+    _adafactor8_row_col_sums_kernel[(L * n_groups, ncb)](
+        g3, rowpart, colpart, L, R, C, n_groups, *g3.stride(), BLOCK_R=br, BLOCK_C=bc, ROW_TILES=tiles,
     )
     return rowpart, colpart  # partials: the factors kernel sums them
 

@@ -154,6 +154,7 @@ CASES = [
     ((300, 1), torch.float16, "transposed"),
     ((2, 3, 512), torch.float32, "transposed"),  # rows of a multiple of 256: the per-block index path
     ((5, 256), torch.bfloat16, "strided"),
+    ((2100, 3), torch.float32, "transposed"),  # > 64 row tiles: row groups in the reduction
 ]
 
 
@@ -381,8 +382,8 @@ f32, i32, i64, g, layout = "*fp32", "i32", "i64", sys.argv[1], int(sys.argv[2])
 c = "constexpr"
 kernels = [
     (A._adafactor8_row_col_sums_kernel, dict(g_ptr=g, rowpart_ptr=f32, colpart_ptr=f32, L=i32, R=i32, C=i32,
-     n_row_blocks=i32, stride_gl=i64, stride_gr=i64, stride_gc=i64, BLOCK_R=c, BLOCK_C=c),
-     dict(BLOCK_R=32, BLOCK_C=128)),
+     n_row_groups=i32, stride_gl=i64, stride_gr=i64, stride_gc=i64, BLOCK_R=c, BLOCK_C=c, ROW_TILES=c),
+     dict(BLOCK_R=32, BLOCK_C=128, ROW_TILES=4)),
     (A._adafactor8_factors_kernel, dict(rowpart_ptr=f32, colpart_ptr=f32, r_ptr=f32, c_ptr=f32, a_ptr=f32, b_ptr=f32,
      L=i32, R=i32, C=i32, n_rowparts=i32, n_colparts=i32, beta2_t="fp32", one_minus_beta2_t="fp32", eps1="fp32",
      BLOCK=c), dict(BLOCK=1024)),
