@@ -39,50 +39,62 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// CTA (32 x 8 threads) = a tile of 32 rows x kColsPerBlock columns of one slice; threadIdx.x
-// walks the columns (coalesced for a contiguous grad), threadIdx.y the rows ty, ty + 8, ty + 16,
-// ty + 24. Each CTA writes its own partial row sums (one per column tile) and column sums (one
-// per row tile), so the sums have a fixed order; factors_kernel adds the partials.
+// CTA (32 x 8 threads) = row_tiles tiles of 32 rows x kColsPerBlock columns of one slice;
+// threadIdx.x walks the columns (coalesced for a contiguous grad), threadIdx.y the rows ty,
+// ty + 8, ty + 16, ty + 24 of a tile. Each CTA writes its own partial row sums (one per column
+// tile) and column sums (one per row group), so the sums have a fixed order; factors_kernel adds
+// the partials. Row groups keep the column partials few (<= 64) for tall matrices.
 template <typename T>
 __global__ void row_col_sums_kernel(const T* __restrict__ g, int64_t sgl, int64_t sgr, int64_t sgc,
                                     float* __restrict__ row_part, float* __restrict__ col_part, int64_t L,
-                                    int64_t R, int64_t C) {
-  const int64_t n_row_blocks = (R + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int64_t l = blockIdx.x / n_row_blocks;
-  const int64_t rb = blockIdx.x % n_row_blocks;
+                                    int64_t R, int64_t C, int64_t row_tiles, int64_t n_row_groups) {
+  const int64_t l = blockIdx.x / n_row_groups;
+  const int64_t rg = blockIdx.x % n_row_groups;
   const int64_t cb = blockIdx.y;
   const int tx = threadIdx.x, ty = threadIdx.y;
   __shared__ float col_sh[8][33];
-  float row_acc[4] = {0.f, 0.f, 0.f, 0.f};
+  __shared__ float col_total[kColsPerBlock];
+  if (ty == 0) {
+    for (int j = tx; j < kColsPerBlock; j += 32) col_total[j] = 0.f;
+  }
   const T* base = g + l * sgl;
-  const int64_t c_end = std::min<int64_t>(C, (cb + 1) * kColsPerBlock);
-  for (int64_t c0 = cb * kColsPerBlock; c0 < c_end; c0 += 32) {
-    const int64_t c = c0 + tx;
-    float col_acc = 0.f;
+  const int64_t c_begin = cb * kColsPerBlock;
+  const int64_t c_end = std::min<int64_t>(C, c_begin + kColsPerBlock);
+  for (int64_t t = 0; t < row_tiles; ++t) {
+    const int64_t r0 = (rg * row_tiles + t) * kRowsPerBlock;
+    if (r0 >= R) break;  // uniform across the CTA
+    float row_acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += 32) {
+      const int64_t c = c0 + tx;
+      float col_acc = 0.f;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int64_t r = r0 + ty + 8 * k;
+        if (r < R && c < c_end) {
+          const float v = to_float(base[r * sgr + c * sgc]);
+          row_acc[k] += v * v;
+          col_acc += v * v;
+        }
+      }
+      col_sh[ty][tx] = col_acc;
+      __syncthreads();
+      if (ty == 0 && c < c_end) {
+        float s = 0.f;
+#pragma unroll
+        for (int y = 0; y < 8; ++y) s += col_sh[y][tx];
+        col_total[c - c_begin] += s;
+      }
+      __syncthreads();
+    }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int64_t r = rb * kRowsPerBlock + ty + 8 * k;
-      if (r < R && c < c_end) {
-        const float v = to_float(base[r * sgr + c * sgc]);
-        row_acc[k] += v * v;
-        col_acc += v * v;
-      }
+      const float s = warp_sum(row_acc[k]);
+      const int64_t r = r0 + ty + 8 * k;
+      if (tx == 0 && r < R) row_part[(cb * L + l) * R + r] = s;
     }
-    col_sh[ty][tx] = col_acc;
-    __syncthreads();
-    if (ty == 0 && c < c_end) {
-      float s = 0.f;
-#pragma unroll
-      for (int y = 0; y < 8; ++y) s += col_sh[y][tx];
-      col_part[(rb * L + l) * C + c] = s;
-    }
-    __syncthreads();
   }
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float s = warp_sum(row_acc[k]);
-    const int64_t r = rb * kRowsPerBlock + ty + 8 * k;
-    if (tx == 0 && r < R) row_part[(cb * L + l) * R + r] = s;
+  if (ty == 0) {
+    for (int64_t c = c_begin + tx; c < c_end; c += 32) col_part[(rg * L + l) * C + c] = col_total[c - c_begin];
   }
 }
 
@@ -295,16 +307,20 @@ void check_view(int64_t L, int64_t R, int64_t C) {
 }
 
 void row_col_sums(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_t row_part,
-                  std::uintptr_t col_part, int64_t L, int64_t R, int64_t C, int dtype, std::uintptr_t stream) {
+                  std::uintptr_t col_part, int64_t L, int64_t R, int64_t C, int64_t row_tiles, int dtype,
+                  std::uintptr_t stream) {
   check_view(L, R, C);
+  VQIM_CHECK(row_tiles >= 1, "adafactor8_row_col_sums: row_tiles must be >= 1, got ", row_tiles);
   const int64_t n_row_blocks = (R + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t n_row_groups = (n_row_blocks + row_tiles - 1) / row_tiles;
   const int64_t n_col_blocks = (C + kColsPerBlock - 1) / kColsPerBlock;
-  VQIM_CHECK(L * n_row_blocks < (int64_t{1} << 31), "adafactor8_row_col_sums: too many rows (L * R = ", L * R, ")");
+  VQIM_CHECK(L * n_row_groups < (int64_t{1} << 31), "adafactor8_row_col_sums: too many rows (L * R = ", L * R, ")");
   VQIM_CHECK(n_col_blocks < 65536, "adafactor8_row_col_sums: too many columns (C = ", C, ")");
-  const dim3 grid(static_cast<unsigned>(L * n_row_blocks), static_cast<unsigned>(n_col_blocks));
+  const dim3 grid(static_cast<unsigned>(L * n_row_groups), static_cast<unsigned>(n_col_blocks));
   VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
     row_col_sums_kernel<scalar_t><<<grid, dim3(32, 8), 0, as_stream(stream)>>>(
-        as_ptr<const scalar_t>(g), sgl, sgr, sgc, as_ptr<float>(row_part), as_ptr<float>(col_part), L, R, C);
+        as_ptr<const scalar_t>(g), sgl, sgr, sgc, as_ptr<float>(row_part), as_ptr<float>(col_part), L, R, C,
+        row_tiles, n_row_groups);
   });
   VQIM_CUDA_CHECK(cudaGetLastError());
 }
@@ -391,9 +407,9 @@ VQIM_REGISTER_OP(adafactor8, [](vqim::py::module_& m) {
   namespace py = vqim::py;
   m.def("adafactor8_row_col_sums", &vqim::row_col_sums,
         "partial sums of g^2 over an (L, R, C) strided view: row_part [ceil(C / 256), L, R] (one per column "
-        "tile) and col_part [ceil(R / 32), L, C] (one per row tile)",
+        "tile) and col_part [ceil(ceil(R / 32) / row_tiles), L, C] (one per group of row_tiles 32-row tiles)",
         py::arg("g"), py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("row_part"), py::arg("col_part"),
-        py::arg("L"), py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("stream"));
+        py::arg("L"), py::arg("R"), py::arg("C"), py::arg("row_tiles"), py::arg("dtype"), py::arg("stream"));
   m.def("adafactor8_factors", &vqim::factors,
         "sum the (P, L, R) / (P, L, C) partials, update r [L, R] and c [L, C] in place, write "
         "a = 1 / sqrt(r / mean r) and b = 1 / sqrt(c)",

@@ -152,12 +152,15 @@ def _row_col_sums_triton(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _row_col_sums_cuda(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     C_ = _ext.load()
     L, R, C = g3.shape
-    # One partial per tile of 32 rows x 256 columns (csrc: kRowsPerBlock, kColsPerBlock).
+    # Tiles of 32 rows x 256 columns (csrc: kRowsPerBlock, kColsPerBlock): a row partial per
+    # column tile, a column partial per group of row tiles (at most 64 groups).
+    row_blocks = triton.cdiv(R, 32)
+    row_tiles = triton.next_power_of_2(triton.cdiv(row_blocks, _MAX_COL_PARTIALS))
     rowpart = torch.empty(triton.cdiv(C, 256), L, R, dtype=torch.float32, device=g3.device)
-    colpart = torch.empty(triton.cdiv(R, 32), L, C, dtype=torch.float32, device=g3.device)
+    colpart = torch.empty(triton.cdiv(row_blocks, row_tiles), L, C, dtype=torch.float32, device=g3.device)
     with torch.cuda.device(g3.device):
         C_.adafactor8_row_col_sums(g3.data_ptr(), *g3.stride(), rowpart.data_ptr(), colpart.data_ptr(), L, R, C,
-                                   _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
+                                   row_tiles, _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
     return rowpart, colpart
 
 

@@ -365,7 +365,7 @@ def test_extension_exposes_adafactor8():
         C.adafactor8_step(0, 12, 4, 1, 0, 12, 4, 1, 0, 0, 0, 0, 0, 0, lr=1e-3, decay=1.0, beta1=0.9,
                           one_minus_beta1=0.1, clip_threshold=1.0, **view)
     with pytest.raises(ValueError, match="positive sizes"):
-        C.adafactor8_row_col_sums(0, 0, 1, 1, 0, 0, L=1, R=0, C=4, dtype=0, stream=0)
+        C.adafactor8_row_col_sums(0, 0, 1, 1, 0, 0, L=1, R=0, C=4, row_tiles=1, dtype=0, stream=0)
     with pytest.raises(ValueError, match="at least one partial"):
         C.adafactor8_factors(0, 0, 0, 0, 0, 0, L=1, R=3, C=4, n_rowparts=0, n_colparts=1, beta2_t=0.5,
                              one_minus_beta2_t=0.5, eps1=1e-30, stream=0)
@@ -419,7 +419,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path, grad_dtype, layout):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_backends_match_torch_path(backend, dtype):
-    shapes = [(1024, 4096), (97, 111), (3, 5, 7, 11), (4096,), (5,), ()]
+    shapes = [(1024, 4096), (5000, 300), (97, 111), (3, 5, 7, 11), (2, 4, 512), (4096,), (5,), ()]
     p_cpu = [(torch.randn(s) * 2).to(dtype) for s in shapes]
     ref_params = [p.clone().requires_grad_() for p in p_cpu]
     gpu_params = [p.cuda().requires_grad_() for p in p_cpu]
