@@ -47,13 +47,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from .api import Engine, _default_dtype
 from .config import ModelConfig, dtype_from_name
 from .models import Attention, VQIMModel, init_weights
-from .weights import build_model, expected_tensors, load_config
+from .weights import build_model, load_config, load_state_dict
 
 # Seconds a rank waits in a collective before the process group gives up on a silent peer.
 DEFAULT_TIMEOUT_S = float(os.environ.get("VQIM_TP_TIMEOUT_S", "600"))
@@ -339,39 +338,18 @@ def load_tp_state_dict(model_dir: str | Path, cfg: ModelConfig, model: VQIMModel
                        world: int) -> dict[str, torch.Tensor]:
     """This rank's slices of every tensor in ``model_dir`` (checked like ``weights.load_state_dict``:
     names, full shapes, dtypes), read with ``get_slice`` so only the slices leave the file."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} holds no *.safetensors file")
-    want = expected_tensors(cfg)
     dims = param_shard_dims(model)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if name in state:
-                    raise ValueError(f"tensor {name!r} appears in more than one safetensors file ({f.name})")
-                if name not in want:
-                    raise ValueError(f"{f.name}: unexpected tensor {name!r} (not in a {cfg.name} model)")
-                shape, dtype = want[name]
-                sl = st.get_slice(name)
-                got_shape = tuple(sl.get_shape())
-                if got_shape != shape:
-                    raise ValueError(f"{f.name}: tensor {name!r} has shape {got_shape}, the config needs {shape}")
-                dim = dims.get(name)
-                if dim is None:
-                    t = sl[:]
-                else:
-                    n = shape[dim] // world
-                    index = [slice(None)] * len(shape)
-                    index[dim] = slice(rank * n, (rank + 1) * n)
-                    t = sl[tuple(index)]
-                if t.dtype != dtype:
-                    raise ValueError(f"{f.name}: tensor {name!r} has dtype {t.dtype}, the config needs {dtype}")
-                state[name] = t
-    missing = sorted(set(want) - set(state))
-    if missing:
-        raise ValueError(f"{model_dir}: missing {len(missing)} tensor(s), first {missing[:5]}")
-    return state
+
+    def read(name: str, sl, shape: tuple[int, ...]) -> torch.Tensor:
+        dim = dims.get(name)
+        if dim is None:
+            return sl[:]
+        n = shape[dim] // world
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(rank * n, (rank + 1) * n)
+        return sl[tuple(index)]
+
+    return load_state_dict(model_dir, cfg, "cpu", read=read)
 
 
 def load_tp_model(model_dir: str | Path, rank: int, world: int, group: dist.ProcessGroup | None = None,

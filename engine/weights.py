@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,8 +45,15 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         return ModelConfig.from_dict(json.load(f))
 
 
-def load_state_dict(model_dir: str | Path, cfg: ModelConfig, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Read and validate all ``*.safetensors`` of ``model_dir`` against ``cfg``."""
+def load_state_dict(model_dir: str | Path, cfg: ModelConfig, device: torch.device | str = "cpu", *,
+                    read: Callable[[str, object, tuple[int, ...]], torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Read and validate all ``*.safetensors`` of ``model_dir`` against ``cfg``.
+
+    Every tensor's name and full shape are checked before it is read, and its dtype after.
+    ``read(name, slice, shape)`` reads one tensor from its safetensors slice (default: all of it);
+    the tensor-parallel loader passes one that reads only this rank's part.
+    """
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir} holds no *.safetensors file")
@@ -60,11 +68,11 @@ def load_state_dict(model_dir: str | Path, cfg: ModelConfig, device: torch.devic
                 if name not in want:
                     raise ValueError(f"{f.name}: unexpected tensor {name!r} (not in a {cfg.name} model)")
                 shape, dtype = want[name]
-                t = st.get_slice(name)
-                got_shape = tuple(t.get_shape())
+                sl = st.get_slice(name)
+                got_shape = tuple(sl.get_shape())
                 if got_shape != shape:
                     raise ValueError(f"{f.name}: tensor {name!r} has shape {got_shape}, the config needs {shape}")
-                tensor = st.get_tensor(name)
+                tensor = st.get_tensor(name) if read is None else read(name, sl, shape)
                 if tensor.dtype != dtype:
                     raise ValueError(f"{f.name}: tensor {name!r} has dtype {tensor.dtype}, the config needs {dtype}")
                 state[name] = tensor
