@@ -27,18 +27,6 @@ constexpr int kSumsqThreads = 256;
 constexpr int kSumsqMaxBlocks = 1024;  // also the workspace size the Python launcher allocates
 constexpr int kFactorsThreads = 256;
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // CTA (32 x 8 threads) = row_tiles tiles of 32 rows x kColsPerBlock columns of one slice;
 // threadIdx.x walks the columns (coalesced for a contiguous grad), threadIdx.y the rows ty,
 // ty + 8, ty + 16, ty + 24 of a tile. Each CTA writes its own partial row sums (one per column

@@ -81,6 +81,21 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(x);
 }
 
+#if defined(__CUDACC__)  // module.cpp includes this header through the host compiler
+// Butterfly reductions over a full warp: every lane gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+#endif
+
 // Runtime dtype code -> template parameter (flash-attention's BOOL_SWITCH idea for dtypes).
 #define VQIM_DISPATCH_FLOAT(dtype_code, scalar_t, ...)                                  \
   [&] {                                                                                 \

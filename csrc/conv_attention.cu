@@ -17,18 +17,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxD = 256;
 constexpr int kMaxDPerLane = kMaxD / 32;
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
 // Block-wide reduction through shared scratch of kWarps floats; every thread gets the result.
 template <bool kMax>
 __device__ float block_reduce(float x, float* scratch) {
