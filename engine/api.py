@@ -59,20 +59,25 @@ class Engine:
 
     Build with :meth:`from_pretrained` (a model directory) or :meth:`from_preset` (random
     weights of a named shape). ``max_batch_size`` bounds the images decoded together (each is
-    two decoder rows with guidance); longer requests run in chunks.
+    two decoder rows with guidance); longer requests run in chunks. ``kv_cache="ring"`` keeps, for
+    conv-masked layers, only the ``kernel_h // 2 + 1`` grid rows their window can still reach
+    (``vqim.kernels.conv_cache_len``); ``"plain"`` keeps every position.
     """
 
     def __init__(self, model: VQIMModel, tokenizer: TextTokenizer | None, *, device: torch.device,
-                 max_batch_size: int = 16, use_cuda_graph: bool = True, model_dir: Path | None = None):
+                 max_batch_size: int = 16, use_cuda_graph: bool = True, model_dir: Path | None = None,
+                 kv_cache: str = "plain"):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if kv_cache not in ("plain", "ring"):
+            raise ValueError(f"kv_cache must be 'plain' or 'ring', got {kv_cache!r}")
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = device
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.model_dir = model_dir
-        self.generator = Generator(model.decoder, use_cuda_graph=use_cuda_graph)
+        self.generator = Generator(model.decoder, use_cuda_graph=use_cuda_graph, ring_cache=kv_cache == "ring")
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction

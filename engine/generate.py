@@ -66,8 +66,10 @@ class _GraphStep:
 class Generator:
     """Runs the decode loop of one decoder; caches CUDA graphs by (rows, text length)."""
 
-    def __init__(self, decoder: ARDecoder, *, use_cuda_graph: bool = True, max_graphs: int = 4):
+    def __init__(self, decoder: ARDecoder, *, use_cuda_graph: bool = True, max_graphs: int = 4,
+                 ring_cache: bool = False):
         self.decoder = decoder
+        self.ring_cache = ring_cache
         self.use_cuda_graph = use_cuda_graph
         self.max_graphs = max_graphs
         self._graphs: dict[tuple[int, int], _GraphStep] = {}
@@ -81,7 +83,7 @@ class Generator:
                 # Each graph pins a whole KV cache: drop the oldest shape.
                 self._graphs.pop(next(iter(self._graphs)))
                 torch.cuda.empty_cache()
-            g = _GraphStep(self.decoder, self.decoder.new_state(rows, memory, memory_mask))
+            g = _GraphStep(self.decoder, self.decoder.new_state(rows, memory, memory_mask, ring=self.ring_cache))
             self._graphs[key] = g
         elif memory is not None:
             ks, vs = self.decoder.cross_kv(memory)
@@ -108,7 +110,7 @@ class Generator:
             graph = self._graph_for(rows, memory, memory_mask)
             state = graph.state
         else:
-            state = dec.new_state(rows, memory, memory_mask)
+            state = dec.new_state(rows, memory, memory_mask, ring=self.ring_cache)
 
         def sample(logits: torch.Tensor, step: int) -> torch.Tensor:
             cond, uncond = (logits[:b], logits[b:]) if guided else (logits, None)

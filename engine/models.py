@@ -193,6 +193,8 @@ class DecodeState:
     cross_k: list[torch.Tensor] | None = None
     cross_v: list[torch.Tensor] | None = None
     memory_mask: torch.Tensor | None = None  # (B, 1, 1, L) bool
+    # Conv-masked layers keep a ring of the rows their window can reach (kernels.conv_cache_slot).
+    ring: bool = False
 
     @property
     def batch(self) -> int:
@@ -251,12 +253,15 @@ class DecoderBlock(nn.Module):
         h = self.ln1(x)
         q = self.attn.split(self.attn.wq(h))  # (B, H, 1, Dh)
         k, v = self.attn.kv(h)
+        ring = self.conv and state.ring
+        grid = (cfg.grid_h, cfg.grid_w)
+        slot = K.conv_cache_slot(pos, grid, cfg.conv_kernel, cfg.prefix) if ring else pos  # (1,)
         # Written by index from a device tensor: no host sync, shapes static for graph capture.
-        kc.index_copy_(2, pos, k)
-        vc.index_copy_(2, pos, v)
+        kc.index_copy_(2, slot, k)
+        vc.index_copy_(2, slot, v)
         if self.conv:
-            a = K.conv_decode_attention(q, kc, vc, pos_rows, grid=(cfg.grid_h, cfg.grid_w),
-                                        kernel=cfg.conv_kernel, prefix=cfg.prefix, validate=False)
+            a = K.conv_decode_attention(q, kc, vc, pos_rows, grid=grid, kernel=cfg.conv_kernel, prefix=cfg.prefix,
+                                        ring=ring, validate=False)
         else:
             visible = torch.arange(kc.shape[2], device=x.device) <= pos  # (S_max,)
             a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=visible[None, None, None, :])
@@ -308,15 +313,20 @@ class ARDecoder(nn.Module):
         return self.head(self.norm(x)).float()
 
     def new_state(self, batch: int, memory: torch.Tensor | None = None,
-                  memory_mask: torch.Tensor | None = None) -> DecodeState:
-        """Zeroed caches (masked slots must hold finite values: 0 * NaN would leak through)."""
+                  memory_mask: torch.Tensor | None = None, *, ring: bool = False) -> DecodeState:
+        """Zeroed caches (masked slots must hold finite values: 0 * NaN would leak through).
+
+        ``ring=True`` gives conv-masked layers a ring of ``conv_cache_len`` slots instead of
+        ``max_seq``; fully causal layers always keep every position."""
         cfg = self.cfg
         p = self.head.weight
+        ring_len = K.conv_cache_len((cfg.grid_h, cfg.grid_w), cfg.conv_kernel, cfg.prefix)
         # Heads this module holds: cfg.heads / N on a tensor-parallel rank (vqim.engine.tp).
-        shape = (batch, self.blocks[0].attn.heads, cfg.max_seq, cfg.head_dim)
-        k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.blocks]
-        v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.blocks]
-        state = DecodeState(k, v)
+        heads = self.blocks[0].attn.heads
+        lengths = [ring_len if ring and blk.conv else cfg.max_seq for blk in self.blocks]
+        k = [torch.zeros(batch, heads, n, cfg.head_dim, device=p.device, dtype=p.dtype) for n in lengths]
+        v = [torch.zeros(batch, heads, n, cfg.head_dim, device=p.device, dtype=p.dtype) for n in lengths]
+        state = DecodeState(k, v, ring=ring)
         if cfg.cross_attention:
             if memory is None or memory_mask is None:
                 raise ValueError("this decoder cross-attends to text: memory and memory_mask are required")

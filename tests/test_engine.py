@@ -323,3 +323,30 @@ def test_parti_350m_generates_in_bf16():
     assert eng.model.decoder.head.weight.dtype == torch.bfloat16
     imgs = eng.generate(["a red circle"], num_images=2, seed=0, cfg_scale=3.0)
     assert [im.size for im in imgs] == [(256, 256)] * 2
+
+
+@pytest.mark.parametrize("preset", ["tiny-t2i", "tiny-vim"])
+def test_ring_kv_cache_matches_plain_and_is_smaller(preset):
+    """kv_cache='ring' keeps only the rows a conv layer's window can reach: same tokens, fewer bytes."""
+    from vqim.kernels import conv_cache_len
+
+    plain = Engine.from_preset(preset, device="cpu")
+    ring = Engine.from_preset(preset, device="cpu", kv_cache="ring")
+    kwargs = dict(num_images=2, cfg_scale=3.0, seed=7)
+    if plain.cfg.is_text_to_image:
+        kwargs["prompts"] = ["a red circle", "a small blue square on the right"]
+    else:
+        kwargs["class_ids"] = [1, 2]
+    assert torch.equal(plain.generate_codes(**kwargs), ring.generate_codes(**kwargs))
+    dec = ring.model.decoder
+    cfg = dec.cfg
+    memory = mask = None
+    if cfg.cross_attention:
+        memory, mask = torch.zeros(2, 3, cfg.memory_dim), torch.ones(2, 3, dtype=torch.bool)
+    state_plain, state_ring = dec.new_state(2, memory, mask), dec.new_state(2, memory, mask, ring=True)
+    ring_len = conv_cache_len((cfg.grid_h, cfg.grid_w), cfg.conv_kernel, cfg.prefix)
+    for blk, kp, kr in zip(dec.blocks, state_plain.k, state_ring.k):
+        assert kr.shape[2] == (ring_len if blk.conv else cfg.max_seq) and kp.shape[2] == cfg.max_seq
+    assert sum(t.numel() for t in state_ring.k) < sum(t.numel() for t in state_plain.k)
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        Engine.from_preset(preset, device="cpu", kv_cache="paged")

@@ -63,7 +63,8 @@ def _conv_attention64(q, k, v, *, grid, kernel, prefix):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _conv_decode_attention64(q, k_cache, v_cache, pos, *, grid, kernel, prefix, validate):
+def _conv_decode_attention64(q, k_cache, v_cache, pos, *, grid, kernel, prefix, validate, ring=False):
+    assert not ring, "the float64 stand-in reads the plain cache layout"
     mask = K.conv_mask_ref(grid, kernel, prefix, seq_len=k_cache.shape[2])[pos]  # (B, S_max)
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[:, None, None, :])
 
