@@ -58,7 +58,8 @@ class Engine:
     """Text-to-image (or class-conditional / unconditional) generation and image tokenization.
 
     Build with :meth:`from_pretrained` (a model directory) or :meth:`from_preset` (random
-    weights of a named shape). ``max_batch_size`` bounds the images decoded together (each is
+    weights of a named shape). A tokenizer-only model (``vit-vqgan-*``) has
+    :meth:`encode_images` and :meth:`decode_codes`; generating raises a ValueError. ``max_batch_size`` bounds the images decoded together (each is
     two decoder rows with guidance); longer requests run in chunks. ``kv_cache="ring"`` keeps, for
     conv-masked layers, only the ``kernel_h // 2 + 1`` grid rows their window can still reach
     (``vqim.kernels.conv_cache_len``); ``"plain"`` keeps every position.
@@ -77,7 +78,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.model_dir = model_dir
-        self.generator = Generator(model.decoder, use_cuda_graph=use_cuda_graph, ring_cache=kv_cache == "ring")
+        self.generator = None
+        if model.decoder is not None:
+            self.generator = Generator(model.decoder, use_cuda_graph=use_cuda_graph, ring_cache=kv_cache == "ring")
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction
@@ -191,6 +194,7 @@ class Engine:
         tokens do not depend on the other requests in the batch. ``seed=None`` picks one.
         ``progress=True`` shows a tqdm bar over decode steps (a callable gets the step count).
         """
+        self.cfg.require_decoder("generating images")
         conds, has_uncond = self._requests(prompts, class_ids, num_images)
         n = len(conds)
         params = {k: _per_request(k, v, n) for k, v in (("cfg_scale", cfg_scale), ("temperature", temperature),
@@ -346,7 +350,7 @@ class Engine:
         """Mean over the image tokens of decoder block ``layer``'s output ``[B, W]`` (float32):
         the linear-probe feature (seed §[0102]). The prefix is BOS / null class; a text model
         cross-attends to the empty prompt."""
-        n_layers = self.cfg.decoder.layers
+        n_layers = self.cfg.require_decoder("image_features").layers
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n_layers:
             raise ValueError(f"layer must be an int in [0, {n_layers}), got {layer!r}")
         x = self._pixels(images)

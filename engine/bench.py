@@ -67,6 +67,7 @@ def step_bytes(engine: Engine, rows: int, pos: int, text_len: int) -> int:
 def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = 3.0, step_iters: int = 20,
                  image_iters: int = 2, modes: tuple[str, ...] | None = None) -> list[dict]:
     """Rows of the table for one engine and batch size (one per mode: eager, graph)."""
+    engine.cfg.require_decoder("vqim bench")
     dev = engine.device
     dec = engine.model.decoder
     cfg = dec.cfg

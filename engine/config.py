@@ -2,7 +2,8 @@
 
 One ``ModelConfig`` describes a whole generator: the ViT-VQGAN image tokenizer, an optional
 text encoder (encoder-decoder, Parti-style) and the autoregressive image decoder shared by
-text-to-image and decoder-only (unconditional / class-conditional ViM) models. Shapes of the
+text-to-image and decoder-only (unconditional / class-conditional ViM) models. A config with no
+decoder is a tokenizer alone (the ``vit-vqgan-*`` presets): it encodes and decodes images only. Shapes of the
 paper's presets follow the seed text (Table 2, §[0110], §[0117]-[0122]); ``tiny-*`` presets are
 for tests and CPU smoke runs. Configs round-trip through ``config.json`` (``to_dict`` /
 ``from_dict``).
@@ -161,17 +162,23 @@ class DecoderConfig:
 
 @dataclass
 class ModelConfig:
-    """A whole generator: tokenizer + (text encoder) + AR decoder, in one dtype."""
+    """A whole generator: tokenizer + (text encoder) + AR decoder, in one dtype.
+
+    ``decoder=None`` (and then no text encoder) is a tokenizer-only model."""
 
     name: str
     vqgan: VQGANConfig
-    decoder: DecoderConfig
+    decoder: DecoderConfig | None
     text: TextEncoderConfig | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
         dtype_from_name(self.dtype)
         d, v = self.decoder, self.vqgan
+        if d is None:
+            if self.text is not None:
+                raise ValueError(f"{self.name}: a text encoder needs a decoder (a tokenizer-only model has neither)")
+            return
         if (d.grid_h, d.grid_w) != (v.grid, v.grid):
             raise ValueError(f"{self.name}: decoder grid {d.grid_h}x{d.grid_w} must match the tokenizer grid {v.grid}x{v.grid}")
         if d.vocab_size != v.codebook_size:
@@ -185,6 +192,17 @@ class ModelConfig:
     def is_text_to_image(self) -> bool:
         return self.text is not None
 
+    @property
+    def is_tokenizer_only(self) -> bool:
+        return self.decoder is None
+
+    def require_decoder(self, what: str) -> DecoderConfig:
+        """The decoder config, or a ValueError saying ``what`` needs one."""
+        if self.decoder is None:
+            raise ValueError(f"{self.name} is a tokenizer-only model (no image-token decoder): {what} needs a "
+                             "generator such as tiny-t2i or parti-350m; a tokenizer can encode_images and decode_codes")
+        return self.decoder
+
     def to_dict(self) -> dict:
         def plain(c: object) -> dict:
             return {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.init}
@@ -193,7 +211,8 @@ class ModelConfig:
             "name": self.name,
             "dtype": self.dtype,
             "vqgan": plain(self.vqgan),
-            "decoder": {k: list(v) if isinstance(v, tuple) else v for k, v in plain(self.decoder).items()},
+            "decoder": None if self.decoder is None else
+            {k: list(v) if isinstance(v, tuple) else v for k, v in plain(self.decoder).items()},
             "text": plain(self.text) if self.text is not None else None,
         }
 
@@ -204,7 +223,7 @@ class ModelConfig:
                 name=d.get("name", "custom"),
                 dtype=d.get("dtype", "float32"),
                 vqgan=VQGANConfig(**d["vqgan"]),
-                decoder=DecoderConfig(**d["decoder"]),
+                decoder=DecoderConfig(**d["decoder"]) if d["decoder"] is not None else None,
                 text=TextEncoderConfig(**d["text"]) if d.get("text") else None,
             )
         except (KeyError, TypeError) as e:
@@ -229,6 +248,10 @@ def vqgan_config(name: str) -> VQGANConfig:
     if name not in VQGAN_PRESETS:
         raise ValueError(f"unknown tokenizer preset {name!r}; choose from {sorted(VQGAN_PRESETS)}")
     return VQGANConfig(**VQGAN_PRESETS[name])
+
+
+def _tokenizer_only(name: str) -> ModelConfig:
+    return ModelConfig(name=name, vqgan=vqgan_config(name), decoder=None, dtype="bfloat16")
 
 
 def _parti(name: str, enc_layers: int, dec_layers: int, width: int, heads: int) -> ModelConfig:
@@ -285,6 +308,7 @@ PRESETS = {
     "parti-20b": lambda: _parti("parti-20b", 16, 64, 4096, 64),
     "vim-base": lambda: _vim("vim-base", 24, 1536, 16),
     "vim-large": lambda: _vim("vim-large", 36, 2048, 32),
+    **{name: (lambda name=name: _tokenizer_only(name)) for name in VQGAN_PRESETS},
     "tiny-t2i": _tiny_t2i,
     "tiny-vim": _tiny_vim,
 }

@@ -363,14 +363,15 @@ class ARDecoder(nn.Module):
 
 
 class VQIMModel(nn.Module):
-    """Tokenizer + optional text encoder + AR decoder, as stored in one model directory."""
+    """Tokenizer + optional text encoder + AR decoder (absent in a tokenizer-only model), as
+    stored in one model directory."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.vqgan = ViTVQGAN(cfg.vqgan)
         self.text = TextEncoder(cfg.text) if cfg.text is not None else None
-        self.decoder = ARDecoder(cfg.decoder)
+        self.decoder = ARDecoder(cfg.decoder) if cfg.decoder is not None else None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -201,11 +201,11 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
     """Raise ``ValueError`` naming the first size of ``cfg`` that ``tp`` does not divide."""
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise ValueError(f"tp must be an int >= 1, got {tp!r}")
+    d = cfg.require_decoder("tensor parallelism")
     sizes = []
     if cfg.text is not None:
         t = cfg.text
         sizes += [("text.heads", t.heads), ("text.mlp_dim", t.mlp_dim), ("text.vocab_size", t.vocab_size)]
-    d = cfg.decoder
     sizes += [("decoder.heads", d.heads), ("decoder.mlp_dim", d.mlp_dim), ("decoder.vocab_size", d.vocab_size)]
     for name, v in sizes:
         if v % tp:

@@ -245,6 +245,43 @@ def test_save_then_from_pretrained_generates_the_same_images(t2i, tmp_path):
     assert_equal(loaded.generate_codes(["a red circle"], seed=9), t2i.generate_codes(["a red circle"], seed=9))
 
 
+def test_vit_vqgan_preset_is_a_tokenizer_only_engine():
+    eng = Engine.from_preset("vit-vqgan-small", device="cpu")
+    assert eng.cfg.is_tokenizer_only and eng.model.decoder is None and eng.model.text is None
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    codes = eng.encode_images([img, img])
+    assert codes.shape == (2, 32, 32) and codes.dtype == torch.long
+    assert 0 <= int(codes.min()) and int(codes.max()) < 8192
+    assert_equal(codes[0], codes[1])
+    out = eng.decode_codes(codes)
+    assert [o.size for o in out] == [(256, 256)] * 2
+    for call in (lambda: eng.generate(["a red circle"]), lambda: eng.generate_codes(class_ids=[1]),
+                 lambda: eng.image_features([img], 0)):
+        with pytest.raises(ValueError, match="tokenizer-only"):
+            call()
+
+
+def test_tokenizer_only_model_directory_round_trip(tmp_path):
+    from vqim.engine.config import ModelConfig, VQGANConfig
+    from vqim.engine.models import init_weights
+    from vqim.engine.weights import build_model, expected_tensors
+
+    cfg = ModelConfig(name="tok", vqgan=VQGANConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2,
+                                                    mlp_dim=64, codebook_size=16, code_dim=4), decoder=None)
+    assert all(k.startswith("vqgan.") for k in expected_tensors(cfg))
+    model = build_model(cfg)
+    init_weights(model, 5)
+    eng = Engine(model, None, device=torch.device("cpu"))
+    eng.save_pretrained(tmp_path)
+    back = Engine.from_pretrained(tmp_path, device="cpu")
+    assert back.cfg == cfg and back.model.decoder is None
+    x = torch.rand(3, 3, 32, 32)
+    assert_equal(back.encode_images(x), eng.encode_images(x))
+    assert_equal(back.decode_codes(eng.encode_images(x), output_type="pt"), eng.decode_codes(eng.encode_images(x), output_type="pt"))
+    with pytest.raises(ValueError, match="text encoder needs a decoder"):
+        ModelConfig(name="bad", vqgan=cfg.vqgan, decoder=None, text=ModelConfig.from_name("tiny-t2i").text)
+
+
 def test_presets_are_seeded():
     a = Engine.from_preset("tiny-vim", seed=3, device="cpu").model.decoder.head.weight
     b = Engine.from_preset("tiny-vim", seed=3, device="cpu").model.decoder.head.weight
