@@ -24,8 +24,8 @@ from vqim.train.cli import main as train_cli
 from vqim.train.config import TrainConfig
 from vqim.train.data import ImageDataset, batch_indices, load_image, train_sentencepiece
 from vqim.train.export import export, model_from_checkpoint
-from vqim.train.loop import (CHECKPOINT, PredictorForward, TrainingDiverged, evaluate_tokenizer, fp32_layer_norms,
-                             lr_at, train)
+from vqim.train.loop import (CHECKPOINT, PredictorForward, Stage1, TrainingDiverged, evaluate_tokenizer,
+                             fp32_layer_norms, lr_at, train)
 from vqim.train.losses import (Discriminator, PerceptualLoss, discriminator_loss, generator_adv_loss,
                                logit_laplace_loss, psnr, straight_through, vq_loss)
 
@@ -205,12 +205,14 @@ def test_sentencepiece_matches_engine_ids(data, tmp_path):
     assert 0 < len(ids) < len(caps[0].split()) * 3 and tok.sp.decode(ids) == caps[0]
 
 
-def test_example_configs_parse():
+def test_example_configs_parse(monkeypatch):
     from pathlib import Path
 
+    root = Path(__file__).parent.parent
+    monkeypatch.chdir(root)  # the configs' paths are relative to the repository root
     for name in ("shapes_stage1.json", "shapes_stage2.json"):
-        cfg = TrainConfig.load(Path(__file__).parent.parent / "train" / "configs" / name)
-        assert cfg.model_config().name == "tiny-t2i"
+        cfg = TrainConfig.load(root / "train" / "configs" / name)
+        assert cfg.model_config().name == "shapes-demo"
 
 
 def test_config_errors(tmp_path):
@@ -252,6 +254,38 @@ def test_stage1_says_once_that_perceptual_is_off(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("perceptual loss off") == 1
     assert "adv" not in run.history[-1]
+
+
+def test_dead_codes_move_onto_latents_of_the_batch(data, tmp_path):
+    root, _ = data
+    cfg = TrainConfig(data=str(root), out_dir=str(tmp_path), model="tiny-t2i", model_overrides=T2I, steps=1,
+                      batch_size=4, w_adv=0.0, w_perceptual=0.0, code_restart_every=1, progress=False)
+    run = Stage1(cfg)
+    with torch.no_grad():
+        x = run.data.pixels(batch_indices(len(run.data), 4, 0, cfg.seed))
+        z = run.vqgan.encode_latents(x).reshape(-1, run.model_cfg.vqgan.code_dim)  # (4*N, D)
+        used = torch.zeros(run.model_cfg.vqgan.codebook_size, dtype=torch.bool)
+        used[K.codebook_lookup(z, run.vqgan.codebook)] = True
+        before = run.vqgan.codebook.detach().clone()
+    run.run()
+    after = run.vqgan.codebook.detach()
+    assert run.history[-1]["codes_restarted"] == int((~used).sum()) > 0
+    # A restarted row is one of the batch's latents; a used row moved by the optimizer only.
+    dist = torch.cdist(after[~used], z, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert float(dist.max()) < 1e-6
+    assert torch.cdist(before[used], z).min(dim=1).values.min() > 1e-3
+    assert int(run.code_hits.sum()) == 0  # counted from zero again after the check
+
+
+def test_a_tokenizer_only_preset_trains_in_stage1_and_is_refused_by_stage2(data, tmp_path):
+    root, _ = data
+    cfg = TrainConfig(data=str(root), out_dir=str(tmp_path / "s1"), model="vit-vqgan-small",
+                      model_overrides={"vqgan": VQGAN}, steps=2, batch_size=4, w_adv=0.0, w_perceptual=0.0,
+                      progress=False)
+    assert len(train(cfg, "stage1").history) == 2
+    s2 = dataclasses.replace(cfg, out_dir=str(tmp_path / "s2"), tokenizer_checkpoint=str(tmp_path / "s1" / CHECKPOINT))
+    with pytest.raises(ValueError, match="tokenizer-only"):
+        train(s2, "stage2")
 
 
 # ----------------------------------------------------------------------------- stage 2 + export
@@ -330,7 +364,7 @@ def test_bf16_autocast_keeps_norms_and_logits_fp32(data, stage1_ckpt, tmp_path):
 def test_resume_is_bit_exact(data, stage1_ckpt, tmp_path, stage):
     root, _ = data
     ckpt, tok, _ = stage1_ckpt
-    kw = dict(steps=6, ckpt_every=3, dropout=0.1, cond_dropout=0.5, text_tokenizer=str(tok))
+    kw = dict(steps=6, ckpt_every=3, dropout=0.1, cond_dropout=0.5, text_tokenizer=str(tok), code_restart_every=2)
     full = train(_cfg(root, tmp_path / "a", ckpt, **kw), stage)
     train(_cfg(root, tmp_path / "b", ckpt, **kw), stage, stop_after=4)  # dies after step 4; checkpoint at 3
     resumed = train(_cfg(root, tmp_path / "b", ckpt, **kw), stage, resume=True)

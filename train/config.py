@@ -62,6 +62,9 @@ class TrainConfig:
     disc_channels: int = 32
     disc_max_channels: int = 256
     r1_gamma: float = 0.0
+    # Dead-code restart: every ``code_restart_every`` steps, each code chosen by no token in that
+    # window is moved onto a random encoder latent of the current batch. 0: off.
+    code_restart_every: int = 0
     # Stage 2.
     tokenizer_checkpoint: str | None = None  # the stage-1 checkpoint (or a model directory) holding the tokenizer
     text_tokenizer: str | None = None  # sentencepiece model; None: the engine's byte-level fallback
@@ -72,7 +75,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "val_images", "decay_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "val_every", "adv_start"):
+        for name in ("warmup_steps", "val_every", "adv_start", "code_restart_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:

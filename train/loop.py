@@ -377,6 +377,8 @@ class Stage1(_Run):
             self.disc = self.wrap(self.disc_module)
             self.opt_d = torch.optim.Adam(self.disc_module.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(0.0, 0.99))
             self.opt_d.param_groups[0]["lr_scale"] = (cfg.disc_lr or cfg.lr) / cfg.lr
+        # Tokens that chose each code since the last restart check (long, summed over ranks there).
+        self.code_hits = torch.zeros(vcfg.codebook_size, dtype=torch.long, device=self.device)
         self.perceptual = None
         if cfg.w_perceptual > 0:
             if cfg.perceptual_weights:
@@ -388,7 +390,7 @@ class Stage1(_Run):
         return [self.opt, self.opt_d] if self.use_adv else [self.opt]
 
     def state(self) -> dict:
-        s = {"model": self.vqgan.state_dict(), "optimizer": self.opt.state_dict()}
+        s = {"model": self.vqgan.state_dict(), "optimizer": self.opt.state_dict(), "code_hits": self.code_hits.cpu()}
         if self.use_adv:
             s.update(disc=self.disc_module.state_dict(), disc_optimizer=self.opt_d.state_dict())
         return s
@@ -396,6 +398,8 @@ class Stage1(_Run):
     def load_state(self, s: dict) -> None:
         self.vqgan.load_state_dict(s["model"])
         self.opt.load_state_dict(s["optimizer"])
+        if "code_hits" in s:
+            self.code_hits.copy_(s["code_hits"])
         if self.use_adv:
             self.disc_module.load_state_dict(s["disc"])
             self.opt_d.load_state_dict(s["disc_optimizer"])
@@ -407,7 +411,7 @@ class Stage1(_Run):
         adv = self.use_adv and step >= cfg.adv_start
         self.gen.train()
         with self.autocast():
-            recon, z, codes, _ = self.gen(x)
+            recon, z, codes, idx = self.gen(x)
             parts = {"vq": vq_loss(z, codes, cfg.beta), "l2": l2_loss(recon, x)}
             if cfg.w_logit_laplace > 0:
                 parts["logit_laplace"] = logit_laplace_loss(recon, x)
@@ -425,6 +429,10 @@ class Stage1(_Run):
         rec = {"loss": self.dist.all_mean(loss.detach()).item(),
                **{k: self.dist.all_mean(v.detach()).item() for k, v in parts.items()}}
         rec["grad_norm"] = self.clip_and_step(step, self.vqgan.parameters(), self.opt, "tokenizer")
+        if cfg.code_restart_every:
+            self.code_hits += torch.bincount(idx.reshape(-1), minlength=self.code_hits.numel())
+            if (step + 1) % cfg.code_restart_every == 0:
+                rec["codes_restarted"] = self.restart_dead_codes(step, z.detach(), codes.detach())
         if adv:
             with self.autocast():
                 logits = self.disc(torch.cat([x, recon.detach()]))  # (2b,)
@@ -436,6 +444,38 @@ class Stage1(_Run):
             rec["d_loss"] = self.dist.all_mean(d_loss.detach()).item()
             self.clip_and_step(step, self.disc_module.parameters(), self.opt_d, "discriminator")
         return rec
+
+    @torch.no_grad()
+    def restart_dead_codes(self, step: int, z: torch.Tensor, codes: torch.Tensor) -> int:
+        """Move every code no token chose since the last check onto a latent of this batch.
+
+        z, codes: ``[b, N, D]`` l2-normalized latents of this rank's batch and their chosen codes.
+        Latents are drawn with probability proportional to their squared quantization error
+        (k-means++'s rule), so dead codes go where the codebook fits worst rather than onto the
+        background that most tokens show. Rank 0 draws (a generator keyed by ``(seed, step)``,
+        so a resumed run draws the same) and broadcasts the codebook. Dead rows of the optimizer's moments are zeroed, so the moved code starts
+        fresh. Returns how many codes moved.
+        """
+        hits = self.code_hits
+        if self.dist.world > 1:
+            dist.all_reduce(hits)
+        dead = (hits == 0).nonzero().flatten()  # (n_dead,)
+        hits.zero_()
+        if dead.numel() == 0:
+            return 0
+        book = self.vqgan.codebook
+        if self.dist.main:
+            flat = z.reshape(-1, z.shape[-1]).float()  # (b*N, D)
+            err = (flat - codes.reshape(flat.shape).float()).square().sum(-1).cpu() + 1e-12  # (b*N,)
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+            pick = torch.multinomial(err, dead.numel(), replacement=True, generator=g).to(flat.device)
+            book.data[dead] = flat[pick].to(book.dtype)
+        if self.dist.world > 1:
+            dist.broadcast(book.data, 0)
+        for v in self.opt.state.get(book, {}).values():
+            if torch.is_tensor(v) and v.shape == book.shape:
+                v[dead] = 0
+        return int(dead.numel())
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -501,6 +541,7 @@ class Stage2(_Run):
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         mc = self.model_cfg
+        mc.require_decoder("stage2 training")
         mc.decoder.dropout = cfg.dropout
         if mc.text is not None:
             mc.text.dropout = cfg.dropout
