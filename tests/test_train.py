@@ -25,7 +25,7 @@ from vqim.train.config import TrainConfig
 from vqim.train.data import ImageDataset, batch_indices, load_image, train_sentencepiece
 from vqim.train.export import export, model_from_checkpoint
 from vqim.train.loop import (CHECKPOINT, PredictorForward, Stage1, TrainingDiverged, evaluate_tokenizer,
-                             fp32_layer_norms, lr_at, train)
+                             fp32_layer_norms, lr_at, spherical_kmeans, train)
 from vqim.train.losses import (Discriminator, PerceptualLoss, discriminator_loss, generator_adv_loss,
                                logit_laplace_loss, psnr, straight_through, vq_loss)
 
@@ -275,6 +275,59 @@ def test_dead_codes_move_onto_latents_of_the_batch(data, tmp_path):
     assert float(dist.max()) < 1e-6
     assert torch.cdist(before[used], z).min(dim=1).values.min() > 1e-3
     assert int(run.code_hits.sum()) == 0  # counted from zero again after the check
+
+
+def test_spherical_kmeans_finds_rare_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)  # (6, D)
+    # Cluster 5 holds 0.5% of the rows: uniform seeding would pick it with chance ~3%; k-means++
+    # (squared-distance weighting) with chance > 90%, and this seed does.
+    sizes = [4000, 3000, 2000, 600, 350, 50]
+    z = torch.cat([torch.nn.functional.normalize(c + 0.003 * torch.randn(n, 16, generator=g), dim=1)
+                   for c, n in zip(centers, sizes)])
+    got = spherical_kmeans(z[torch.randperm(len(z), generator=g)], 6, seed=1)
+    assert torch.allclose(got.norm(dim=1), torch.ones(6), atol=1e-5)
+    match = (got @ centers.T).max(dim=0).values  # best centroid for each true center
+    assert float(match.min()) > 0.999, match
+    assert torch.equal(spherical_kmeans(z, 6, seed=1), spherical_kmeans(z, 6, seed=1))
+    with pytest.raises(ValueError, match="codebook_init_images"):
+        spherical_kmeans(z[:5], 6, seed=0)
+
+
+def test_kmeans_codebook_init_places_codes_on_initial_latents(data, tmp_path):
+    root, _ = data
+    cfg = TrainConfig(data=str(root), out_dir=str(tmp_path), model="tiny-t2i", model_overrides=T2I, steps=1,
+                      batch_size=4, w_adv=0.0, w_perceptual=0.0, codebook_init="kmeans", progress=False)
+    run = Stage1(cfg)
+    with torch.no_grad():
+        z = run.vqgan.encode_latents(run.data.pixels(range(len(run.data)))).reshape(-1, VQGAN["code_dim"])
+    book = torch.nn.functional.normalize(run.vqgan.codebook.detach(), dim=1)
+    # Every latent has a code nearby, far nearer than under the random init.
+    near = (z @ book.T).max(dim=1).values
+    rand = Stage1(dataclasses.replace(cfg, codebook_init="random", out_dir=str(tmp_path / "r")))
+    rand_book = torch.nn.functional.normalize(rand.vqgan.codebook.detach(), dim=1)
+    assert float(near.mean()) > 0.99 > float((z @ rand_book.T).max(dim=1).values.mean())
+    with pytest.raises(ValueError, match="codebook_init"):
+        dataclasses.replace(cfg, codebook_init="pca")
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_encoder_lr_scale_freezes_or_slows_the_encoder(data, tmp_path, scale):
+    root, _ = data
+    cfg = TrainConfig(data=str(root), out_dir=str(tmp_path), model="tiny-t2i", model_overrides=T2I, steps=3,
+                      batch_size=4, w_adv=0.0, w_perceptual=0.0, encoder_lr_scale=scale, progress=False)
+    run = Stage1(cfg)
+    before = {n: p.detach().clone() for n, p in run.vqgan.named_parameters()}
+    run.run()
+    moved = {n: not torch.equal(before[n], p) for n, p in run.vqgan.named_parameters()}
+    enc = [n for n in moved if n.startswith("enc_")]
+    assert all(moved[n] for n in ("dec_patch.weight", "codebook"))
+    assert any(moved[n] for n in enc) == (scale > 0)
+    if scale > 0:
+        assert [g.get("lr_scale", 1.0) for g in run.opt.param_groups] == [1.0, scale]
+        assert run.opt.param_groups[1]["lr"] == pytest.approx(scale * run.opt.param_groups[0]["lr"])
+    with pytest.raises(ValueError, match="encoder_lr_scale"):
+        dataclasses.replace(cfg, encoder_lr_scale=-1.0)
 
 
 def test_a_tokenizer_only_preset_trains_in_stage1_and_is_refused_by_stage2(data, tmp_path):

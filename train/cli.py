@@ -1,6 +1,7 @@
 """``vqim train tokenizer|stage1|stage2|export``.
 
-    vqim train tokenizer DATA -o tokenizer.model [--vocab-size 1000]
+    vqim train shapes OUT_DIR [-n 20000] [--split train] [--seed 0]
+    vqim train tokenizer DATA -o tokenizer.model [--vocab-size 1000] [--model-type unigram]
     vqim train stage1 CONFIG [--resume] [--steps N] [--out-dir DIR] [--device D]
     vqim train stage2 CONFIG [--resume] ...
     vqim train export CHECKPOINT -o MODEL_DIR [--text-tokenizer FILE] [--dtype bfloat16]
@@ -21,10 +22,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vqim train", description="Train the tokenizer and the image-token predictor.")
     sub = ap.add_subparsers(dest="command", required=True)
 
+    d = sub.add_parser("shapes", help="write a split of the synthetic shapes dataset (images + captions.jsonl)")
+    d.add_argument("out_dir")
+    d.add_argument("-n", "--num-images", type=int, default=20000)
+    d.add_argument("--split", default="train", help="train, validation or held_out")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--image-size", type=int, default=64)
+
     t = sub.add_parser("tokenizer", help="train a sentencepiece model on a dataset's captions")
     t.add_argument("data", help="dataset folder with captions.jsonl")
     t.add_argument("-o", "--output", default="tokenizer.model")
     t.add_argument("--vocab-size", type=int, default=1000, help="upper bound on the number of pieces")
+    t.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "word", "char"],
+                   help="sentencepiece algorithm (bpe keeps whole words of a small caption grammar)")
 
     for name, help_ in (("stage1", "train the ViT-VQGAN image tokenizer"),
                         ("stage2", "train the text encoder + image-token decoder on the frozen tokenizer")):
@@ -48,11 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     from .loop import TrainingDiverged
 
     try:
-        if args.command == "tokenizer":
+        if args.command == "shapes":
+            from .shapes import make_dataset
+
+            print(make_dataset(args.out_dir, args.num_images, seed=args.seed, split=args.split, size=args.image_size))
+        elif args.command == "tokenizer":
             from .data import ImageDataset, train_sentencepiece
 
             caps = ImageDataset(args.data, 1).captions
-            out = train_sentencepiece(caps, args.output, args.vocab_size)
+            out = train_sentencepiece(caps, args.output, args.vocab_size, model_type=args.model_type)
             print(out)
         elif args.command in ("stage1", "stage2"):
             from .config import TrainConfig

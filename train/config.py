@@ -65,6 +65,15 @@ class TrainConfig:
     # Dead-code restart: every ``code_restart_every`` steps, each code chosen by no token in that
     # window is moved onto a random encoder latent of the current batch. 0: off.
     code_restart_every: int = 0
+    # "kmeans": before step 1, the codebook is spherical k-means (k-means++ seeding) of the initial
+    # encoder's latents of ``codebook_init_images`` training images; "random": the seeded init.
+    codebook_init: str = "random"
+    codebook_init_images: int = 2000
+    # Learning-rate multiplier of the tokenizer's encoder (``enc_*``). 0 freezes it at its init:
+    # with ``codebook_init="kmeans"`` the random encoder's latents then stay the ones the
+    # codebook was clustered on (Adam moves every weight at the full rate, however small its
+    # gradient, and on the shapes data that merged shape edges within 1000 steps).
+    encoder_lr_scale: float = 1.0
     # Stage 2.
     tokenizer_checkpoint: str | None = None  # the stage-1 checkpoint (or a model directory) holding the tokenizer
     text_tokenizer: str | None = None  # sentencepiece model; None: the engine's byte-level fallback
@@ -80,6 +89,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.codebook_init not in ("random", "kmeans"):
+            raise ValueError(f"codebook_init must be 'random' or 'kmeans', got {self.codebook_init!r}")
+        if not isinstance(self.codebook_init_images, int) or self.codebook_init_images < 1:
+            raise ValueError(f"codebook_init_images must be a positive int, got {self.codebook_init_images!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0.0 <= self.cond_dropout < 1.0:
@@ -90,7 +103,7 @@ class TrainConfig:
             raise ValueError(f"decay_rate must be in (0, 1], got {self.decay_rate}")
         if not self.lr > 0 or not self.grad_clip > 0:
             raise ValueError(f"lr and grad_clip must be > 0, got lr={self.lr}, grad_clip={self.grad_clip}")
-        for name in ("beta", "w_vq", "w_adv", "w_perceptual", "w_logit_laplace", "w_l2", "r1_gamma", "min_lr"):
+        for name in ("encoder_lr_scale", "beta", "w_vq", "w_adv", "w_perceptual", "w_logit_laplace", "w_l2", "r1_gamma", "min_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -353,6 +353,41 @@ class _Run:
 # ----------------------------------------------------------------------------- stage 1
 
 
+@torch.no_grad()
+def spherical_kmeans(z: torch.Tensor, k: int, *, seed: int, iters: int = 10, seed_sample: int = 100_000,
+                     chunk: int = 65536) -> torch.Tensor:
+    """``k`` unit centroids ``[k, D]`` of unit vectors ``z`` ``[n, D]`` (float32).
+
+    Seeding is k-means++ (each next centroid drawn with probability proportional to its squared
+    distance to the nearest chosen one) on at most ``seed_sample`` rows, so rare patches such as
+    shape edges get centroids of their own; then ``iters`` Lloyd steps on all rows, assigning by
+    largest dot product and renormalizing the means. A centroid that loses all its rows keeps
+    its place. Deterministic given ``seed``.
+    """
+    n, d = z.shape
+    if n < k:
+        raise ValueError(f"k-means needs at least k={k} latents, got {n}; raise codebook_init_images")
+    g = torch.Generator().manual_seed(seed)
+    z = z.float().cpu()
+    sub = z[torch.randperm(n, generator=g)[:seed_sample]]  # (m, D)
+    cent = torch.empty(k, d)
+    cent[0] = sub[torch.randint(len(sub), (1,), generator=g)]
+    dmin = (sub - cent[0]).square().sum(1)  # (m,)
+    for j in range(1, k):
+        cent[j] = sub[torch.multinomial(dmin + 1e-12, 1, generator=g)]
+        dmin = torch.minimum(dmin, (sub - cent[j]).square().sum(1))
+    for _ in range(iters):
+        sums = torch.zeros(k, d)
+        counts = torch.zeros(k)
+        for i in range(0, n, chunk):
+            part = z[i:i + chunk]  # (c, D)
+            a = (part @ cent.T).argmax(1)  # (c,)
+            sums.index_add_(0, a, part)
+            counts.index_add_(0, a, torch.ones(len(a)))
+        cent = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1, eps=1e-12), cent)
+    return cent
+
+
 class Stage1(_Run):
     """ViT-VQGAN training: VQ + adversarial + perceptual + logit-Laplace + L2 (seed §[0096])."""
 
@@ -369,8 +404,17 @@ class Stage1(_Run):
         self.vqgan = ViTVQGAN(vcfg).to(self.device)
         init_weights(self.vqgan, cfg.seed)
         fp32_layer_norms(self.vqgan)
+        if cfg.codebook_init == "kmeans":
+            self.init_codebook_kmeans()
+        encoder = [p for n, p in self.vqgan.named_parameters() if n.startswith("enc_")]
+        if cfg.encoder_lr_scale == 0:
+            for p in encoder:
+                p.requires_grad_(False)
         self.gen = self.wrap(TokenizerForward(self.vqgan))
-        self.opt = _build_optimizer(cfg.optimizer or "adamw", self.vqgan.parameters(), cfg.lr, cfg.weight_decay)
+        rest = [p for n, p in self.vqgan.named_parameters() if not n.startswith("enc_")]
+        self.opt = _build_optimizer(cfg.optimizer or "adamw", rest, cfg.lr, cfg.weight_decay)
+        if cfg.encoder_lr_scale > 0:
+            self.opt.add_param_group({"params": encoder, "lr_scale": cfg.encoder_lr_scale})
         self.use_adv = cfg.w_adv > 0
         if self.use_adv:
             self.disc_module = Discriminator(vcfg.image_size, cfg.disc_channels, cfg.disc_max_channels).to(self.device)
@@ -444,6 +488,27 @@ class Stage1(_Run):
             rec["d_loss"] = self.dist.all_mean(d_loss.detach()).item()
             self.clip_and_step(step, self.disc_module.parameters(), self.opt_d, "discriminator")
         return rec
+
+    @torch.no_grad()
+    def init_codebook_kmeans(self) -> None:
+        """Codebook <- spherical k-means of the initial encoder's latents (rank 0, broadcast).
+
+        A random ViT's latents are close to a random projection of the patch, so clustering them
+        partitions the patches themselves: on the shapes data, 2048 clusters of the initial
+        latents already separate shape edges that 3000 steps from a random codebook did not.
+        A resumed run loads its codebook from the checkpoint instead.
+        """
+        cfg, vq = self.cfg, self.vqgan
+        if self.dist.main:
+            n = min(cfg.codebook_init_images, len(self.data))
+            lat = []
+            for i in range(0, n, 256):
+                x = self.data.pixels(range(i, min(i + 256, n))).to(self.device)
+                lat.append(vq.encode_latents(x).reshape(-1, vq.cfg.code_dim).cpu())  # (b*N, D)
+            book = spherical_kmeans(torch.cat(lat), vq.cfg.codebook_size, seed=cfg.seed)
+            vq.codebook.data.copy_(book.to(vq.codebook.dtype))
+        if self.dist.world > 1:
+            dist.broadcast(vq.codebook.data, 0)
 
     @torch.no_grad()
     def restart_dead_codes(self, step: int, z: torch.Tensor, codes: torch.Tensor) -> int:

@@ -145,6 +145,8 @@ def make_dataset(out_dir: str | os.PathLike, n: int, *, seed: int, split: str = 
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if size < 16:
+        raise ValueError(f"size must be >= 16 pixels, got {size}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     # Seeds of the three splits never collide for the same user seed.
