@@ -24,9 +24,11 @@ from .config import ModelConfig, dtype_from_name
 from .generate import Generator, Sampling, check_tokens
 from .models import VQIMModel, init_weights
 from .text import TextTokenizer
-from .weights import build_model, load_model, save_pretrained
+from .weights import build_model, check_generation_defaults, load_generation_defaults, load_model, save_pretrained
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "demo"
+# Sampling settings when neither the call nor the model directory's generation.json gives one.
+SAMPLING_DEFAULTS = {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 _MAX_SEED = 2**63 - 1
 
 
@@ -67,7 +69,7 @@ class Engine:
 
     def __init__(self, model: VQIMModel, tokenizer: TextTokenizer | None, *, device: torch.device,
                  max_batch_size: int = 16, use_cuda_graph: bool = True, model_dir: Path | None = None,
-                 kv_cache: str = "plain"):
+                 kv_cache: str = "plain", generation: dict | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if kv_cache not in ("plain", "ring"):
@@ -78,6 +80,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.model_dir = model_dir
+        # generate()'s settings for arguments left as None: the model's generation.json over ours.
+        self.generation = dict(check_generation_defaults(generation or {}, "generation"))
+        self.sampling_defaults = {**SAMPLING_DEFAULTS, **self.generation}
         self.generator = None
         if model.decoder is not None:
             self.generator = Generator(model.decoder, use_cuda_graph=use_cuda_graph, ring_cache=kv_cache == "ring")
@@ -108,6 +113,7 @@ class Engine:
         dev = _default_device(device)
         model = load_model(path, "cpu")
         model = model.to(device=dev, dtype=_default_dtype(model.cfg, dev, dtype))
+        kwargs.setdefault("generation", load_generation_defaults(path))
         return cls(model, cls._text_tokenizer(model.cfg, path), device=dev, model_dir=path, **kwargs)
 
     @classmethod
@@ -138,7 +144,7 @@ class Engine:
         if self.model_dir is not None and (self.model_dir / "tokenizer.model").is_file():
             tok = self.model_dir / "tokenizer.model"
         with self._lock:
-            return save_pretrained(self.model, path, tokenizer_model=tok)
+            return save_pretrained(self.model, path, tokenizer_model=tok, generation=self.generation)
 
     # ------------------------------------------------------------------ generation
 
@@ -184,21 +190,22 @@ class Engine:
                 raise ValueError(f"class_ids must be ints in [0, {nc}), got {c!r}")
         return list(class_ids), True
 
-    def generate_codes(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, cfg_scale=3.0,
-                       temperature=1.0, top_k=0, top_p=1.0, seed=None, *, class_ids=None,
+    def generate_codes(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, cfg_scale=None,
+                       temperature=None, top_k=None, top_p=None, seed=None, *, class_ids=None,
                        progress: bool | Callable[[int], None] = False) -> torch.LongTensor:
         """Image tokens ``[len(prompts) * num_images, grid_h, grid_w]``, request-major.
 
         ``cfg_scale``, ``temperature``, ``top_k``, ``top_p`` and ``seed`` are scalars or one value
-        per prompt / class id. Image ``j`` of a request draws with seed ``seed + j``, so its
+        per prompt / class id. A sampling argument left ``None`` takes the model directory's
+        recommendation (``generation.json``, in :attr:`sampling_defaults`) or else 3.0, 1.0, 0, 1.0. Image ``j`` of a request draws with seed ``seed + j``, so its
         tokens do not depend on the other requests in the batch. ``seed=None`` picks one.
         ``progress=True`` shows a tqdm bar over decode steps (a callable gets the step count).
         """
         self.cfg.require_decoder("generating images")
         conds, has_uncond = self._requests(prompts, class_ids, num_images)
         n = len(conds)
-        params = {k: _per_request(k, v, n) for k, v in (("cfg_scale", cfg_scale), ("temperature", temperature),
-                                                          ("top_k", top_k), ("top_p", top_p))}
+        given = {"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+        params = {k: _per_request(k, self.sampling_defaults[k] if v is None else v, n) for k, v in given.items()}
         seeds = _per_request("seed", seed, n)
         seeds = [random.SystemRandom().randrange(0, _MAX_SEED - num_images) if s is None else s for s in seeds]
         for i in range(n):
@@ -263,8 +270,8 @@ class Engine:
             prefix = torch.tensor(pre, dtype=torch.long, device=dev)[:, None]  # (R, 1)
         return check_tokens(self.generator.run(prefix, memory, mask, sampling, guided=guided, on_step=on_step))
 
-    def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, cfg_scale=3.0,
-                 temperature=1.0, top_k=0, top_p=1.0, seed=None, *, class_ids=None,
+    def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, cfg_scale=None,
+                 temperature=None, top_k=None, top_p=None, seed=None, *, class_ids=None,
                  progress: bool | Callable[[int], None] = False) -> list[Image.Image]:
         """Images for each prompt (``num_images`` each, request-major): see :meth:`generate_codes`."""
         codes = self.generate_codes(prompts, num_images, cfg_scale, temperature, top_k, top_p, seed,

@@ -119,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="*", help="text prompt(s); none for class-conditional/unconditional models")
     g.add_argument("-o", "--output", default="out.png", help="output PNG (out-0.png, out-1.png ... for several)")
     g.add_argument("-n", type=int, default=1, help="images per prompt")
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    # None: the model's generation.json, else 3.0 / 1.0 / 0 / 1.0.
+    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off; default: the "
+                   "model's recommendation, else 3.0)")
+    g.add_argument("--temperature", type=float, default=None, help="default: the model's, else 1.0")
+    g.add_argument("--top-k", type=int, default=None, help="0 = off; default: the model's, else 0")
+    g.add_argument("--top-p", type=float, default=None, help="default: the model's, else 1.0")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--class-id", type=int, nargs="+", default=None, help="class id(s) of a class-conditional model")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -156,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=int, default=32)
     ev.add_argument("--recon-images", type=int, default=256, help="validation images for the tokenizer's PSNR")
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ev.add_argument("--grid", metavar="PNG", help="also draw a grid of images for --grid-prompts (or fixed "
+                    "prompts of the grammar) at the last --cfg scale")
+    ev.add_argument("--grid-prompts", nargs="+", default=None, metavar="PROMPT")
     _add_model_args(ev)
     ev.set_defaults(func=_eval)
 
@@ -169,9 +174,18 @@ def _eval(args: argparse.Namespace) -> None:
 
     from vqim.train import eval_shapes
 
-    results = eval_shapes.evaluate(_engine(args), num_prompts=args.num_prompts, cfg_scales=args.cfg, seed=args.seed,
+    eng = _engine(args)
+    results = eval_shapes.evaluate(eng, num_prompts=args.num_prompts, cfg_scales=args.cfg, seed=args.seed,
                                    batch_size=args.batch, recon_images=args.recon_images)
     print(eval_shapes.format_report(results))
+    if args.grid:
+        grid = eval_shapes.prompt_grid(eng, args.grid_prompts or eval_shapes.GRID_PROMPTS, cfg_scale=args.cfg[-1],
+                                       seed=args.seed)
+        out = Path(args.grid)
+        tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+        grid.save(tmp)
+        tmp.replace(out)
+        print(out)
     if args.json:
         out = Path(args.json)
         tmp = out.with_name(out.name + ".tmp")

@@ -385,8 +385,8 @@ class TPEngine(Engine):
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def generate_codes(self, prompts=None, num_images: int = 1, cfg_scale=3.0, temperature=1.0, top_k=0,
-                       top_p=1.0, seed=None, *, class_ids=None, progress=False):
+    def generate_codes(self, prompts=None, num_images: int = 1, cfg_scale=None, temperature=None, top_k=None,
+                       top_p=None, seed=None, *, class_ids=None, progress=False):
         # A seed picked per rank would make the ranks draw different tokens: rank 0 picks.
         if seed is None or (isinstance(seed, (list, tuple)) and any(s is None for s in seed)):
             box = [random.SystemRandom().randrange(0, _MAX_SEED // 2)]
@@ -412,6 +412,10 @@ def _finish(model: VQIMModel, tokenizer_path: Path | None, rank: int, world: int
             **kwargs) -> TPEngine:
     group = dist.group.WORLD
     with agreed(group):
+        if tokenizer_path is not None:
+            from .weights import load_generation_defaults
+
+            kwargs.setdefault("generation", load_generation_defaults(tokenizer_path))
         eng = TPEngine(model, TPEngine._text_tokenizer(model.cfg, tokenizer_path), device=dev,
                        model_dir=tokenizer_path, **kwargs)
     eng.rank, eng.world, eng.group = rank, world, group

@@ -105,8 +105,40 @@ def _atomic_write(dst: Path, write) -> None:
         raise
 
 
-def save_pretrained(model: VQIMModel, model_dir: str | Path, tokenizer_model: str | Path | None = None) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and (if given) ``tokenizer.model``.
+GENERATION_NAME = "generation.json"
+SAMPLING_KEYS = ("cfg_scale", "temperature", "top_k", "top_p")
+
+
+def check_generation_defaults(d: object, where: str) -> dict:
+    """A ``generation.json`` mapping (any subset of :data:`SAMPLING_KEYS`), validated."""
+    from vqim import kernels as K
+
+    if not isinstance(d, dict) or set(d) - set(SAMPLING_KEYS):
+        raise ValueError(f"{where}: must be a JSON object with keys among {list(SAMPLING_KEYS)}, got {d!r}")
+    full = {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **d}
+    try:
+        K.validate_sampling_params(seed=0, **full)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    return dict(d)
+
+
+def load_generation_defaults(model_dir: str | Path) -> dict:
+    """The sampling settings a model directory recommends (``generation.json``), or ``{}``."""
+    path = Path(model_dir) / GENERATION_NAME
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return check_generation_defaults(d, str(path))
+
+
+def save_pretrained(model: VQIMModel, model_dir: str | Path, tokenizer_model: str | Path | None = None,
+                    generation: dict | None = None) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and (if given) ``tokenizer.model`` and the
+    recommended sampling settings ``generation.json``.
 
     The config's dtype is set to the weights' dtype so the directory loads as saved; with a
     ``tokenizer_model`` the text config records ``tokenizer: sentencepiece`` so a directory that
@@ -126,4 +158,7 @@ def save_pretrained(model: VQIMModel, model_dir: str | Path, tokenizer_model: st
     _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
     if tokenizer_model is not None:
         _atomic_write(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_model, p))
+    if generation:
+        gen = check_generation_defaults(generation, "generation")
+        _atomic_write(out / GENERATION_NAME, lambda p: Path(p).write_text(json.dumps(gen, indent=2) + "\n"))
     return out

@@ -233,7 +233,10 @@ def test_out_of_memory_names_the_batch_size_and_the_engine_survives(vim, monkeyp
     assert vim.generate_codes(class_ids=[1], seed=0).shape == (1, 8, 8)
 
 
-def test_from_pretrained_without_a_bundled_model_points_to_from_preset():
+def test_from_pretrained_without_a_bundled_model_points_to_from_preset(monkeypatch, tmp_path):
+    from vqim.engine import api
+
+    monkeypatch.setattr(api, "BUNDLED_MODEL", tmp_path / "not-installed")
     with pytest.raises(FileNotFoundError, match=r"from_preset\('tiny-t2i'\)"):
         Engine.from_pretrained()
 
@@ -280,6 +283,25 @@ def test_tokenizer_only_model_directory_round_trip(tmp_path):
     assert_equal(back.decode_codes(eng.encode_images(x), output_type="pt"), eng.decode_codes(eng.encode_images(x), output_type="pt"))
     with pytest.raises(ValueError, match="text encoder needs a decoder"):
         ModelConfig(name="bad", vqgan=cfg.vqgan, decoder=None, text=ModelConfig.from_name("tiny-t2i").text)
+
+
+def test_generation_json_sets_the_sampling_defaults(t2i, tmp_path):
+    import json
+
+    eng = Engine(t2i.model, t2i.tokenizer, device=torch.device("cpu"), generation={"temperature": 0.5, "top_k": 3})
+    eng.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation.json").read_text()) == {"temperature": 0.5, "top_k": 3}
+    loaded = Engine.from_pretrained(tmp_path, device="cpu")
+    assert loaded.sampling_defaults == {"cfg_scale": 3.0, "temperature": 0.5, "top_k": 3, "top_p": 1.0}
+    p = ["a red circle", "a blue square"]
+    assert_equal(loaded.generate_codes(p, seed=4), t2i.generate_codes(p, seed=4, temperature=0.5, top_k=3))
+    assert_equal(loaded.generate_codes(p, seed=4, temperature=1.0, top_k=0), t2i.generate_codes(p, seed=4))
+    (tmp_path / "generation.json").write_text(json.dumps({"top_p": 2.0}))
+    with pytest.raises(ValueError, match="generation.json.*top_p"):
+        Engine.from_pretrained(tmp_path, device="cpu")
+    (tmp_path / "generation.json").write_text(json.dumps({"topk": 2}))
+    with pytest.raises(ValueError, match="generation.json.*keys"):
+        Engine.from_pretrained(tmp_path, device="cpu")
 
 
 def test_presets_are_seeded():

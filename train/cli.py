@@ -4,7 +4,7 @@
     vqim train tokenizer DATA -o tokenizer.model [--vocab-size 1000] [--model-type unigram]
     vqim train stage1 CONFIG [--resume] [--steps N] [--out-dir DIR] [--device D]
     vqim train stage2 CONFIG [--resume] ...
-    vqim train export CHECKPOINT -o MODEL_DIR [--text-tokenizer FILE] [--dtype bfloat16]
+    vqim train export CHECKPOINT -o MODEL_DIR [--text-tokenizer FILE] [--dtype bfloat16] [--temperature T ...]
 
 CONFIG is a JSON or TOML file of :class:`vqim.train.config.TrainConfig` fields. For several
 GPUs (or CPU processes) launch with ``torchrun --nproc-per-node N -m vqim.train.cli stage1 CONFIG``.
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="model directory to write")
     e.add_argument("--text-tokenizer", default=None, help="sentencepiece model (default: the run's)")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    for flag, typ in (("--cfg-scale", float), ("--temperature", float), ("--top-k", int), ("--top-p", float)):
+        e.add_argument(flag, type=typ, default=None, help="recommended sampling setting, written to generation.json")
     return ap
 
 
@@ -79,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .export import export
 
-            print(export(args.checkpoint, args.output, text_tokenizer=args.text_tokenizer, dtype=args.dtype))
+            gen = {k: getattr(args, k) for k in ("cfg_scale", "temperature", "top_k", "top_p")
+                   if getattr(args, k) is not None}
+            print(export(args.checkpoint, args.output, text_tokenizer=args.text_tokenizer, dtype=args.dtype,
+                         generation=gen))
     except TrainingDiverged as e:
         print(f"vqim train: {e}", file=sys.stderr)
         return 1

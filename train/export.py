@@ -37,9 +37,11 @@ def model_from_checkpoint(checkpoint: str | Path) -> tuple[VQIMModel, dict]:
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, *, text_tokenizer: str | Path | None = None,
-           dtype: str | None = None) -> Path:
+           dtype: str | None = None, generation: dict | None = None) -> Path:
     """Write ``out_dir`` for the engine. ``text_tokenizer`` defaults to the run's sentencepiece
-    model (``train_config.text_tokenizer``); ``dtype`` to the model config's dtype."""
+    model (``train_config.text_tokenizer``); ``dtype`` to the model config's dtype;
+    ``generation`` (cfg_scale / temperature / top_k / top_p) becomes the directory's
+    ``generation.json``, the settings ``Engine.generate`` uses when the caller gives none."""
     model, ckpt = model_from_checkpoint(checkpoint)
     tok = text_tokenizer or ckpt["train_config"].get("text_tokenizer")
     if tok is not None and not Path(tok).is_file():
@@ -48,4 +50,4 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, text_tokenizer: str |
         print("vqim train export: no sentencepiece model given; the engine will use its byte-level tokenizer",
               flush=True)
     model = model.to(dtype_from_name(dtype or model.cfg.dtype))
-    return save_pretrained(model, out_dir, tokenizer_model=tok)
+    return save_pretrained(model, out_dir, tokenizer_model=tok, generation=generation)
