@@ -96,6 +96,10 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu",
 def _atomic_write(dst: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
+    # mkstemp makes the file 0600; a model directory is shared data, so use the umask's mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
         os.replace(tmp, dst)
