@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-n", "--num-prompts", type=int, default=100, help="held-out prompts of each kind (1 and 2 shapes)")
     ev.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to compare")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--split", default="held_out", choices=["held_out", "validation"],
+                    help="prompts to score: held_out (report these) or validation (choose settings on these)")
+    ev.add_argument("--temperature", type=float, default=None, help="default: the model's")
+    ev.add_argument("--top-k", type=int, default=None, help="default: the model's")
     ev.add_argument("--batch", type=int, default=32)
     ev.add_argument("--recon-images", type=int, default=256, help="validation images for the tokenizer's PSNR")
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -175,8 +179,11 @@ def _eval(args: argparse.Namespace) -> None:
     from vqim.train import eval_shapes
 
     eng = _engine(args)
+    for k in ("temperature", "top_k"):
+        if getattr(args, k) is not None:
+            eng.sampling_defaults[k] = getattr(args, k)
     results = eval_shapes.evaluate(eng, num_prompts=args.num_prompts, cfg_scales=args.cfg, seed=args.seed,
-                                   batch_size=args.batch, recon_images=args.recon_images)
+                                   batch_size=args.batch, recon_images=args.recon_images, split=args.split)
     print(eval_shapes.format_report(results))
     if args.grid:
         grid = eval_shapes.prompt_grid(eng, args.grid_prompts or eval_shapes.GRID_PROMPTS, cfg_scale=args.cfg[-1],

@@ -81,6 +81,21 @@ def test_runs_on_a_real_engine():
     assert 0 < t["codebook_usage"] <= 1 and t["recon_psnr_db"] > 0
 
 
+def test_prompt_grid_pastes_each_image_over_its_prompt():
+    from PIL import Image
+
+    prompts = ["a large red circle in the center", "a small blue square on the left", "a large green triangle at the top"]
+    grid = eval_shapes.prompt_grid(OracleEngine(), prompts, cfg_scale=3.0, cols=2, scale=2)
+    side = 96
+    assert grid.size[0] == 2 * (side + 8) + 8
+    for i, p in enumerate(prompts):
+        x, y = 8 + (i % 2) * (side + 8), 8 + (i // 2) * (grid.size[1] - 8) // 2
+        want = S.render(S.parse_caption(p), 48).resize((side, side), Image.NEAREST)
+        assert np.array_equal(np.asarray(grid.crop((x, y, x + side, y + side))), np.asarray(want)), p
+    with pytest.raises(ValueError, match="prompts"):
+        eval_shapes.prompt_grid(OracleEngine(), [])
+
+
 def test_cli_eval_shapes_writes_json(tmp_path, capsys):
     import json
 
@@ -88,8 +103,12 @@ def test_cli_eval_shapes_writes_json(tmp_path, capsys):
 
     out = tmp_path / "res.json"
     rc = main(["eval", "shapes", "--preset", "tiny-t2i", "--device", "cpu", "-n", "1", "--cfg", "1", "2",
-               "--batch", "2", "--recon-images", "2", "--json", str(out)])
+               "--batch", "2", "--recon-images", "2", "--json", str(out), "--grid", str(tmp_path / "grid.png"),
+               "--grid-prompts", "a red circle", "a small blue square on the left"])
     assert rc == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size[0] == 4 * (192 + 8) + 8
     res = json.loads(out.read_text())
     assert [row["cfg_scale"] for row in res["alignment"]] == [1.0, 2.0]
     assert "exact_one_shape" in capsys.readouterr().out

@@ -72,6 +72,10 @@ def test_splits_hold_out_descriptions():
         assert any(spec in S.HELD_OUT for spec in S.sample_scene(rng, split="held_out"))
     prompts = S.held_out_prompts(20, num_shapes=1)
     assert len(prompts) == 20 and all(S.parse_caption(p)[0] in S.HELD_OUT for p in prompts)
+    val = S.held_out_prompts(20, num_shapes=2, split="validation")
+    assert len(val) == 20 and not any(spec in S.HELD_OUT for p in val for spec in S.parse_caption(p))
+    with pytest.raises(ValueError, match="split"):
+        S.held_out_prompts(2, split="test")
 
 
 def test_make_dataset_is_deterministic(tmp_path):

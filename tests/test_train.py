@@ -205,6 +205,14 @@ def test_sentencepiece_matches_engine_ids(data, tmp_path):
     assert 0 < len(ids) < len(caps[0].split()) * 3 and tok.sp.decode(ids) == caps[0]
 
 
+def test_cli_writes_the_shapes_dataset(tmp_path, capsys):
+    assert train_cli(["shapes", str(tmp_path / "d"), "-n", "3", "--split", "validation", "--image-size", "32"]) == 0
+    ds = ImageDataset(tmp_path / "d", 32)
+    assert len(ds) == 3 and all(shapes.parse_caption(c) for c in ds.captions)
+    assert train_cli(["shapes", str(tmp_path / "e"), "-n", "3", "--split", "test"]) == 2
+    assert "split" in capsys.readouterr().err
+
+
 def test_example_configs_parse(monkeypatch):
     from pathlib import Path
 

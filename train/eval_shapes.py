@@ -19,6 +19,8 @@ import torch
 from . import shapes as S
 
 DEFAULT_CFG_SCALES = (1.0, 3.0)
+# README's grid: held-out prompts only (no scene the model trained on), four of each kind.
+GRID_PROMPTS = S.held_out_prompts(4, seed=7, num_shapes=1) + S.held_out_prompts(4, seed=8, num_shapes=2)
 
 
 def _alignment(engine, prompts: list[str], *, cfg_scale: float, seed: int, batch_size: int) -> dict:
@@ -74,22 +76,61 @@ def _tokenizer_quality(engine, *, num_images: int, seed: int, batch_size: int) -
 
 
 def evaluate(engine, *, num_prompts: int = 100, cfg_scales: Sequence[float] = DEFAULT_CFG_SCALES, seed: int = 0,
-             batch_size: int = 32, recon_images: int = 256) -> dict:
+             batch_size: int = 32, recon_images: int = 256, split: str = "held_out") -> dict:
     """Alignment on ``num_prompts`` held-out one-shape and ``num_prompts`` two-shape prompts at
-    each scale, plus the tokenizer's reconstruction quality. Deterministic given ``seed``."""
+    each scale, plus the tokenizer's reconstruction quality. Deterministic given ``seed``.
+    ``split="validation"`` scores validation prompts instead: choose settings there, report held-out."""
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not cfg_scales:
         raise ValueError("cfg_scales must name at least one scale")
-    prompts = S.held_out_prompts(num_prompts, seed=seed, num_shapes=1) + S.held_out_prompts(
-        num_prompts, seed=seed + 1, num_shapes=2)
+    prompts = S.held_out_prompts(num_prompts, seed=seed, num_shapes=1, split=split) + S.held_out_prompts(
+        num_prompts, seed=seed + 1, num_shapes=2, split=split)
     return {
         "alignment": [_alignment(engine, prompts, cfg_scale=float(s), seed=seed, batch_size=batch_size)
                       for s in cfg_scales],
         "tokenizer": _tokenizer_quality(engine, num_images=recon_images, seed=seed, batch_size=batch_size),
     }
+
+
+def prompt_grid(engine, prompts: Sequence[str], *, cfg_scale: float = 3.0, seed: int = 0, cols: int = 4,
+                scale: int = 3) -> "Image.Image":
+    """One image per prompt, upscaled ``scale`` times (nearest), each over its prompt and a
+    check mark or cross from :func:`vqim.train.shapes.score`: the README's picture."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not prompts:
+        raise ValueError("prompts must be a non-empty list")
+    if cols < 1 or scale < 1:
+        raise ValueError(f"cols and scale must be >= 1, got cols={cols}, scale={scale}")
+    images = engine.generate(list(prompts), num_images=1, cfg_scale=cfg_scale, seed=seed)
+    font = ImageFont.load_default()
+    side = images[0].size[0] * scale
+    chars = max(8, side // 6)  # the default bitmap font is ~6 px a character
+    captions = []
+    for prompt, img in zip(prompts, images):
+        mark = "ok" if S.score(prompt, img)["exact"] else "MISS"
+        words, lines = f"[{mark}] {prompt}".split(), [""]
+        for w in words:
+            if len(lines[-1]) + len(w) + 1 > chars:
+                lines.append(w)
+            else:
+                lines[-1] = f"{lines[-1]} {w}".strip()
+        captions.append(lines)
+    text_h = 12 * max(len(c) for c in captions) + 6
+    rows = (len(images) + cols - 1) // cols
+    pad = 8
+    grid = Image.new("RGB", (cols * (side + pad) + pad, rows * (side + text_h + pad) + pad), (240, 240, 240))
+    draw = ImageDraw.Draw(grid)
+    for i, (img, lines) in enumerate(zip(images, captions)):
+        x = pad + (i % cols) * (side + pad)
+        y = pad + (i // cols) * (side + text_h + pad)
+        grid.paste(img.resize((side, side), Image.NEAREST), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x, y + side + 3 + 12 * j), line, fill=(0, 0, 0), font=font)
+    return grid
 
 
 def format_report(results: dict) -> str:

@@ -164,9 +164,11 @@ def make_dataset(out_dir: str | os.PathLike, n: int, *, seed: int, split: str = 
     return out
 
 
-def held_out_prompts(n: int, *, seed: int = 0, num_shapes: int | None = None) -> list[str]:
-    rng = random.Random(f"shapes/prompts/{seed}")
-    return [caption(sample_scene(rng, split="held_out", num_shapes=num_shapes)) for _ in range(n)]
+def held_out_prompts(n: int, *, seed: int = 0, num_shapes: int | None = None, split: str = "held_out") -> list[str]:
+    """``n`` captions of ``split`` (held-out by default; "validation" for choosing settings)."""
+    key = f"shapes/prompts/{seed}" if split == "held_out" else f"shapes/prompts/{split}/{seed}"
+    rng = random.Random(key)
+    return [caption(sample_scene(rng, split=split, num_shapes=num_shapes)) for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
