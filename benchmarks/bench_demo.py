@@ -1,0 +1,114 @@
+"""The bundled demo model end to end: ms per image for README's main job, CPU or GPU.
+
+    python benchmarks/bench_demo.py [--batch 1 4 16] [--device cpu] [--save]
+
+One call is ``Engine.generate`` of ``batch`` prompts at the model's default settings
+(``generation.json``: guidance 1.5, so 2 x batch decoder rows, temperature 0.5):
+text encoding, 256 decode steps over the KV cache, pixel decoding. Modes:
+
+* ``kv-plain``: the engine's default static KV cache;
+* ``kv-ring``: ``kv_cache="ring"`` (conv-masked layers keep only the rows their window reaches);
+* ``no-cache`` (the peer): what a plain PyTorch loop without a KV cache does, one full forward
+  over the growing sequence per token, sampled by the same ``cfg_sample``. It draws the same
+  tokens as the engine (checked once per batch size), so the ratio compares equal work.
+
+On a GPU the engine replays its decode step from a CUDA graph. ``--save`` appends the rows to
+``benchmarks/results/demo.csv`` with device, date and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_results, device_name, print_table, timeit  # noqa: E402
+
+from vqim import kernels as K  # noqa: E402
+from vqim.engine import Engine  # noqa: E402
+from vqim.train.eval_shapes import GRID_PROMPTS  # noqa: E402
+
+COLUMNS = ["device", "batch", "mode", "ms_per_image", "p20", "p80", "images_per_s", "tokens_per_s", "x_no_cache"]
+
+
+@torch.no_grad()
+def generate_without_cache(engine: Engine, prompts: list[str], *, seed: int) -> torch.Tensor:
+    """Image tokens ``[B, n]`` by full-sequence forwards (no KV cache), guided and sampled with
+    the engine's default settings (the model's generation.json)."""
+    sd = engine.sampling_defaults
+    model, dec = engine.model, engine.model.decoder
+    b = len(prompts)
+    ids, mask = engine.tokenizer.batch(list(prompts) + [""] * b, engine.device)  # (2B, L)
+    memory = model.text(ids, mask)  # (2B, L, W)
+    prefix = torch.full((2 * b, 1), dec.cfg.num_classes, dtype=torch.long, device=engine.device)
+    tokens = torch.empty(2 * b, 0, dtype=torch.long, device=engine.device)
+    dev = engine.device
+    scale = torch.full((b,), float(sd["cfg_scale"]), device=dev)
+    seeds = torch.arange(seed, seed + b, device=engine.device)
+    for step in range(dec.cfg.num_tokens):
+        h = dec(prefix, tokens, memory, mask, hidden_layer=dec.cfg.layers - 1)  # (2B, 1 + t, W)
+        logits = dec.head(dec.norm(h[:, -1]))  # (2B, V)
+        tok = K.cfg_sample(logits[:b], logits[b:], cfg_scale=scale,
+                           temperature=torch.full((b,), float(sd["temperature"]), device=dev),
+                           top_k=torch.full((b,), int(sd["top_k"]), dtype=torch.long, device=dev),
+                           top_p=torch.full((b,), float(sd["top_p"]), device=dev), seed=seeds, step=step,
+                           validate=False)
+        tokens = torch.cat([tokens, torch.cat([tok, tok])[:, None]], dim=1)
+    return tokens[:b]
+
+
+def run(device: torch.device, batches: list[int], *, peer: bool = True) -> list[dict]:
+    engines = {"kv-plain": Engine.from_pretrained(device=device),
+               "kv-ring": Engine.from_pretrained(device=device, kv_cache="ring")}
+    eng = engines["kv-plain"]
+    n_tok = eng.cfg.decoder.num_tokens
+    cuda = device.type == "cuda"
+    rows = []
+    for b in batches:
+        prompts = [GRID_PROMPTS[i % len(GRID_PROMPTS)] for i in range(b)]
+        timed = {}
+        for mode, e in engines.items():
+            timed[mode] = timeit(lambda e=e: e.generate(prompts, seed=0), device=device,
+                                 warmup=2 if cuda else 1, iters=10 if cuda else 3)
+        if peer:
+            # One image per request, seed + 0: the engine's draw for request i uses seed 0 + 0 too,
+            # so pass per-request seeds 0..b-1 to both and compare tokens.
+            want = eng.generate_codes(prompts, seed=list(range(b))).view(b, -1)
+            got = generate_without_cache(eng, prompts, seed=0)
+            if not torch.equal(want, got):
+                raise AssertionError("the no-cache peer drew other tokens than the engine: the comparison is void")
+            timed["no-cache"] = timeit(lambda: eng.decode_codes(generate_without_cache(
+                eng, prompts, seed=0).view(b, 16, 16)), device=device, warmup=1 if cuda else 0,
+                iters=3 if cuda else 1)
+        base = timed.get("no-cache", {}).get("ms")
+        for mode, t in timed.items():
+            rows.append({"device": device_name(device), "batch": b, "mode": mode, "ms_per_image": t["ms"] / b,
+                         "p20": t["p20"] / b, "p80": t["p80"] / b, "images_per_s": 1e3 * b / t["ms"],
+                         "tokens_per_s": 1e3 * b * n_tok / t["ms"],
+                         "x_no_cache": base / t["ms"] if base else float("nan")})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the slow no-cache peer")
+    ap.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/demo.csv")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"device: {device_name(device)}, torch threads: {torch.get_num_threads()}")
+    rows = run(device, args.batch, peer=not args.no_peer)
+    print_table(rows, COLUMNS)
+    if args.save:
+        print(f"saved to {append_results('demo', rows, device)}")
+
+
+if __name__ == "__main__":
+    main()
