@@ -55,6 +55,7 @@ def _outputs(path: str, n: int) -> list[Path]:
 
 def _generate(args: argparse.Namespace) -> None:
     eng = _engine(args)
+    eng.cfg.require_decoder("vqim generate")
     text = eng.cfg.is_text_to_image
     if text and not args.prompt:
         raise ValueError(f"{eng.cfg.name} is a text-to-image model: give a PROMPT")

@@ -73,8 +73,10 @@ def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys):
     assert "give a PROMPT" in capsys.readouterr().err
     assert main(["generate", "a", "--preset", "tiny-t2i", "--top-p", "0", "-o", str(tmp_path / "x.png"), "-q"]) == 2
     assert "top_p" in capsys.readouterr().err
-    assert main(["generate", "a", "-o", str(tmp_path / "x.png"), "-q"]) == 2  # no bundled model yet
-    assert "from_preset" in capsys.readouterr().err
+    assert main(["generate", "a", "--model", str(tmp_path / "none"), "-o", str(tmp_path / "x.png"), "-q"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["generate", "a", "--preset", "vit-vqgan-small", "-o", str(tmp_path / "x.png"), "-q"]) == 2
+    assert "tokenizer-only" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

@@ -230,9 +230,10 @@ def test_config_errors(tmp_path):
         TrainConfig.from_dict({"data": ".", "out_dir": ".", "stepz": 3})
     with pytest.raises(ValueError, match="model must be a preset"):
         TrainConfig(data=".", out_dir=".", model="nope").model_config()
-    (tmp_path / "c.toml").write_text('data = "."\nout_dir = "o"\nsteps = 7\n')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "c.toml").write_text(f'data = "{tmp_path / "empty"}"\nout_dir = "{tmp_path / "o"}"\nsteps = 7\n')
     assert TrainConfig.load(tmp_path / "c.toml", steps=9).steps == 9
-    assert train_cli(["stage1", str(tmp_path / "c.toml")]) == 2  # "." holds no images
+    assert train_cli(["stage1", str(tmp_path / "c.toml")]) == 2  # an empty folder holds no images
 
 
 # ----------------------------------------------------------------------------- stage 1
