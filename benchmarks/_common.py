@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from vqim.engine.weights import atomic_write
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # Measured on one H100 SXM (DESIGN §6); used for the share-of-roofline columns.
 H100_HBM_BYTES_PER_S = 3.0e12
@@ -90,11 +92,12 @@ def append_results(name: str, rows: list[dict], device: torch.device) -> Path:
     fields: list[str] = []
     for r in existing + full:
         fields += [k for k in r if k not in fields]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in existing + full:
-            w.writerow({k: _fmt(v) if isinstance(v, float) else v for k, v in r.items()})
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for r in existing + full:
+                w.writerow({k: _fmt(v) if isinstance(v, float) else v for k, v in r.items()})
+
+    return atomic_write(path, write)

@@ -179,6 +179,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     from vqim.train import eval_shapes
 
+    from .weights import atomic_write
+
     eng = _engine(args)
     for k in ("temperature", "top_k"):
         if getattr(args, k) is not None:
@@ -189,16 +191,11 @@ def _eval(args: argparse.Namespace) -> None:
     if args.grid:
         grid = eval_shapes.prompt_grid(eng, args.grid_prompts or eval_shapes.GRID_PROMPTS, cfg_scale=args.cfg[-1],
                                        seed=args.seed)
-        out = Path(args.grid)
-        tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-        grid.save(tmp)
-        tmp.replace(out)
-        print(out)
+        # The temporary name ends in .tmp, so the format comes from the real name's suffix.
+        fmt = Image.registered_extensions().get(Path(args.grid).suffix.lower(), "PNG")
+        print(atomic_write(args.grid, lambda p: grid.save(p, format=fmt)))
     if args.json:
-        out = Path(args.json)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out)
+        atomic_write(args.json, lambda p: p.write_text(json.dumps(results, indent=2)))
 
 
 def main(argv: list[str] | None = None) -> int:

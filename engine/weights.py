@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,13 +93,15 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu",
     return model
 
 
-def _atomic_write(dst: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    # mkstemp makes the file 0600; a model directory is shared data, so use the umask's mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+def atomic_write(dst: str | Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` then rename ``tmp`` over ``dst``: readers see the old file or the whole new
+    one, never a half-written one, and a failed write leaves nothing behind.
+
+    ``tmp`` is a hidden name beside ``dst``, unique per process and thread; ``write`` creates it
+    with a plain open, so it gets the umask's mode like any other file (mkstemp's is 0600).
+    """
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, dst)
@@ -107,6 +109,7 @@ def _atomic_write(dst: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return dst
 
 
 GENERATION_NAME = "generation.json"
@@ -158,11 +161,11 @@ def save_pretrained(model: VQIMModel, model_dir: str | Path, tokenizer_model: st
     cfg["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtypes.pop()]
     if tokenizer_model is not None and cfg["text"] is not None:
         cfg["text"]["tokenizer"] = "sentencepiece"
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
     if tokenizer_model is not None:
-        _atomic_write(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_model, p))
+        atomic_write(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_model, p))
     if generation:
         gen = check_generation_defaults(generation, "generation")
-        _atomic_write(out / GENERATION_NAME, lambda p: Path(p).write_text(json.dumps(gen, indent=2) + "\n"))
+        atomic_write(out / GENERATION_NAME, lambda p: Path(p).write_text(json.dumps(gen, indent=2) + "\n"))
     return out

@@ -338,3 +338,23 @@ def test_a_sentencepiece_model_directory_needs_its_tokenizer(tmp_path):
     (model_dir / "tokenizer.model").unlink()
     with pytest.raises(FileNotFoundError, match="has no tokenizer.model"):
         Engine.from_pretrained(model_dir, device="cpu")
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path):
+    import os
+
+    from vqim.engine.weights import atomic_write
+
+    dst = tmp_path / "f.txt"
+    assert atomic_write(dst, lambda p: p.write_text("old")) == dst
+
+    def fail(p):
+        p.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(dst, fail)
+    assert dst.read_text() == "old" and sorted(x.name for x in tmp_path.iterdir()) == ["f.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dst.stat().st_mode & 0o777 == 0o666 & ~umask  # a plain open's mode, not mkstemp's 0600

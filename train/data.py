@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vqim.engine.weights import atomic_write
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "captions.jsonl"
 
@@ -159,7 +161,4 @@ def train_sentencepiece(captions: Iterable[str], out_file: str | Path, vocab_siz
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, character_coverage=1.0,
         minloglevel=2,
     )
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(out)
-    return out
+    return atomic_write(out, lambda p: p.write_bytes(buf.getvalue()))

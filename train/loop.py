@@ -45,6 +45,7 @@ from vqim import kernels as K
 from vqim.engine.config import ModelConfig
 from vqim.engine.models import ViTVQGAN, VQIMModel, init_weights
 from vqim.engine.text import ByteTokenizer, SentencePieceTokenizer, TextTokenizer
+from vqim.engine.weights import atomic_write
 
 from .config import TrainConfig
 from .data import ImageDataset, batch_indices
@@ -263,9 +264,7 @@ class _Run:
             ckpt = {"stage": self.stage, "step": step, "train_config": self.cfg.to_dict(),
                     "model_config": self.model_cfg.to_dict(), "rng": all_rng, "world": self.dist.world,
                     **self.state()}
-            tmp = self.ckpt_path.with_name(f".{CHECKPOINT}.tmp")
-            torch.save(ckpt, tmp)
-            os.replace(tmp, self.ckpt_path)
+            atomic_write(self.ckpt_path, lambda p: torch.save(ckpt, p))
         self.dist.barrier()
 
     def load(self) -> int:

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from vqim.engine.weights import atomic_write
 
 BACKGROUND = (255, 255, 255)
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -157,10 +158,7 @@ def make_dataset(out_dir: str | os.PathLike, n: int, *, seed: int, split: str = 
         name = f"images/{i:05d}.png"
         render(scene, size, rng).save(out / name)
         lines.append(json.dumps({"file": name, "caption": caption(scene)}))
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".captions.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, out / "captions.jsonl")
+    atomic_write(out / "captions.jsonl", lambda p: p.write_text("\n".join(lines) + "\n"))
     return out
 
 
