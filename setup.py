@@ -40,20 +40,35 @@ def _find_nvcc() -> str | None:
     return None
 
 
+def _skip_reason() -> str | None:
+    """Why the CUDA extension is not built here, or None when it is."""
+    if os.environ.get("VQIM_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        return "VQIM_SKIP_CUDA_BUILD is set"
+    if _find_nvcc() is None:
+        return "nvcc was not found"
+    if shutil.which("cmake") is None:
+        return "cmake was not found"
+    return None
+
+
 class CMakeBuild(build_ext):
-    def build_extension(self, ext: Extension) -> None:
-        if not isinstance(ext, CMakeExtension):
-            return super().build_extension(ext)
-        nvcc = _find_nvcc()
-        skip = os.environ.get("VQIM_SKIP_CUDA_BUILD", "0") not in ("", "0")
-        if skip or nvcc is None or shutil.which("cmake") is None:
-            why = "VQIM_SKIP_CUDA_BUILD is set" if skip else "nvcc or cmake was not found"
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        why = _skip_reason()
+        if why is not None:
+            # Dropped here, not in build_extension: setuptools (editable installs above all)
+            # copies the output of every listed extension, and a skipped one has none.
             warnings.warn(
                 f"vqim: skipping the CUDA extension vqim.kernels._C ({why}); "
                 "the Triton kernels and torch references still work, backend='cuda' will not.",
                 stacklevel=1,
             )
-            return
+            self.extensions = [e for e in self.extensions if not isinstance(e, CMakeExtension)]
+
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, CMakeExtension):
+            return super().build_extension(ext)
+        nvcc = _find_nvcc()
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         build_dir = Path(os.environ.get("VQIM_BUILD_DIR", ROOT / "build" / "cmake")).resolve()

@@ -2,8 +2,10 @@
 
 Each op registers one implementation per backend:
 
-* ``"triton"``: the Triton kernel. Default for CUDA tensors. On CPU tensors it runs through
-  Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set before ``triton`` is imported.
+* ``"triton"``: the Triton kernel. Default for CUDA tensors where the triton package is
+  installed (Linux); without it the torch reference is the default everywhere. On CPU
+  tensors it runs through Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set
+  before ``triton`` is imported.
 * ``"cuda"``: the csrc twin in ``vqim.kernels._C`` (CUDA tensors only).
 * ``"torch"``: the plain-PyTorch reference, the definition of the op. Default for CPU tensors.
 
@@ -19,6 +21,8 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
+
+from . import _triton
 
 BACKENDS = ("triton", "cuda", "torch")
 
@@ -59,9 +63,12 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if backend is None:
         backend = _DEFAULT.get()
     if backend is None:
-        return "triton" if device.type == "cuda" else "torch"
+        # Without Triton (macOS, Windows) the references serve CUDA tensors too.
+        return "triton" if device.type == "cuda" and _triton.AVAILABLE else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton" and not _triton.AVAILABLE:
+        raise RuntimeError(_triton.MISSING)
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
     if backend == "triton" and device.type != "cuda":
