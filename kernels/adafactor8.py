@@ -50,14 +50,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import triton
-import triton.language as tl
 
 from vqim.train.optim import (BETA1, BETA2, CLIP_THRESHOLD, EPS1, WEIGHT_DECAY, beta2_at, check_hyperparameters,
                               load_state_keeping_dtypes)
 
 from . import _ext
 from ._registry import dispatch, register
+from ._triton import tl, triton
 
 QBLOCK = 256  # values per int8 block (one fp32 scale each)
 QMAX = 127.0  # symmetric int8: -128 is never used, so q and -q are both representable

@@ -22,11 +22,10 @@ import functools
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from . import _ext
 from ._registry import dispatch, interpreter_dot_upcast, register
+from ._triton import tl, triton
 
 _LOG2E = 1.4426950408889634
 _MAX_D = 256
