@@ -20,7 +20,7 @@ from PIL import Image
 
 from vqim import kernels as K
 
-from .config import ModelConfig, dtype_from_name
+from .config import ModelConfig, dtype_from_name, dtype_name
 from .generate import Generator, Sampling, check_tokens
 from .models import VQIMModel, init_weights
 from .text import TextTokenizer
@@ -32,17 +32,57 @@ SAMPLING_DEFAULTS = {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 
 _MAX_SEED = 2**63 - 1
 
 
-def _default_device(device: str | torch.device | None) -> torch.device:
+def _check_device(device: str | int | torch.device) -> torch.device:
+    """``device`` as a torch.device the engine runs on: the CPU or a CUDA GPU that exists
+    (checked here, at construction, not at the first generate)."""
+    allowed = "device must be 'cpu' or 'cuda[:N]' (a string, a torch.device or a GPU index)"
+    if isinstance(device, bool):
+        raise ValueError(f"{allowed}, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{allowed}, got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{allowed}, got {device!r}")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {str(dev)!r} needs a CUDA GPU; none is available "
+                             "(torch.cuda.is_available() is False): use device='cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {str(dev)!r}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+    return dev
+
+
+def _default_device(device: str | int | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return _check_device(device)
+
+
+def _check_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A weight dtype the engine runs in (a name or a torch.dtype; ValueError naming the choices)."""
+    return None if dtype is None else dtype_from_name(dtype_name(dtype))
 
 
 def _default_dtype(cfg: ModelConfig, device: torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
     """The config's dtype on GPUs; float32 on CPU, where bf16 matmuls are slow."""
     if dtype is None:
         return dtype_from_name(cfg.dtype) if device.type == "cuda" else torch.float32
-    return dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    return _check_dtype(dtype)
+
+
+def _check_options(max_batch_size: int = 16, kv_cache: str = "plain", **_) -> None:
+    """The engine options that ``from_preset``/``from_pretrained`` check before building a model."""
+    if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+    if kv_cache not in ("plain", "ring"):
+        raise ValueError(f"kv_cache must be 'plain' or 'ring', got {kv_cache!r}")
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    """``[0, n)`` in slices of at most ``size``."""
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 def _per_request(name: str, value, n: int) -> list:
@@ -61,8 +101,9 @@ class Engine:
 
     Build with :meth:`from_pretrained` (a model directory) or :meth:`from_preset` (random
     weights of a named shape). A tokenizer-only model (``vit-vqgan-*``) has
-    :meth:`encode_images` and :meth:`decode_codes`; generating raises a ValueError. ``max_batch_size`` bounds the images decoded together (each is
-    two decoder rows with guidance); longer requests run in chunks. ``kv_cache="ring"`` keeps, for
+    :meth:`encode_images` and :meth:`decode_codes`; generating raises a ValueError. ``max_batch_size`` bounds the images processed together, by the
+    AR decoder (each is two decoder rows with guidance) and by the image tokenizer's encoder and
+    decoder; longer requests run in chunks. ``kv_cache="ring"`` keeps, for
     conv-masked layers, only the ``kernel_h // 2 + 1`` grid rows their window can still reach
     (``vqim.kernels.conv_cache_len``); ``"plain"`` keeps every position.
     """
@@ -70,13 +111,10 @@ class Engine:
     def __init__(self, model: VQIMModel, tokenizer: TextTokenizer | None, *, device: torch.device,
                  max_batch_size: int = 16, use_cuda_graph: bool = True, model_dir: Path | None = None,
                  kv_cache: str = "plain", generation: dict | None = None):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if kv_cache not in ("plain", "ring"):
-            raise ValueError(f"kv_cache must be 'plain' or 'ring', got {kv_cache!r}")
+        _check_options(max_batch_size, kv_cache)
         self.model = model.eval()
         self.cfg = model.cfg
-        self.device = device
+        self.device = _check_device(device)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.model_dir = model_dir
@@ -98,6 +136,9 @@ class Engine:
         ``path=None`` loads the demo model bundled with the package. ``tp=N`` (under
         ``torchrun --nproc-per-node N``) loads this rank's tensor-parallel shard (``vqim.engine.tp``).
         """
+        # Cheap checks first: a bad dtype or option fails before any weight is read.
+        _check_dtype(dtype)
+        _check_options(**kwargs)
         if path is None:
             if not (BUNDLED_MODEL / "config.json").is_file():
                 raise FileNotFoundError(
@@ -119,7 +160,11 @@ class Engine:
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, device: str | torch.device | None = None,
                     dtype: str | torch.dtype | None = None, **kwargs) -> Engine:
-        """A random-weight engine of a named shape (``ModelConfig.from_name``), same weights for the same seed."""
+        """A random-weight engine of a named shape (``ModelConfig.from_name``), same weights for the same seed
+        (an int in [0, 2**63 - 1])."""
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
+        _check_options(**kwargs)
         cfg = ModelConfig.from_name(name)
         dev = _default_device(device)
         model = build_model(cfg, dev, _default_dtype(cfg, dev, dtype))
@@ -170,9 +215,15 @@ class Engine:
                 prompts = [prompts]
             if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
                 raise ValueError("prompts must be a non-empty list of strings")
-            for p in prompts:
+            for i, p in enumerate(prompts):
                 if not isinstance(p, str):
-                    raise ValueError(f"prompts must be strings, got {type(p).__name__}")
+                    raise ValueError(f"prompts must be strings, got {type(p).__name__} at prompts[{i}]")
+                try:
+                    p.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    # A lone surrogate: what Python makes of command-line bytes that are not UTF-8.
+                    raise ValueError(f"prompts[{i}] is not valid Unicode text (a lone surrogate at index "
+                                     f"{e.start}, e.g. bytes that were not UTF-8): {p!r}") from e
             return list(prompts), True
         if prompts is not None:
             raise ValueError(f"{self.cfg.name} is not a text-to-image model: pass class_ids (or nothing), not prompts")
@@ -186,7 +237,7 @@ class Engine:
         if not isinstance(class_ids, (list, tuple)) or len(class_ids) == 0:
             raise ValueError("class_ids must be a non-empty list of ints")
         for c in class_ids:
-            if not isinstance(c, int) or not 0 <= c < nc:
+            if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < nc:
                 raise ValueError(f"class_ids must be ints in [0, {nc}), got {c!r}")
         return list(class_ids), True
 
@@ -213,12 +264,21 @@ class Engine:
                                        top_k=params["top_k"][i], top_p=params["top_p"][i], seed=seeds[i])
             if seeds[i] + num_images - 1 > _MAX_SEED:
                 raise ValueError(f"seed must be <= 2**63 - num_images (image j uses seed + j), got {seeds[i]}")
+        if self.cfg.is_text_to_image:
+            # Every prompt tokenized (and any truncation warned) before the first decode step;
+            # the last row is the empty prompt of the unconditional branch. On CUDA every batch
+            # is padded to max_len, so one captured graph serves all prompts and graph and eager
+            # runs compute the same thing.
+            pad = self.cfg.text.max_len if self.device.type == "cuda" else None
+            conds = self.tokenizer.batch(conds + [""], torch.device("cpu"), pad_to=pad)  # ids, mask (N + 1, L)
         # One row per image.
         rows = [(i, j) for i in range(n) for j in range(num_images)]
         with self._lock:
             return self._generate_rows(conds, rows, params, seeds, has_uncond, progress)
 
     def _generate_rows(self, conds, rows, params, seeds, has_uncond, progress) -> torch.Tensor:
+        """``conds``: class ids, or a text model's token ids and mask ``(N + 1, L)`` with the
+        empty prompt last."""
         cfg = self.cfg.decoder
         bar = None
         if progress is True:
@@ -258,13 +318,17 @@ class Engine:
         model = self.model
         memory = mask = None
         if self.cfg.is_text_to_image:
-            texts = [conds[i] for i in req] + ([""] * len(chunk) if guided else [])
-            # On CUDA every batch is padded to max_len, so one captured graph serves all prompts
-            # and graph and eager runs compute the same thing.
-            pad = self.cfg.text.max_len if dev.type == "cuda" else None
-            ids, mask = self.tokenizer.batch(texts, dev, pad_to=pad)  # (R, L)
+            all_ids, all_mask = conds
+            empty = all_ids.shape[0] - 1
+            sel = torch.tensor(req + ([empty] * len(chunk) if guided else []))
+            ids, mask = all_ids[sel], all_mask[sel]  # (R, L)
+            if dev.type != "cuda":
+                # Padded only to this chunk's longest prompt, as a batch of these prompts alone would be.
+                length = int(mask.sum(1).max())
+                ids, mask = ids[:, :length], mask[:, :length]
+            ids, mask = ids.to(dev), mask.to(dev)
             memory = model.text(ids, mask)  # (R, L, W)
-            prefix = torch.full((len(texts), 1), self.cfg.decoder.num_classes, dtype=torch.long, device=dev)
+            prefix = torch.full((len(sel), 1), self.cfg.decoder.num_classes, dtype=torch.long, device=dev)
         else:
             pre = [conds[i] for i in req] + ([self.cfg.decoder.num_classes] * len(chunk) if guided else [])
             prefix = torch.tensor(pre, dtype=torch.long, device=dev)[:, None]  # (R, 1)
@@ -280,8 +344,42 @@ class Engine:
 
     # ------------------------------------------------------------------ tokenizer
 
+    @staticmethod
+    def _image_array(i: int, im: Image.Image) -> np.ndarray:
+        """One PIL image -> float32 ``[H, W, 3]`` in [0, 1], scaled by its bit depth.
+
+        ``convert("RGB")`` clips 16-bit and float images (everything above 255, or above 0 for
+        floats, turns white or black), so those modes are read as they are: ``I;16*`` divided
+        by 65535; ``I`` (32-bit) the same when its values fit 16 bits (how PIL opens 16-bit
+        PNGs), else rejected; ``F`` taken as is when in [0, 1], else rejected. One channel is
+        repeated to RGB. Every other mode goes through ``convert("RGB")`` and is divided by 255.
+        """
+        if im.mode.startswith("I;16"):
+            a = np.asarray(im, dtype=np.float32) / 65535  # (H, W)
+        elif im.mode == "I":
+            a = np.asarray(im)  # (H, W) int32
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi > 65535:
+                raise ValueError(f"images[{i}] is a 32-bit integer (mode 'I') image with values in [{lo}, {hi}]; "
+                                 "only 16-bit values in [0, 65535] are accepted (scaled by 65535)")
+            a = a.astype(np.float32) / 65535
+        elif im.mode == "F":
+            a = np.asarray(im, dtype=np.float32)  # (H, W)
+            lo, hi = float(a.min()), float(a.max())
+            if not (0.0 <= lo and hi <= 1.0):  # NaN fails both
+                raise ValueError(f"images[{i}] is a float (mode 'F') image with values in [{lo:.3g}, {hi:.3g}]; "
+                                 "float images must hold values in [0, 1]")
+        else:
+            try:
+                rgb = im.convert("RGB")
+            except ValueError as e:
+                raise ValueError(f"images[{i}]: PIL cannot convert mode {im.mode!r} to RGB ({e})") from e
+            return np.asarray(rgb, dtype=np.float32) / 255  # (H, W, 3)
+        return np.repeat(a[:, :, None], 3, axis=2)  # (H, W, 3)
+
     def _pixels(self, images) -> torch.Tensor:
-        """PIL images / uint8 or float ``[B, 3, H, W]`` in [0, 1] -> float pixels on the device."""
+        """PIL images / uint8 or float ``[B, 3, H, W]`` in [0, 1] -> float pixels (not yet on the
+        device: callers move one ``max_batch_size`` chunk at a time)."""
         size = self.cfg.vqgan.image_size
         if isinstance(images, Image.Image):
             images = [images]
@@ -295,8 +393,8 @@ class Engine:
                 if im.size != (size, size):
                     raise ValueError(f"images[{i}] is {im.size[0]}x{im.size[1]}; this tokenizer takes {size}x{size} "
                                      "(resize or crop before encoding)")
-                arrs.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-            x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+                arrs.append(self._image_array(i, im))
+            x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # (B, 3, H, W) float32 in [0, 1]
         elif isinstance(images, torch.Tensor):
             x = images
         else:
@@ -311,46 +409,84 @@ class Engine:
                 raise ValueError(f"float images must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}]")
         else:
             raise ValueError(f"images must be uint8 or float, got {x.dtype}")
-        return x.to(self.device, self.model.vqgan.enc_patch.weight.dtype)
+        return x
+
+    def _encode_chunks(self, x: torch.Tensor, what: str):
+        """Codes ``[b, g, g]`` per ``max_batch_size`` images: the device never holds the pixels
+        or the tokenizer's activations of more than one chunk. Call under the lock."""
+        dtype = self.model.vqgan.enc_patch.weight.dtype
+        for sl in _chunks(x.shape[0], self.max_batch_size):
+            with self._oom_names_batch(what, sl.stop - sl.start):
+                codes = self.model.vqgan.encode(x[sl].to(self.device, dtype))  # (b, g, g)
+            yield codes
 
     @torch.no_grad()
     def encode_images(self, images) -> torch.LongTensor:
-        """Images -> tokens ``[B, g, g]`` (PIL images of the tokenizer's size, or a tensor)."""
+        """Images -> tokens ``[B, g, g]`` (PIL images of the tokenizer's size, or a tensor).
+
+        PIL images are read by bit depth: 8-bit modes via ``convert("RGB")`` / 255, ``I;16``
+        / 65535, ``I`` / 65535 when in [0, 65535], ``F`` as is when in [0, 1]; other values
+        raise ValueError."""
         x = self._pixels(images)
-        with self._lock, self._oom_names_batch("encoding", x.shape[0]):
-            return self.model.vqgan.encode(x)
+        with self._lock:
+            return torch.cat(list(self._encode_chunks(x, "encoding")))
 
     def _codes(self, codes) -> torch.Tensor:
+        """Any integer array or tensor (numpy or torch, any width, signed or not), checked
+        against the codebook, as int64 on the device."""
+        if isinstance(codes, torch.Tensor) and codes.dtype in (torch.uint16, torch.uint32, torch.uint64):
+            # torch has almost no ops for these (not even min/max): check them in numpy.
+            codes = codes.cpu().numpy()
         if isinstance(codes, np.ndarray):
-            codes = torch.from_numpy(codes)
-        if not isinstance(codes, torch.Tensor):
-            raise ValueError(f"codes must be a LongTensor [B, h, w], got {type(codes).__name__}")
+            integer = codes.dtype.kind in "iu"
+        elif isinstance(codes, torch.Tensor):
+            integer = not (codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool)
+        else:
+            raise ValueError(f"codes must be a LongTensor [B, h, w] or an integer numpy array, got {type(codes).__name__}")
         g = self.cfg.vqgan.grid
-        if codes.dim() == 2:
+        if codes.ndim == 2:
             codes = codes[None]
-        if codes.dim() != 3 or codes.shape[1:] != (g, g) or codes.shape[0] == 0:
+        if codes.ndim != 3 or tuple(codes.shape[1:]) != (g, g) or codes.shape[0] == 0:
             raise ValueError(f"codes must be [B, {g}, {g}] with B >= 1, got {tuple(codes.shape)}")
-        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+        if not integer:
+            raise ValueError(f"codes must be an integer tensor or array, got {codes.dtype}")
         k = self.cfg.vqgan.codebook_size
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= k:
             raise ValueError(f"codes must be in [0, {k}) (the codebook size), got values in [{lo}, {hi}]")
+        if isinstance(codes, np.ndarray):
+            # Values fit int64 now; astype also gives native byte order, which torch requires.
+            codes = torch.from_numpy(codes.astype(np.int64))
         return codes.to(self.device, torch.long)
+
+    def _decode_chunks(self, c: torch.Tensor):
+        """Pixels ``[b, 3, H, W]`` in [0, 1] per ``max_batch_size`` codes. Call under the lock."""
+        for sl in _chunks(c.shape[0], self.max_batch_size):
+            with self._oom_names_batch("decoding", sl.stop - sl.start):
+                pixels = self.model.vqgan.decode(c[sl])  # (b, 3, H, W) float32
+            # A clamp would hide inf as 0 or 1 and an 8-bit cast turns NaN into black.
+            if not bool(pixels.isfinite().all()):
+                raise FloatingPointError("the image tokenizer's decoder produced non-finite pixels (NaN/inf in its "
+                                         "weights or activations)")
+            yield pixels.clamp_(0, 1)
 
     @torch.no_grad()
     def decode_codes(self, codes, *, output_type: str = "pil"):
-        """Tokens ``[B, g, g]`` -> PIL images (``output_type="pil"``) or float pixels
-        ``[B, 3, H, W]`` in [0, 1] (``"pt"``; raw-output tokenizers are clamped to [0, 1])."""
+        """Tokens ``[B, g, g]`` (any integer dtype) -> PIL images (``output_type="pil"``) or float
+        pixels ``[B, 3, H, W]`` in [0, 1] (``"pt"``; raw-output tokenizers are clamped to [0, 1]).
+        Non-finite pixels raise FloatingPointError."""
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         c = self._codes(codes)
-        with self._lock, self._oom_names_batch("decoding", c.shape[0]):
-            pixels = self.model.vqgan.decode(c).clamp_(0, 1)  # (B, 3, H, W) float32
-        if output_type == "pt":
-            return pixels
-        arr = (pixels * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-        return [Image.fromarray(a, mode="RGB") for a in arr]
+        out = []
+        with self._lock:
+            for pixels in self._decode_chunks(c):
+                if output_type == "pt":
+                    out.append(pixels)
+                    continue
+                arr = (pixels * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (b, H, W, 3)
+                out += [Image.fromarray(a, mode="RGB") for a in arr]
+        return torch.cat(out) if output_type == "pt" else out
 
     @torch.no_grad()
     def image_features(self, images, layer: int) -> torch.Tensor:
@@ -361,13 +497,16 @@ class Engine:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n_layers:
             raise ValueError(f"layer must be an int in [0, {n_layers}), got {layer!r}")
         x = self._pixels(images)
-        with self._lock, self._oom_names_batch("featurizing", x.shape[0]):
-            codes = self.model.vqgan.encode(x)
-            b = codes.shape[0]
-            memory = mask = None
-            if self.cfg.is_text_to_image:
-                ids, mask = self.tokenizer.batch([""] * b, self.device)
-                memory = self.model.text(ids, mask)
-            prefix = torch.full((b, 1), self.cfg.decoder.num_classes, dtype=torch.long, device=self.device)
-            h = self.model.decoder(prefix, codes.view(b, -1), memory, mask, hidden_layer=layer)  # (B, 1 + n, W)
-            return h[:, self.cfg.decoder.prefix:].float().mean(dim=1)
+        feats = []
+        with self._lock:
+            for codes in self._encode_chunks(x, "featurizing"):
+                b = codes.shape[0]
+                with self._oom_names_batch("featurizing", b):
+                    memory = mask = None
+                    if self.cfg.is_text_to_image:
+                        ids, mask = self.tokenizer.batch([""] * b, self.device)
+                        memory = self.model.text(ids, mask)
+                    prefix = torch.full((b, 1), self.cfg.decoder.num_classes, dtype=torch.long, device=self.device)
+                    h = self.model.decoder(prefix, codes.view(b, -1), memory, mask, hidden_layer=layer)  # (b, 1 + n, W)
+                    feats.append(h[:, self.cfg.decoder.prefix:].float().mean(dim=1))  # (b, W)
+        return torch.cat(feats)

@@ -4,7 +4,8 @@ With guidance the decoder runs ``2B`` rows, conditional rows ``[0, B)`` and unco
 ``[B, 2B)`` (empty prompt / null class); ``vqim.kernels.cfg_sample`` combines each pair and
 draws one token per request, and the same token is fed to both rows of the pair. Nothing in the
 loop reads a value back to the host: positions live in a device tensor, sampling runs with
-``validate=False`` and a row with no finite logit (token ``-1``) is checked once at the end.
+``validate=False`` and a row with no finite logit (token ``-1``, fed back as token 0 so the
+embedding never sees it) is checked once at the end.
 
 On CUDA the decode step (embedding, all blocks, head) is captured once per batch shape into a
 CUDA graph and replayed; the graph owns a static :class:`DecodeState` whose cross-attention
@@ -125,7 +126,11 @@ class Generator:
         if on_step is not None:
             on_step()
         for i in range(1, cfg.num_tokens):
-            feed = torch.cat([tok, tok]) if guided else tok  # (R,)
+            # A row marked -1 (no finite logit) must not index the embedding (IndexError on
+            # CPU, a device-side assert on CUDA): it is fed token 0 and keeps its -1 in ``out``,
+            # so check_tokens still raises after the loop.
+            fed = tok.clamp_min(0)  # (B,)
+            feed = torch.cat([fed, fed]) if guided else fed  # (R,)
             logits = graph(feed, pos) if graph is not None else dec.decode_step(state, feed, pos)
             tok = sample(logits, i)
             out[:, i] = tok
@@ -139,5 +144,6 @@ def check_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """The one host sync of a generation, after the loop: ``cfg_sample`` marks a row whose
     guided logits had no finite entry with token -1 instead of syncing every step."""
     if bool((tokens < 0).any()):
-        raise FloatingPointError("a decode step produced no finite logit (NaN/inf in the model's output)")
+        raise FloatingPointError("a decode step produced no finite logit: NaN/inf in the model's output, or a "
+                                 "cfg_scale/temperature so extreme that the guided logits overflow float32")
     return tokens

@@ -1,0 +1,294 @@
+"""The Engine API against hostile input: settings that overflow the sampler, NaN weights,
+arguments that used to fail late (or not at all), unbounded decode batches, image modes and
+code dtypes that used to give silent garbage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import assert_equal
+from vqim.engine import Engine
+from vqim.engine.generate import Sampling
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add spin-wait contention (see test_engine.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _sharpen(engine: Engine, std: float = 0.3) -> Engine:
+    """Larger random weights: logits far from uniform, so extreme settings overflow them."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def t2i() -> Engine:
+    return _sharpen(Engine.from_preset("tiny-t2i", device="cpu"))
+
+
+def _record(monkeypatch, module, name: str) -> list[torch.Tensor]:
+    """Wrap ``module.name`` so every call's first argument is recorded."""
+    real = getattr(module, name)
+    seen = []
+
+    def wrapper(x, *a, **k):
+        seen.append(x.detach().clone())
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return seen
+
+
+# ----------------------------------------------------------------------------- decode loop
+
+
+@pytest.mark.parametrize("preset, kwargs", [("tiny-t2i", dict(prompts=["a red circle"])),
+                                            ("tiny-vim", dict(class_ids=[3]))])
+def test_nan_decoder_weights_raise_floating_point_error(preset, kwargs):
+    eng = Engine.from_preset(preset, device="cpu")
+    with torch.no_grad():
+        eng.model.decoder.head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="no finite logit"):
+        eng.generate_codes(seed=0, **kwargs)
+
+
+def test_a_marked_row_never_feeds_a_negative_token_to_the_decoder(monkeypatch):
+    """The -1 'no token' marker stays in the output for check_tokens; the decoder gets a
+    valid placeholder (an embedding index, never -1)."""
+    eng = Engine.from_preset("tiny-vim", device="cpu")
+    with torch.no_grad():
+        eng.model.decoder.head.weight.fill_(float("nan"))
+    real = eng.model.decoder.decode_step
+    tokens = []
+
+    def decode_step(state, token, pos):
+        tokens.append(token.clone())
+        return real(state, token, pos)
+
+    monkeypatch.setattr(eng.model.decoder, "decode_step", decode_step)
+
+    b = 2
+    s = Sampling(cfg_scale=torch.full((b,), 3.0), temperature=torch.ones(b), top_k=torch.zeros(b, dtype=torch.long),
+                 top_p=torch.ones(b), seed=torch.arange(b))
+    prefix = torch.tensor([[1], [2], [10], [10]])
+    out = eng.generator.run(prefix, None, None, s, guided=True)
+    assert bool((out == -1).all())
+    assert len(tokens) == eng.cfg.decoder.num_tokens - 1
+    assert all(int(t.min()) >= 0 for t in tokens)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=1e-38), dict(cfg_scale=1e20, temperature=1e-20),
+                                    dict(cfg_scale=3e38), dict(cfg_scale=1e39), dict(cfg_scale=1e300),
+                                    dict(temperature=1e-39)])
+def test_overflowing_sampling_settings_never_index_out_of_range(t2i, kwargs):
+    """Finite settings that overflow the fp32 guided logits: either validation rejects them
+    (ValueError), the loop reports the masked rows (FloatingPointError), or every token is valid."""
+    try:
+        codes = t2i.generate_codes(["a red circle"], seed=0, **kwargs)
+    except (FloatingPointError, ValueError) as e:
+        assert "cfg_scale" in str(e) or "temperature" in str(e) or "no finite logit" in str(e)
+    else:
+        assert 0 <= int(codes.min()) and int(codes.max()) < t2i.cfg.decoder.vocab_size
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(device="meta"), r"device must be 'cpu' or 'cuda"),
+    (dict(device="tpu"), r"device must be 'cpu' or 'cuda"),
+    (dict(device="cuda:x"), r"device must be 'cpu' or 'cuda"),
+    (dict(device=1.5), r"device must be 'cpu' or 'cuda"),
+    (dict(dtype=torch.float64), r"dtype must be one of \['bfloat16', 'float16', 'float32'\]"),
+    (dict(dtype=torch.complex64), r"dtype must be one of"),
+    (dict(dtype="float64"), r"dtype must be one of"),
+    (dict(dtype=32), r"dtype must be one of"),
+    (dict(max_batch_size=1.5), r"max_batch_size must be an int >= 1, got 1.5"),
+    (dict(max_batch_size=True), r"max_batch_size must be an int >= 1, got True"),
+    (dict(max_batch_size=0), r"max_batch_size must be an int >= 1, got 0"),
+    (dict(seed=1.5), r"seed must be an int in \[0, 2\*\*63 - 1\], got 1.5"),
+    (dict(seed=True), r"seed must be an int"),
+    (dict(seed=-1), r"seed must be an int"),
+    (dict(seed=2**70), r"seed must be an int"),
+])
+def test_bad_construction_arguments_are_named_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Engine.from_preset("tiny-vim", **{"device": "cpu", **kwargs})
+
+
+def test_cuda_without_a_gpu_is_a_value_error_at_construction(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for dev in ("cuda", "cuda:0", torch.device("cuda", 1)):
+        with pytest.raises(ValueError, match="needs a CUDA GPU; none is available"):
+            Engine.from_preset("tiny-vim", device=dev)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        Engine.from_pretrained(device="cuda")
+
+
+def test_from_pretrained_and_init_check_device_and_dtype():
+    with pytest.raises(ValueError, match="device must be"):
+        Engine.from_pretrained(device="meta")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        Engine.from_pretrained(device="cpu", dtype=torch.float64)
+    model = Engine.from_preset("tiny-vim", device="cpu").model
+    with pytest.raises(ValueError, match="device must be"):
+        Engine(model, None, device=torch.device("meta"))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Engine(model, None, device=torch.device("cpu"), max_batch_size=2.0)
+
+
+# ----------------------------------------------------------------------------- generate arguments
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(seed=2**70), r"seed must be in \[0, 9223372036854775807\]"),
+    (dict(seed=[2**70]), r"seed"),
+    (dict(seed=True), r"seed must be an int"),
+    (dict(seed=[True]), r"seed must be an int"),
+    (dict(top_k=True), r"top_k must be an int"),
+    (dict(num_images=True), r"num_images must be an int"),
+    (dict(class_ids=[True]), r"class_ids must be ints in \[0, 10\), got True"),
+    (dict(class_ids=True), r"class_ids must be ints in \[0, 10\), got True"),
+    (dict(class_ids=[1, False]), r"class_ids must be ints in \[0, 10\), got False"),
+])
+def test_bools_and_huge_seeds_are_named(kwargs, match):
+    vim = Engine.from_preset("tiny-vim", device="cpu")
+    with pytest.raises(ValueError, match=match):
+        vim.generate_codes(**{"class_ids": [1], **kwargs})
+
+
+def test_every_prompt_is_checked_before_any_decode_step(monkeypatch):
+    eng = Engine.from_preset("tiny-t2i", device="cpu", max_batch_size=1)
+    calls = []
+    monkeypatch.setattr(eng.generator, "run", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match=r"prompts\[2\] is not valid Unicode"):
+        eng.generate_codes(["a red circle", "a blue square", "bad \udcff"], seed=0)
+    assert calls == []
+    with pytest.raises(ValueError, match=r"prompts\[0\] is not valid Unicode"):
+        eng.generate_codes("\ud800", seed=0)
+    assert calls == []
+
+
+def test_prompts_are_tokenized_once_and_warn_once(t2i):
+    with pytest.warns(UserWarning, match="truncated to 128") as rec:
+        codes = t2i.generate_codes(["red " * 100], num_images=1, seed=0)
+    assert len([w for w in rec if "truncated" in str(w.message)]) == 1
+    assert codes.shape == (1, 8, 8)
+
+
+# ----------------------------------------------------------------------------- decode memory
+
+
+def test_pixel_decode_and_encode_are_chunked_by_max_batch_size(monkeypatch):
+    eng = Engine.from_preset("tiny-vim", device="cpu", max_batch_size=2)
+    decoded = _record(monkeypatch, eng.model.vqgan, "decode")
+    imgs = eng.generate(class_ids=[1], num_images=5, seed=0, cfg_scale=1.0)
+    assert len(imgs) == 5 and [d.shape[0] for d in decoded] == [2, 2, 1]
+    decoded.clear()
+    codes = torch.randint(0, 256, (6, 8, 8))
+    px = eng.decode_codes(codes, output_type="pt")
+    assert px.shape == (6, 3, 64, 64) and [d.shape[0] for d in decoded] == [2, 2, 2]
+    whole = Engine(eng.model, None, device=torch.device("cpu"), max_batch_size=16)
+    assert torch.allclose(px, whole.decode_codes(codes, output_type="pt"), atol=1e-5)
+
+    encoded = _record(monkeypatch, eng.model.vqgan, "encode")
+    x = torch.rand(5, 3, 64, 64)
+    got = eng.encode_images(x)
+    assert got.shape == (5, 8, 8) and [e.shape[0] for e in encoded] == [2, 2, 1]
+    encoded.clear()
+    feats = eng.image_features(x, 0)
+    assert feats.shape == (5, eng.cfg.decoder.width) and [e.shape[0] for e in encoded] == [2, 2, 1]
+
+
+# ----------------------------------------------------------------------------- silent garbage
+
+
+def test_nan_tokenizer_decoder_weights_raise_floating_point_error():
+    eng = Engine.from_preset("tiny-t2i", device="cpu")
+    with torch.no_grad():
+        eng.model.vqgan.dec_patch.weight.fill_(float("nan"))
+    codes = torch.zeros(1, 8, 8, dtype=torch.long)
+    for output_type in ("pt", "pil"):
+        with pytest.raises(FloatingPointError, match="non-finite pixels"):
+            eng.decode_codes(codes, output_type=output_type)
+
+
+@pytest.fixture(scope="module")
+def vim() -> Engine:
+    return Engine.from_preset("tiny-vim", device="cpu")
+
+
+def _pixels_seen(eng: Engine, monkeypatch, images) -> torch.Tensor:
+    seen = _record(monkeypatch, eng.model.vqgan, "encode")
+    eng.encode_images(images)
+    return torch.cat(seen)
+
+
+def test_high_bit_depth_and_float_images_are_scaled_not_clipped(vim, monkeypatch):
+    rng = np.random.default_rng(0)
+    a16 = rng.integers(0, 65536, (64, 64), dtype=np.uint16)
+    f = rng.random((64, 64), dtype=np.float32)
+    rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    imgs = [Image.fromarray(a16), Image.fromarray(a16.astype(np.int32), mode="I"), Image.fromarray(f, mode="F"),
+            Image.fromarray(rgb), Image.fromarray(rgb[..., 0])]
+    assert [im.mode for im in imgs] == ["I;16", "I", "F", "RGB", "L"]
+    px = _pixels_seen(vim, monkeypatch, imgs)  # (5, 3, 64, 64)
+    gray16 = torch.from_numpy(a16.astype(np.float32) / 65535)
+    for i in (0, 1):
+        assert_equal(px[i], gray16.expand(3, 64, 64), msg=f"image {i}")
+    assert_equal(px[2], torch.from_numpy(f).expand(3, 64, 64))
+    assert_equal(px[3], torch.from_numpy(rgb).permute(2, 0, 1).float() / 255)
+    assert_equal(px[4], (torch.from_numpy(rgb[..., 0]).float() / 255).expand(3, 64, 64))
+
+
+@pytest.mark.parametrize("image, match", [
+    (Image.fromarray(np.full((64, 64), 70000, np.int32), mode="I"), r"images\[0\] is a 32-bit integer.*\[0, 65535\]"),
+    (Image.fromarray(np.full((64, 64), -1, np.int32), mode="I"), r"images\[0\] is a 32-bit integer.*\[0, 65535\]"),
+    (Image.fromarray(np.full((64, 64), 1.5, np.float32), mode="F"), r"images\[0\] is a float .*\[0, 1\]"),
+    (Image.fromarray(np.full((64, 64), np.nan, np.float32), mode="F"), r"images\[0\] is a float .*\[0, 1\]"),
+])
+def test_out_of_range_high_bit_depth_images_are_rejected(vim, image, match):
+    with pytest.raises(ValueError, match=match):
+        vim.encode_images([image])
+
+
+_INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+@pytest.mark.parametrize("dtype", _INT_DTYPES + [np.dtype(">i8"), np.dtype(">u2")], ids=str)
+def test_codes_of_every_numpy_integer_dtype_decode(vim, dtype):
+    codes = np.random.default_rng(0).integers(0, 100, (2, 8, 8))
+    want = vim.decode_codes(torch.from_numpy(codes), output_type="pt")
+    assert_equal(vim.decode_codes(codes.astype(dtype), output_type="pt"), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16,
+                                   torch.uint32, torch.uint64], ids=str)
+def test_codes_of_every_torch_integer_dtype_decode(vim, dtype):
+    codes = torch.from_numpy(np.random.default_rng(0).integers(0, 100, (2, 8, 8)))
+    want = vim.decode_codes(codes, output_type="pt")
+    assert_equal(vim.decode_codes(codes.to(dtype), output_type="pt"), want)
+
+
+def test_unsigned_codes_past_int64_are_reported_as_they_are(vim):
+    big = np.full((1, 8, 8), 2**64 - 1, dtype=np.uint64)
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 256\).*18446744073709551615"):
+        vim.decode_codes(big)
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 256\).*18446744073709551615"):
+        vim.decode_codes(torch.from_numpy(big.astype(np.int64)).to(torch.uint64))
+    for bad in (np.zeros((1, 8, 8), bool), torch.zeros(1, 8, 8, dtype=torch.bool), np.zeros((1, 8, 8), np.float16),
+                np.zeros((1, 8, 8), object)):
+        with pytest.raises(ValueError, match="codes must be an integer"):
+            vim.decode_codes(bad)
