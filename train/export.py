@@ -11,28 +11,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from vqim.engine.config import ModelConfig, dtype_from_name
 from vqim.engine.models import VQIMModel, init_weights
 from vqim.engine.weights import save_pretrained
+
+from .checkpoint import blame, read_checkpoint
 
 
 def model_from_checkpoint(checkpoint: str | Path) -> tuple[VQIMModel, dict]:
     """The engine model (fp32, eval mode) held by a training checkpoint, and the checkpoint."""
     p = Path(checkpoint)
-    if not p.is_file():
-        raise ValueError(f"checkpoint: no such file {p}")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    if ckpt.get("stage") not in ("stage1", "stage2"):
-        raise ValueError(f"checkpoint: {p} is not a vqim training checkpoint")
-    cfg = ModelConfig.from_dict(ckpt["model_config"])
-    model = VQIMModel(cfg)
-    if ckpt["stage"] == "stage2":
-        model.load_state_dict(ckpt["model"])
-    else:
-        init_weights(model, ckpt["train_config"]["seed"])
-        model.vqgan.load_state_dict(ckpt["model"])
+    ckpt = read_checkpoint(p, "checkpoint")
+    with blame("checkpoint", p):
+        cfg = ModelConfig.from_dict(ckpt["model_config"])
+        model = VQIMModel(cfg)
+        if ckpt["stage"] == "stage2":
+            model.load_state_dict(ckpt["model"])
+        else:
+            init_weights(model, int(ckpt["train_config"]["seed"]))
+            model.vqgan.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
 
 
@@ -44,6 +41,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, text_tokenizer: str |
     ``generation.json``, the settings ``Engine.generate`` uses when the caller gives none."""
     model, ckpt = model_from_checkpoint(checkpoint)
     tok = text_tokenizer or ckpt["train_config"].get("text_tokenizer")
+    if tok is not None and not isinstance(tok, str | Path):
+        raise ValueError(f"checkpoint: {checkpoint}: train_config.text_tokenizer must be a path, got {tok!r}")
     if tok is not None and not Path(tok).is_file():
         raise ValueError(f"text_tokenizer: no such file {tok}")
     if model.cfg.text is not None and tok is None:

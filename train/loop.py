@@ -17,7 +17,10 @@ Both train the engine's own model classes (``vqim.engine.models``). One step:
 Checkpoints (``out_dir/checkpoint.pt``) are written to a temporary file and renamed. They hold
 the model, the optimizer(s) (Adafactor8bit's int8 moments included), the step (the schedule is a
 function of it), every rank's RNG state and the condition-dropout generator, so ``resume=True``
-continues bit for bit.
+continues bit for bit. They hold plain values and tensors only and are read with
+``weights_only=True`` (``train/checkpoint.py``). What a killed run leaves is tidied when the next
+starts: the temporary file of an interrupted checkpoint write is removed, and a resume drops the
+``metrics.jsonl`` records past the checkpoint's step (they are logged again).
 
 Data parallelism: launched with ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the
 environment) the run initializes ``torch.distributed`` (NCCL on GPUs, gloo on CPU) and wraps the
@@ -47,6 +50,7 @@ from vqim.engine.models import ViTVQGAN, VQIMModel, init_weights
 from vqim.engine.text import ByteTokenizer, SentencePieceTokenizer, TextTokenizer
 from vqim.engine.weights import atomic_write
 
+from .checkpoint import blame, read_checkpoint, stale_temp_files, write_checkpoint
 from .config import TrainConfig
 from .data import ImageDataset, batch_indices
 from .losses import (Discriminator, PerceptualLoss, discriminator_loss, generator_adv_loss, l2_loss,
@@ -215,6 +219,7 @@ class _Run:
         torch.manual_seed(cfg.seed)
         self.cond_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.history: list[dict] = []
+        self.saved_step: int | None = None  # of the checkpoint on disk that this run wrote or resumed from
 
     # ------------------------------------------------------------------ helpers
 
@@ -239,8 +244,7 @@ class _Run:
     def check_finite(self, step: int, what: str, value: torch.Tensor) -> None:
         bad = self.dist.all_mean((~torch.isfinite(value.detach().float())).float().reshape(1))
         if bad.item() > 0:
-            last = "none was written" if not self.ckpt_path.is_file() else \
-                f"{self.ckpt_path} (step {torch.load(self.ckpt_path, map_location='cpu', weights_only=False)['step']})"
+            last = "none was written" if self.saved_step is None else f"{self.ckpt_path} (step {self.saved_step})"
             raise TrainingDiverged(f"{self.stage}: {what} is {value.item()} at step {step + 1}; stopped before the "
                                    f"optimizer step. The last good checkpoint is {last}; lower lr or raise "
                                    f"warmup_steps and resume from it.")
@@ -264,22 +268,54 @@ class _Run:
             ckpt = {"stage": self.stage, "step": step, "train_config": self.cfg.to_dict(),
                     "model_config": self.model_cfg.to_dict(), "rng": all_rng, "world": self.dist.world,
                     **self.state()}
-            atomic_write(self.ckpt_path, lambda p: torch.save(ckpt, p))
+            write_checkpoint(self.ckpt_path, ckpt)
         self.dist.barrier()
+        self.saved_step = step
 
     def load(self) -> int:
         if not self.ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}")
-        ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(self.ckpt_path, "--resume")
         if ckpt["stage"] != self.stage:
             raise ValueError(f"--resume: {self.ckpt_path} is a {ckpt['stage']} checkpoint, this run is {self.stage}")
-        self.load_state(ckpt)
-        rngs = ckpt["rng"]
+        rngs = ckpt.get("rng")
+        if not isinstance(rngs, list) or not rngs:
+            raise ValueError(f"--resume: {self.ckpt_path} holds no RNG states (a list of one per rank)")
+        with blame("--resume", self.ckpt_path):
+            self.load_state(ckpt)
+            _set_rng_state(rngs[self.dist.rank % len(rngs)], self.cond_gen)
         if len(rngs) != self.dist.world:
             _say(f"resuming a {len(rngs)}-rank checkpoint on {self.dist.world} ranks: dropout streams differ "
                  "from the original run")
-        _set_rng_state(rngs[self.dist.rank % len(rngs)], self.cond_gen)
-        return int(ckpt["step"])
+        self.saved_step = ckpt["step"]
+        return ckpt["step"]
+
+    def remove_stale_temp_files(self) -> None:
+        """Delete what a kill during a checkpoint (or metrics) write left beside it. A run owns its
+        out_dir, so at its start no write is in flight and every such temporary file is stale."""
+        for p in stale_temp_files(self.ckpt_path) + stale_temp_files(self.out / METRICS):
+            p.unlink(missing_ok=True)
+            _say(f"removed {p}, left by a run killed while writing it")
+
+    def drop_metrics_after(self, step: int) -> None:
+        """Keep the metrics records of steps <= ``step`` (the resumed checkpoint's), so the steps
+        run again after it are logged once. A line that does not parse is the torn last append
+        of a killed run and goes too. The file is replaced whole."""
+        path = self.out / METRICS
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                kept.append(line)
+        if len(kept) < len(lines):
+            atomic_write(path, lambda p: p.write_text("".join(x + "\n" for x in kept), encoding="utf-8"))
+            _say(f"resume: dropped {len(lines) - len(kept)} record(s) of {path} past the checkpoint's step {step}")
 
     # ------------------------------------------------------------------ loop
 
@@ -293,11 +329,15 @@ class _Run:
             on_step: Callable[[int, _Run], None] | None = None) -> list[dict]:
         """Train to ``cfg.steps`` (or stop after step ``stop_after``); returns per-step metrics."""
         cfg = self.cfg
+        if self.dist.main:
+            self.remove_stale_temp_files()
         start = self.load() if resume else 0
         if not resume:
             torch.manual_seed(cfg.seed * 7919 + 17 + self.dist.rank)
             if self.dist.main and (self.out / METRICS).exists():
                 (self.out / METRICS).unlink()
+        elif self.dist.main:
+            self.drop_metrics_after(start)
         bar = None
         if cfg.progress and self.dist.main:
             from tqdm import tqdm
@@ -578,14 +618,13 @@ def load_tokenizer_weights(path: str | Path, cfg: ModelConfig) -> dict:
         model = load_model(p)
         got, state = model.cfg.vqgan, {k: v.float() for k, v in model.vqgan.state_dict().items()}
     elif p.is_file():
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-        if ckpt.get("stage") == "stage1":
+        ckpt = read_checkpoint(p, "tokenizer_checkpoint")
+        if ckpt["stage"] == "stage1":
             state = ckpt["model"]
-        elif ckpt.get("stage") == "stage2":
-            state = {k[len("vqgan."):]: v for k, v in ckpt["model"].items() if k.startswith("vqgan.")}
         else:
-            raise ValueError(f"tokenizer_checkpoint: {p} is not a vqim training checkpoint")
-        got = ModelConfig.from_dict(ckpt["model_config"]).vqgan
+            state = {k[len("vqgan."):]: v for k, v in ckpt["model"].items() if k.startswith("vqgan.")}
+        with blame("tokenizer_checkpoint", p):
+            got = ModelConfig.from_dict(ckpt["model_config"]).vqgan
     else:
         raise ValueError(f"tokenizer_checkpoint: no such file or directory {p}")
     if got != cfg.vqgan:
@@ -613,7 +652,9 @@ class Stage2(_Run):
             raise ValueError("stage2 needs tokenizer_checkpoint (the stage-1 checkpoint or a model directory)")
         self.model = VQIMModel(mc).to(self.device)
         init_weights(self.model, cfg.seed)
-        self.model.vqgan.load_state_dict(load_tokenizer_weights(cfg.tokenizer_checkpoint, mc))
+        tokenizer_state = load_tokenizer_weights(cfg.tokenizer_checkpoint, mc)
+        with blame("tokenizer_checkpoint", Path(cfg.tokenizer_checkpoint)):
+            self.model.vqgan.load_state_dict(tokenizer_state)
         self.model.vqgan.requires_grad_(False).eval()
         fp32_layer_norms(self.model)
         self.data = ImageDataset(cfg.data, mc.vqgan.image_size)
