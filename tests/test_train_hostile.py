@@ -1,6 +1,6 @@
 """The training stack against hostile or broken input: crafted checkpoints must not run code,
 a killed run's leftovers (temporary checkpoint files, metrics past the checkpoint) are cleaned
-on the next start.
+on the next start, and bad config files end in one error line naming the file and the field.
 
 Runs are tiny (16 px images, a few steps) and single-threaded, as in test_train.py.
 """
@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
 from test_train import T2I
 
+from vqim.engine.cli import main as vqim_cli
 from vqim.train import shapes
 from vqim.train.cli import main as train_cli
 from vqim.train.config import TrainConfig
@@ -171,3 +173,74 @@ def test_resume_drops_metrics_past_the_checkpoint(data, tmp_path):
     assert lines[:3] == before[:3]  # records up to the checkpoint are kept as they were
     assert "codebook_usage" in recs[-1] and recs[-1]["step"] == 6
     assert not list(out.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- bad config files
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("vqim train: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("name,text,field", [
+    ("list.json", "[1, 2]", "must hold a JSON object"),
+    ("nodata.json", '{"out_dir": "o"}', "missing training config key(s) ['data']"),
+    ("malformed.json", '{"data": "d", "out_dir": ', "not valid JSON"),
+    ("trailing.toml", 'data = "d"\nout_dir = ', "not valid TOML"),
+    ("unknown.json", '{"data": "d", "out_dir": "o", "stepz": 3}', "stepz"),
+    ("steps_str.json", '{"data": "d", "out_dir": "o", "steps": "10"}', "steps must be an int, got '10'"),
+    ("steps_bool.json", '{"data": "d", "out_dir": "o", "steps": true}', "steps must be an int, got True"),
+    ("lr_str.json", '{"data": "d", "out_dir": "o", "lr": "fast"}', "lr must be a finite number"),
+    ("lr_nan.json", '{"data": "d", "out_dir": "o", "lr": NaN}', "lr must be a finite number, got nan"),
+    ("beta_inf.json", '{"data": "d", "out_dir": "o", "beta": Infinity}', "beta must be a finite number, got inf"),
+    ("data_int.json", '{"data": 5, "out_dir": "o"}', "data must be a string, got 5"),
+    ("progress.json", '{"data": "d", "out_dir": "o", "progress": "yes"}', "progress must be true or false"),
+    ("optim.json", '{"data": "d", "out_dir": "o", "optimizer": 3}', "optimizer must be a string or null"),
+    ("overrides_list.json", '{"data": "d", "out_dir": "o", "model_overrides": []}', "model_overrides must be an object"),
+    ("overrides_section.json", '{"data": "d", "out_dir": "o", "model_overrides": {"vqgan": 3}}',
+     "model_overrides.vqgan must be an object"),
+    ("overrides_name.json", '{"data": "d", "out_dir": "o", "model_overrides": {"name": [1]}}',
+     "model_overrides.name must be a string"),
+    ("overrides_unknown.json", '{"data": "d", "out_dir": "o", "model_overrides": {"vqqan": {}}}', "unknown section 'vqqan'"),
+])
+def test_bad_config_file_is_one_error_line_naming_file_and_field(tmp_path, capsys, monkeypatch, name, text, field):
+    monkeypatch.chdir(tmp_path)  # the configs' relative data and out_dir land here, should a check miss
+    p = tmp_path / name
+    p.write_text(text)
+    assert train_cli(["stage1", str(p)]) == 2
+    line = _one_error_line(capsys)
+    assert str(p) in line and field in line, line
+
+
+def test_config_file_unreadable_cases(tmp_path, capsys):
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('{"data": "caf\xe9", "out_dir": "o"}'.encode("latin-1"))
+    (tmp_path / "folder.json").mkdir()
+    for p in (bad, tmp_path / "folder.json", tmp_path / "missing.json"):
+        assert train_cli(["stage2", str(p)]) == 2
+        line = _one_error_line(capsys)
+        assert str(p) in line, line
+    # Through the top-level CLI too.
+    assert vqim_cli(["train", "stage1", str(bad)]) == 2
+    assert re.search(r"latin1\.json.*UTF-8", _one_error_line(capsys))
+
+
+def test_model_path_that_is_not_a_config_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "m.json").write_text("[1]")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"data": str(tmp_path), "out_dir": str(tmp_path / "o"), "model": str(tmp_path / "m.json")}))
+    assert train_cli(["stage1", str(cfg)]) == 2
+    line = _one_error_line(capsys)
+    assert "model: " in line and "m.json must hold a JSON object" in line, line
+
+
+def test_config_overrides_from_the_command_line_are_checked(tmp_path, capsys):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"data": str(tmp_path)}))
+    assert train_cli(["stage1", str(p)]) == 2
+    assert "missing training config key(s) ['out_dir']" in _one_error_line(capsys)
+    assert TrainConfig.load(p, out_dir=str(tmp_path / "o")).out_dir == str(tmp_path / "o")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,41 @@ from vqim.engine.config import PRESETS, ModelConfig
 STAGES = ("stage1", "stage2")
 OPTIMIZERS = ("adamw", "adafactor", "adafactor8")
 PRECISIONS = ("auto", "bf16", "fp32")
+MODEL_SECTIONS = ("vqgan", "decoder", "text")
+# A field's annotation -> the JSON/TOML values it takes (ints count as floats; bools are not numbers).
+_FIELD_TYPES = {
+    "str": ((str,), "a string"),
+    "str | None": ((str, type(None)), "a string or null"),
+    "int": ((int,), "an int"),
+    "float": ((int, float), "a finite number"),
+    "float | None": ((int, float, type(None)), "a finite number or null"),
+    "bool": ((bool,), "true or false"),
+    "dict": ((dict,), "an object"),
+}
+
+
+def read_mapping(path: str | Path, what: str) -> dict:
+    """The object held by a JSON file (TOML when the name ends in ``.toml``); every error names
+    ``what`` and the file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what}: no such file {p}")
+    if not p.is_file():
+        raise ValueError(f"{what}: {p} is not a file")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}: {p} is not UTF-8 text (byte {e.start})") from e
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read {p}: {e.strerror}") from e
+    fmt = "TOML" if p.suffix == ".toml" else "JSON"
+    try:
+        d = tomllib.loads(text) if fmt == "TOML" else json.loads(text)
+    except ValueError as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError
+        raise ValueError(f"{what}: {p} is not valid {fmt}: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{what}: {p} must hold a JSON object of fields, got a {type(d).__name__}")
+    return d
 
 
 @dataclass
@@ -81,6 +117,23 @@ class TrainConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            types, desc = _FIELD_TYPES[f.type]
+            ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise ValueError(f"{f.name} must be {desc}, got {value!r}")
+        for section, over in self.model_overrides.items():
+            if section in MODEL_SECTIONS:
+                if not isinstance(over, dict):
+                    raise ValueError(f"model_overrides.{section} must be an object of that section's fields, "
+                                     f"got {over!r}")
+            elif section in ("name", "dtype"):
+                if not isinstance(over, str):
+                    raise ValueError(f"model_overrides.{section} must be a string, got {over!r}")
+            else:
+                raise ValueError(f"model_overrides: unknown section {section!r} "
+                                 f"({', '.join(MODEL_SECTIONS)}, name, dtype)")
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "val_images", "decay_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
@@ -116,13 +169,11 @@ class TrainConfig:
             if not p.is_file():
                 raise ValueError(f"model must be a preset ({', '.join(sorted(PRESETS))}) or a config.json path, "
                                  f"got {self.model!r}")
-            d = json.loads(p.read_text())
+            d = read_mapping(p, "model")
         for section, over in self.model_overrides.items():
-            if section not in ("vqgan", "decoder", "text") or not isinstance(over, dict):
-                if section in ("name", "dtype"):
-                    d[section] = over
-                    continue
-                raise ValueError(f"model_overrides: unknown section {section!r} (vqgan, decoder, text, name, dtype)")
+            if section not in MODEL_SECTIONS:  # name, dtype
+                d[section] = over
+                continue
             if d.get(section) is None:
                 raise ValueError(f"model_overrides: the model has no {section!r} section")
             d[section] = {**d[section], **over}
@@ -133,18 +184,25 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown training config key(s) {unknown}; known: {sorted(known)}")
+        required = [f.name for f in fields
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise ValueError(f"missing training config key(s) {missing}; required: {required}")
         return cls(**d)
 
     @classmethod
     def load(cls, path: str | Path, **overrides) -> TrainConfig:
-        p = Path(path)
-        if p.suffix == ".toml":
-            d = tomllib.loads(p.read_text())
-        else:
-            d = json.loads(p.read_text())
+        """The config in a JSON or TOML file, with the non-None ``overrides`` (the command line's)
+        applied; every error names the file and the field."""
+        d = read_mapping(path, "config")
         d.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"config: {path}: {e}") from e
