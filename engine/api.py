@@ -101,11 +101,12 @@ class Engine:
 
     Build with :meth:`from_pretrained` (a model directory) or :meth:`from_preset` (random
     weights of a named shape). A tokenizer-only model (``vit-vqgan-*``) has
-    :meth:`encode_images` and :meth:`decode_codes`; generating raises a ValueError. ``max_batch_size`` bounds the images processed together, by the
-    AR decoder (each is two decoder rows with guidance) and by the image tokenizer's encoder and
-    decoder; longer requests run in chunks. ``kv_cache="ring"`` keeps, for
-    conv-masked layers, only the ``kernel_h // 2 + 1`` grid rows their window can still reach
-    (``vqim.kernels.conv_cache_len``); ``"plain"`` keeps every position.
+    :meth:`encode_images` and :meth:`decode_codes`; generating raises a ValueError.
+    ``max_batch_size`` bounds the images processed together, by the AR decoder (each is two
+    decoder rows with guidance) and by the image tokenizer's encoder and decoder; longer
+    requests run in chunks. ``kv_cache="ring"`` keeps, for conv-masked layers, only the
+    ``kernel_h // 2 + 1`` grid rows their window can still reach (``vqim.kernels.conv_cache_len``);
+    ``"plain"`` keeps every position.
     """
 
     def __init__(self, model: VQIMModel, tokenizer: TextTokenizer | None, *, device: torch.device,
@@ -442,7 +443,8 @@ class Engine:
         elif isinstance(codes, torch.Tensor):
             integer = not (codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool)
         else:
-            raise ValueError(f"codes must be a LongTensor [B, h, w] or an integer numpy array, got {type(codes).__name__}")
+            raise ValueError(f"codes must be a LongTensor [B, h, w] or an integer numpy array, "
+                             f"got {type(codes).__name__}")
         g = self.cfg.vqgan.grid
         if codes.ndim == 2:
             codes = codes[None]

@@ -3,19 +3,28 @@ and ``train ...`` (handed to :mod:`vqim.train.cli`).
 
 Every command takes the model as ``--model DIR`` (a model directory) or ``--preset NAME``
 (random weights of a named shape); with neither, the bundled demo model. Bad input exits with
-status 2 and one ``vqim: error: ...`` line.
+status 2 and one ``vqim: error: ...`` line, found before any model is built where it can be
+(input files, output names). A model fault (NaN/inf, ``FloatingPointError``), a failed write
+(disk full, read-only) or running out of GPU memory is not a usage error: status 1, still one
+line. Outputs are written to a temporary name and renamed, so a failed write leaves the
+previous file whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .config import PRESETS
+from .weights import atomic_write
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +62,101 @@ def _outputs(path: str, n: int) -> list[Path]:
     return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
+@functools.cache
+def _writes_rgb(fmt: str) -> bool:
+    """Whether PIL saves an RGB image as ``fmt`` here (some registered formats only write other
+    modes, or need a plugin that is not installed)."""
+    if fmt not in Image.SAVE:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a probe: deprecation notices are not for the user here
+            Image.new("RGB", (16, 16)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
+
+
+def _image_format(path: Path) -> str:
+    """The PIL format of an output image, from its name (the temporary name atomic_write
+    saves to ends in .tmp, so the format is passed explicitly)."""
+    Image.init()
+    formats = Image.registered_extensions()  # extension -> format
+    fmt = formats.get(path.suffix.lower())
+    if fmt is None or not _writes_rgb(fmt):
+        exts = ", ".join(sorted((e for e, f in formats.items() if _writes_rgb(f)), key=lambda e: (e != ".png", e)))
+        raise ValueError(f"-o/--output must end in an image extension PIL can write ({exts}), got {str(path)!r}")
+    return fmt
+
+
+def _check_outputs(paths: list[Path]) -> None:
+    """Each output can be written as a file: not a directory, and its folder is a directory
+    (or will be one: missing folders are created at write time)."""
+    for p in paths:
+        if p.is_dir():
+            raise ValueError(f"-o/--output: {p} is a directory; give a file name")
+    folder = paths[0].parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"-o/--output: {folder} is not a directory, so {paths[0]} cannot be written there")
+
+
+def _write(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a temporary name beside ``path``, then rename; an OSError names ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, write)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    # Through a file object: np.save given a name not ending in .npy appends .npy to it.
+    with open(path, "wb") as f:
+        np.save(f, arr)
+
+
+def _input_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p} is a directory, not a file")
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    return p
+
+
+def _load_codes(path: str) -> np.ndarray:
+    p = _input_file(path)
+    try:
+        codes = np.load(p, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise ValueError(f"{p} is not a .npy array of codes ({e})") from e
+    if not isinstance(codes, np.ndarray):
+        codes.close()
+        raise ValueError(f"{p} is a .npz archive; vqim decode takes one .npy array of codes [B, h, w]")
+    if codes.size == 0:
+        raise ValueError(f"{p} holds no codes (shape {codes.shape}); vqim decode takes [B, h, w] with B >= 1")
+    return codes
+
+
+def _load_image(path: str) -> Image.Image:
+    p = _input_file(path)
+    try:
+        with Image.open(p) as im:
+            im.load()  # decode now: a truncated file fails here, not inside the engine
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{p} is not an image PIL can read ({e})") from e
+    return im
+
+
 def _generate(args: argparse.Namespace) -> None:
+    if args.n < 1:
+        raise ValueError(f"-n must be >= 1 (images per prompt), got {args.n}")
+    requests = len(args.prompt) or len(args.class_id or [None])
+    paths = _outputs(args.output, requests * args.n)
+    fmt = _image_format(paths[0])
+    _check_outputs(paths)
     eng = _engine(args)
     eng.cfg.require_decoder("vqim generate")
     text = eng.cfg.is_text_to_image
@@ -66,26 +169,33 @@ def _generate(args: argparse.Namespace) -> None:
                         class_ids=args.class_id, progress=not args.quiet)
     if not getattr(eng, "is_main", True):
         return  # tensor parallel: every rank holds the same images, rank 0 writes them
-    for img, path in zip(imgs, _outputs(args.output, len(imgs))):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path)
+    for img, path in zip(imgs, paths):
+        _write(path, lambda p, img=img: img.save(p, format=fmt))
         print(path)
 
 
 def _encode(args: argparse.Namespace) -> None:
+    out = Path(args.output)
+    if out.suffix.lower() != ".npy":
+        raise ValueError(f"-o/--output must end in .npy (codes are saved as a numpy array), got {args.output!r}")
+    _check_outputs([out])
+    imgs = [_load_image(p) for p in args.images]
     eng = _engine(args)
-    imgs = [Image.open(p).convert("RGB") for p in args.images]
     codes = eng.encode_images(imgs).cpu().numpy()
-    np.save(args.output, codes)
-    print(f"{args.output}: codes {codes.shape} in [0, {eng.cfg.vqgan.codebook_size})")
+    _write(out, lambda p: _save_npy(p, codes))
+    print(f"{out}: codes {codes.shape} in [0, {eng.cfg.vqgan.codebook_size})")
 
 
 def _decode(args: argparse.Namespace) -> None:
+    codes = _load_codes(args.codes)
+    # [h, w] is one image; a wrong rank is the engine's error to name.
+    paths = _outputs(args.output, codes.shape[0] if codes.ndim == 3 else 1)
+    fmt = _image_format(paths[0])
+    _check_outputs(paths)
     eng = _engine(args)
-    codes = np.load(args.codes)
     imgs = eng.decode_codes(codes)
-    for img, path in zip(imgs, _outputs(args.output, len(imgs))):
-        img.save(path)
+    for img, path in zip(imgs, paths):
+        _write(path, lambda p, img=img: img.save(p, format=fmt))
         print(path)
 
 
@@ -206,12 +316,22 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
+    import torch
+
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"vqim: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, 2)
+    except (FloatingPointError, OSError, torch.OutOfMemoryError) as e:
+        # Not a usage error: the model's numbers (NaN/inf), the disk, or the GPU's memory.
+        return _fail(e, 1)
     return 0
+
+
+def _fail(e: BaseException, status: int) -> int:
+    """One ``vqim: error:`` line, even for a multi-line message."""
+    print("vqim: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
