@@ -5,6 +5,10 @@
 // lanes of a warp read the same code (a shared-memory broadcast). As in the Triton kernel, 1/|z|
 // is never applied (a positive per-row constant does not move the argmax), the code norms come
 // from the tile in shared memory, and the [N, K] score matrix never exists.
+//
+// z and the codebook share one dtype here. Every load converts to fp32, so for mixed dtypes
+// kernels/codebook_lookup.py calls the fp32 kernel on upcast copies (bf16/fp16 -> fp32 is exact):
+// the same scores a two-dtype kernel would compute, never one operand rounded to the other's dtype.
 #include "common.h"
 
 namespace vqim {

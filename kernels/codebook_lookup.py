@@ -6,17 +6,24 @@ never exists. Since ``1/|z|`` is a positive constant per row it does not change 
 is never computed; the code norms are computed from the tile already in registers (or skipped
 with ``codebook_normalized=True``). Ties go to the lowest index; a zero row of z scores 0
 against every code and so gets index 0.
+
+z and the codebook may have different float dtypes; the scores are computed in fp32 from both
+exactly as given (bf16/fp16 -> fp32 is exact), never by rounding one operand to the other's dtype.
+
+The tie rule needs identical codes to score identically. A BLAS gemm does not promise that for
+equal columns (OpenBLAS's Haswell sgemm and MKL with ``MKL_CBWR=COMPATIBLE`` break it), so the
+reference scores each distinct code once, and the Triton kernel under the interpreter (where
+``tl.dot`` is numpy's sgemm) sums elementwise products instead.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from . import _ext
-from ._registry import dispatch, interpreter_dot_upcast, register
+from ._registry import dispatch, register, triton_interpreter_enabled
+from ._triton import tl, triton
 
 _MAX_D = 256
 
@@ -34,14 +41,23 @@ def codebook_scores_ref(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
 
 def codebook_lookup_ref(z: torch.Tensor, codebook: torch.Tensor, *, codebook_normalized: bool = False,
                         chunk: int = 4096) -> torch.Tensor:
-    """The definition of the op, in fp32. Chunks over N to bound memory; torch.argmax returns
-    the first maximal index, which is the tie rule."""
+    """The definition of the op, in fp32. Chunks over N to bound memory.
+
+    The matmul runs over the distinct codes only, ordered by first occurrence: identical codes
+    then share one score whatever the BLAS does with equal columns, and torch.argmax's first
+    maximal column is the tied code of lowest index, which is the tie rule."""
     _check_inputs(z, codebook)
     cb = codebook.float() if codebook_normalized else _l2_normalize_exact(codebook.float())
+    distinct, inverse = torch.unique(cb, dim=0, return_inverse=True)  # (U, D), (K,)
+    k = cb.shape[0]
+    first = torch.full((distinct.shape[0],), k, dtype=torch.long, device=cb.device)
+    first.scatter_reduce_(0, inverse, torch.arange(k, device=cb.device), reduce="amin")  # (U,)
+    order = first.argsort()
+    distinct, first = distinct[order], first[order]
     out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
     for s in range(0, z.shape[0], chunk):
         zn = _l2_normalize_exact(z[s:s + chunk].float())  # (n, D)
-        out[s:s + chunk] = (zn @ cb.T).argmax(dim=1)  # (n, K) -> (n,)
+        out[s:s + chunk] = first[(zn @ distinct.T).argmax(dim=1)]  # (n, U) -> (n,)
     return out
 
 
@@ -70,17 +86,20 @@ def _codebook_lookup_kernel(
     stride_zn, stride_zd, stride_ck, stride_cd,
     NORMALIZED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, ELEMENTWISE_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_mask = rows < N
     dim_mask = dims < D
-    # z stays in its storage dtype: for fp16/bf16 the products are exact in the fp32
-    # accumulator, so the tensor-core dot is as good as an fp32 one.
+    # With one dtype, z stays in it: for fp16/bf16 the products are exact in the fp32
+    # accumulator, so the tensor-core dot is as good as an fp32 one. With two (DOT_FP32),
+    # both operands go to fp32 in registers (exact), never one down to the other's dtype.
     z = tl.load(z_ptr + rows[:, None] * stride_zn + dims[None, :] * stride_zd,
                 mask=row_mask[:, None] & dim_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+    if DOT_FP32 or ELEMENTWISE_DOT:
+        z = z.to(tl.float32)
 
     best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_N,), tl.int32)
@@ -89,8 +108,13 @@ def _codebook_lookup_kernel(
         code_mask = codes < K
         cb = tl.load(cb_ptr + codes[:, None] * stride_ck + dims[None, :] * stride_cd,
                      mask=code_mask[:, None] & dim_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_D)
-        if UPCAST_DOT:
-            s = tl.dot(z.to(tl.float32), tl.trans(cb.to(tl.float32)), input_precision="ieee")
+        if ELEMENTWISE_DOT:
+            # The interpreter's tl.dot is numpy's sgemm, which may round equal columns
+            # differently; a sum over the contiguous D axis is the same op sequence for every
+            # code, so identical codes tie exactly, as the tie rule needs.
+            s = tl.sum(z[:, None, :] * cb.to(tl.float32)[None, :, :], axis=2)  # (BLOCK_N, BLOCK_K)
+        elif DOT_FP32:
+            s = tl.dot(z, tl.trans(cb.to(tl.float32)), input_precision=DOT_PRECISION)
         else:
             s = tl.dot(z, tl.trans(cb), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K) fp32
         if not NORMALIZED:
@@ -124,21 +148,19 @@ def _codebook_lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_no
     k = codebook.shape[0]
     if d > _MAX_D:
         raise ValueError(f"D must be <= {_MAX_D} for backend='triton', got {d}")
-    # One dtype for both dot operands; fp32 codes with low-precision z would lose bits of the codes.
-    if codebook.dtype != z.dtype:
-        codebook = codebook.to(z.dtype)
     out = torch.empty(n, dtype=torch.long, device=z.device)
     if n == 0:
         return out
     block_n, block_k, block_d = _block_sizes(n, d)
-    # fp32 inputs: 3xTF32 keeps fp32 accuracy on tensor cores; the interpreter computes in ieee.
-    precision = "tf32x3" if z.dtype == torch.float32 and z.is_cuda else "ieee"
+    dot_fp32 = z.dtype != codebook.dtype
+    # fp32 operands: 3xTF32 keeps fp32 accuracy on tensor cores.
+    precision = "tf32x3" if dot_fp32 or z.dtype == torch.float32 else "ieee"
     grid = (triton.cdiv(n, block_n),)
     _codebook_lookup_kernel[grid](
         z, codebook, out, n, k, d,
         z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
         NORMALIZED=codebook_normalized, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-        DOT_PRECISION=precision, UPCAST_DOT=interpreter_dot_upcast(z.dtype, z.device),
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision, ELEMENTWISE_DOT=triton_interpreter_enabled(),
     )
     return out
 
@@ -146,8 +168,10 @@ def _codebook_lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_no
 @register("codebook_lookup", "cuda")
 def _codebook_lookup_cuda(z: torch.Tensor, codebook: torch.Tensor, codebook_normalized: bool) -> torch.Tensor:
     C = _ext.load()
+    # The kernel loads both operands as fp32 (to_float), so with two dtypes the fp32 kernel on
+    # upcast copies computes exactly what a two-dtype kernel would; only the copy costs.
     if codebook.dtype != z.dtype:
-        codebook = codebook.to(z.dtype)
+        z, codebook = z.float(), codebook.float()
     n, d = z.shape
     out = torch.empty(n, dtype=torch.long, device=z.device)
     if n == 0:
@@ -173,7 +197,8 @@ def codebook_lookup(z: torch.Tensor, codebook: torch.Tensor, *, codebook_normali
 
     Args:
         z: ``[N, D]`` float32/float16/bfloat16, any strides.
-        codebook: ``[K, D]``, same device; cast to z's dtype for the kernels.
+        codebook: ``[K, D]`` float32/float16/bfloat16, same device; its dtype may differ from z's
+            (the scores are fp32 either way).
         codebook_normalized: the codes already have unit norm; skips their norms.
         backend: ``None`` (Triton on CUDA, reference on CPU), ``"triton"``, ``"cuda"``, ``"torch"``.
 

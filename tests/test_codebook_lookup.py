@@ -6,6 +6,10 @@ own fp32 error of the best score.
 """
 
 import itertools
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,6 +50,42 @@ def check_indices(idx: torch.Tensor, z: torch.Tensor, cb: torch.Tensor, *, norma
     )
 
 
+def check_exact_argmax(idx: torch.Tensor, z: torch.Tensor, cb: torch.Tensor) -> None:
+    """Every chosen code is the float64 argmax, or within PyTorch's own fp32 error of it.
+
+    Unlike ``check_indices`` this does not trust the fp32 reference, so it also tests the
+    reference (and catches a backend that computes in less than fp32)."""
+    idx, zc, cc = idx.cpu(), z.cpu(), cb.cpu()
+    scores64 = codebook_scores_ref(zc, cc)  # (N, K)
+    zn = zc.float() / zc.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
+    cn = cc.float() / cc.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
+    tol = 2 * (zn @ cn.T - scores64).abs().max().item() + 4 * EPS[torch.float32]
+    gap = scores64.max(dim=1).values - scores64.gather(1, idx[:, None])[:, 0]
+    bad = (gap > tol).nonzero().squeeze(1)
+    assert bad.numel() == 0, (
+        f"{bad.numel()}/{idx.numel()} indices are not the float64 argmax nor a near-tie (worst gap "
+        f"{gap.max().item():.3g} > tol {tol:.3g}); rows {bad[:5].tolist()}: got {idx[bad[:5]].tolist()}, "
+        f"exact {scores64[bad[:5]].argmax(1).tolist()}"
+    )
+
+
+def finer_than(dtype: torch.dtype, n_pairs: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 codes in pairs (a, b) that ``dtype`` cannot tell apart, and one row per pair that b
+    wins by far more than fp32 rounding: a computation that rounds the codes to ``dtype`` sees
+    a tie and returns a (the lower index), the fp32 one returns b.
+
+    a has every component representable in ``dtype`` and a[0] in [1.5, 2); b adds a quarter of
+    ``dtype``'s spacing at a[0], which rounds away. The row is a tilted towards +e0, so moving
+    the code along +e0 raises the score at first order: b beats a by about 1e-5 (bf16: 1e-4)."""
+    a = torch.randn(n_pairs, d).to(dtype).float()
+    a[:, 0] = (1.5 + 0.5 * torch.rand(n_pairs)).to(dtype).float()
+    b = a.clone()
+    b[:, 0] += 0.25 * EPS[dtype]  # EPS is the spacing on [1, 2)
+    z = a.clone()
+    z[:, 0] += 0.3 * a.norm(dim=1)
+    return torch.cat([a, b]), z  # a at index i, b at index n_pairs + i
+
+
 # Covers every N, K, D and dtype of the issue in the interpreter without the full product
 # (the GPU test below runs the full product).
 INTERP_CASES = [
@@ -67,6 +107,28 @@ def test_triton_matches_reference(n, k, d, dtype):
     z = torch.randn(n, d).to(dtype)
     cb = torch.randn(k, d).to(dtype)
     check_indices(codebook_lookup(z, cb, backend="triton"), z, cb)
+
+
+MIXED = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("z_dtype,cb_dtype", MIXED, ids=lambda t: str(t).removeprefix("torch."))
+def test_mixed_dtypes_match_exact_argmax(backend, z_dtype, cb_dtype):
+    """z and the codebook in different dtypes: computed in fp32, nothing rounded to the lower one."""
+    z = torch.randn(1024, 32).to(z_dtype)
+    cb = torch.randn(1000, 32).to(cb_dtype)
+    check_exact_argmax(codebook_lookup(z, cb, backend=backend), z, cb)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("z_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_codes_finer_than_z_dtype(backend, z_dtype):
+    cb, z = finer_than(z_dtype, 64, 32)
+    z = z.to(z_dtype)
+    idx = codebook_lookup(z, cb, backend=backend)
+    check_exact_argmax(idx, z, cb)
+    assert (idx == torch.arange(64, 128)).all()
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -95,6 +157,51 @@ def test_exact_ties_go_to_lowest_index(backend, dtype):
     hit = torch.isin(idx, tied)
     assert hit[:40].all() and hit[-1]
     assert (idx[hit] == 5).all(), f"ties must go to the lowest index, got {idx[hit].unique().tolist()}"
+
+
+# The tie rule must not depend on the BLAS. The interpreter's tl.dot is numpy's OpenBLAS sgemm,
+# which with its Haswell kernels gives unequal results for equal codebook columns; torch's own
+# matmul (the reference) is MKL here, which does the same under MKL_CBWR=COMPATIBLE. Both libraries
+# read these variables when they load, so each setting runs the tie test in a fresh process.
+_OPENBLAS_NAMES = {"Haswell": ("Haswell",), "Prescott": ("Prescott", "Katmai")}  # DYNAMIC_ARCH builds
+_BLAS_ENVS = [("OPENBLAS_CORETYPE", "Haswell"), ("OPENBLAS_CORETYPE", "Prescott"), ("MKL_CBWR", "COMPATIBLE")]
+_TIE_RUNNER = r"""
+import ctypes, sys
+import numpy  # loads numpy's OpenBLAS, which reads OPENBLAS_CORETYPE now
+import pytest
+
+def openblas_core():
+    libs = [ln.split()[-1] for ln in open("/proc/self/maps") if "openblas" in ln.lower() and ".so" in ln]
+    if not libs:
+        return None
+    lib = ctypes.CDLL(libs[0])
+    for sym in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
+                "openblas_get_corename"):
+        if hasattr(lib, sym):
+            getattr(lib, sym).restype = ctypes.c_char_p
+            return getattr(lib, sym)().decode()
+    return None
+
+print("OPENBLAS_CORE=" + str(openblas_core()), flush=True)
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", sys.argv[1]]))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="these core types are x86 kernels")
+@pytest.mark.parametrize("var,value", _BLAS_ENVS, ids=[f"{k}={v}" for k, v in _BLAS_ENVS])
+def test_exact_ties_hold_with_every_blas_kernel(var, value):
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "MKL_CBWR")}
+    env.update({var: value, "TRITON_INTERPRET": "1"})
+    node = f"{__file__}::test_exact_ties_go_to_lowest_index"
+    run = subprocess.run([sys.executable, "-c", _TIE_RUNNER, node], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    out = run.stdout + run.stderr
+    if var == "OPENBLAS_CORETYPE":
+        core = next((ln.split("=", 1)[1] for ln in out.splitlines() if ln.startswith("OPENBLAS_CORE=")), "None")
+        if core == "None":
+            pytest.skip("numpy is not linked to an OpenBLAS that reports its core")
+        assert core in _OPENBLAS_NAMES[value], f"OPENBLAS_CORETYPE={value} ran OpenBLAS's {core} kernels"
+    assert run.returncode == 0, f"tie test failed with {var}={value}:\n{out[-4000:]}"
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -193,3 +300,18 @@ def test_gpu_full_grid(backend, dtype):
     zt = torch.randn(64, 2 * 1025, device="cuda").to(dtype)[:, ::2]  # non-contiguous (64, 1025)
     cb = torch.randn(333, 1025 // 5 + 1, device="cuda").to(dtype)
     check_indices(codebook_lookup(zt[:, : cb.shape[1]], cb, backend=backend), zt[:, : cb.shape[1]], cb)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("z_dtype,cb_dtype", MIXED, ids=lambda t: str(t).removeprefix("torch."))
+def test_gpu_mixed_dtypes(backend, z_dtype, cb_dtype):
+    z = torch.randn(4099, 32, device="cuda").to(z_dtype)
+    cb = torch.randn(8192, 32, device="cuda").to(cb_dtype)
+    check_exact_argmax(codebook_lookup(z, cb, backend=backend), z, cb)
+    if cb_dtype == torch.float32:
+        cb, z = finer_than(z_dtype, 64, 32)
+        z = z.to("cuda", z_dtype)
+        idx = codebook_lookup(z, cb.cuda(), backend=backend)
+        check_exact_argmax(idx, z, cb)
+        assert (idx.cpu() == torch.arange(64, 128)).all()
