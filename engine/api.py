@@ -24,7 +24,8 @@ from .config import ModelConfig, dtype_from_name, dtype_name
 from .generate import Generator, Sampling, check_tokens
 from .models import VQIMModel, init_weights
 from .text import TextTokenizer
-from .weights import build_model, check_generation_defaults, load_generation_defaults, load_model, save_pretrained
+from .weights import (build_model, check_generation_defaults, load_config, load_generation_defaults, load_model,
+                      save_pretrained)
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "demo"
 # Sampling settings when neither the call nor the model directory's generation.json gives one.
@@ -153,10 +154,13 @@ class Engine:
 
             return engine_from_pretrained(path, tp, device, dtype, **kwargs)
         dev = _default_device(device)
-        model = load_model(path, "cpu")
-        model = model.to(device=dev, dtype=_default_dtype(model.cfg, dev, dtype))
+        # The small files first, so that a bad one fails before the weights are read.
+        cfg = load_config(path)
+        tokenizer = cls._text_tokenizer(cfg, path)
         kwargs.setdefault("generation", load_generation_defaults(path))
-        return cls(model, cls._text_tokenizer(model.cfg, path), device=dev, model_dir=path, **kwargs)
+        model = load_model(path, "cpu", cfg=cfg)
+        model = model.to(device=dev, dtype=_default_dtype(cfg, dev, dtype))
+        return cls(model, tokenizer, device=dev, model_dir=path, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, device: str | torch.device | None = None,
@@ -176,19 +180,17 @@ class Engine:
     def _text_tokenizer(cfg: ModelConfig, path: Path | None) -> TextTokenizer | None:
         if cfg.text is None:
             return None
-        if cfg.text.tokenizer == "sentencepiece" and (path is None or not (path / "tokenizer.model").is_file()):
-            raise FileNotFoundError(f"{cfg.name} was trained with a sentencepiece tokenizer but "
-                                    f"{path if path is not None else 'the model'} has no tokenizer.model")
-        tok = TextTokenizer.load(path, cfg.text.max_len)
+        # The config decides, not the files present: a tokenizer.model left beside a model
+        # trained on bytes must not change its prompts' ids.
+        tok = TextTokenizer.load(path, cfg.text.max_len, kind=cfg.text.tokenizer)
         if tok.vocab_size > cfg.text.vocab_size:
             raise ValueError(f"the text tokenizer has {tok.vocab_size} ids but the text encoder embeds only "
                              f"{cfg.text.vocab_size} (config text.vocab_size)")
         return tok
 
     def save_pretrained(self, path: str | Path) -> Path:
-        tok = None
-        if self.model_dir is not None and (self.model_dir / "tokenizer.model").is_file():
-            tok = self.model_dir / "tokenizer.model"
+        # The tokenizer in use (read at load), not whatever the old directory holds now.
+        tok = self.tokenizer.impl.model_proto if self.tokenizer is not None else None
         with self._lock:
             return save_pretrained(self.model, path, tokenizer_model=tok, generation=self.generation)
 

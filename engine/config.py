@@ -35,16 +35,71 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
 
 
-def _check_positive(obj: object, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{type(obj).__name__}.{n} must be a positive int, got {v!r}")
+# Upper bounds of the size fields. Generous (parti-20b is width 4096, MLP 16384, 64 decoder
+# layers; no preset comes near them) but finite: a config.json is user input, and building a
+# model it describes must not be the first thing to find out that it asks for 10**12 layers.
+MAX_LAYERS = 1024
+MAX_WIDTH = 65536  # width, code_dim, memory_dim
+MAX_MLP_DIM = 4 * MAX_WIDTH
+MAX_HEADS = 1024
+MAX_VOCAB = 2**20  # codebook_size, vocab_size, num_classes
+MAX_IMAGE_SIZE = 8192  # pixels a side (and patch_size)
+MAX_TEXT_LEN = 8192  # text positions
+MAX_GRID = 1024  # image tokens a side
+MAX_KERNEL = 2 * MAX_GRID + 1  # a window this wide already spans any grid
+
+
+def short_repr(v: object, n: int = 80) -> str:
+    """``repr(v)`` cut to ``n`` characters: values quoted in errors may come from untrusted files."""
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_int(obj: object, name: str, lo: int, hi: int) -> None:
+    v = getattr(obj, name)
+    if not _is_int(v) or not lo <= v <= hi:
+        raise ValueError(f"{type(obj).__name__}.{name} must be an int in [{lo}, {hi}], got {short_repr(v)}")
+
+
+def _check_sizes(obj: object, **bounds: int) -> None:
+    """Each named field is an int in [1, bound]."""
+    for name, hi in bounds.items():
+        _check_int(obj, name, 1, hi)
+
+
+def _check_choice(obj: object, name: str, choices: tuple[str, ...]) -> None:
+    v = getattr(obj, name)
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{type(obj).__name__}.{name} must be one of {list(choices)}, got {short_repr(v)}")
+
+
+def _check_dropout(obj: object) -> None:
+    v = obj.dropout  # type: ignore[attr-defined]
+    # "not 0 <= v < 1" rather than "v < 0 or v >= 1", so that NaN is refused too.
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1:
+        raise ValueError(f"{type(obj).__name__}.dropout must be a number in [0, 1), got {short_repr(v)}")
 
 
 def _check_heads(obj: object) -> None:
     if obj.width % obj.heads:  # type: ignore[attr-defined]
         raise ValueError(f"{type(obj).__name__}: width {obj.width} must be divisible by heads {obj.heads}")  # type: ignore[attr-defined]
+
+
+def _fields_from_dict(cls: type, d: object, section: str) -> object:
+    """``cls(**d)`` for one section of config.json, naming what is wrong instead of a TypeError."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config section {section!r} must be a JSON object of {cls.__name__} fields, "
+                         f"got {short_repr(d)}")
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in d:
+        if key not in known:
+            raise ValueError(f"unknown key {short_repr(key)} in config section {section!r}; {cls.__name__} fields: "
+                             f"{known}")
+    return cls(**d)
 
 
 @dataclass
@@ -69,13 +124,13 @@ class VQGANConfig:
     patch_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "image_size", "patch_size", "width", "layers", "heads", "mlp_dim",
-                        "codebook_size", "code_dim")
+        _check_sizes(self, image_size=MAX_IMAGE_SIZE, patch_size=MAX_IMAGE_SIZE, width=MAX_WIDTH, layers=MAX_LAYERS,
+                     heads=MAX_HEADS, mlp_dim=MAX_MLP_DIM, codebook_size=MAX_VOCAB, code_dim=MAX_WIDTH)
+        _check_choice(self, "output", ("sigmoid", "raw"))
+        _check_dropout(self)
         _check_heads(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"VQGANConfig.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
-        if self.output not in ("sigmoid", "raw"):
-            raise ValueError(f"VQGANConfig.output must be 'sigmoid' or 'raw', got {self.output!r}")
         self.grid = self.image_size // self.patch_size
         self.head_dim = self.width // self.heads
         self.patch_dim = 3 * self.patch_size * self.patch_size
@@ -85,7 +140,7 @@ class VQGANConfig:
 class TextEncoderConfig:
     """Bidirectional transformer over sentencepiece ids (Parti's text encoder)."""
 
-    vocab_size: int = 32000
+    vocab_size: int = 16000  # seed §[0123]: a sentencepiece model of 16,000 pieces
     max_len: int = 128
     width: int = 1024
     layers: int = 12
@@ -98,10 +153,11 @@ class TextEncoderConfig:
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "vocab_size", "max_len", "width", "layers", "heads", "mlp_dim")
+        _check_sizes(self, vocab_size=MAX_VOCAB, max_len=MAX_TEXT_LEN, width=MAX_WIDTH, layers=MAX_LAYERS,
+                     heads=MAX_HEADS, mlp_dim=MAX_MLP_DIM)
+        _check_choice(self, "tokenizer", ("bytes", "sentencepiece"))
+        _check_dropout(self)
         _check_heads(self)
-        if self.tokenizer not in ("bytes", "sentencepiece"):
-            raise ValueError(f"TextEncoderConfig.tokenizer must be 'bytes' or 'sentencepiece', got {self.tokenizer!r}")
         self.head_dim = self.width // self.heads
 
 
@@ -136,18 +192,28 @@ class DecoderConfig:
     max_seq: int = field(init=False)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "vocab_size", "grid_h", "grid_w", "width", "layers", "heads", "mlp_dim")
+        _check_sizes(self, vocab_size=MAX_VOCAB, grid_h=MAX_GRID, grid_w=MAX_GRID, width=MAX_WIDTH, layers=MAX_LAYERS,
+                     heads=MAX_HEADS, mlp_dim=MAX_MLP_DIM)
+        _check_int(self, "num_classes", 0, MAX_VOCAB)
+        _check_int(self, "memory_dim", 0, MAX_WIDTH)
+        _check_dropout(self)
+        if not isinstance(self.cross_attention, bool):
+            raise ValueError("DecoderConfig.cross_attention must be true or false, "
+                             f"got {short_repr(self.cross_attention)}")
         _check_heads(self)
-        self.conv_kernel = tuple(int(k) for k in self.conv_kernel)  # type: ignore[assignment]
-        if len(self.conv_kernel) != 2 or any(k < 1 or k % 2 == 0 for k in self.conv_kernel):
-            raise ValueError(f"DecoderConfig.conv_kernel must be two odd positive ints, got {self.conv_kernel}")
+        k = self.conv_kernel
+        if (not isinstance(k, (list, tuple)) or len(k) != 2
+                or not all(_is_int(i) and 1 <= i <= MAX_KERNEL and i % 2 for i in k)):
+            raise ValueError(f"DecoderConfig.conv_kernel must be a list of two odd ints in [1, {MAX_KERNEL}], "
+                             f"got {short_repr(k)}")
+        self.conv_kernel = tuple(k)  # type: ignore[assignment]
         if self.conv_layers is not None:
-            self.conv_layers = tuple(int(i) for i in self.conv_layers)
-            bad = [i for i in self.conv_layers if not 0 <= i < self.layers]
-            if bad:
-                raise ValueError(f"DecoderConfig.conv_layers must be in [0, {self.layers}), got {bad}")
-        if self.num_classes < 0:
-            raise ValueError(f"DecoderConfig.num_classes must be >= 0, got {self.num_classes}")
+            c = self.conv_layers
+            if (not isinstance(c, (list, tuple)) or not all(_is_int(i) and 0 <= i < self.layers for i in c)
+                    or len(set(c)) != len(c)):
+                raise ValueError(f"DecoderConfig.conv_layers must be null (all layers) or a list of distinct ints in "
+                                 f"[0, {self.layers}), got {short_repr(c)}")
+            self.conv_layers = tuple(c)
         if self.cross_attention and self.memory_dim < 1:
             raise ValueError("DecoderConfig.memory_dim must be set (>= 1) when cross_attention is on")
         self.prefix = 1
@@ -173,7 +239,9 @@ class ModelConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        dtype_from_name(self.dtype)
+        if not isinstance(self.name, str):
+            raise ValueError(f"ModelConfig.name must be a string, got {short_repr(self.name)}")
+        _check_choice(self, "dtype", tuple(_DTYPES))
         d, v = self.decoder, self.vqgan
         if d is None:
             if self.text is not None:
@@ -217,17 +285,24 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        try:
-            return cls(
-                name=d.get("name", "custom"),
-                dtype=d.get("dtype", "float32"),
-                vqgan=VQGANConfig(**d["vqgan"]),
-                decoder=DecoderConfig(**d["decoder"]) if d["decoder"] is not None else None,
-                text=TextEncoderConfig(**d["text"]) if d.get("text") else None,
-            )
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"config.json is not a vqim model config: {e}") from e
+    def from_dict(cls, d: object) -> ModelConfig:
+        """The config of a ``config.json`` (parsed): every key known, every field checked."""
+        if not isinstance(d, dict):
+            raise ValueError(f"not a vqim model config: must be a JSON object, got {type(d).__name__}")
+        for key in d:
+            if key not in ("name", "dtype", "vqgan", "decoder", "text"):
+                raise ValueError(f"unknown key {short_repr(key)} in the model config "
+                                 "(name, dtype, vqgan, decoder, text)")
+        if "vqgan" not in d or "decoder" not in d:
+            raise ValueError("not a vqim model config: needs a 'vqgan' section and a 'decoder' section "
+                             "(null for a tokenizer-only model)")
+        return cls(
+            name=d.get("name", "custom"),
+            dtype=d.get("dtype", "float32"),
+            vqgan=_fields_from_dict(VQGANConfig, d["vqgan"], "vqgan"),
+            decoder=None if d["decoder"] is None else _fields_from_dict(DecoderConfig, d["decoder"], "decoder"),
+            text=None if d.get("text") is None else _fields_from_dict(TextEncoderConfig, d["text"], "text"),
+        )
 
     @classmethod
     def from_name(cls, name: str) -> ModelConfig:

@@ -1,5 +1,6 @@
-"""Text tokenizers: sentencepiece when a model directory ships ``tokenizer.model``, else a
-byte-level fallback so presets with random weights accept any prompt.
+"""Text tokenizers: sentencepiece (a model directory's ``tokenizer.model``) or a byte-level
+fallback so presets with random weights accept any prompt. The model's config
+(``text.tokenizer``) says which; the files present never do.
 
 Both append EOS; the empty prompt is therefore ``[EOS]``, a one-token sequence that serves as
 the unconditional branch of classifier-free guidance (never an all-padding row, whose
@@ -9,10 +10,13 @@ with a warning (EOS kept last).
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import torch
+
+from .weights import MAX_TOKENIZER_BYTES, TOKENIZER_NAME, read_regular_file
 
 
 class ByteTokenizer:
@@ -20,16 +24,25 @@ class ByteTokenizer:
 
     pad_id, eos_id = 0, 1
     vocab_size = 259
+    model_proto = None  # no file: a model directory saved with it holds no tokenizer.model
 
     def encode(self, text: str) -> list[int]:
         return [b + 3 for b in text.encode("utf-8")]
 
 
 class SentencePieceTokenizer:
+    """A sentencepiece model file, read once: ``model_proto`` holds its bytes, so that saving
+    writes the tokenizer in use even if the file has changed since."""
+
     def __init__(self, path: str | Path):
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.model_proto = read_regular_file(path, MAX_TOKENIZER_BYTES)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(self.model_proto)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({e})") from e
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else 1
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
@@ -46,11 +59,18 @@ class TextTokenizer:
         self.max_len = max_len
 
     @classmethod
-    def load(cls, model_dir: str | Path | None, max_len: int) -> TextTokenizer:
-        path = Path(model_dir) / "tokenizer.model" if model_dir is not None else None
-        if path is not None and path.is_file():
-            return cls(SentencePieceTokenizer(path), max_len)
-        return cls(ByteTokenizer(), max_len)
+    def load(cls, model_dir: str | Path | None, max_len: int, *, kind: str) -> TextTokenizer:
+        """The tokenizer of kind ``kind`` (a config's ``text.tokenizer``): ``"bytes"`` ignores any
+        tokenizer.model in ``model_dir``, ``"sentencepiece"`` requires one."""
+        if kind == "bytes":
+            return cls(ByteTokenizer(), max_len)
+        if kind != "sentencepiece":
+            raise ValueError(f"kind must be 'bytes' or 'sentencepiece', got {kind!r}")
+        path = Path(model_dir) / TOKENIZER_NAME if model_dir is not None else None
+        if path is None or not os.path.lexists(path):
+            raise FileNotFoundError(f"the text encoder reads sentencepiece ids (config text.tokenizer) but "
+                                    f"{model_dir if model_dir is not None else 'the model'} has no {TOKENIZER_NAME}")
+        return cls(SentencePieceTokenizer(path), max_len)
 
     @property
     def vocab_size(self) -> int:

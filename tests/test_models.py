@@ -233,7 +233,7 @@ def test_image_tokenizer_round_trip_shapes_and_ranges():
 
 
 def test_byte_tokenizer_pads_masks_and_truncates_with_warning():
-    tok = TextTokenizer.load(None, max_len=128)
+    tok = TextTokenizer.load(None, max_len=128, kind="bytes")
     ids, mask = tok.batch(["ab", ""], torch.device("cpu"))
     assert ids.tolist() == [[ord("a") + 3, ord("b") + 3, 1], [1, 0, 0]]
     assert mask.tolist() == [[True, True, True], [True, False, False]]
@@ -249,12 +249,12 @@ def test_sentencepiece_tokenizer_is_used_when_the_directory_has_one(tmp_path):
     text.write_text("\n".join(f"a red circle on a blue square number {i}" for i in range(200)))
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tokenizer"), vocab_size=40,
                                    pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    tok = TextTokenizer.load(tmp_path, max_len=16)
+    tok = TextTokenizer.load(tmp_path, max_len=16, kind="sentencepiece")
     assert tok.vocab_size == 40
     row = tok.ids("a red circle")
     ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model")).encode("a red circle")
     assert row == ref + [1]
-    assert row != TextTokenizer.load(None, max_len=16).ids("a red circle")
+    assert row != TextTokenizer.load(None, max_len=16, kind="bytes").ids("a red circle")
 
 
 # ----------------------------------------------------------------------------- model directories
