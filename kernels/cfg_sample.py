@@ -39,21 +39,25 @@ checks the returned tokens for ``-1`` once at the end.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
-import triton
-import triton.language as tl
 
 from . import _ext
 from ._registry import dispatch, register
+from ._triton import tl, triton
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_ROUNDS = 10
 _MAX_SEED = 2**63 - 1
+# The sampling math is fp32: a cfg_scale or temperature past these would overflow (or, for a
+# subnormal temperature, make x / t overflow) and mask every token.
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
+_CFG_SCALE_RANGE = f"cfg_scale must be finite as float32 (|cfg_scale| <= {_F32_MAX!r})"
+_TEMPERATURE_RANGE = f"temperature must be 0 (greedy) or a normal float32 in [{_F32_TINY!r}, {_F32_MAX!r}]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,12 +121,12 @@ def _check_scalar(name: str, v: float | int) -> None:
         return
     if not _is_real(v):
         raise ValueError(f"{name} must be a float (or a float tensor), got {v!r}")
-    if math.isnan(v):
+    if v != v:  # NaN (math.isnan would overflow on a huge int)
         raise ValueError(f"{name} must not be NaN")
-    if name == "cfg_scale" and not math.isfinite(v):
-        raise ValueError(f"cfg_scale must be finite, got {v}")
-    if name == "temperature" and not (0.0 <= v < math.inf):
-        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {v}")
+    if name == "cfg_scale" and not abs(v) <= _F32_MAX:
+        raise ValueError(f"{_CFG_SCALE_RANGE}, got {v}")
+    if name == "temperature" and not (v == 0 or _F32_TINY <= v <= _F32_MAX):
+        raise ValueError(f"{_TEMPERATURE_RANGE}, got {v}")
     if name == "top_p" and not (0.0 < v <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {v}")
 
@@ -139,11 +143,11 @@ def _check_tensor_values(name: str, t: torch.Tensor) -> None:
     if bool(tf.isnan().any()):
         raise ValueError(f"{name} must not be NaN (a row of the {name} tensor is NaN)")
     if name == "cfg_scale":
-        ok = tf.isfinite()
-        msg = "cfg_scale must be finite"
+        ok = tf.abs() <= _F32_MAX
+        msg = _CFG_SCALE_RANGE
     elif name == "temperature":
-        ok = tf.isfinite() & (tf >= 0)
-        msg = "temperature must be finite and >= 0 (0 = greedy)"
+        ok = (tf == 0) | ((tf >= _F32_TINY) & (tf <= _F32_MAX))
+        msg = _TEMPERATURE_RANGE
     else:
         ok = (tf > 0) & (tf <= 1)
         msg = "top_p must be in (0, 1]"

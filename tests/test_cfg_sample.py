@@ -9,6 +9,7 @@ the torch reference, which the Triton kernel matches token for token.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -311,15 +312,30 @@ def test_gpu_parity_with_reference(backend, v):
 # Bad input
 # ------------------------------------------------------------------------------------------------
 
+_F32 = torch.finfo(torch.float32)
+_CFG_SCALE_RANGE = re.escape(f"cfg_scale must be finite as float32 (|cfg_scale| <= {_F32.max!r})")
+_TEMPERATURE_RANGE = re.escape(f"temperature must be 0 (greedy) or a normal float32 in [{_F32.tiny!r}, {_F32.max!r}]")
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(top_p=0.0), "top_p must be in \\(0, 1\\]"),
     (dict(top_p=1.5), "top_p must be in \\(0, 1\\]"),
     (dict(top_p=float("nan")), "top_p must not be NaN"),
     (dict(top_k=-1), "top_k must be in \\[0"),
     (dict(top_k=2.5), "top_k must be an int"),
-    (dict(temperature=-0.1), "temperature must be finite and >= 0"),
-    (dict(temperature=float("inf")), "temperature must be finite"),
+    (dict(temperature=-0.1), _TEMPERATURE_RANGE),
+    (dict(temperature=float("inf")), _TEMPERATURE_RANGE),
     (dict(cfg_scale=float("nan")), "cfg_scale must not be NaN"),
+    # Past fp32 (the sampling math's dtype): would overflow to inf and mask every token.
+    (dict(cfg_scale=1e39), _CFG_SCALE_RANGE),
+    (dict(cfg_scale=-1e300), _CFG_SCALE_RANGE),
+    (dict(cfg_scale=float("inf")), _CFG_SCALE_RANGE),
+    (dict(temperature=1e-39), _TEMPERATURE_RANGE),  # subnormal in fp32
+    (dict(temperature=1e-300), _TEMPERATURE_RANGE),  # 0 in fp32, yet not greedy
+    (dict(temperature=1e39), _TEMPERATURE_RANGE),
+    (dict(cfg_scale=torch.tensor([1.0, 1e39, 1.0], dtype=torch.float64)), _CFG_SCALE_RANGE),
+    (dict(temperature=torch.tensor([1.0, 1e-39, 0.0], dtype=torch.float64)), _TEMPERATURE_RANGE),
+    (dict(temperature=torch.tensor([1.0, 1e-39, 0.0])), _TEMPERATURE_RANGE),  # fp32 subnormal
     (dict(seed=-1), "seed must be in \\[0"),
     (dict(step=-3), "step must be in \\[0"),
     (dict(top_p=torch.tensor([0.5, 0.0, 1.0])), "top_p must be in \\(0, 1\\]"),
@@ -337,6 +353,18 @@ def test_bad_parameters_raise(kw, match):
     # The once-per-request helper the engine calls gives the same errors.
     with pytest.raises(ValueError, match=match):
         validate_sampling_params(batch=3, **kw)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(cfg_scale=_F32.max), dict(cfg_scale=-_F32.max), dict(temperature=_F32.tiny), dict(temperature=_F32.max),
+    dict(temperature=0.0), dict(temperature=-0.0),
+    dict(cfg_scale=torch.tensor([_F32.max, -_F32.max, 0.0])), dict(temperature=torch.tensor([0.0, _F32.tiny, _F32.max])),
+])
+def test_extreme_valid_parameters_pass(kw):
+    args = dict(cfg_scale=2.0, seed=0, step=0)
+    args.update(kw)
+    validate_sampling_params(batch=3, **kw)
+    cfg_sample(torch.randn(3, 10), torch.randn(3, 10), validate=False, **args)
 
 
 def test_bad_logits_raise():
