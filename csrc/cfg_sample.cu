@@ -5,7 +5,11 @@
 // memory for every pass; longer rows recompute them from the (L2-resident) logits each pass.
 // Top-k and top-p thresholds are exact: a bisection over the order-preserving integer keys of
 // the fp32 values that snaps each bound onto the nearest data key, so it stops once the
-// threshold value is isolated. The draw is an inverse CDF in vocabulary order with one
+// threshold value is isolated. Top-p keeps the smallest set reaching p in descending value with
+// ties broken by the lower index: every token above the threshold value tau, and of the tokens
+// at tau (each of mass e) in index order the j-th iff M_above + j * e < p * Zk (M_above the mass
+// above tau), so a tie group straddling the cut keeps only its lowest indices that are needed;
+// top-k keeps its tie group whole. The draw is an inverse CDF in vocabulary order with one
 // uniform per row from Philox4x32-10 keyed by (seed, step): the same 32-bit word as the
 // reference's philox_uniform and Triton's tl.randint4x(seed, step).
 #include <cmath>
@@ -47,21 +51,22 @@ __device__ __forceinline__ T block_allreduce(T v, Op op, T identity, T* smem) {
   return r;
 }
 
-// Inclusive block scan of one float per thread; *total gets the block sum.
-__device__ __forceinline__ float block_inclusive_scan(float v, float* smem, float* total) {
+// Inclusive block scan of one value per thread; *total gets the block sum.
+template <typename T>
+__device__ __forceinline__ T block_inclusive_scan(T v, T* smem, T* total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    float n = __shfl_up_sync(0xffffffffu, v, o);
+    T n = __shfl_up_sync(0xffffffffu, v, o);
     if (lane >= o) v += n;
   }
   if (lane == 31) smem[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    float w = lane < kWarps ? smem[lane] : 0.0f;
+    T w = lane < kWarps ? smem[lane] : T(0);
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      float n = __shfl_up_sync(0xffffffffu, w, o);
+      T n = __shfl_up_sync(0xffffffffu, w, o);
       if (lane >= o) w += n;
     }
     if (lane < kWarps) smem[lane] = w;  // inclusive prefix of warp totals
@@ -191,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(
   }
   const long long tau_k = lo;
 
-  // Top-p: the smallest key tau with mass(key > tau) < p * mass(key >= tau_k).
+  // Top-p: the smallest key tau with M_above = mass(key > tau) < p * Zk, Zk = mass(key >= tau_k).
   const float p = topp[row];
   const bool p_on = sampling && p < 1.0f;
   float zk = 0.0f;
@@ -225,12 +230,63 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(
   }
   const long long tau = hi;
 
+  // The tokens at tau (each of mass e_tau) in index order: the j-th is kept iff
+  // M_above + j * e_tau < target, i.e. the first c of the g of them. Kept: key > tau, or key == tau
+  // and index <= cut. Off (or c == g) keeps the whole group, as top-k does.
+  long long cut = V;
+  if (p_on) {
+    float above_loc = 0.0f, e_loc = 0.0f;
+    long long g_loc = 0;
+    for (int64_t j = tid; j < V; j += kThreads) {
+      float z = zat(j);
+      if (!(z > -INFINITY)) continue;
+      long long key = ordered_key(z);
+      if (key > tau) above_loc += expf(z - m);
+      else if (key == tau) { ++g_loc; e_loc = expf(z - m); }
+    }
+    const float m_above = block_allreduce(above_loc, SumF(), 0.0f, red_f);
+    const long long g = block_allreduce(g_loc, SumL(), 0LL, red_l);
+    const float e_tau = block_allreduce(e_loc, MaxF(), 0.0f, red_f);
+    // Bisection over j; j = 0 is always kept (the search leaves M_above < target, and the largest
+    // token is kept even where p * Zk rounds to 0). Invariant: j < c_lo kept, j >= c_hi not. The
+    // _rn intrinsics keep the product and the sum separately rounded (no FMA), as the reference.
+    long long c_lo = 1, c_hi = g;
+    while (c_lo < c_hi) {
+      const long long mid = (c_lo + c_hi + 1) / 2;
+      if (__fadd_rn(m_above, __fmul_rn(static_cast<float>(mid - 1), e_tau)) < target) c_lo = mid;
+      else c_hi = mid - 1;
+    }
+    if (c_lo < g) {
+      // cut = the index of the c_lo-th token at tau: a running count in index order.
+      long long seen = 0;
+      for (int64_t base = 0; base < V && seen < c_lo; base += kThreads) {
+        const int64_t j = base + tid;
+        long long at = 0;
+        if (j < V) {
+          float z = zat(j);
+          at = z > -INFINITY && ordered_key(z) == tau;
+        }
+        long long chunk;
+        const long long rank = block_inclusive_scan(at, red_l, &chunk) + seen;  // 1-based
+        const long long hit = block_allreduce(at && rank == c_lo ? static_cast<long long>(j) : -1LL, MaxL(), -1LL,
+                                              red_l);
+        if (hit >= 0) cut = hit;
+        seen += chunk;
+      }
+    }
+  }
+  auto kept = [&](int64_t j, float z) {
+    if (!(z > -INFINITY)) return false;
+    const long long key = ordered_key(z);
+    return key > tau || (key == tau && j <= cut);
+  };
+
   // The draw: total kept mass, then the first index whose running sum exceeds u * total.
   float tot_loc = 0.0f;
   long long last_loc = -1;
   for (int64_t j = tid; j < V; j += kThreads) {
     float z = zat(j);
-    if (z > -INFINITY && ordered_key(z) >= tau) { tot_loc += expf(z - m); last_loc = j; }
+    if (kept(j, z)) { tot_loc += expf(z - m); last_loc = j; }
   }
   const float total = block_allreduce(tot_loc, SumF(), 0.0f, red_f);
   const long long last = block_allreduce(last_loc, MaxL(), -1LL, red_l);
@@ -244,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(
       float w = 0.0f;
       if (j < V) {
         float z = zat(j);
-        if (z > -INFINITY && ordered_key(z) >= tau) w = expf(z - m);
+        if (kept(j, z)) w = expf(z - m);
       }
       float chunk_total;
       const float cs = block_inclusive_scan(w, red_f, &chunk_total) + carry;

@@ -9,11 +9,17 @@ Every generated image token goes through this op once per decode step. The defin
 * **temperature = 0** is greedy: the index of the largest guided logit, ties to the lowest index.
 * Otherwise ``z = x / temperature`` (fp32). **Top-k** (``k = 0`` off, ``k >= `` number of finite
   entries off) keeps every token with ``z >= `` the k-th largest value, ties included.
-* **Top-p** (``p = 1`` off) then renormalizes over the kept tokens and keeps each token whose
-  *preceding mass* is ``< p``, in descending probability (Hugging Face's warper: the smallest
-  set whose mass reaches p). Ties at the threshold: the preceding mass of a token is the mass of
-  the tokens with a strictly larger value, so tokens with equal values are kept or dropped
-  together (like top-k's ties). The largest token is always kept.
+* **Top-p** (``p = 1`` off) then orders the tokens top-k kept by descending value, equal values
+  by ascending token index, and keeps each token whose *preceding mass* (the mass of the tokens
+  before it in that order) is ``< p * Zk``, ``Zk`` the mass top-k kept: the smallest set whose
+  mass reaches p, as Hugging Face's warper (which breaks ties by an unstable sort). The largest
+  token is always kept. Exactly, with ``w = exp(z - max z)`` in fp32 and ``target = p * Zk``:
+  ``tau`` is the smallest value whose mass strictly above, ``M_above = sum(w[z > tau])``, is
+  ``< target``; every token with ``z > tau`` is kept; of the tokens with ``z == tau`` (each of
+  mass ``e = exp(tau - max z)``), in index order, the j-th (from 0) is kept iff
+  ``M_above + j * e < target`` (fp32 product, then fp32 sum; j = 0 always). So a tie group
+  straddling the cut keeps only its lowest indices that are needed, where top-k keeps a tie
+  group whole.
 * **The draw** is an inverse CDF in vocabulary order with one uniform per row:
   ``w_i = exp(z_i - max z)`` on kept tokens (0 elsewhere), ``u`` from Philox4x32-10 keyed by the
   row's ``seed`` (key = seed's low/high 32 bits) at counter ``(step_lo, step_hi, 0, 0)``, taking
@@ -27,8 +33,10 @@ Every generated image token goes through this op once per decode step. The defin
   syncing with the host); ``validate=True`` turns that into a ``ValueError``.
 
 Exact token equality between backends holds except where float rounding of the running sum
-(summation order, ``exp``, FMA contraction) differs right at a CDF boundary, a probability of
-order 1e-7 per draw; tests compare distributions and check each backend's determinism.
+(summation order, ``exp``, FMA contraction) differs right at a CDF boundary, or that of
+``Zk``, ``M_above`` and ``M_above + j * e`` (which the Triton compiler may contract into an FMA)
+right at the top-p cut, a probability of order 1e-7 per draw; tests compare distributions and
+check each backend's determinism.
 
 Validation: python-scalar parameters are checked on every call (cheap). Checks that need a
 host sync (ranges/NaN inside parameter tensors, logits that are NaN or ``+inf``, rows with no
@@ -237,7 +245,8 @@ def guided_logits_ref(cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale
 
 def sampling_mask_ref(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Boolean ``[B, V]``: the tokens top-k then top-p keep, for temperature-scaled logits ``z``
-    (-inf = masked). Sort-based: the readable definition the threshold search must match."""
+    (-inf = masked). Sort-based: the readable definition the threshold search must match, with
+    the same arithmetic for the tie group at the cut (see the module docstring)."""
     b, v = z.shape
     finite = z.isfinite()
     n_finite = finite.sum(1)  # (B,)
@@ -249,17 +258,24 @@ def sampling_mask_ref(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
 
     m = z.max(dim=1, keepdim=True).values  # (B, 1)
     e = torch.where(keep, torch.exp(z - m), 0.0)  # (B, V)
-    total = e.sum(1, keepdim=True)  # (B, 1)
-    # Mass strictly above each token's value: the exclusive running sum at the first element of
-    # its tie group (equal z) in descending order.
-    zs, order = torch.where(keep, z, float("-inf")).sort(dim=1, descending=True)  # (B, V)
+    target = top_p.to(z.dtype)[:, None] * e.sum(1, keepdim=True)  # (B, 1)
+    # M_above of each token: the mass strictly above its value, the exclusive running sum at
+    # the first element of its tie group (equal z) in descending order.
+    zs, order = torch.where(keep, z, float("-inf")).sort(dim=1, descending=True, stable=True)  # (B, V)
     es = e.gather(1, order)
     excl = es.cumsum(1) - es
     neg = -zs
     first_of_group = torch.searchsorted(neg, neg, side="left")  # (B, V)
     above_sorted = excl.gather(1, first_of_group)
     above = torch.empty_like(above_sorted).scatter_(1, order, above_sorted)  # (B, V)
-    return keep & (above < top_p.float()[:, None] * total)
+    # tau: the smallest kept value with M_above < target (the largest value always qualifies).
+    qualifies = keep & ((above < target) | (z == m))
+    tau = torch.where(qualifies, z, float("inf")).min(dim=1, keepdim=True).values  # (B, 1)
+    at_tau = keep & (z == tau)
+    j = at_tau.cumsum(1) - at_tau.long()  # rank in index order within the tau group
+    keep_tau = at_tau & ((j == 0) | (above + j.to(z.dtype) * e < target))
+    p_on = (top_p < 1)[:, None]
+    return keep & (~p_on | (z > tau) | keep_tau)
 
 
 def cfg_sample_ref(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *, cfg_scale, temperature=1.0,
@@ -369,6 +385,13 @@ def _ordered_key(z):
 
 
 @triton.jit
+def _kept(z, cols, tau, cut):
+    """The tokens top-k and top-p keep: key above tau, or at tau with index <= cut."""
+    key = _ordered_key(z)
+    return (z > float("-inf")) & ((key > tau) | ((key == tau) & (cols <= cut)))
+
+
+@triton.jit
 def _cfg_sample_kernel(
     cond_ptr, uncond_ptr, scale_ptr, temp_ptr, topk_ptr, topp_ptr, seed_ptr, step_ptr,
     tok_ptr, logp_ptr,
@@ -444,9 +467,9 @@ def _cfg_sample_kernel(
         hi = tl.where(ok, hi, prv + 1)
     tau_k = lo
 
-    # Top-p: the smallest key tau with mass(key > tau) < p * mass(key >= tau_k); every token with
-    # key >= tau has a preceding mass (the mass strictly above its value) < p. Invariant:
-    # mass(key > lo) >= p * Zk > mass(key > hi); off leaves tau = tau_k.
+    # Top-p: the smallest key tau with M_above = mass(key > tau) < p * Zk, Zk = mass(key >= tau_k);
+    # every token with key > tau is kept. Invariant: mass(key > lo) >= p * Zk > mass(key > hi);
+    # off leaves tau = tau_k.
     p_on = sampling & (p < 1.0)
     zk = tl.full((), 0.0, tl.float32)
     if p_on:
@@ -487,6 +510,52 @@ def _cfg_sample_kernel(
         lo = tl.where(ok, lo, nxt - 1)
     tau = hi
 
+    # The tokens at tau (each of mass e_tau) in index order: the j-th is kept iff
+    # M_above + j * e_tau < target, i.e. the first c of the g of them. Kept: key > tau, or
+    # key == tau and index <= cut. Off (or c == g) keeps the whole group, as top-k does.
+    cut = tl.full((), 0, tl.int32) + V
+    if p_on:
+        m_above = tl.full((), 0.0, tl.float32)
+        g = tl.full((), 0, tl.int32)
+        e_tau = tl.full((), 0.0, tl.float32)
+        for b0 in range(0, V, BLOCK):
+            cols = b0 + ar
+            if ONE_BLOCK:
+                z = z0
+                e = e0
+            else:
+                z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+                e = tl.exp(z - m)
+            key = tl.where(z > float("-inf"), _ordered_key(z), -(2**40))
+            at = key == tau
+            m_above += tl.sum(tl.where(key > tau, e, 0.0), 0)
+            g += tl.sum(at.to(tl.int32), 0)
+            e_tau = tl.maximum(e_tau, tl.max(tl.where(at, e, 0.0), 0))
+        # Bisection over j; j = 0 is always kept (the search leaves M_above < target, and the
+        # largest token is kept even where p * Zk rounds to 0). Invariant: j < c_lo kept,
+        # j >= c_hi not.
+        c_lo = tl.full((), 1, tl.int32)
+        c_hi = g
+        while c_lo < c_hi:
+            mid = (c_lo + c_hi + 1) // 2
+            ok = m_above + (mid - 1).to(tl.float32) * e_tau < target
+            c_lo = tl.where(ok, mid, c_lo)
+            c_hi = tl.where(ok, c_hi, mid - 1)
+        if c_lo < g:
+            # cut = the index of the c_lo-th token at tau: a running count in index order.
+            seen = tl.full((), 0, tl.int32)
+            cut = tl.full((), -1, tl.int32)
+            for b0 in range(0, V, BLOCK):
+                cols = b0 + ar
+                if ONE_BLOCK:
+                    z = z0
+                else:
+                    z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+                at = (z > float("-inf")) & (_ordered_key(z) == tau)
+                rank = tl.cumsum(at.to(tl.int32), 0) + seen  # 1-based among the tokens at tau
+                cut = tl.maximum(cut, tl.max(tl.where(at & (rank <= c_lo), cols, -1), 0))
+                seen += tl.sum(at.to(tl.int32), 0)
+
     # The draw: total kept mass, then the first index whose running sum exceeds u * total.
     total = tl.full((), 0.0, tl.float32)
     for b0 in range(0, V, BLOCK):
@@ -497,7 +566,7 @@ def _cfg_sample_kernel(
         else:
             z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
             e = tl.exp(z - m)
-        sel = (z > float("-inf")) & (_ordered_key(z) >= tau)
+        sel = _kept(z, cols, tau, cut)
         total += tl.sum(tl.where(sel, e, 0.0), 0)
     r, _, _, _ = tl.randint4x(seed, step)
     u01 = (r.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
@@ -515,7 +584,7 @@ def _cfg_sample_kernel(
         else:
             z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
             e = tl.exp(z - m)
-        sel = (z > float("-inf")) & (_ordered_key(z) >= tau)
+        sel = _kept(z, cols, tau, cut)
         w = tl.where(sel, e, 0.0)
         cs = tl.cumsum(w, 0) + carry
         first = tl.min(tl.where(cs > thresh, cols, V), 0)

@@ -70,6 +70,48 @@ def _logits(v, *, seed=0):
     return cond, uncond
 
 
+def brute_force_kept(z: list[float], k: int, p: float) -> set[int]:
+    """The top-k / top-p definition as a loop, in float64: top-k keeps every finite value >= the
+    k-th largest; then, in descending value with ties broken by the lower index (a stable sort),
+    a token is kept iff the mass of the tokens before it is < p * total."""
+    fin = [i for i, x in enumerate(z) if math.isfinite(x)]
+    kept_k = fin
+    if 0 < k < len(fin):
+        kth = sorted((z[i] for i in fin), reverse=True)[k - 1]
+        kept_k = [i for i in fin if z[i] >= kth]
+    m = max(z[i] for i in kept_k)
+    e = {i: math.exp(z[i] - m) for i in kept_k}
+    target = p * math.fsum(e.values())
+    kept, before = set(), 0.0
+    for i in sorted(kept_k, key=lambda i: -z[i]):  # sorted() is stable: equal values by index
+        if before < target:
+            kept.add(i)
+        before += e[i]
+    return kept
+
+
+def check_kept_draws(z: torch.Tensor, k: torch.Tensor, p: torch.Tensor, tok: torch.Tensor, lp: torch.Tensor) -> None:
+    """Each row's token is in the brute-force kept set and its log-probability (which counts the
+    kept mass) matches that set: keeping one token more or less of a tie group moves it by at
+    least that token's share."""
+    for i in range(z.shape[0]):
+        zi = z[i].double().cpu()
+        kept = sorted(brute_force_kept(zi.tolist(), int(k[i]), float(p[i])))
+        t = int(tok[i])
+        assert t in kept, f"row {i}: drew {t}, kept {kept[:20]}"
+        zk = zi[kept]
+        want = float(zi[t] - zk.max() - torch.exp(zk - zk.max()).sum().log())
+        assert abs(float(lp[i]) - want) <= 1e-5, f"row {i}: logprob {float(lp[i])} != {want}, kept {kept[:20]}"
+
+
+def tied_rows(b: int, v: int) -> torch.Tensor:
+    """Rows with heavy exact ties: small integers, halves, and bf16-rounded normals."""
+    ints = torch.randint(-3, 4, (b // 3, v)).float()
+    halves = torch.randint(-6, 7, (b // 3, v)).float() / 2
+    bf16 = (torch.randn(b - 2 * (b // 3), v) * 2).bfloat16().float()
+    return torch.cat([ints, halves, bf16])
+
+
 # ------------------------------------------------------------------------------------------------
 # temperature = 0: exact argmax
 # ------------------------------------------------------------------------------------------------
@@ -118,8 +160,8 @@ _DIST_CASES = {
 def _case_logits(mod, v):
     cond, uncond = _logits(v, seed=7)
     if mod == "ties":
-        # Values 3 > 2 = 2 = 2 > 1 ...: the tie group straddles k = 3 and, with equal cond and
-        # uncond, p = 0.5 (mass above the group < 0.5 <= mass through it): all three are kept.
+        # Values 3 > 2 = 2 = 2 > 1 ...: the tie group straddles k = 3 (all three kept) and, with
+        # equal cond and uncond, p = 0.5 (the mass before index 17 is past p: 2 and 9 are kept).
         cond = torch.zeros(1, v)
         cond[0, 5], cond[0, [2, 9, 17]], cond[0, 20:26] = 3.0, 2.0, 1.0
         uncond = cond.clone()
@@ -141,7 +183,8 @@ def test_reference_distribution(case):
     assert ok, f"{case}: {msg}"
     if mod == "ties":
         kept = (probs > 0).nonzero().flatten().tolist()
-        assert kept == [2, 5, 9, 17], kept
+        # Top-k keeps the whole tie group; top-p only the lowest indices of it that it needs.
+        assert kept == ([2, 5, 9, 17] if case == "ties_at_k" else [2, 5, 9]), kept
 
 
 @pytest.mark.parametrize("case", ["s3_temp07_k5", "p0.6", "ties_at_k"])
@@ -157,27 +200,62 @@ def test_triton_distribution(case):
 
 
 def test_sampling_mask_matches_definition():
-    """Top-k keeps values >= the k-th largest (ties included); top-p keeps each token whose mass
-    strictly above its value is < p, checked by brute force on random rows with ties."""
-    b, v = 64, 30
-    z = torch.randint(-4, 5, (b, v)).double() / 2  # many ties
+    """sampling_mask_ref against the brute-force loop on random rows with heavy ties and masked
+    entries, every top-k/top-p mix."""
+    b, v = 96, 30
+    z = tied_rows(b, v)
     z[::5, ::4] = float("-inf")
     k = torch.randint(0, v + 3, (b,))
-    p = torch.rand(b, dtype=torch.float64).clamp_min(1e-3)
+    k[::2] = 0
+    p = torch.rand(b).clamp_min(1e-3)
+    p[::7] = 1.0
     keep = sampling_mask_ref(z, k, p)
     for i in range(b):
-        zi = z[i]
-        fin = zi.isfinite()
-        nf = int(fin.sum())
-        kk = int(k[i])
-        keep_k = fin.clone()
-        if 0 < kk < nf:
-            kth = zi[fin].sort(descending=True).values[kk - 1]
-            keep_k &= zi >= kth
-        w = torch.where(keep_k, torch.exp(zi - zi.max()), 0.0)
-        above = torch.stack([w[zi > zi[j]].sum() for j in range(v)])
-        expected = keep_k & (above < p[i] * w.sum())
-        assert_equal(keep[i], expected, msg=f"row {i} k={kk} p={float(p[i]):.3f}")
+        expected = torch.zeros(v, dtype=torch.bool)
+        expected[list(brute_force_kept(z[i].tolist(), int(k[i]), float(p[i])))] = True
+        assert_equal(keep[i], expected, msg=f"row {i} k={int(k[i])} p={float(p[i]):.4f} z={z[i].tolist()}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_top_p_tie_group_keeps_smallest_set(backend):
+    """Hugging Face's example: the top token, then six equal tokens, with p reached by the third
+    of them. The smallest set reaching p is the top token and the three lowest-index tied ones
+    (P(top) 0.475 after renormalizing), not the whole tie group (0.312)."""
+    z = torch.full((12,), -3.0)
+    z[3] = 1.0
+    ties = [0, 1, 2, 4, 5, 6]
+    z[ties] = 0.0
+    w = torch.exp(z.double() - 1)
+    p = float((w[3] + 2.5 * w[0]) / w.sum())  # between top + 2 ties and top + 3 ties
+    assert brute_force_kept(z.tolist(), 0, p) == {0, 1, 2, 3}
+    n = 96
+    tok, lp = cfg_sample(z.expand(n, -1), None, cfg_scale=1.0, top_p=p, seed=5, step=torch.arange(n),
+                         backend=backend, return_logprob=True)
+    assert set(tok.tolist()) <= {0, 1, 2, 3} and 3 in tok.tolist()
+    p_top = 1 / (1 + 3 * math.exp(-1))  # 0.4754
+    assert_close(lp[tok == 3], torch.full_like(lp[tok == 3], math.log(p_top)), atol=1e-5)
+    assert_close(lp[tok != 3], torch.full_like(lp[tok != 3], math.log(p_top * math.exp(-1))), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,block", [("torch", None), ("triton", None), ("triton", 16)])
+def test_kept_set_with_heavy_ties_matches_brute_force(backend, block):
+    """Draws and log-probabilities against the brute-force kept set, every top-k/top-p mix.
+    block=16 streams the row through Triton in 3 blocks, so tie groups span blocks."""
+    from vqim.kernels.cfg_sample import _cfg_sample_torch, _cfg_sample_triton, _row_params
+
+    b, v = 48, 37
+    z = tied_rows(b, v)
+    z[5::6, 1::4] = float("-inf")
+    k = torch.randint(0, v + 3, (b,))
+    k[::2] = 0
+    p = torch.rand(b).clamp_min(1e-3)
+    prm = _row_params(b, z.device, cfg_scale=1.0, temperature=1.0, top_k=k, top_p=p,
+                      seed=torch.randint(0, 2**62, (b,)), step=torch.arange(b))
+    if backend == "triton":
+        tok, lp = _cfg_sample_triton(z, None, block=block, **prm)
+    else:
+        tok, lp = _cfg_sample_torch(z, None, **prm)
+    check_kept_draws(z, k, p, tok, lp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,6 +384,20 @@ def test_gpu_parity_with_reference(backend, v):
     same = got == want
     assert_close(got_lp[same], want_lp[same], atol=1e-3, rtol=1e-3)
     assert_equal(cfg_sample(cond, uncond, backend=backend, **kw), got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("v", [37, 8192, 20011])  # 20011: streamed (Triton) and uncached (CUDA) rows
+def test_gpu_kept_set_with_heavy_ties_matches_brute_force(backend, v):
+    b = 48
+    z = tied_rows(b, v).cuda()
+    k = torch.randint(0, v + 3, (b,))
+    k[::2] = 0
+    p = torch.rand(b).clamp_min(1e-3)
+    tok, lp = cfg_sample(z, None, cfg_scale=1.0, top_k=k.cuda(), top_p=p.cuda(), seed=7, step=torch.arange(b).cuda(),
+                         backend=backend, return_logprob=True)
+    check_kept_draws(z, k, p, tok.cpu(), lp.cpu())
 
 
 # ------------------------------------------------------------------------------------------------
