@@ -52,7 +52,7 @@ from torch import nn
 from .api import Engine, _default_dtype
 from .config import ModelConfig, dtype_from_name
 from .models import Attention, VQIMModel, init_weights
-from .weights import build_model, load_config, load_state_dict
+from .weights import build_model, check_weights, load_config, load_state_dict
 
 # Seconds a rank waits in a collective before the process group gives up on a silent peer.
 DEFAULT_TIMEOUT_S = float(os.environ.get("VQIM_TP_TIMEOUT_S", "600"))
@@ -360,6 +360,9 @@ def load_tp_model(model_dir: str | Path, rank: int, world: int, group: dist.Proc
     with agreed(group):
         cfg = load_config(model_dir)
         check_tp(cfg, world)
+        # Headers against the config before the meta model is built: a mismatch fails in
+        # milliseconds, not after building a model of up to the config's bounds.
+        check_weights(model_dir, cfg)
     model = tensor_parallel(build_model(cfg, "meta"), rank, world, group)
     with agreed(group):
         state = load_tp_state_dict(model_dir, cfg, model, rank, world)
