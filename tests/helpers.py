@@ -70,3 +70,13 @@ def assert_within_torch_error(
     if floor is None:
         floor = EPS[actual.dtype if actual.dtype in EPS else torch.float32] * max(1.0, ref_hi.abs().max().item())
     assert_close(actual, ref_hi, atol=factor * torch_err + floor, msg=f"{msg} (torch's own error {torch_err:.3g})")
+
+
+def sharpen(engine, std: float = 0.3):
+    """Larger random weights (in place) so an engine's logits are far from uniform: conditions
+    matter, and extreme sampling settings overflow them."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return engine

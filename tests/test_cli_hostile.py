@@ -21,13 +21,7 @@ from vqim.engine import Engine, api
 from vqim.engine.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add spin-wait contention (see test_engine.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _error_line(capsys, argv: list[str], rc: int = 2) -> str:

@@ -11,38 +11,22 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import assert_close, assert_equal
+from tests.helpers import assert_close, assert_equal, sharpen
 from vqim.engine import Engine
 from vqim.engine.generate import Sampling
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models run thousands of small ops: intra-op threads only add spin-wait
-    contention on a shared 2-core machine (10x slower under load), so use one, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _sharpen(engine: Engine, std: float = 0.3) -> Engine:
-    """Larger random weights so the logits are far from uniform and conditions matter."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in engine.model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return engine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def t2i() -> Engine:
-    return _sharpen(Engine.from_preset("tiny-t2i", device="cpu"))
+    return sharpen(Engine.from_preset("tiny-t2i", device="cpu"))
 
 
 @pytest.fixture(scope="module")
 def vim() -> Engine:
-    return _sharpen(Engine.from_preset("tiny-vim", device="cpu"))
+    return sharpen(Engine.from_preset("tiny-vim", device="cpu"))
 
 
 def test_generate_returns_images_and_same_seed_same_image(t2i):
@@ -317,7 +301,7 @@ def test_presets_are_seeded():
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager_decoding():
-    eng = _sharpen(Engine.from_preset("tiny-t2i", device="cuda", dtype=torch.float32))
+    eng = sharpen(Engine.from_preset("tiny-t2i", device="cuda", dtype=torch.float32))
     prompts = ["a red circle", "a much longer prompt about a blue square"]
     graph = [eng.generate_codes(prompts, num_images=2, seed=s) for s in (0, 1)]  # the second call reuses the graph
     eng.generator.use_cuda_graph = False

@@ -9,32 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import assert_equal
+from tests.helpers import assert_equal, sharpen
 from vqim.engine import Engine
 from vqim.engine.generate import Sampling
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add spin-wait contention (see test_engine.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _sharpen(engine: Engine, std: float = 0.3) -> Engine:
-    """Larger random weights: logits far from uniform, so extreme settings overflow them."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in engine.model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return engine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def t2i() -> Engine:
-    return _sharpen(Engine.from_preset("tiny-t2i", device="cpu"))
+    return sharpen(Engine.from_preset("tiny-t2i", device="cpu"))
 
 
 def _record(monkeypatch, module, name: str) -> list[torch.Tensor]:

@@ -21,14 +21,7 @@ from vqim import kernels as K
 from vqim.kernels import codebook_lookup
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models run thousands of small ops: intra-op threads only add spin-wait
-    contention on a shared 2-core machine (10x slower under load), so use one, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def n_params(module: torch.nn.Module) -> int:
