@@ -30,7 +30,12 @@ from .weights import (build_model, check_generation_defaults, load_config, load_
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "demo"
 # Sampling settings when neither the call nor the model directory's generation.json gives one.
 SAMPLING_DEFAULTS = {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-_MAX_SEED = 2**63 - 1
+
+
+def draw_seed(num_images: int) -> int:
+    """A fresh seed for a request left unseeded: image j draws with seed + j, so all of them
+    stay within [0, MAX_SEED]."""
+    return random.SystemRandom().randrange(0, K.MAX_SEED - num_images + 1)
 
 
 def _check_device(device: str | int | torch.device) -> torch.device:
@@ -167,7 +172,7 @@ class Engine:
                     dtype: str | torch.dtype | None = None, **kwargs) -> Engine:
         """A random-weight engine of a named shape (``ModelConfig.from_name``), same weights for the same seed
         (an int in [0, 2**63 - 1])."""
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= K.MAX_SEED:
             raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
         _check_options(**kwargs)
         cfg = ModelConfig.from_name(name)
@@ -261,11 +266,11 @@ class Engine:
         given = {"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p}
         params = {k: _per_request(k, self.sampling_defaults[k] if v is None else v, n) for k, v in given.items()}
         seeds = _per_request("seed", seed, n)
-        seeds = [random.SystemRandom().randrange(0, _MAX_SEED - num_images) if s is None else s for s in seeds]
+        seeds = [draw_seed(num_images) if s is None else s for s in seeds]
         for i in range(n):
             K.validate_sampling_params(cfg_scale=params["cfg_scale"][i], temperature=params["temperature"][i],
                                        top_k=params["top_k"][i], top_p=params["top_p"][i], seed=seeds[i])
-            if seeds[i] + num_images - 1 > _MAX_SEED:
+            if seeds[i] + num_images - 1 > K.MAX_SEED:
                 raise ValueError(f"seed must be <= 2**63 - num_images (image j uses seed + j), got {seeds[i]}")
         if self.cfg.is_text_to_image:
             # Every prompt tokenized (and any truncation warned) before the first decode step;

@@ -25,7 +25,7 @@ from torch import nn
 
 from vqim import kernels as K
 
-from .config import DecoderConfig, ModelConfig, TextEncoderConfig, VQGANConfig, dtype_from_name
+from .config import DecoderConfig, ModelConfig, TextEncoderConfig, VQGANConfig
 
 
 class MLP(nn.Module):
@@ -372,10 +372,6 @@ class VQIMModel(nn.Module):
         self.vqgan = ViTVQGAN(cfg.vqgan)
         self.text = TextEncoder(cfg.text) if cfg.text is not None else None
         self.decoder = ARDecoder(cfg.decoder) if cfg.decoder is not None else None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return dtype_from_name(self.cfg.dtype)
 
 
 @torch.no_grad()

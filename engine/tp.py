@@ -38,7 +38,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -49,14 +48,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .api import Engine, _default_dtype
+from .api import Engine, _default_dtype, draw_seed
 from .config import ModelConfig, dtype_from_name
 from .models import Attention, VQIMModel, init_weights
 from .weights import build_model, check_weights, load_config, load_state_dict
 
 # Seconds a rank waits in a collective before the process group gives up on a silent peer.
 DEFAULT_TIMEOUT_S = float(os.environ.get("VQIM_TP_TIMEOUT_S", "600"))
-_MAX_SEED = 2**63 - 1
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -392,7 +390,8 @@ class TPEngine(Engine):
                        top_p=None, seed=None, *, class_ids=None, progress=False):
         # A seed picked per rank would make the ranks draw different tokens: rank 0 picks.
         if seed is None or (isinstance(seed, (list, tuple)) and any(s is None for s in seed)):
-            box = [random.SystemRandom().randrange(0, _MAX_SEED // 2)]
+            # num_images is validated inside generate_codes, under agreed(); a bad one draws for one image.
+            box = [draw_seed(num_images if isinstance(num_images, int) and num_images >= 1 else 1)]
             dist.broadcast_object_list(box, src=0, group=self.group)
             seed = [box[0] if s is None else s for s in seed] if isinstance(seed, (list, tuple)) else box[0]
         with agreed(self.group):

@@ -59,7 +59,8 @@ _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_ROUNDS = 10
-_MAX_SEED = 2**63 - 1
+# Seeds are int64 tensors on every backend: the largest one, for every layer that checks seeds.
+MAX_SEED = 2**63 - 1
 # The sampling math is fp32: a cfg_scale or temperature past these would overflow (or, for a
 # subnormal temperature, make x / t overflow) and mask every token.
 _F32_MAX = float(torch.finfo(torch.float32).max)
@@ -123,7 +124,7 @@ def _check_scalar(name: str, v: float | int) -> None:
     if name in ("top_k", "seed", "step"):
         if not _is_int(v):
             raise ValueError(f"{name} must be an int (or an integer tensor), got {v!r}")
-        hi = _MAX_SEED if name != "top_k" else 2**31 - 1
+        hi = MAX_SEED if name != "top_k" else 2**31 - 1
         if not 0 <= v <= hi:
             raise ValueError(f"{name} must be in [0, {hi}], got {v}")
         return
@@ -142,7 +143,7 @@ def _check_scalar(name: str, v: float | int) -> None:
 def _check_tensor_values(name: str, t: torch.Tensor) -> None:
     """The same range checks on a parameter tensor; syncs with the device (once per request)."""
     if name in ("top_k", "seed", "step"):
-        hi = _MAX_SEED if name != "top_k" else 2**31 - 1
+        hi = MAX_SEED if name != "top_k" else 2**31 - 1
         bad = (t < 0) | (t > hi)
         if bool(bad.any()):
             raise ValueError(f"{name} must be in [0, {hi}], got {t[bad].flatten()[0].item()} at some row")

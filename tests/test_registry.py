@@ -9,8 +9,15 @@ from vqim.kernels import _ext, _registry, _triton, codebook_lookup, registered, 
 
 
 def test_every_public_op_has_all_backends():
-    for op in ("codebook_lookup",):
-        assert registered(op) == ("cuda", "torch", "triton")
+    """Every op has its reference and its Triton kernel, and a CUDA twin where csrc has one
+    (conv_attention's forward/backward is Triton-only; its decode step has a twin)."""
+    ops = {op: registered(op) for op in _registry._IMPLS}
+    cuda_twins = {"codebook_lookup", "cfg_sample", "conv_decode_attention", "adafactor8_step", "adafactor8_sumsq",
+                  "adafactor8_row_col_sums", "adafactor8_factors", "adafactor8_full_factors"}
+    assert set(ops) == cuda_twins | {"conv_attention"}
+    for op, backends in ops.items():
+        want = ("cuda", "torch", "triton") if op in cuda_twins else ("torch", "triton")
+        assert backends == want, op
 
 
 def test_default_backend_by_device():
