@@ -19,15 +19,17 @@ import torch.multiprocessing as mp
 
 from vqim import kernels as K
 from vqim.engine import Engine
-from vqim.train import shapes
+from vqim.train import shapes, train
 from vqim.train.cli import main as train_cli
 from vqim.train.config import TrainConfig
 from vqim.train.data import ImageDataset, batch_indices, load_image, train_sentencepiece
 from vqim.train.export import export, model_from_checkpoint
-from vqim.train.loop import (CHECKPOINT, PredictorForward, Stage1, TrainingDiverged, evaluate_tokenizer,
-                             fp32_layer_norms, lr_at, spherical_kmeans, train)
 from vqim.train.losses import (Discriminator, PerceptualLoss, discriminator_loss, generator_adv_loss,
                                logit_laplace_loss, psnr, straight_through, vq_loss)
+from vqim.train.precision import fp32_layer_norms
+from vqim.train.run import CHECKPOINT, TrainingDiverged, lr_at
+from vqim.train.stage1 import Stage1, evaluate_tokenizer, spherical_kmeans
+from vqim.train.stage2 import PredictorForward
 
 VQGAN = dict(image_size=16, patch_size=4, width=32, layers=1, heads=2, mlp_dim=64, codebook_size=64, code_dim=8)
 T2I = {"vqgan": VQGAN,

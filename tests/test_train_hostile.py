@@ -17,11 +17,12 @@ import torch
 from test_train import T2I
 
 from vqim.engine.cli import main as vqim_cli
-from vqim.train import shapes
+from vqim.train import shapes, train
 from vqim.train.cli import main as train_cli
 from vqim.train.config import TrainConfig
 from vqim.train.export import export
-from vqim.train.loop import CHECKPOINT, METRICS, Stage2, train
+from vqim.train.run import CHECKPOINT, METRICS
+from vqim.train.stage2 import Stage2
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

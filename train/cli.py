@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .loop import TrainingDiverged
+    from .run import TrainingDiverged
 
     try:
         if args.command == "shapes":
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             print(out)
         elif args.command in ("stage1", "stage2"):
             from .config import TrainConfig
-            from .loop import train
+            from . import train
 
             cfg = TrainConfig.load(args.config, steps=args.steps, out_dir=args.out_dir, device=args.device)
             run = train(cfg, args.command, resume=args.resume)
