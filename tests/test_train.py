@@ -408,7 +408,7 @@ def test_bf16_autocast_keeps_norms_and_logits_fp32(data, stage1_ckpt, tmp_path):
     hook.remove()
     mlp.remove()
     assert logits.dtype == torch.float32 and seen == {"ln": torch.float32, "mlp": torch.bfloat16}
-    # Outside autocast the patched layer norm is the plain one.
+    # Outside autocast the fp32 layer norm computes what the plain one does.
     x = torch.randn(3, 32)
     fresh = torch.nn.LayerNorm(32)
     fresh.load_state_dict(ln.state_dict())
