@@ -1,4 +1,4 @@
-"""Benchmark of Adafactor8bit: one optimizer step over a parti-350m-shaped parameter list.
+"""Benchmark of Adafactor8bit: one optimizer step over what stage 2 trains in parti-350m.
 
     python benchmarks/bench_adafactor8.py [--save] [--dtype fp32|bf16] [--rounding-study]
     pytest benchmarks/bench_adafactor8.py        (pytest-benchmark, needs CUDA)
@@ -7,14 +7,16 @@ Peers, measured in the same run: the fp32 reference ``vqim.train.Adafactor`` (a 
 loop), ``torch.optim.Adafactor`` where the installed torch has it (note: it keeps no first
 moment and uses a ``1 - t^-0.8`` second-moment decay, so it does less work and holds less state),
 and ``torch.optim.AdamW(fused=True)``. State bytes per parameter are measured from each
-optimizer's state tensors after the timed steps.
+optimizer's state tensors after the timed steps. The parameters are those stage 2 trains (text
+encoder and decoder; the image tokenizer is frozen), their shapes read off the preset's model
+built on the meta device, so they follow the real config.
 
 Bytes that must move per parameter (the roofline): ours reads g and p, writes p, reads and
 writes the int8 moment (+ a scale per 256 values); AdamW reads g, p, m, v and writes p, m, v.
 The GB/s column is that minimum divided by the time (our kernels read g three times, so 100% of
 the roofline is out of reach by construction; see kernels/adafactor8.py).
 
-On a CPU the script runs at a tiny width so it is known to work: those numbers are not the
+On a CPU the script runs on tiny-t2i's shapes so it is known to work: those numbers are not the
 target. ``--rounding-study`` reruns the nearest-vs-stochastic measurement behind the choice of
 nearest rounding (CPU, about a minute).
 """
@@ -29,20 +31,28 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import H100_HBM_BYTES_PER_S, append_results, device_name, print_table, timeit  # noqa: E402
+from vqim.engine import ModelConfig
+from vqim.engine.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit
+from vqim.engine.weights import build_model
+from vqim.kernels import _ext
+from vqim.kernels.adafactor8 import QBLOCK, Adafactor8bit, dequantize_blockwise
+from vqim.train import Adafactor
 
-from vqim.kernels import _ext  # noqa: E402
-from vqim.kernels.adafactor8 import QBLOCK, Adafactor8bit, dequantize_blockwise, parti_param_shapes  # noqa: E402
-from vqim.train import Adafactor  # noqa: E402
+from _common import append_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LR = 1e-4
 
 
+def stage2_shapes(preset: str) -> list[torch.Size]:
+    """Shapes of the parameters stage 2 trains in ``preset`` (all but the image tokenizer's), from
+    its model built on the meta device: no memory, and the same list as the real config."""
+    model = build_model(ModelConfig.from_name(preset), "meta")
+    return [p.shape for n, p in model.named_parameters() if not n.startswith("vqgan.")]
+
+
 def make_params(device: torch.device, dtype: torch.dtype, tiny: bool) -> list[torch.Tensor]:
-    shapes = parti_param_shapes(width=64, layers=2, text_vocab=512, image_vocab=512, text_len=16, image_len=64) \
-        if tiny else parti_param_shapes()
+    shapes = stage2_shapes("tiny-t2i" if tiny else "parti-350m")
     g = torch.Generator(device=device).manual_seed(0)
     params = []
     for s in shapes:
@@ -202,7 +212,7 @@ def main() -> None:
     tiny = device.type != "cuda"
     if tiny:
         torch.set_num_threads(1)  # small CPU ops: thread-pool wake-ups would dominate on a shared machine
-    what = "TINY width-64 model: CPU numbers are not the target" if tiny else "parti-350m shapes"
+    what = "tiny-t2i shapes: CPU numbers are not the target" if tiny else "parti-350m shapes"
     print(f"device: {device_name(device)}; {what}")
     rows = run(device, DTYPES[args.dtype], tiny)
     print_table(rows, ["impl", "dtype", "params", "ms", "p20", "p80", "GB/s", "%HBM", "time / ours", "state B/param"])

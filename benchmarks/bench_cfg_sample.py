@@ -14,16 +14,14 @@ op is memory- and latency-bound, so GB/s of logits read and share of HBM bandwid
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import H100_HBM_BYTES_PER_S, append_results, device_name, print_table, timeit  # noqa: E402
+from vqim.engine.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit
+from vqim.kernels import _ext, cfg_sample
 
-from vqim.kernels import _ext, cfg_sample  # noqa: E402
+from _common import append_results
 
 V = 8192
 BATCHES = (1, 8, 32, 64, 128, 256)

@@ -12,16 +12,14 @@ of 2 K D / (D bytes) ~ 8192 FLOP/byte for bf16 z), so both GB/s and TFLOP/s are 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, append_results, device_name, print_table, timeit  # noqa: E402
+from vqim.engine.timing import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, device_name, print_table, timeit
+from vqim.kernels import _ext, codebook_lookup, codebook_lookup_ref
 
-from vqim.kernels import _ext, codebook_lookup, codebook_lookup_ref  # noqa: E402
+from _common import append_results
 
 K, D = 8192, 32
 IMAGES = (1, 8, 64)

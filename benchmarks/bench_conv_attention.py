@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
-from pathlib import Path
 
 import torch
 
@@ -32,14 +30,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, append_results, device_name, print_table,  # noqa: E402
-                     timeit)
-
+from vqim.engine.timing import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, device_name, print_table, timeit  # noqa: E402
 from vqim.kernels import (conv_attention, conv_attention_ref, conv_cache_len, conv_decode_attention,  # noqa: E402
                           conv_mask_ref)
 from vqim.kernels import _ext  # noqa: E402
 from vqim.kernels.conv_attention import _prefix_block  # noqa: E402
+
+from _common import append_results  # noqa: E402
 
 GRID, KERNEL, PREFIX = (32, 32), (11, 11), 1
 

@@ -19,17 +19,15 @@ On a GPU the engine replays its decode step from a CUDA graph. ``--save`` append
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_results, device_name, print_table, timeit  # noqa: E402
+from vqim import kernels as K
+from vqim.engine import Engine
+from vqim.engine.timing import device_name, print_table, timeit
+from vqim.train.eval_shapes import GRID_PROMPTS
 
-from vqim import kernels as K  # noqa: E402
-from vqim.engine import Engine  # noqa: E402
-from vqim.train.eval_shapes import GRID_PROMPTS  # noqa: E402
+from _common import append_results
 
 COLUMNS = ["device", "batch", "mode", "ms_per_image", "p20", "p80", "images_per_s", "tokens_per_s", "x_no_cache"]
 

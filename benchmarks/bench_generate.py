@@ -15,17 +15,15 @@ On CPU the tiny presets run so the script is known to work; those numbers are no
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_results, device_name, print_table  # noqa: E402
+from vqim.engine import Engine
+from vqim.engine.bench import COLUMNS, bench_engine
+from vqim.engine.timing import device_name, print_table
 
-from vqim.engine import Engine  # noqa: E402
-from vqim.engine.bench import COLUMNS, bench_engine  # noqa: E402
+from _common import append_results
 
 GPU_PRESETS = ("parti-350m", "parti-750m")
 CPU_PRESETS = ("tiny-t2i", "tiny-vim")
@@ -57,20 +55,20 @@ def _needs_cuda(request):
 def test_bench_generate_step(benchmark, batch, graph):
     """One decode step of parti-350m (decoder step + cfg_sample) at a mid-grid position."""
     from vqim import kernels as K
-    from vqim.engine.generate import _GraphStep
 
     eng = Engine.from_preset("parti-350m", device="cuda")
     dec = eng.model.decoder
     ids, mask = eng.tokenizer.batch(["a red circle"] * batch + [""] * batch, eng.device, pad_to=128)
     with torch.no_grad():
-        state = dec.new_state(2 * batch, eng.model.text(ids, mask), mask)
+        memory = eng.model.text(ids, mask)
+        captured = eng.generator.capture(2 * batch, memory, mask) if graph else None
+        state = captured.state if graph else dec.new_state(2 * batch, memory, mask)
         dec.prefill(state, torch.zeros(2 * batch, 1, dtype=torch.long, device="cuda"))
         tok = torch.zeros(2 * batch, dtype=torch.long, device="cuda")
         pos = torch.tensor([513], device="cuda")
-        g = _GraphStep(dec, state) if graph else None
 
         def step():
-            logits = g(tok, pos) if g is not None else dec.decode_step(state, tok, pos)
+            logits = captured(tok, pos) if graph else dec.decode_step(state, tok, pos)
             K.cfg_sample(logits[:batch], logits[batch:], cfg_scale=3.0, seed=0, step=1, validate=False)
             torch.cuda.synchronize()
 

@@ -23,17 +23,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_results, device_name, print_table, timeit  # noqa: E402
+from vqim.engine import Engine, ModelConfig
+from vqim.engine.config import dtype_from_name
+from vqim.engine import tp as TP
+from vqim.engine.timing import device_name, print_table, timeit
 
-from vqim.engine import Engine, ModelConfig  # noqa: E402
-from vqim.engine.config import dtype_from_name  # noqa: E402
-from vqim.engine import tp as TP  # noqa: E402
+from _common import append_results
 
 CUDA_PRESETS = ("parti-750m", "parti-3b")
 CPU_PRESETS = ("tiny-t2i", "tiny-vim")

@@ -1,49 +1,24 @@
 """End-to-end generation benchmark, shared by ``vqim bench`` and ``benchmarks/bench_generate.py``.
 
-For a preset and a batch size (images; with CFG the decoder runs twice as many rows) it
-measures the decode step (decoder step + ``cfg_sample``) at a fixed mid-grid position in three
-modes: ``eager`` (our kernels, Python-launched), ``graph`` (the same step replayed from a CUDA
-graph, CUDA only) and ``torch`` (eager with every vqim op on its plain-PyTorch reference: the
-peer); and one whole image (``generate_codes`` +
-``decode_codes``) per batch, divided by the batch. The roofline of a step is
-``(decoder weight bytes + K/V bytes the step reads) / HBM bandwidth`` (DESIGN §6).
+For an engine (a preset's random weights or a model directory) and a batch size (images; with
+CFG the decoder runs twice as many rows) it measures the decode step (decoder step +
+``cfg_sample``) at a fixed mid-grid position in three modes: ``eager`` (our kernels,
+Python-launched), ``graph`` (the step :meth:`Generator.capture` records, replayed; CUDA only)
+and ``torch`` (eager with every vqim op on its plain-PyTorch reference: the peer); and one whole
+image (``generate_codes`` + ``decode_codes``) per batch, divided by the batch. The roofline of
+a step is ``(decoder weight bytes + K/V bytes the step reads) / HBM bandwidth`` (DESIGN §6).
+Each mode runs on its own :class:`Engine` over the caller's model (graphs on or off), so the
+caller's engine is left as it was.
 """
 
 from __future__ import annotations
-
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
 from vqim import kernels as K
 
 from .api import Engine
-from .generate import _GraphStep
-
-HBM_BYTES_PER_S = 3.0e12  # one H100 SXM, device-to-device copy (DESIGN §6)
-
-
-def timeit(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, iters: int = 20) -> dict[str, float]:
-    """Median / p20 / p80 milliseconds of ``fn`` after warm-up (CUDA events on GPUs)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-    return {"ms": statistics.median(times), "p20": q[1], "p80": q[7]}
+from .timing import H100_HBM_BYTES_PER_S, timeit
 
 
 def step_bytes(engine: Engine, rows: int, pos: int, text_len: int) -> int:
@@ -66,7 +41,8 @@ def step_bytes(engine: Engine, rows: int, pos: int, text_len: int) -> int:
 
 def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = 3.0, step_iters: int = 20,
                  image_iters: int = 2, modes: tuple[str, ...] | None = None) -> list[dict]:
-    """Rows of the table for one engine and batch size (one per mode: eager, graph)."""
+    """Rows of the table for one engine and batch size, one per mode (default: torch, eager and
+    graph on CUDA, eager elsewhere)."""
     engine.cfg.require_decoder("vqim bench")
     dev = engine.device
     dec = engine.model.decoder
@@ -92,44 +68,50 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = 3.0, step_ite
         pos = torch.full((1,), pos_int, dtype=torch.long, device=dev)
         tok = torch.zeros(rows, dtype=torch.long, device=dev)
         nbytes = step_bytes(engine, rows, pos_int, text_len)
-        use_graph = engine.generator.use_cuda_graph
         out = []
-        try:
-            for mode in modes:
-                with K.use_backend("torch" if mode == "torch" else None):
-                    engine.generator.use_cuda_graph = mode == "graph"
-                    t_step, t_img = _time_mode(engine, mode, rows, batch, guided, prefix, memory, mask, sampling,
-                                               tok, pos, prompts, class_ids, cfg_scale, step_iters, image_iters)
-                roof_ms = nbytes / HBM_BYTES_PER_S * 1e3
-                out.append({
-                    "preset": engine.cfg.name, "dtype": str(dec.head.weight.dtype).replace("torch.", ""),
-                    "batch": batch, "rows": rows, "mode": mode,
-                    "step_ms": t_step["ms"], "step_p20": t_step["p20"], "step_p80": t_step["p80"],
-                    "tok_per_s": batch / t_step["ms"] * 1e3,
-                    "GB_per_s": nbytes / (t_step["ms"] * 1e-3) / 1e9,
-                    "roofline_ms": roof_ms, "roofline_share": roof_ms / t_step["ms"],
-                    "image_ms": t_img["ms"] / batch, "image_p20": t_img["p20"] / batch,
-                    "image_p80": t_img["p80"] / batch,
-                })
-        finally:
-            engine.generator.use_cuda_graph = use_graph
+        for mode in modes:
+            with K.use_backend("torch" if mode == "torch" else None):
+                t_step, t_img = _time_mode(_with_graphs(engine, mode == "graph"), mode, rows, batch, guided, prefix,
+                                           memory, mask, sampling, tok, pos, prompts, class_ids, cfg_scale,
+                                           step_iters, image_iters)
+            roof_ms = nbytes / H100_HBM_BYTES_PER_S * 1e3
+            out.append({
+                "preset": engine.cfg.name, "dtype": str(dec.head.weight.dtype).replace("torch.", ""),
+                "batch": batch, "rows": rows, "mode": mode,
+                "step_ms": t_step["ms"], "step_p20": t_step["p20"], "step_p80": t_step["p80"],
+                "tok_per_s": batch / t_step["ms"] * 1e3,
+                "GB_per_s": nbytes / (t_step["ms"] * 1e-3) / 1e9,
+                "roofline_ms": roof_ms, "roofline_share": roof_ms / t_step["ms"],
+                "image_ms": t_img["ms"] / batch, "image_p20": t_img["p20"] / batch,
+                "image_p80": t_img["p80"] / batch,
+            })
     base = next((r["step_ms"] for r in out if r["mode"] == "torch"), None)
     for r in out:
         r["x_torch"] = base / r["step_ms"] if base else float("nan")
     return out
 
 
+def _with_graphs(engine: Engine, on: bool) -> Engine:
+    """``engine``'s model and settings with CUDA graphs on or off: timing a mode never changes
+    the engine the caller passed (nor its cached graphs)."""
+    return Engine(engine.model, engine.tokenizer, device=engine.device, max_batch_size=engine.max_batch_size,
+                  use_cuda_graph=on, kv_cache="ring" if engine.generator.ring_cache else "plain",
+                  generation=engine.generation)
+
+
 def _time_mode(engine, mode, rows, batch, guided, prefix, memory, mask, sampling, tok, pos, prompts, class_ids,
                cfg_scale, step_iters, image_iters):
     dec = engine.model.decoder
     dev = engine.device
-    state = dec.new_state(rows, memory, mask)
-    dec.prefill(state, prefix)
     if mode == "graph":
-        g = _GraphStep(dec, state)
-        run = lambda: g(tok, pos)  # noqa: E731
+        # The step the engine's own decode loop replays (and later reuses for the images).
+        captured = engine.generator.capture(rows, memory, mask)
+        state = captured.state
+        run = lambda: captured(tok, pos)  # noqa: E731
     else:
+        state = dec.new_state(rows, memory, mask, ring=engine.generator.ring_cache)
         run = lambda: dec.decode_step(state, tok, pos)  # noqa: E731
+    dec.prefill(state, prefix)
 
     def step():
         logits = run()
@@ -140,7 +122,7 @@ def _time_mode(engine, mode, rows, batch, guided, prefix, memory, mask, sampling
         codes = engine.generate_codes(prompts, 1, cfg_scale, seed=0, class_ids=class_ids)
         engine.decode_codes(codes, output_type="pt")
 
-    return timeit(step, dev, iters=step_iters), timeit(image, dev, warmup=1, iters=image_iters)
+    return timeit(step, device=dev, warmup=3, iters=step_iters), timeit(image, device=dev, warmup=1, iters=image_iters)
 
 
 COLUMNS = ["preset", "dtype", "batch", "rows", "mode", "step_ms", "step_p20", "step_p80", "tok_per_s", "GB_per_s",

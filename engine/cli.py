@@ -202,24 +202,25 @@ def _decode(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from .api import Engine
     from .bench import COLUMNS, bench_engine
+    from .timing import print_table
 
-    presets = args.bench_presets or (["tiny-t2i", "tiny-vim"] if args.preset is None else [args.preset])
+    # Every PRESET named, and the --model or --preset engine; with none of these, the tiny presets.
+    own = args.model is not None or args.preset is not None
+    presets = args.bench_presets or ([] if own else ["tiny-t2i", "tiny-vim"])
+    builds = [functools.partial(Engine.from_preset, name, seed=args.model_seed, device=args.device, dtype=args.dtype)
+              for name in presets]
+    if own:
+        builds.append(functools.partial(_engine, args))
     rows = []
-    for name in presets:
-        eng = Engine.from_preset(name, seed=args.model_seed, device=args.device, dtype=args.dtype)
+    for build in builds:
+        eng = build()
         if eng.device.type != "cuda":
-            print(f"{name}: CPU timings (the target is a GPU; CPU numbers only show the benchmark runs)",
+            print(f"{eng.cfg.name}: CPU timings (the target is a GPU; CPU numbers only show the benchmark runs)",
                   file=sys.stderr)
         for b in args.batch:
             rows += bench_engine(eng, b, cfg_scale=args.cfg)
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in COLUMNS}
-    print("  ".join(c.rjust(widths[c]) for c in COLUMNS))
-    for r in rows:
-        print("  ".join(_fmt(r[c]).rjust(widths[c]) for c in COLUMNS))
-
-
-def _fmt(v: object) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+        del eng  # one model in memory at a time: this one goes before the next is built
+    print_table(rows, COLUMNS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,8 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(d)
     d.set_defaults(func=_decode)
 
-    b = sub.add_parser("bench", help="ms per decode step and per image, against the HBM roofline")
-    b.add_argument("bench_presets", nargs="*", metavar="PRESET", help="presets to run (default: the tiny ones)")
+    b = sub.add_parser("bench", help="ms per decode step and per image, against the HBM roofline",
+                       description="Benchmarks every PRESET given and the --model or --preset model; with none of "
+                       "these, the tiny presets.")
+    b.add_argument("bench_presets", nargs="*", metavar="PRESET",
+                   help="presets to run, random weights (default: tiny-t2i and tiny-vim, unless --model or --preset)")
     b.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     b.add_argument("--cfg", type=float, default=3.0)
     _add_model_args(b)

@@ -36,8 +36,14 @@ class Sampling:
     seed: torch.Tensor
 
 
-class _GraphStep:
-    """``decode_step`` captured in a CUDA graph over static input/state buffers."""
+class CapturedStep:
+    """``ARDecoder.decode_step`` of one static :class:`DecodeState`, captured in a CUDA graph.
+
+    Call it as ``step(token [R], pos [1]) -> logits [R, V]``: the arguments are copied into the
+    graph's input buffers and the graph is replayed, so the returned logits are the same tensor
+    every call (overwritten by the next). ``state`` is the graph's KV cache: prefill it, or refill
+    its cross-attention buffers, in place. CUDA only.
+    """
 
     def __init__(self, decoder: ARDecoder, state: DecodeState):
         rows = state.batch
@@ -65,7 +71,11 @@ class _GraphStep:
 
 
 class Generator:
-    """Runs the decode loop of one decoder; caches CUDA graphs by (rows, text length)."""
+    """Runs the decode loop of one decoder; caches CUDA graphs by (rows, text length).
+
+    ``use_cuda_graph`` is read at each :meth:`run`: on CUDA the loop replays the step from
+    :meth:`capture`, elsewhere (or when off) it calls ``decode_step`` eagerly.
+    """
 
     def __init__(self, decoder: ARDecoder, *, use_cuda_graph: bool = True, max_graphs: int = 4,
                  ring_cache: bool = False):
@@ -73,9 +83,18 @@ class Generator:
         self.ring_cache = ring_cache
         self.use_cuda_graph = use_cuda_graph
         self.max_graphs = max_graphs
-        self._graphs: dict[tuple[int, int], _GraphStep] = {}
+        self._graphs: dict[tuple[int, int], CapturedStep] = {}
 
-    def _graph_for(self, rows: int, memory: torch.Tensor | None, memory_mask: torch.Tensor | None) -> _GraphStep:
+    @torch.no_grad()
+    def capture(self, rows: int, memory: torch.Tensor | None, memory_mask: torch.Tensor | None) -> CapturedStep:
+        """The decode step for ``rows`` decoder rows over ``memory [rows, L, W]`` (masked by
+        ``memory_mask [rows, L]``; ``None`` for a model without text), captured in a CUDA graph.
+
+        The graph is what :meth:`run` replays; it is cached per ``(rows, L)`` (at most
+        ``max_graphs``, the oldest dropped first), and a cached one gets ``memory``'s
+        cross-attention K/V copied into its state. Its KV cache is shared with every later run of
+        the same shape, so a caller holding the step must not interleave it with :meth:`run`.
+        """
         length = 0 if memory is None else memory.shape[1]
         key = (rows, length)
         g = self._graphs.get(key)
@@ -84,7 +103,7 @@ class Generator:
                 # Each graph pins a whole KV cache: drop the oldest shape.
                 self._graphs.pop(next(iter(self._graphs)))
                 torch.cuda.empty_cache()
-            g = _GraphStep(self.decoder, self.decoder.new_state(rows, memory, memory_mask, ring=self.ring_cache))
+            g = CapturedStep(self.decoder, self.decoder.new_state(rows, memory, memory_mask, ring=self.ring_cache))
             self._graphs[key] = g
         elif memory is not None:
             ks, vs = self.decoder.cross_kv(memory)
@@ -108,7 +127,7 @@ class Generator:
         dev = prefix_ids.device
         graph = None
         if self.use_cuda_graph and dev.type == "cuda":
-            graph = self._graph_for(rows, memory, memory_mask)
+            graph = self.capture(rows, memory, memory_mask)
             state = graph.state
         else:
             state = dec.new_state(rows, memory, memory_mask, ring=self.ring_cache)
