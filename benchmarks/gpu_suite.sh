@@ -18,7 +18,8 @@
 # checkout's benchmarks/results/ is left alone.
 #
 # Exit status: 0 every step passed, 1 some step failed or timed out, 2 usage, 3 no CUDA.
-# Environment: PYTHON (interpreter, default python or python3), VQIM_CUDA_ARCHS.
+# Environment: PYTHON (interpreter, default python or python3), VQIM_CUDA_ARCHS, VQIM_COMMIT (the
+# CSVs' commit column; default the checkout's short git HEAD: give it for a copy without .git).
 
 set -u
 set -o pipefail
@@ -224,7 +225,15 @@ print("vqim.kernels._C:", "built" if ext.available() else "NOT built (backend=cu
 
 main() {
     echo "gpu_suite: $(date -u '+%Y-%m-%d %H:%M:%S') UTC, repo $REPO, OUTDIR $OUTDIR"
-    echo "gpu_suite: commit $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo 'unknown (no git metadata in this copy)')"
+    if [ -n "${VQIM_COMMIT:-}" ]; then
+        echo "gpu_suite: commit $VQIM_COMMIT (from VQIM_COMMIT)"
+    else
+        VQIM_COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)" || VQIM_COMMIT=unknown
+        echo "gpu_suite: commit $VQIM_COMMIT (from git; VQIM_COMMIT=<hash> names it for a copy without .git)"
+    fi
+    # The benchmarks run from a copy of benchmarks/ outside the checkout: their CSVs' commit
+    # column comes from here (benchmarks/_common.py reads VQIM_COMMIT before asking git).
+    export VQIM_COMMIT
     echo "gpu_suite: python $PY ($(command -v "$PY" 2>/dev/null || echo 'not on PATH'))"
     echo "gpu_suite: CUDA present (preflight ${PREFLIGHT_S}s):"
     printf '%s\n' "$GPU_LIST"
@@ -265,10 +274,6 @@ main() {
     mkdir -p -- "$work/benchmarks"
     cp -- "$REPO"/benchmarks/*.py "$work/benchmarks/"
     ln -s -- "$OUTDIR" "$work/benchmarks/results"
-    # _common.git_commit asks git from the copy's folder: point it at this checkout's metadata.
-    if [ -d "$REPO/.git" ]; then
-        export GIT_DIR="$REPO/.git"
-    fi
 
     local f base known entry
     for f in "$REPO"/benchmarks/bench_*.py; do
@@ -290,7 +295,6 @@ main() {
         bench_args "$name"
         step "$name" "$budget" "$PY" "$work/benchmarks/$name.py" --save "${BENCH_ARGS[@]}"
     done
-    unset GIT_DIR
 
     echo
     echo "gpu_suite: CSVs in $OUTDIR:"

@@ -38,7 +38,8 @@ def _executable(path: Path, text: str) -> Path:
 def _recording_python(tmp_path: Path, *, real: bool, fail_on: str = "") -> tuple[Path, Path]:
     """A python stand-in that appends its argv to a file. ``real=True`` then runs the real
     interpreter; otherwise it pretends: ``-m pip``/``-m pytest``/``-c`` succeed and a benchmark
-    script writes one CSV into its results/ folder (``fail_on``: a benchmark that exits 1)."""
+    script writes one CSV into its results/ folder, its commit column from ``VQIM_COMMIT`` as
+    benchmarks/_common.py does (``fail_on``: a benchmark that exits 1)."""
     record = tmp_path / "python-calls.txt"
     if real:
         body = f'exec {sys.executable!r} "$@"\n'
@@ -48,7 +49,8 @@ def _recording_python(tmp_path: Path, *, real: bool, fail_on: str = "") -> tuple
             '  *bench_*.py)\n'
             '    name="$(basename -- "$1" .py)"\n'
             f'    if [ "$name" = {fail_on!r} ]; then echo "boom"; exit 1; fi\n'
-            '    printf "device,op\\nfake,%s\\n" "$name" > "$(dirname -- "$1")/results/${name#bench_}.csv"\n'
+            '    printf "device,op,commit\\nfake,%s,%s\\n" "$name" "${VQIM_COMMIT:-<unset>}" '
+            '> "$(dirname -- "$1")/results/${name#bench_}.csv"\n'
             '    echo "saved $name";;\n'
             '  *) echo "pretend: $*";;\n'
             'esac\n'
@@ -150,6 +152,7 @@ def test_runs_every_step_in_order_and_keeps_going_past_a_failure(tmp_path):
     out = tmp_path / "out dir"  # a space: everything is quoted
     env = {**os.environ, "PYTHON": str(shim), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("VQIM_CUDA_ARCHS", None)
+    env.pop("VQIM_COMMIT", None)
     r = _run(str(out), env=env, timeout=120)
     assert r.returncode == 1, r  # one benchmark failed
     calls = record.read_text().splitlines()
@@ -165,6 +168,10 @@ def test_runs_every_step_in_order_and_keeps_going_past_a_failure(tmp_path):
     csvs = sorted(p.stem for p in out.glob("*.csv"))
     assert csvs == sorted(b.removeprefix("bench_") for b in BENCHES if b != "bench_cfg_sample"), csvs
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".csv")) == ["gpu_suite.log"]
+    # The copy has no .git: the suite hands the checkout's commit to the benchmarks.
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = head.stdout.strip() if head.returncode == 0 else "unknown"
+    assert {_csv_commit(p) for p in out.glob("*.csv")} == {commit}
     log = (out / "gpu_suite.log").read_text()
     assert log == r.stdout
     assert "VQIM_CUDA_ARCHS=90" in log
@@ -174,6 +181,25 @@ def test_runs_every_step_in_order_and_keeps_going_past_a_failure(tmp_path):
     assert any("bench_cfg_sample" in ln and "FAILED (status 1)" in ln for ln in summary), summary
     assert sum(" ok " in ln for ln in summary) == 3 + len(BENCHES) - 1, summary
     assert log.rstrip().endswith("gpu_suite: FAIL, 1 step(s) not ok")
+
+
+def _csv_commit(path: Path) -> str:
+    header, row = path.read_text().splitlines()
+    return dict(zip(header.split(","), row.split(",")))["commit"]
+
+
+def test_a_given_VQIM_COMMIT_is_the_commit_of_every_csv(tmp_path):
+    """A checkout copied without .git (a lent machine) names its commit through VQIM_COMMIT."""
+    shim, _ = _recording_python(tmp_path, real=False)
+    bin_dir = _fake_nvidia_smi(tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(shim), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "VQIM_COMMIT": "abc1234"}
+    r = _run(str(out), env=env, timeout=120)
+    assert r.returncode == 0, r
+    assert "gpu_suite: commit abc1234 (from VQIM_COMMIT)" in r.stdout
+    assert sorted(p.stem for p in out.glob("*.csv")) == sorted(b.removeprefix("bench_") for b in BENCHES)
+    assert {_csv_commit(p) for p in out.glob("*.csv")} == {"abc1234"}
 
 
 def _plan_order() -> list[str]:
