@@ -51,10 +51,9 @@ from typing import Any
 
 import torch
 
-from vqim.train.optim import (BETA1, BETA2, CLIP_THRESHOLD, EPS1, WEIGHT_DECAY, beta2_at, check_hyperparameters,
-                              load_state_keeping_dtypes)
-
 from . import _ext
+from .adafactor_hparams import (BETA1, BETA2, CLIP_THRESHOLD, EPS1, WEIGHT_DECAY, beta2_at, check_hyperparameters,
+                                load_state_keeping_dtypes)
 from ._registry import dispatch, register
 from ._triton import tl, triton
 
