@@ -121,6 +121,6 @@ setup(
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"]},
     ext_modules=[CMakeExtension("vqim.kernels._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
-    entry_points={"console_scripts": ["vqim=vqim.engine.cli:main"]},
+    entry_points={"console_scripts": ["vqim=vqim.train.main:main"]},
     zip_safe=False,
 )

@@ -70,7 +70,7 @@ def analytic_rows(presets, tps, batches) -> list[dict]:
 def _engine(name: str, rank: int, world: int, device: str) -> Engine:
     if world == 1:
         return Engine.from_preset(name, device=device)
-    return TP.engine_from_preset(name, world, device=device)
+    return Engine.from_preset(name, device=device, tp=world)
 
 
 def _inputs(eng: Engine, batch: int):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from vqim import kernels as K
@@ -24,6 +25,7 @@ from .config import ModelConfig, dtype_from_name, dtype_name
 from .generate import Generator, Sampling, check_tokens
 from .models import VQIMModel, init_weights
 from .text import TextTokenizer
+from .tp import agreed, check_tp, from_rank0, init_distributed, load_tp_model, tensor_parallel
 from .weights import (build_model, check_generation_defaults, load_config, load_generation_defaults, load_model,
                       save_pretrained)
 
@@ -113,11 +115,17 @@ class Engine:
     requests run in chunks. ``kv_cache="ring"`` keeps, for conv-masked layers, only the
     ``kernel_h // 2 + 1`` grid rows their window can still reach (``vqim.kernels.conv_cache_len``);
     ``"plain"`` keeps every position.
+
+    ``tp=N`` (under ``torchrun --nproc-per-node N``) makes an engine of one tensor-parallel
+    shard per process (``vqim.engine.tp``, passed in as ``tp_group``): every rank makes the same
+    calls with the same arguments and gets the same tokens and images; :attr:`is_main` (rank 0)
+    is the one that should write them.
     """
 
     def __init__(self, model: VQIMModel, tokenizer: TextTokenizer | None, *, device: torch.device,
                  max_batch_size: int = 16, use_cuda_graph: bool = True, model_dir: Path | None = None,
-                 kv_cache: str = "plain", generation: dict | None = None):
+                 kv_cache: str = "plain", generation: dict | None = None,
+                 tp_group: dist.ProcessGroup | None = None):
         _check_options(max_batch_size, kv_cache)
         self.model = model.eval()
         self.cfg = model.cfg
@@ -132,6 +140,18 @@ class Engine:
         if model.decoder is not None:
             self.generator = Generator(model.decoder, use_cuda_graph=use_cuda_graph, ring_cache=kv_cache == "ring")
         self._lock = threading.Lock()
+        # The process group whose ranks each hold a shard of the model; None: the whole model.
+        self._tp_group = tp_group
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the results: always, unless it is a tensor-parallel rank other than 0."""
+        return self._tp_group is None or dist.get_rank(self._tp_group) == 0
+
+    def _agreed(self) -> contextlib.AbstractContextManager:
+        """Under tensor parallelism, a block after which the ranks agree on whether it raised
+        (``tp.agreed``): one rank's error raises on all instead of the others entering a collective alone."""
+        return contextlib.nullcontext() if self._tp_group is None else agreed(self._tp_group)
 
     # ------------------------------------------------------------------ construction
 
@@ -141,7 +161,7 @@ class Engine:
         """Load ``config.json`` + ``*.safetensors`` (+ ``tokenizer.model``) from ``path``.
 
         ``path=None`` loads the demo model bundled with the package. ``tp=N`` (under
-        ``torchrun --nproc-per-node N``) loads this rank's tensor-parallel shard (``vqim.engine.tp``).
+        ``torchrun --nproc-per-node N``) loads only this rank's tensor-parallel shard.
         """
         # Cheap checks first: a bad dtype or option fails before any weight is read.
         _check_dtype(dtype)
@@ -155,9 +175,7 @@ class Engine:
             path = BUNDLED_MODEL
         path = Path(path)
         if tp != 1:
-            from .tp import engine_from_pretrained
-
-            return engine_from_pretrained(path, tp, device, dtype, **kwargs)
+            return cls._tp_from_pretrained(path, tp, device, dtype, **kwargs)
         dev = _default_device(device)
         # The small files first, so that a bad one fails before the weights are read.
         cfg = load_config(path)
@@ -168,18 +186,51 @@ class Engine:
         return cls(model, tokenizer, device=dev, model_dir=path, **kwargs)
 
     @classmethod
+    def _tp_from_pretrained(cls, path: Path, tp: int, device: str | torch.device | None,
+                            dtype: str | torch.dtype | None, **kwargs) -> Engine:
+        """This process's shard of ``path``: only its slices are read (``tp.load_tp_model``)."""
+        rank, dev = init_distributed(tp, device)
+        group = dist.group.WORLD
+        with agreed(group):
+            want_dtype = _default_dtype(load_config(path), dev, dtype)
+        model = load_tp_model(path, rank, tp, group, dev, want_dtype)
+        with agreed(group):
+            kwargs.setdefault("generation", load_generation_defaults(path))
+            return cls(model, cls._text_tokenizer(model.cfg, path), device=dev, model_dir=path, tp_group=group,
+                       **kwargs)
+
+    @classmethod
     def from_preset(cls, name: str, seed: int = 0, device: str | torch.device | None = None,
-                    dtype: str | torch.dtype | None = None, **kwargs) -> Engine:
+                    dtype: str | torch.dtype | None = None, tp: int = 1, **kwargs) -> Engine:
         """A random-weight engine of a named shape (``ModelConfig.from_name``), same weights for the same seed
-        (an int in [0, 2**63 - 1])."""
+        (an int in [0, 2**63 - 1]). ``tp=N`` (under ``torchrun --nproc-per-node N``, benchmarks): every
+        rank draws the same full weights, then keeps its tensor-parallel shard."""
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= K.MAX_SEED:
             raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
         _check_options(**kwargs)
+        if tp != 1:
+            return cls._tp_from_preset(name, seed, tp, device, dtype, **kwargs)
         cfg = ModelConfig.from_name(name)
         dev = _default_device(device)
         model = build_model(cfg, dev, _default_dtype(cfg, dev, dtype))
         init_weights(model, seed)
         return cls(model, cls._text_tokenizer(cfg, None), device=dev, **kwargs)
+
+    @classmethod
+    def _tp_from_preset(cls, name: str, seed: int, tp: int, device: str | torch.device | None,
+                        dtype: str | torch.dtype | None, **kwargs) -> Engine:
+        rank, dev = init_distributed(tp, device)
+        group = dist.group.WORLD
+        with agreed(group):
+            cfg = ModelConfig.from_name(name)
+            check_tp(cfg, tp)
+        # Drawn on CPU in the engine's dtype, exactly as the tp=1 path draws them; each rank holds
+        # the full weights once (benchmarks only: real models load by slices).
+        model = build_model(cfg, "cpu", _default_dtype(cfg, dev, dtype))
+        init_weights(model, seed)
+        model = tensor_parallel(model, rank, tp, group).to(dev)
+        with agreed(group):
+            return cls(model, cls._text_tokenizer(cfg, None), device=dev, tp_group=group, **kwargs)
 
     @staticmethod
     def _text_tokenizer(cfg: ModelConfig, path: Path | None) -> TextTokenizer | None:
@@ -194,6 +245,9 @@ class Engine:
         return tok
 
     def save_pretrained(self, path: str | Path) -> Path:
+        if self._tp_group is not None:
+            raise ValueError("save_pretrained needs the full model: this engine holds one tensor-parallel shard "
+                             "(save from a tp=1 engine)")
         # The tokenizer in use (read at load), not whatever the old directory holds now.
         tok = self.tokenizer.impl.model_proto if self.tokenizer is not None else None
         with self._lock:
@@ -260,6 +314,28 @@ class Engine:
         tokens do not depend on the other requests in the batch. ``seed=None`` picks one.
         ``progress=True`` shows a tqdm bar over decode steps (a callable gets the step count).
         """
+        if self._tp_group is not None:
+            seed = self._rank0_seed(seed, num_images)
+        with self._agreed():
+            request = self._check_request(prompts, num_images, cfg_scale, temperature, top_k, top_p, seed, class_ids)
+        # Reached by every rank only once all have validated the request: none enters the decode
+        # loop's collectives alone. Tensor parallel: one progress bar, rank 0's.
+        with self._agreed(), self._lock:
+            return self._generate_rows(*request, progress if self.is_main else False)
+
+    def _rank0_seed(self, seed, num_images):
+        """``seed`` with rank 0's draw for the unseeded requests: a seed picked per rank would make
+        the ranks draw different tokens."""
+        if seed is None or (isinstance(seed, (list, tuple)) and any(s is None for s in seed)):
+            # num_images is validated later, under agreed(); a bad one draws for one image.
+            drawn = from_rank0(draw_seed(num_images if isinstance(num_images, int) and num_images >= 1 else 1),
+                               self._tp_group)
+            seed = [drawn if s is None else s for s in seed] if isinstance(seed, (list, tuple)) else drawn
+        return seed
+
+    def _check_request(self, prompts, num_images, cfg_scale, temperature, top_k, top_p, seed, class_ids) -> tuple:
+        """Everything ``generate_codes`` checks before the first decode step: ``(conds, rows, params,
+        seeds, has_uncond)`` for :meth:`_generate_rows`."""
         self.cfg.require_decoder("generating images")
         conds, has_uncond = self._requests(prompts, class_ids, num_images)
         n = len(conds)
@@ -281,8 +357,7 @@ class Engine:
             conds = self.tokenizer.batch(conds + [""], torch.device("cpu"), pad_to=pad)  # ids, mask (N + 1, L)
         # One row per image.
         rows = [(i, j) for i in range(n) for j in range(num_images)]
-        with self._lock:
-            return self._generate_rows(conds, rows, params, seeds, has_uncond, progress)
+        return conds, rows, params, seeds, has_uncond
 
     def _generate_rows(self, conds, rows, params, seeds, has_uncond, progress) -> torch.Tensor:
         """``conds``: class ids, or a text model's token ids and mask ``(N + 1, L)`` with the

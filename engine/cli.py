@@ -1,5 +1,9 @@
-"""The ``vqim`` command line: ``generate``, ``encode``, ``decode``, ``bench``, ``eval shapes``,
-and ``train ...`` (handed to :mod:`vqim.train.cli`).
+"""The inference commands of ``vqim``: ``generate``, ``encode``, ``decode``, ``bench``.
+
+The engine knows nothing of training: :mod:`vqim.train.main` is the installed ``vqim`` command,
+built on :func:`add_commands`, :func:`add_model_args`, :func:`engine_from_args` and :func:`run`
+from here, and adds ``eval shapes`` and ``train ...``. ``python -m vqim.engine.cli`` runs these
+four commands alone (``torchrun --nproc-per-node N -m vqim.engine.cli generate ...``).
 
 Every command takes the model as ``--model DIR`` (a model directory) or ``--preset NAME``
 (random weights of a named shape); with neither, the bundled demo model. Bad input exits with
@@ -27,7 +31,7 @@ from .config import PRESETS
 from .weights import atomic_write
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="DIR", help="model directory (config.json, *.safetensors, tokenizer.model)")
     src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
@@ -38,19 +42,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-seed", type=int, default=0, help="weight seed of --preset (default 0)")
 
 
-def _engine(args: argparse.Namespace):
+def engine_from_args(args: argparse.Namespace):
+    """The engine of :func:`add_model_args`' arguments."""
     from .api import Engine
 
     import os
 
-    # Under `torchrun --nproc-per-node N` each rank loads its tensor-parallel shard (vqim.engine.tp).
+    # Under `torchrun --nproc-per-node N` each rank builds its tensor-parallel shard (vqim.engine.tp).
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     if args.preset is not None:
-        if tp > 1:
-            from .tp import engine_from_preset
-
-            return engine_from_preset(args.preset, tp, seed=args.model_seed, device=args.device, dtype=args.dtype)
-        return Engine.from_preset(args.preset, seed=args.model_seed, device=args.device, dtype=args.dtype)
+        return Engine.from_preset(args.preset, seed=args.model_seed, device=args.device, dtype=args.dtype, tp=tp)
     return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, tp=tp)
 
 
@@ -157,7 +158,7 @@ def _generate(args: argparse.Namespace) -> None:
     paths = _outputs(args.output, requests * args.n)
     fmt = _image_format(paths[0])
     _check_outputs(paths)
-    eng = _engine(args)
+    eng = engine_from_args(args)
     eng.cfg.require_decoder("vqim generate")
     text = eng.cfg.is_text_to_image
     if text and not args.prompt:
@@ -167,7 +168,7 @@ def _generate(args: argparse.Namespace) -> None:
     imgs = eng.generate(args.prompt if text else None, num_images=args.n, cfg_scale=args.cfg,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                         class_ids=args.class_id, progress=not args.quiet)
-    if not getattr(eng, "is_main", True):
+    if not eng.is_main:
         return  # tensor parallel: every rank holds the same images, rank 0 writes them
     for img, path in zip(imgs, paths):
         _write(path, lambda p, img=img: img.save(p, format=fmt))
@@ -180,7 +181,7 @@ def _encode(args: argparse.Namespace) -> None:
         raise ValueError(f"-o/--output must end in .npy (codes are saved as a numpy array), got {args.output!r}")
     _check_outputs([out])
     imgs = [_load_image(p) for p in args.images]
-    eng = _engine(args)
+    eng = engine_from_args(args)
     codes = eng.encode_images(imgs).cpu().numpy()
     _write(out, lambda p: _save_npy(p, codes))
     print(f"{out}: codes {codes.shape} in [0, {eng.cfg.vqgan.codebook_size})")
@@ -192,7 +193,7 @@ def _decode(args: argparse.Namespace) -> None:
     paths = _outputs(args.output, codes.shape[0] if codes.ndim == 3 else 1)
     fmt = _image_format(paths[0])
     _check_outputs(paths)
-    eng = _engine(args)
+    eng = engine_from_args(args)
     imgs = eng.decode_codes(codes)
     for img, path in zip(imgs, paths):
         _write(path, lambda p, img=img: img.save(p, format=fmt))
@@ -210,7 +211,7 @@ def _bench(args: argparse.Namespace) -> None:
     builds = [functools.partial(Engine.from_preset, name, seed=args.model_seed, device=args.device, dtype=args.dtype)
               for name in presets]
     if own:
-        builds.append(functools.partial(_engine, args))
+        builds.append(functools.partial(engine_from_args, args))
     rows = []
     for build in builds:
         eng = build()
@@ -225,8 +226,12 @@ def _bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vqim", description="Vector-quantized image generation and tokenization.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    add_commands(ap.add_subparsers(dest="command", required=True))
+    return ap
 
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``generate``, ``encode``, ``decode`` and ``bench`` to ``sub`` (each sets ``func``, run by :func:`run`)."""
     g = sub.add_parser("generate", help="text (or class) -> image(s)")
     g.add_argument("prompt", nargs="*", help="text prompt(s); none for class-conditional/unconditional models")
     g.add_argument("-o", "--output", default="out.png", help="output PNG (out-0.png, out-1.png ... for several)")
@@ -240,19 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--class-id", type=int, nargs="+", default=None, help="class id(s) of a class-conditional model")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_model_args(g)
+    add_model_args(g)
     g.set_defaults(func=_generate)
 
     e = sub.add_parser("encode", help="images -> codes (.npy, [B, h, w] int64)")
     e.add_argument("images", nargs="+")
     e.add_argument("-o", "--output", default="codes.npy")
-    _add_model_args(e)
+    add_model_args(e)
     e.set_defaults(func=_encode)
 
     d = sub.add_parser("decode", help="codes (.npy) -> images")
     d.add_argument("codes")
     d.add_argument("-o", "--output", default="out.png")
-    _add_model_args(d)
+    add_model_args(d)
     d.set_defaults(func=_decode)
 
     b = sub.add_parser("bench", help="ms per decode step and per image, against the HBM roofline",
@@ -262,64 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="presets to run, random weights (default: tiny-t2i and tiny-vim, unless --model or --preset)")
     b.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     b.add_argument("--cfg", type=float, default=3.0)
-    _add_model_args(b)
+    add_model_args(b)
     b.set_defaults(func=_bench)
 
-    ev = sub.add_parser("eval", help="alignment benchmarks: `vqim eval shapes` (held-out prompts of the shapes data)")
-    ev.add_argument("benchmark", choices=["shapes"])
-    ev.add_argument("-n", "--num-prompts", type=int, default=100, help="held-out prompts of each kind (1 and 2 shapes)")
-    ev.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to compare")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--split", default="held_out", choices=["held_out", "validation"],
-                    help="prompts to score: held_out (report these) or validation (choose settings on these)")
-    ev.add_argument("--temperature", type=float, default=None, help="default: the model's")
-    ev.add_argument("--top-k", type=int, default=None, help="default: the model's")
-    ev.add_argument("--batch", type=int, default=32)
-    ev.add_argument("--recon-images", type=int, default=256, help="validation images for the tokenizer's PSNR")
-    ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    ev.add_argument("--grid", metavar="PNG", help="also draw a grid of images for --grid-prompts (or fixed "
-                    "prompts of the grammar) at the last --cfg scale")
-    ev.add_argument("--grid-prompts", nargs="+", default=None, metavar="PROMPT")
-    _add_model_args(ev)
-    ev.set_defaults(func=_eval)
 
-    # Listed for --help only: main() hands `vqim train ...` to vqim.train.cli before parsing.
-    sub.add_parser("train", help="vqim train tokenizer|stage1|stage2|export ... (see `vqim train -h`)", add_help=False)
-    return ap
-
-
-def _eval(args: argparse.Namespace) -> None:
-    import json
-
-    from vqim.train import eval_shapes
-
-    from .weights import atomic_write
-
-    eng = _engine(args)
-    for k in ("temperature", "top_k"):
-        if getattr(args, k) is not None:
-            eng.sampling_defaults[k] = getattr(args, k)
-    results = eval_shapes.evaluate(eng, num_prompts=args.num_prompts, cfg_scales=args.cfg, seed=args.seed,
-                                   batch_size=args.batch, recon_images=args.recon_images, split=args.split)
-    print(eval_shapes.format_report(results))
-    if args.grid:
-        grid = eval_shapes.prompt_grid(eng, args.grid_prompts or eval_shapes.GRID_PROMPTS, cfg_scale=args.cfg[-1],
-                                       seed=args.seed)
-        # The temporary name ends in .tmp, so the format comes from the real name's suffix.
-        fmt = Image.registered_extensions().get(Path(args.grid).suffix.lower(), "PNG")
-        print(atomic_write(args.grid, lambda p: grid.save(p, format=fmt)))
-    if args.json:
-        atomic_write(args.json, lambda p: p.write_text(json.dumps(results, indent=2)))
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"]:
-        from vqim.train.cli import main as train_main
-
-        return train_main(argv[1:])
-    ap = build_parser()
-    args = ap.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command (``args.func``): 0, or 2 after a usage error, 1 after any other failure,
+    each failure one ``vqim: error:`` line."""
     import torch
 
     try:
@@ -330,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         # Not a usage error: the model's numbers (NaN/inf), the disk, or the GPU's memory.
         return _fail(e, 1)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 def _fail(e: BaseException, status: int) -> int:

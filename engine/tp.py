@@ -27,6 +27,12 @@ Every load and validation point goes through :func:`agree`, which all-gathers an
 message, so a failure on one rank raises on all ranks with that message instead of leaving the
 others blocked in a collective; the process group also gets a timeout.
 
+This module is the transform and its plumbing only (it imports the config, model and weights
+modules, never the engine): ``Engine.from_pretrained(..., tp=N)`` and
+``Engine.from_preset(..., tp=N)`` build on it, and the engine itself takes the engine-level steps
+(rank 0 picks an unseeded request's seed, :func:`from_rank0`; requests are validated and run
+under :func:`agreed`; ``Engine.is_main`` is the rank that writes).
+
 CUDA graphs: the row-parallel all-reduce and the logits all-gather are plain in-place NCCL
 collectives on the current stream, which CUDA-graph capture accepts (NCCL >= 2.9.6), so
 ``Generator``'s captured decode step is kept under TP. That path needs GPUs and is not run by
@@ -48,9 +54,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .api import Engine, _default_dtype, draw_seed
 from .config import ModelConfig, dtype_from_name
-from .models import Attention, VQIMModel, init_weights
+from .models import Attention, VQIMModel
 from .weights import build_model, check_weights, load_config, load_state_dict
 
 # Seconds a rank waits in a collective before the process group gives up on a silent peer.
@@ -295,6 +300,13 @@ def agreed(group: dist.ProcessGroup | None = None) -> Iterator[None]:
     agree(err, group)
 
 
+def from_rank0(value: object, group: dist.ProcessGroup | None = None) -> object:
+    """Rank 0's ``value`` on every rank of ``group`` (e.g. a seed one rank picks for all)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
 def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -367,91 +379,6 @@ def load_tp_model(model_dir: str | Path, rank: int, world: int, group: dist.Proc
         model.load_state_dict(state, strict=True, assign=True)
         model = model.to(device=device, dtype=dtype or dtype_from_name(cfg.dtype))
     return model
-
-
-# ----------------------------------------------------------------------------- engine
-
-
-class TPEngine(Engine):
-    """An :class:`Engine` whose model is one tensor-parallel shard (one rank per process).
-
-    Every rank makes the same calls with the same arguments; all ranks return the same tokens
-    and images, and :attr:`is_main` (rank 0) is the one that should write them."""
-
-    rank: int = 0
-    world: int = 1
-    group: dist.ProcessGroup | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def generate_codes(self, prompts=None, num_images: int = 1, cfg_scale=None, temperature=None, top_k=None,
-                       top_p=None, seed=None, *, class_ids=None, progress=False):
-        # A seed picked per rank would make the ranks draw different tokens: rank 0 picks.
-        if seed is None or (isinstance(seed, (list, tuple)) and any(s is None for s in seed)):
-            # num_images is validated inside generate_codes, under agreed(); a bad one draws for one image.
-            box = [draw_seed(num_images if isinstance(num_images, int) and num_images >= 1 else 1)]
-            dist.broadcast_object_list(box, src=0, group=self.group)
-            seed = [box[0] if s is None else s for s in seed] if isinstance(seed, (list, tuple)) else box[0]
-        with agreed(self.group):
-            return super().generate_codes(prompts, num_images, cfg_scale, temperature, top_k, top_p, seed,
-                                          class_ids=class_ids, progress=progress and self.is_main)
-
-    def _generate_rows(self, *args, **kwargs):
-        # Reached once the request is validated: a rank whose validation failed is in the
-        # matching agree() of generate_codes, so every rank stops here instead of the others
-        # entering the decode loop's collectives alone.
-        agree(None, self.group)
-        return super()._generate_rows(*args, **kwargs)
-
-    def save_pretrained(self, path):
-        raise ValueError("save_pretrained needs the full model: this engine holds one tensor-parallel shard "
-                         "(save from a tp=1 engine)")
-
-
-def _finish(model: VQIMModel, tokenizer_path: Path | None, rank: int, world: int, dev: torch.device,
-            **kwargs) -> TPEngine:
-    group = dist.group.WORLD
-    with agreed(group):
-        if tokenizer_path is not None:
-            from .weights import load_generation_defaults
-
-            kwargs.setdefault("generation", load_generation_defaults(tokenizer_path))
-        eng = TPEngine(model, TPEngine._text_tokenizer(model.cfg, tokenizer_path), device=dev,
-                       model_dir=tokenizer_path, **kwargs)
-    eng.rank, eng.world, eng.group = rank, world, group
-    return eng
-
-
-def engine_from_pretrained(path: str | Path, tp: int, device: str | torch.device | None = None,
-                           dtype: str | torch.dtype | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                           **kwargs) -> TPEngine:
-    """``Engine.from_pretrained(path, tp=N)``: this process's shard of a tensor-parallel engine."""
-    rank, dev = init_distributed(tp, device, timeout_s=timeout_s)
-    group = dist.group.WORLD
-    with agreed(group):
-        want_dtype = _default_dtype(load_config(path), dev, dtype)
-    model = load_tp_model(path, rank, tp, group, dev, want_dtype)
-    return _finish(model, Path(path), rank, tp, dev, **kwargs)
-
-
-def engine_from_preset(name: str, tp: int, seed: int = 0, device: str | torch.device | None = None,
-                       dtype: str | torch.dtype | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                       **kwargs) -> TPEngine:
-    """A random-weight tensor-parallel engine (benchmarks): every rank draws the full weights
-    with the same seed (as ``Engine.from_preset``), then keeps its shard."""
-    rank, dev = init_distributed(tp, device, timeout_s=timeout_s)
-    group = dist.group.WORLD
-    with agreed(group):
-        cfg = ModelConfig.from_name(name)
-        check_tp(cfg, tp)
-    # Drawn on CPU in the engine's dtype, exactly as Engine.from_preset draws them; each rank
-    # holds the full weights once (benchmarks only: real models load by slices).
-    model = build_model(cfg, "cpu", _default_dtype(cfg, dev, dtype))
-    init_weights(model, seed)
-    model = tensor_parallel(model, rank, tp, group).to(dev)
-    return _finish(model, None, rank, tp, dev, **kwargs)
 
 
 # ----------------------------------------------------------------------------- accounting

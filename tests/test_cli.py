@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vqim.engine.cli import main
+from vqim.train.main import main
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

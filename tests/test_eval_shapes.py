@@ -99,7 +99,7 @@ def test_prompt_grid_pastes_each_image_over_its_prompt():
 def test_cli_eval_shapes_writes_json(tmp_path, capsys):
     import json
 
-    from vqim.engine.cli import main
+    from vqim.train.main import main
 
     out = tmp_path / "res.json"
     rc = main(["eval", "shapes", "--preset", "tiny-t2i", "--device", "cpu", "-n", "1", "--cfg", "1", "2",
@@ -115,7 +115,7 @@ def test_cli_eval_shapes_writes_json(tmp_path, capsys):
 
 
 def test_cli_hands_train_to_the_training_cli(capsys):
-    from vqim.engine.cli import main
+    from vqim.train.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["train", "-h"])

@@ -77,7 +77,7 @@ def _worker(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
     res: dict[str, object] = {}
     for name in CONDS:
         eng = Engine.from_pretrained(dirs[name], device="cpu", tp=world)
-        res[f"{name}/type"] = type(eng).__name__
+        res[f"{name}/is_main"] = eng.is_main
         res[f"{name}/local_numel"] = sum(p.numel() for p in eng.model.decoder.parameters())
         res[f"{name}/heads"] = eng.model.decoder.blocks[0].attn.heads
         for run, kw in RUNS.items():
@@ -98,7 +98,7 @@ def _worker(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
                 dec.decode_step(state, tokens[:, 0], torch.tensor([dec.cfg.prefix]))
         res[f"{name}/collectives"] = (dict(st.counts), dict(st.bytes))
     # Random weights drawn per rank like Engine.from_preset, then sharded (benchmarks, CLI --preset).
-    res["preset/greedy"] = TP.engine_from_preset("tiny-vim", world, seed=5, device="cpu").generate_codes(
+    res["preset/greedy"] = Engine.from_preset("tiny-vim", seed=5, device="cpu", tp=world).generate_codes(
         **CONDS["tiny-vim"], **RUNS["greedy"])
     try:
         Engine.from_pretrained(dirs["bad-heads"], device="cpu", tp=world)
@@ -144,7 +144,7 @@ def test_tp2_tokens_equal_tp1(runs, name, run):
     engines, _, ranks = runs
     ref = engines[name].generate_codes(**CONDS[name], **RUNS[run])
     for r, res in enumerate(ranks):
-        assert res[f"{name}/type"] == "TPEngine"
+        assert res[f"{name}/is_main"] == (r == 0)
         assert_equal(res[f"{name}/{run}"], ref, msg=f"{name} {run} rank {r}")
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_train import T2I
 
-from vqim.engine.cli import main as vqim_cli
+from vqim.train.main import main as vqim_cli
 from vqim.train import shapes, train
 from vqim.train.cli import main as train_cli
 from vqim.train.config import TrainConfig
