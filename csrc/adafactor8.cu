@@ -294,95 +294,197 @@ void check_view(int64_t L, int64_t R, int64_t C) {
              ", ", R, ", ", C, ")");
 }
 
-void row_col_sums(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_t row_part,
-                  std::uintptr_t col_part, int64_t L, int64_t R, int64_t C, int64_t row_tiles, int dtype,
-                  std::uintptr_t stream) {
+#define VQIM_ADAFACTOR8_ROW_COL_SUMS_FIELDS(X)                                                          \
+  X(std::uintptr_t, g) X(int64_t, g_extent) X(int64_t, g_stride_l) X(int64_t, g_stride_r)                 \
+  X(int64_t, g_stride_c) X(std::uintptr_t, row_part) X(int64_t, row_part_extent) X(std::uintptr_t, col_part) \
+  X(int64_t, col_part_extent) X(int64_t, L) X(int64_t, R) X(int64_t, C) X(int64_t, row_tiles) X(int, dtype) \
+  X(std::uintptr_t, stream)
+#define VQIM_ADAFACTOR8_FACTORS_FIELDS(X)                                                                  \
+  X(std::uintptr_t, row_part) X(int64_t, row_part_extent) X(std::uintptr_t, col_part)                     \
+  X(int64_t, col_part_extent) X(std::uintptr_t, r) X(int64_t, r_extent) X(std::uintptr_t, c)               \
+  X(int64_t, c_extent) X(std::uintptr_t, a) X(int64_t, a_extent) X(std::uintptr_t, b) X(int64_t, b_extent)  \
+  X(int64_t, L) X(int64_t, R) X(int64_t, C) X(int64_t, n_rowparts) X(int64_t, n_colparts)                  \
+  X(double, beta2_t) X(double, one_minus_beta2_t) X(double, eps1) X(std::uintptr_t, stream)
+#define VQIM_ADAFACTOR8_FULL_FACTORS_FIELDS(X)                                                             \
+  X(std::uintptr_t, g) X(int64_t, g_extent) X(int64_t, g_stride) X(std::uintptr_t, v) X(int64_t, v_extent) \
+  X(std::uintptr_t, b) X(int64_t, b_extent) X(int64_t, N) X(double, beta2_t) X(double, one_minus_beta2_t)   \
+  X(double, eps1) X(int, dtype) X(std::uintptr_t, stream)
+#define VQIM_ADAFACTOR8_SUMSQ_FIELDS(X)                                                                    \
+  X(std::uintptr_t, g) X(int64_t, g_extent) X(int64_t, g_stride_l) X(int64_t, g_stride_r)                 \
+  X(int64_t, g_stride_c) X(std::uintptr_t, a) X(int64_t, a_extent) X(std::uintptr_t, b) X(int64_t, b_extent) \
+  X(std::uintptr_t, out) X(int64_t, out_extent) X(std::uintptr_t, workspace) X(int64_t, workspace_extent)  \
+  X(int64_t, L) X(int64_t, R) X(int64_t, C) X(int, dtype) X(std::uintptr_t, stream)
+#define VQIM_ADAFACTOR8_STEP_FIELDS(X)                                                                     \
+  X(std::uintptr_t, g) X(int64_t, g_extent) X(int64_t, g_stride_l) X(int64_t, g_stride_r)                 \
+  X(int64_t, g_stride_c) X(std::uintptr_t, p) X(int64_t, p_extent) X(int64_t, p_stride_l)                  \
+  X(int64_t, p_stride_r) X(int64_t, p_stride_c) X(std::uintptr_t, q) X(int64_t, q_extent)                  \
+  X(std::uintptr_t, scale) X(int64_t, scale_extent) X(std::uintptr_t, a) X(int64_t, a_extent)              \
+  X(std::uintptr_t, b) X(int64_t, b_extent) X(std::uintptr_t, sumsq_parts) X(int64_t, sumsq_parts_extent)  \
+  X(int64_t, n_parts) X(int64_t, L) X(int64_t, R) X(int64_t, C) X(double, lr) X(double, decay)             \
+  X(double, beta1) X(double, one_minus_beta1) X(double, clip_threshold) X(int, dtype) X(std::uintptr_t, stream)
+
+// g and p are (L, R, C) strided views; every other operand is contiguous fp32 (q int8): the row
+// and column partials (P, L, R) / (P, L, C), r and a (L * R), c and b (L * C), the int8 moment q
+// (L * R * C) with one scale per kQBlock values.
+struct RowColSumsParams {
+  VQIM_ADAFACTOR8_ROW_COL_SUMS_FIELDS(VQIM_DECLARE_FIELD)
+};
+struct FactorsParams {
+  VQIM_ADAFACTOR8_FACTORS_FIELDS(VQIM_DECLARE_FIELD)
+};
+struct FullFactorsParams {
+  VQIM_ADAFACTOR8_FULL_FACTORS_FIELDS(VQIM_DECLARE_FIELD)
+};
+struct SumsqParams {
+  VQIM_ADAFACTOR8_SUMSQ_FIELDS(VQIM_DECLARE_FIELD)
+};
+struct StepParams {
+  VQIM_ADAFACTOR8_STEP_FIELDS(VQIM_DECLARE_FIELD)
+};
+
+// A contiguous operand of n elements.
+void check_flat(const char* op, const char* name, std::uintptr_t ptr, int64_t extent, const char* size_name,
+                int64_t n, bool written) {
+  check_operand(op, name, ptr, extent, {{size_name, n, nullptr, 1}}, written);
+}
+
+void row_col_sums(const RowColSumsParams& p) {
+  constexpr const char* op = "adafactor8_row_col_sums";
+  const int64_t L = p.L, R = p.R, C = p.C, row_tiles = p.row_tiles;
   check_view(L, R, C);
   VQIM_CHECK(row_tiles >= 1, "adafactor8_row_col_sums: row_tiles must be >= 1, got ", row_tiles);
+  check_dtype(op, "dtype", p.dtype);
   const int64_t n_row_blocks = (R + kRowsPerBlock - 1) / kRowsPerBlock;
   const int64_t n_row_groups = (n_row_blocks + row_tiles - 1) / row_tiles;
   const int64_t n_col_blocks = (C + kColsPerBlock - 1) / kColsPerBlock;
   VQIM_CHECK(L * n_row_groups < (int64_t{1} << 31), "adafactor8_row_col_sums: too many rows (L * R = ", L * R, ")");
   VQIM_CHECK(n_col_blocks < 65536, "adafactor8_row_col_sums: too many columns (C = ", C, ")");
+  check_operand(op, "g", p.g, p.g_extent,
+                {{"L", L, "g_stride_l", p.g_stride_l}, {"R", R, "g_stride_r", p.g_stride_r},
+                 {"C", C, "g_stride_c", p.g_stride_c}},
+                false);
+  check_flat(op, "row_part", p.row_part, p.row_part_extent, "ceil(C / 256) * L * R", n_col_blocks * L * R, true);
+  check_flat(op, "col_part", p.col_part, p.col_part_extent, "ceil(ceil(R / 32) / row_tiles) * L * C",
+             n_row_groups * L * C, true);
+  check_device_pointers(op, {{"g", p.g}, {"row_part", p.row_part}, {"col_part", p.col_part}});
   const dim3 grid(static_cast<unsigned>(L * n_row_groups), static_cast<unsigned>(n_col_blocks));
-  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
-    row_col_sums_kernel<scalar_t><<<grid, dim3(32, 8), 0, as_stream(stream)>>>(
-        as_ptr<const scalar_t>(g), sgl, sgr, sgc, as_ptr<float>(row_part), as_ptr<float>(col_part), L, R, C,
-        row_tiles, n_row_groups);
+  VQIM_DISPATCH_FLOAT(p.dtype, scalar_t, [&] {
+    row_col_sums_kernel<scalar_t><<<grid, dim3(32, 8), 0, as_stream(p.stream)>>>(
+        as_ptr<const scalar_t>(p.g), p.g_stride_l, p.g_stride_r, p.g_stride_c, as_ptr<float>(p.row_part),
+        as_ptr<float>(p.col_part), L, R, C, row_tiles, n_row_groups);
   });
   VQIM_CUDA_CHECK(cudaGetLastError());
 }
 
-void factors(std::uintptr_t rowpart, std::uintptr_t colpart, std::uintptr_t r, std::uintptr_t c, std::uintptr_t a,
-             std::uintptr_t b, int64_t L, int64_t R, int64_t C, int64_t n_rowparts, int64_t n_colparts,
-             double beta2_t, double one_minus_beta2_t, double eps1, std::uintptr_t stream) {
+void factors(const FactorsParams& p) {
+  constexpr const char* op = "adafactor8_factors";
+  const int64_t L = p.L, R = p.R, C = p.C;
   check_view(L, R, C);
-  VQIM_CHECK(n_rowparts >= 1 && n_colparts >= 1, "adafactor8_factors: need at least one partial sum per side, got ",
-             n_rowparts, " and ", n_colparts);
+  VQIM_CHECK(p.n_rowparts >= 1 && p.n_colparts >= 1,
+             "adafactor8_factors: need at least one partial sum per side, got ", p.n_rowparts, " and ", p.n_colparts);
   VQIM_CHECK(L < (int64_t{1} << 31), "adafactor8_factors: too many slices (L = ", L, ")");
-  factors_kernel<<<dim3(static_cast<unsigned>(L), 2), kFactorsThreads, 0, as_stream(stream)>>>(
-      as_ptr<const float>(rowpart), as_ptr<const float>(colpart), as_ptr<float>(r), as_ptr<float>(c),
-      as_ptr<float>(a), as_ptr<float>(b), L, R, C, n_rowparts, n_colparts, static_cast<float>(beta2_t),
-      static_cast<float>(one_minus_beta2_t), static_cast<float>(eps1));
+  check_flat(op, "row_part", p.row_part, p.row_part_extent, "n_rowparts * L * R", p.n_rowparts * L * R, false);
+  check_flat(op, "col_part", p.col_part, p.col_part_extent, "n_colparts * L * C", p.n_colparts * L * C, false);
+  check_flat(op, "r", p.r, p.r_extent, "L * R", L * R, true);
+  check_flat(op, "c", p.c, p.c_extent, "L * C", L * C, true);
+  check_flat(op, "a", p.a, p.a_extent, "L * R", L * R, true);
+  check_flat(op, "b", p.b, p.b_extent, "L * C", L * C, true);
+  check_device_pointers(op, {{"row_part", p.row_part}, {"col_part", p.col_part}, {"r", p.r}, {"c", p.c},
+                             {"a", p.a}, {"b", p.b}});
+  factors_kernel<<<dim3(static_cast<unsigned>(L), 2), kFactorsThreads, 0, as_stream(p.stream)>>>(
+      as_ptr<const float>(p.row_part), as_ptr<const float>(p.col_part), as_ptr<float>(p.r), as_ptr<float>(p.c),
+      as_ptr<float>(p.a), as_ptr<float>(p.b), L, R, C, p.n_rowparts, p.n_colparts, static_cast<float>(p.beta2_t),
+      static_cast<float>(p.one_minus_beta2_t), static_cast<float>(p.eps1));
   VQIM_CUDA_CHECK(cudaGetLastError());
 }
 
-void full_factors(std::uintptr_t g, int64_t stride_g, std::uintptr_t v, std::uintptr_t b, int64_t N, double beta2_t,
-                  double one_minus_beta2_t, double eps1, int dtype, std::uintptr_t stream) {
+void full_factors(const FullFactorsParams& p) {
+  constexpr const char* op = "adafactor8_full_factors";
+  const int64_t N = p.N;
   VQIM_CHECK(N >= 1, "adafactor8_full_factors: N must be >= 1, got ", N);
-  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
-    full_factors_kernel<scalar_t><<<static_cast<unsigned>((N + 255) / 256), 256, 0, as_stream(stream)>>>(
-        as_ptr<const scalar_t>(g), stride_g, as_ptr<float>(v), as_ptr<float>(b), N, static_cast<float>(beta2_t),
-        static_cast<float>(one_minus_beta2_t), static_cast<float>(eps1));
+  check_dtype(op, "dtype", p.dtype);
+  check_operand(op, "g", p.g, p.g_extent, {{"N", N, "g_stride", p.g_stride}}, false);
+  check_flat(op, "v", p.v, p.v_extent, "N", N, true);
+  check_flat(op, "b", p.b, p.b_extent, "N", N, true);
+  check_device_pointers(op, {{"g", p.g}, {"v", p.v}, {"b", p.b}});
+  VQIM_DISPATCH_FLOAT(p.dtype, scalar_t, [&] {
+    full_factors_kernel<scalar_t><<<static_cast<unsigned>((N + 255) / 256), 256, 0, as_stream(p.stream)>>>(
+        as_ptr<const scalar_t>(p.g), p.g_stride, as_ptr<float>(p.v), as_ptr<float>(p.b), N,
+        static_cast<float>(p.beta2_t), static_cast<float>(p.one_minus_beta2_t), static_cast<float>(p.eps1));
   });
   VQIM_CUDA_CHECK(cudaGetLastError());
 }
 
-void sumsq(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_t a, std::uintptr_t b,
-           std::uintptr_t out, std::uintptr_t workspace, int64_t L, int64_t R, int64_t C, int dtype,
-           std::uintptr_t stream) {
+void sumsq(const SumsqParams& p) {
+  constexpr const char* op = "adafactor8_sumsq";
+  const int64_t L = p.L, R = p.R, C = p.C;
   check_view(L, R, C);
+  check_dtype(op, "dtype", p.dtype);
   const int64_t N = L * R * C;
   const int64_t n_blocks = (N + kQBlock - 1) / kQBlock;
   constexpr int kWarps = kSumsqThreads / 32;
   // At least 4 quantization blocks per warp; at most kSumsqMaxBlocks partials.
   const int blocks = static_cast<int>(std::min<int64_t>((n_blocks + 4 * kWarps - 1) / (4 * kWarps), kSumsqMaxBlocks));
-  cudaStream_t s = as_stream(stream);
-  const View3 gv{R, C, sgl, sgr, sgc};
-  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
+  check_operand(op, "g", p.g, p.g_extent,
+                {{"L", L, "g_stride_l", p.g_stride_l}, {"R", R, "g_stride_r", p.g_stride_r},
+                 {"C", C, "g_stride_c", p.g_stride_c}},
+                false);
+  check_flat(op, "a", p.a, p.a_extent, "L * R", L * R, false);
+  check_flat(op, "b", p.b, p.b_extent, "L * C", L * C, false);
+  check_flat(op, "out", p.out, p.out_extent, "1", 1, true);
+  check_flat(op, "workspace", p.workspace, p.workspace_extent, "partial sums", blocks, true);
+  check_device_pointers(op, {{"g", p.g}, {"a", p.a}, {"b", p.b}, {"out", p.out}, {"workspace", p.workspace}});
+  cudaStream_t s = as_stream(p.stream);
+  const View3 gv{R, C, p.g_stride_l, p.g_stride_r, p.g_stride_c};
+  VQIM_DISPATCH_FLOAT(p.dtype, scalar_t, [&] {
     VQIM_LAYOUT_SWITCH(layout_of(L, R, C), kLayout, [&] {
       sumsq_partial_kernel<scalar_t, kLayout><<<blocks, kSumsqThreads, 0, s>>>(
-          as_ptr<const scalar_t>(g), gv, as_ptr<const float>(a), as_ptr<const float>(b), as_ptr<float>(workspace), N,
-          n_blocks);
+          as_ptr<const scalar_t>(p.g), gv, as_ptr<const float>(p.a), as_ptr<const float>(p.b),
+          as_ptr<float>(p.workspace), N, n_blocks);
     });
   });
   VQIM_CUDA_CHECK(cudaGetLastError());
-  sum_partials_kernel<<<1, 32, 0, s>>>(as_ptr<const float>(workspace), as_ptr<float>(out), blocks);
+  sum_partials_kernel<<<1, 32, 0, s>>>(as_ptr<const float>(p.workspace), as_ptr<float>(p.out), blocks);
   VQIM_CUDA_CHECK(cudaGetLastError());
 }
 
-void step(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_t p, int64_t spl, int64_t spr,
-          int64_t spc, std::uintptr_t q, std::uintptr_t scale, std::uintptr_t a, std::uintptr_t b,
-          std::uintptr_t sumsq_parts, int64_t n_parts, int64_t L, int64_t R, int64_t C, double lr, double decay,
-          double beta1, double one_minus_beta1, double clip_threshold, int dtype, std::uintptr_t stream) {
+void step(const StepParams& p) {
+  constexpr const char* op = "adafactor8_step";
+  const int64_t L = p.L, R = p.R, C = p.C, n_parts = p.n_parts;
   check_view(L, R, C);
   VQIM_CHECK(n_parts >= 1 && n_parts <= 4096, "adafactor8_step: n_parts must be in [1, 4096], got ", n_parts);
-  VQIM_CHECK(clip_threshold > 0, "adafactor8_step: clip_threshold must be > 0, got ", clip_threshold);
+  VQIM_CHECK(p.clip_threshold > 0, "adafactor8_step: clip_threshold must be > 0, got ", p.clip_threshold);
+  check_dtype(op, "dtype", p.dtype);
   const int64_t N = L * R * C;
   const int64_t n_blocks = (N + kQBlock - 1) / kQBlock;
   constexpr int kWarps = 8;
   const int64_t grid = (n_blocks + kWarps - 1) / kWarps;
   VQIM_CHECK(grid < (int64_t{1} << 31), "adafactor8_step: tensor too large (N = ", N, ")");
-  cudaStream_t s = as_stream(stream);
-  const View3 gv{R, C, sgl, sgr, sgc};
-  const View3 pv{R, C, spl, spr, spc};
-  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
+  check_operand(op, "g", p.g, p.g_extent,
+                {{"L", L, "g_stride_l", p.g_stride_l}, {"R", R, "g_stride_r", p.g_stride_r},
+                 {"C", C, "g_stride_c", p.g_stride_c}},
+                false);
+  check_operand(op, "p", p.p, p.p_extent,
+                {{"L", L, "p_stride_l", p.p_stride_l}, {"R", R, "p_stride_r", p.p_stride_r},
+                 {"C", C, "p_stride_c", p.p_stride_c}},
+                true);
+  check_flat(op, "q", p.q, p.q_extent, "L * R * C", N, true);
+  check_flat(op, "scale", p.scale, p.scale_extent, "ceil(L * R * C / 256)", n_blocks, true);
+  check_flat(op, "a", p.a, p.a_extent, "L * R", L * R, false);
+  check_flat(op, "b", p.b, p.b_extent, "L * C", L * C, false);
+  check_flat(op, "sumsq_parts", p.sumsq_parts, p.sumsq_parts_extent, "n_parts", n_parts, false);
+  check_device_pointers(op, {{"g", p.g}, {"p", p.p}, {"q", p.q}, {"scale", p.scale}, {"a", p.a}, {"b", p.b},
+                             {"sumsq_parts", p.sumsq_parts}});
+  cudaStream_t s = as_stream(p.stream);
+  const View3 gv{R, C, p.g_stride_l, p.g_stride_r, p.g_stride_c};
+  const View3 pv{R, C, p.p_stride_l, p.p_stride_r, p.p_stride_c};
+  VQIM_DISPATCH_FLOAT(p.dtype, scalar_t, [&] {
     VQIM_LAYOUT_SWITCH(layout_of(L, R, C), kLayout, [&] {
       step_kernel<scalar_t, kLayout><<<static_cast<unsigned>(grid), kWarps * 32, 0, s>>>(
-          as_ptr<const scalar_t>(g), gv, as_ptr<scalar_t>(p), pv, as_ptr<int8_t>(q), as_ptr<float>(scale),
-          as_ptr<const float>(a), as_ptr<const float>(b), as_ptr<const float>(sumsq_parts),
-          static_cast<int>(n_parts), N, n_blocks, static_cast<float>(lr), static_cast<float>(decay),
-          static_cast<float>(beta1), static_cast<float>(one_minus_beta1), static_cast<float>(clip_threshold));
+          as_ptr<const scalar_t>(p.g), gv, as_ptr<scalar_t>(p.p), pv, as_ptr<int8_t>(p.q), as_ptr<float>(p.scale),
+          as_ptr<const float>(p.a), as_ptr<const float>(p.b), as_ptr<const float>(p.sumsq_parts),
+          static_cast<int>(n_parts), N, n_blocks, static_cast<float>(p.lr), static_cast<float>(p.decay),
+          static_cast<float>(p.beta1), static_cast<float>(p.one_minus_beta1), static_cast<float>(p.clip_threshold));
     });
   });
   VQIM_CUDA_CHECK(cudaGetLastError());
@@ -393,31 +495,26 @@ void step(std::uintptr_t g, int64_t sgl, int64_t sgr, int64_t sgc, std::uintptr_
 
 VQIM_REGISTER_OP(adafactor8, [](vqim::py::module_& m) {
   namespace py = vqim::py;
+  VQIM_BIND_PARAMS(m, vqim::RowColSumsParams, "Adafactor8RowColSumsParams", VQIM_ADAFACTOR8_ROW_COL_SUMS_FIELDS);
+  VQIM_BIND_PARAMS(m, vqim::FactorsParams, "Adafactor8FactorsParams", VQIM_ADAFACTOR8_FACTORS_FIELDS);
+  VQIM_BIND_PARAMS(m, vqim::FullFactorsParams, "Adafactor8FullFactorsParams", VQIM_ADAFACTOR8_FULL_FACTORS_FIELDS);
+  VQIM_BIND_PARAMS(m, vqim::SumsqParams, "Adafactor8SumsqParams", VQIM_ADAFACTOR8_SUMSQ_FIELDS);
+  VQIM_BIND_PARAMS(m, vqim::StepParams, "Adafactor8StepParams", VQIM_ADAFACTOR8_STEP_FIELDS);
   m.def("adafactor8_row_col_sums", &vqim::row_col_sums,
         "partial sums of g^2 over an (L, R, C) strided view: row_part [ceil(C / 256), L, R] (one per column "
         "tile) and col_part [ceil(ceil(R / 32) / row_tiles), L, C] (one per group of row_tiles 32-row tiles)",
-        py::arg("g"), py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("row_part"), py::arg("col_part"),
-        py::arg("L"), py::arg("R"), py::arg("C"), py::arg("row_tiles"), py::arg("dtype"), py::arg("stream"));
+        py::arg("params"));
   m.def("adafactor8_factors", &vqim::factors,
         "sum the (P, L, R) / (P, L, C) partials, update r [L, R] and c [L, C] in place, write "
         "a = 1 / sqrt(r / mean r) and b = 1 / sqrt(c)",
-        py::arg("rowpart"), py::arg("colpart"), py::arg("r"), py::arg("c"), py::arg("a"), py::arg("b"), py::arg("L"),
-        py::arg("R"), py::arg("C"), py::arg("n_rowparts"), py::arg("n_colparts"), py::arg("beta2_t"),
-        py::arg("one_minus_beta2_t"), py::arg("eps1"), py::arg("stream"));
+        py::arg("params"));
   m.def("adafactor8_full_factors", &vqim::full_factors,
         "unfactored second moment: v <- beta2_t v + (1 - beta2_t)(g^2 + eps1) in place, b = 1 / sqrt(v)",
-        py::arg("g"), py::arg("stride_g"), py::arg("v"), py::arg("b"), py::arg("N"), py::arg("beta2_t"),
-        py::arg("one_minus_beta2_t"), py::arg("eps1"), py::arg("dtype"), py::arg("stream"));
+        py::arg("params"));
   m.def("adafactor8_sumsq", &vqim::sumsq,
-        "sum of (g * a[l, r] * b[l, c])^2 into out (fp32 scalar); workspace holds 1024 floats", py::arg("g"),
-        py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("a"), py::arg("b"), py::arg("out"),
-        py::arg("workspace"), py::arg("L"), py::arg("R"), py::arg("C"), py::arg("dtype"), py::arg("stream"));
+        "sum of (g * a[l, r] * b[l, c])^2 into out (fp32 scalar); workspace holds 1024 floats", py::arg("params"));
   m.def("adafactor8_step", &vqim::step,
         "fused step: clip from the partial sums of u^2; m = beta1 * q * scale + (1 - beta1) * u * clip; "
         "p = p * decay - lr * m; re-quantize m",
-        py::arg("g"), py::arg("sgl"), py::arg("sgr"), py::arg("sgc"), py::arg("p"), py::arg("spl"), py::arg("spr"),
-        py::arg("spc"), py::arg("q"), py::arg("scale"), py::arg("a"), py::arg("b"), py::arg("sumsq_parts"),
-        py::arg("n_parts"), py::arg("L"), py::arg("R"), py::arg("C"), py::arg("lr"), py::arg("decay"),
-        py::arg("beta1"), py::arg("one_minus_beta1"), py::arg("clip_threshold"), py::arg("dtype"),
-        py::arg("stream"));
+        py::arg("params"));
 });

@@ -352,29 +352,65 @@ void launch(std::uintptr_t cond, int64_t c_s0, int64_t c_s1, std::uintptr_t unco
 
 }  // namespace
 
-void cfg_sample(std::uintptr_t cond, int64_t c_s0, int64_t c_s1, std::uintptr_t uncond, int64_t u_s0, int64_t u_s1,
-                bool has_uncond, std::uintptr_t scale, std::uintptr_t temp, std::uintptr_t topk, std::uintptr_t topp,
-                std::uintptr_t seed, std::uintptr_t step, std::uintptr_t tokens, std::uintptr_t logprob, int64_t B,
-                int64_t V, int dtype, std::uintptr_t stream) {
+#define VQIM_CFG_SAMPLE_FIELDS(X)                                                                        \
+  X(std::uintptr_t, cond) X(int64_t, cond_extent) X(int64_t, cond_stride0) X(int64_t, cond_stride1)         \
+  X(std::uintptr_t, uncond) X(int64_t, uncond_extent) X(int64_t, uncond_stride0) X(int64_t, uncond_stride1) \
+  X(bool, has_uncond) X(std::uintptr_t, cfg_scale) X(int64_t, cfg_scale_extent) X(std::uintptr_t, temperature) \
+  X(int64_t, temperature_extent) X(std::uintptr_t, top_k) X(int64_t, top_k_extent) X(std::uintptr_t, top_p)    \
+  X(int64_t, top_p_extent) X(std::uintptr_t, seed) X(int64_t, seed_extent) X(std::uintptr_t, step)              \
+  X(int64_t, step_extent) X(std::uintptr_t, tokens) X(int64_t, tokens_extent) X(std::uintptr_t, logprob)        \
+  X(int64_t, logprob_extent) X(int64_t, B) X(int64_t, V) X(int, dtype) X(std::uintptr_t, stream)
+
+// cond/uncond [B, V] logits (one dtype, any non-negative strides); cfg_scale, temperature, top_p
+// (fp32), top_k, seed, step (int64), tokens (int64) and logprob (fp32): B contiguous elements each.
+// Every pointer comes with its extent (elements addressable from it).
+struct CfgSampleParams {
+  VQIM_CFG_SAMPLE_FIELDS(VQIM_DECLARE_FIELD)
+};
+
+void cfg_sample(const CfgSampleParams& p) {
+  constexpr const char* op = "cfg_sample";
+  const int64_t B = p.B, V = p.V;
   VQIM_CHECK(B >= 0, "cfg_sample: B must be >= 0, got ", B);
   VQIM_CHECK(V >= 1, "cfg_sample: V must be >= 1, got ", V);
   VQIM_CHECK(B < (1LL << 31), "cfg_sample: B must be < 2^31, got ", B);
+  check_dtype(op, "dtype", p.dtype);
   if (B == 0) return;
-  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
-    launch<scalar_t>(cond, c_s0, c_s1, uncond, u_s0, u_s1, has_uncond, scale, temp, topk, topp, seed, step, tokens,
-                     logprob, B, V, as_stream(stream));
+  check_operand(op, "cond", p.cond, p.cond_extent,
+                {{"B", B, "cond_stride0", p.cond_stride0}, {"V", V, "cond_stride1", p.cond_stride1}}, false);
+  // Without uncond the kernel never reads it; the launcher passes cond there.
+  if (p.has_uncond) {
+    check_operand(op, "uncond", p.uncond, p.uncond_extent,
+                  {{"B", B, "uncond_stride0", p.uncond_stride0}, {"V", V, "uncond_stride1", p.uncond_stride1}}, false);
+  }
+  const auto row = [&](const char* name, std::uintptr_t ptr, int64_t extent, bool written) {
+    check_operand(op, name, ptr, extent, {{"B", B, nullptr, 1}}, written);
+  };
+  row("cfg_scale", p.cfg_scale, p.cfg_scale_extent, false);
+  row("temperature", p.temperature, p.temperature_extent, false);
+  row("top_k", p.top_k, p.top_k_extent, false);
+  row("top_p", p.top_p, p.top_p_extent, false);
+  row("seed", p.seed, p.seed_extent, false);
+  row("step", p.step, p.step_extent, false);
+  row("tokens", p.tokens, p.tokens_extent, true);
+  row("logprob", p.logprob, p.logprob_extent, true);
+  check_device_pointers(op, {{"cond", p.cond}, {"cfg_scale", p.cfg_scale}, {"temperature", p.temperature},
+                             {"top_k", p.top_k}, {"top_p", p.top_p}, {"seed", p.seed}, {"step", p.step},
+                             {"tokens", p.tokens}, {"logprob", p.logprob}});
+  if (p.has_uncond) check_device_pointers(op, {{"uncond", p.uncond}});
+  VQIM_DISPATCH_FLOAT(p.dtype, scalar_t, [&] {
+    launch<scalar_t>(p.cond, p.cond_stride0, p.cond_stride1, p.uncond, p.uncond_stride0, p.uncond_stride1,
+                     p.has_uncond, p.cfg_scale, p.temperature, p.top_k, p.top_p, p.seed, p.step, p.tokens,
+                     p.logprob, B, V, as_stream(p.stream));
   });
 }
 
 }  // namespace vqim
 
 VQIM_REGISTER_OP(cfg_sample, [](vqim::py::module_& m) {
+  VQIM_BIND_PARAMS(m, vqim::CfgSampleParams, "CfgSampleParams", VQIM_CFG_SAMPLE_FIELDS);
   m.def("cfg_sample", &vqim::cfg_sample,
-        "fused CFG sampling -> tokens[B] (int64), logprob[B] (fp32); pointers, element strides, per-row "
-        "parameter arrays (fp32 scale/temp/top_p, int64 top_k/seed/step), dtype code, stream",
-        vqim::py::arg("cond"), vqim::py::arg("cond_stride0"), vqim::py::arg("cond_stride1"), vqim::py::arg("uncond"),
-        vqim::py::arg("uncond_stride0"), vqim::py::arg("uncond_stride1"), vqim::py::arg("has_uncond"),
-        vqim::py::arg("cfg_scale"), vqim::py::arg("temperature"), vqim::py::arg("top_k"), vqim::py::arg("top_p"),
-        vqim::py::arg("seed"), vqim::py::arg("step"), vqim::py::arg("tokens"), vqim::py::arg("logprob"),
-        vqim::py::arg("B"), vqim::py::arg("V"), vqim::py::arg("dtype"), vqim::py::arg("stream"));
+        "fused CFG sampling -> tokens[B] (int64), logprob[B] (fp32), from a CfgSampleParams (pointers, element "
+        "strides and extents, per-row parameter arrays, dtype code, stream)",
+        vqim::py::arg("params"));
 });

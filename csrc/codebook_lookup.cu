@@ -106,23 +106,46 @@ void launch(std::uintptr_t z, int64_t z_s0, int64_t z_s1, std::uintptr_t cb, int
   VQIM_CUDA_CHECK(cudaGetLastError());
 }
 
-void codebook_lookup(std::uintptr_t z, int64_t z_s0, int64_t z_s1, std::uintptr_t cb, int64_t cb_s0, int64_t cb_s1,
-                     std::uintptr_t out, int64_t N, int64_t K, int64_t D, int dtype, bool normalized,
-                     std::uintptr_t stream) {
+#define VQIM_CODEBOOK_LOOKUP_FIELDS(X)                                                                  \
+  X(std::uintptr_t, z) X(int64_t, z_extent) X(int64_t, z_stride0) X(int64_t, z_stride1)                    \
+  X(std::uintptr_t, codebook) X(int64_t, codebook_extent) X(int64_t, cb_stride0) X(int64_t, cb_stride1)    \
+  X(std::uintptr_t, out) X(int64_t, out_extent) X(int64_t, N) X(int64_t, K) X(int64_t, D) X(int, dtype)     \
+  X(bool, normalized) X(std::uintptr_t, stream)
+
+// z [N, D] and codebook [K, D] (one dtype, any non-negative strides), out [N] int64 contiguous.
+struct CodebookLookupParams {
+  VQIM_CODEBOOK_LOOKUP_FIELDS(VQIM_DECLARE_FIELD)
+};
+
+void codebook_lookup(const CodebookLookupParams& p) {
+  constexpr const char* op = "codebook_lookup";
+  const int64_t N = p.N, K = p.K, D = p.D;
   VQIM_CHECK(N >= 0, "codebook_lookup: N must be >= 0, got ", N);
   VQIM_CHECK(K >= 1, "codebook_lookup: the codebook needs K >= 1 codes, got ", K);
   VQIM_CHECK(D >= 1 && D <= 256, "codebook_lookup: D must be in [1, 256] for backend='cuda', got ", D);
   VQIM_CHECK(N < (int64_t{1} << 31) * kRows, "codebook_lookup: N too large for the grid, got ", N);
+  check_dtype(op, "dtype", p.dtype);
   if (N == 0) return;
-  const cudaStream_t s = as_stream(stream);
+  check_operand(op, "z", p.z, p.z_extent, {{"N", N, "z_stride0", p.z_stride0}, {"D", D, "z_stride1", p.z_stride1}},
+                false);
+  check_operand(op, "codebook", p.codebook, p.codebook_extent,
+                {{"K", K, "cb_stride0", p.cb_stride0}, {"D", D, "cb_stride1", p.cb_stride1}}, false);
+  check_operand(op, "out", p.out, p.out_extent, {{"N", N, nullptr, 1}}, true);
+  check_device_pointers(op, {{"z", p.z}, {"codebook", p.codebook}, {"out", p.out}});
+  const cudaStream_t s = as_stream(p.stream);
   const int d = static_cast<int>(D);
-  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
-    if (d <= 8) launch<scalar_t, 8>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
-    else if (d <= 16) launch<scalar_t, 16>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
-    else if (d <= 32) launch<scalar_t, 32>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
-    else if (d <= 64) launch<scalar_t, 64>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
-    else if (d <= 128) launch<scalar_t, 128>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
-    else launch<scalar_t, 256>(z, z_s0, z_s1, cb, cb_s0, cb_s1, out, N, K, d, normalized, s);
+  const bool nz = p.normalized;
+  VQIM_DISPATCH_FLOAT(p.dtype, scalar_t, [&] {
+    auto go = [&](auto dmax) {
+      launch<scalar_t, decltype(dmax)::value>(p.z, p.z_stride0, p.z_stride1, p.codebook, p.cb_stride0, p.cb_stride1,
+                                              p.out, N, K, d, nz, s);
+    };
+    if (d <= 8) go(std::integral_constant<int, 8>{});
+    else if (d <= 16) go(std::integral_constant<int, 16>{});
+    else if (d <= 32) go(std::integral_constant<int, 32>{});
+    else if (d <= 64) go(std::integral_constant<int, 64>{});
+    else if (d <= 128) go(std::integral_constant<int, 128>{});
+    else go(std::integral_constant<int, 256>{});
   });
 }
 
@@ -130,10 +153,9 @@ void codebook_lookup(std::uintptr_t z, int64_t z_s0, int64_t z_s1, std::uintptr_
 }  // namespace vqim
 
 VQIM_REGISTER_OP(codebook_lookup, [](vqim::py::module_& m) {
+  VQIM_BIND_PARAMS(m, vqim::CodebookLookupParams, "CodebookLookupParams", VQIM_CODEBOOK_LOOKUP_FIELDS);
   m.def("codebook_lookup", &vqim::codebook_lookup,
-        "argmax_k cos(z_n, e_k) -> out[N] (int64); pointers, element strides, dtype code, stream",
-        vqim::py::arg("z"), vqim::py::arg("z_stride0"), vqim::py::arg("z_stride1"), vqim::py::arg("codebook"),
-        vqim::py::arg("cb_stride0"), vqim::py::arg("cb_stride1"), vqim::py::arg("out"), vqim::py::arg("N"),
-        vqim::py::arg("K"), vqim::py::arg("D"), vqim::py::arg("dtype"), vqim::py::arg("normalized"),
-        vqim::py::arg("stream"));
+        "argmax_k cos(z_n, e_k) -> out[N] (int64), from a CodebookLookupParams (pointers, element strides and "
+        "extents, dtype code, stream)",
+        vqim::py::arg("params"));
 });

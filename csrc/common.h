@@ -1,7 +1,8 @@
 // Shared helpers for the vqim CUDA kernels.
 //
-// The extension links no libtorch: Python passes raw data pointers (as integers), shapes,
-// strides, a dtype code and the current CUDA stream. Each op file registers its own pybind11
+// The extension links no libtorch: each op takes a params struct that Python fills by field name
+// with raw data pointers (as integers), their extents, shapes, strides, a dtype code and the
+// current CUDA stream, checked here before any CUDA call. Each op file registers its own pybind11
 // bindings through VQIM_REGISTER_OP, so adding an op touches no shared file.
 #pragma once
 
@@ -10,8 +11,11 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
+#include <type_traits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -63,6 +67,96 @@ std::string str_cat(Args&&... args) {
       throw std::runtime_error(::vqim::str_cat("vqim._C: CUDA error ", cudaGetErrorString(_err), \
                                                " at ", __FILE__, ":", __LINE__));               \
   } while (0)
+
+// ---- Params structs -----------------------------------------------------------------------
+// Each op's binding takes one struct, filled by field name from Python (p = C.XParams(); p.z = ...)
+// instead of a long positional list where a swapped pair goes unnoticed. A field list
+// X(type, name) declares the struct and binds every field. Pointers default to null and integers
+// to -1, so a field the launcher forgets fails a check instead of passing as a plausible 0.
+template <typename T>
+constexpr T unset_value() {
+  if constexpr (std::is_integral_v<T> && std::is_signed_v<T>) return T(-1);
+  else return T{};
+}
+
+#define VQIM_DECLARE_FIELD(type, name) type name = ::vqim::unset_value<type>();
+#define VQIM_BIND_FIELD(type, name) cls.def_readwrite(#name, &Params::name);
+
+// Binds a params struct as a Python class with one attribute per field (an unknown name raises
+// AttributeError, so a misspelt field cannot pass unnoticed).
+#define VQIM_BIND_PARAMS(m, Struct, name, FIELDS)       \
+  do {                                                  \
+    using Params = Struct;                              \
+    vqim::py::class_<Params> cls(m, name);              \
+    cls.def(vqim::py::init<>());                        \
+    FIELDS(VQIM_BIND_FIELD)                             \
+  } while (0)
+
+// One axis of an operand: its size and its stride in elements, each with the field name to report.
+struct Axis {
+  const char* size_name;
+  int64_t size;
+  const char* stride_name;  // nullptr: a unit stride the kernel assumes (contiguous operand)
+  int64_t stride;
+};
+
+// Host-side checks of one operand: a non-null pointer, non-negative strides, and every element the
+// kernel addresses (the sum of (size - 1) * stride) inside `extent`, the elements addressable from
+// the pointer (the storage past the tensor's offset). Any strides that would reach outside the
+// allocation, swapped or not, fail the extent check, so none becomes an out-of-bounds access; a
+// written operand must also not alias itself (sorted by stride, each stride covers the axes
+// below it), which catches a swapped pair on an output that still fits its extent.
+// Sizes are checked >= 1 by the caller before this runs.
+inline void check_operand(const char* op, const char* name, std::uintptr_t ptr, int64_t extent,
+                          std::initializer_list<Axis> axes, bool written) {
+  VQIM_CHECK(ptr != 0, op, ": ", name, " is a null pointer; pass the tensor's data_ptr()");
+  VQIM_CHECK(extent >= 1, op, ": ", name, "_extent must be >= 1 (the elements addressable from ", name,
+             "), got ", extent);
+  std::ostringstream shape;
+  int64_t last = 0;
+  std::vector<Axis> sorted;
+  for (const Axis& a : axes) {
+    const char* sname = a.stride_name ? a.stride_name : "(unit stride)";
+    VQIM_CHECK(a.stride >= 0, op, ": ", sname, " must be >= 0 (negative strides are not supported), got ",
+               a.stride);
+    shape << (sorted.empty() ? "" : ", ") << a.size_name << "=" << a.size << " at " << sname << "=" << a.stride;
+    last += (a.size - 1) * a.stride;
+    sorted.push_back(a);
+  }
+  VQIM_CHECK(last < extent, op, ": ", name, " with sizes and strides (", shape.str(), ") reaches element ", last,
+             " but ", name, "_extent is ", extent, ": strides swapped, or the wrong size or tensor");
+  if (!written) return;
+  std::sort(sorted.begin(), sorted.end(), [](const Axis& x, const Axis& y) { return x.stride < y.stride; });
+  int64_t span = 1;  // elements covered by the axes of smaller stride
+  for (const Axis& a : sorted) {
+    if (a.size == 1) continue;
+    VQIM_CHECK(a.stride >= span, op, ": ", name, " is written, so its axes must not overlap, but (", shape.str(),
+               ") does: strides swapped or wrong");
+    span = a.stride * a.size;
+  }
+}
+
+inline void check_dtype(const char* op, const char* field, int code) {
+  VQIM_CHECK(code >= 0 && code <= 2, op, ": ", field,
+             " must be a known dtype code (0 float32, 1 float16, 2 bfloat16), got ", code);
+}
+
+// Runs after the host-side checks (so those work without a GPU): every pointer must be device (or
+// managed) memory on the current device; a host or another device's pointer would fault or be read
+// across the bus.
+inline void check_device_pointers(const char* op, std::initializer_list<std::pair<const char*, std::uintptr_t>> ptrs) {
+  int device = -1;
+  VQIM_CUDA_CHECK(cudaGetDevice(&device));
+  for (const auto& [name, ptr] : ptrs) {
+    cudaPointerAttributes attr{};
+    VQIM_CUDA_CHECK(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)));
+    VQIM_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged, op, ": ", name,
+               " is not device memory (CUDA memory type ", static_cast<int>(attr.type),
+               "); only CUDA tensors are supported");
+    VQIM_CHECK(attr.device == device, op, ": ", name, " is on cuda:", attr.device, " but the current device is cuda:",
+               device, "; launch under the tensors' device");
+  }
+}
 
 inline cudaStream_t as_stream(std::uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 

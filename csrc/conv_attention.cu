@@ -136,30 +136,65 @@ conv_decode_attention_kernel(const scalar_t* __restrict__ q, int64_t sqb, int64_
   }
 }
 
-void conv_decode_attention(std::uintptr_t q, int64_t sqb, int64_t sqh, int64_t sqd,
-                           std::uintptr_t k, int64_t skb, int64_t skh, int64_t sks, int64_t skd,
-                           std::uintptr_t v, int64_t svb, int64_t svh, int64_t svs, int64_t svd,
-                           std::uintptr_t o, int64_t sob, int64_t soh, int64_t sod, std::uintptr_t pos,
-                           int64_t B, int64_t H, int64_t D, int64_t P, int64_t GW, int64_t HH, int64_t HW,
-                           int64_t SPAN, int64_t NROWS, int64_t NCOLS, bool ring, double scale, int dtype,
-                           std::uintptr_t stream) {
+#define VQIM_CONV_DECODE_ATTENTION_FIELDS(X)                                                              \
+  X(std::uintptr_t, q) X(int64_t, q_extent) X(int64_t, q_stride_b) X(int64_t, q_stride_h) X(int64_t, q_stride_d) \
+  X(std::uintptr_t, k) X(int64_t, k_extent) X(int64_t, k_stride_b) X(int64_t, k_stride_h) X(int64_t, k_stride_s) \
+  X(int64_t, k_stride_d) X(std::uintptr_t, v) X(int64_t, v_extent) X(int64_t, v_stride_b) X(int64_t, v_stride_h) \
+  X(int64_t, v_stride_s) X(int64_t, v_stride_d) X(std::uintptr_t, o) X(int64_t, o_extent) X(int64_t, o_stride_b)  \
+  X(int64_t, o_stride_h) X(int64_t, o_stride_d) X(std::uintptr_t, pos) X(int64_t, pos_extent) X(int64_t, B)       \
+  X(int64_t, H) X(int64_t, D) X(int64_t, S) X(int64_t, P) X(int64_t, GW) X(int64_t, HH) X(int64_t, HW)            \
+  X(int64_t, SPAN) X(int64_t, NROWS) X(int64_t, NCOLS) X(bool, ring) X(double, scale) X(int, dtype)              \
+  X(std::uintptr_t, stream)
+
+// q [B, H, 1, D] and o [B, H, 1, D] (strides of the B, H, D axes), k/v caches [B, H, S, D], pos [B]
+// int64 contiguous; one dtype for q, k, v, o. The geometry fields are kernels/conv_attention.py's
+// _decode_geometry.
+struct ConvDecodeAttentionParams {
+  VQIM_CONV_DECODE_ATTENTION_FIELDS(VQIM_DECLARE_FIELD)
+};
+
+void conv_decode_attention(const ConvDecodeAttentionParams& p) {
+  constexpr const char* op = "conv_decode_attention";
+  const int64_t B = p.B, H = p.H, D = p.D, S = p.S, P = p.P, GW = p.GW, HH = p.HH, HW = p.HW, SPAN = p.SPAN,
+                NROWS = p.NROWS, NCOLS = p.NCOLS;
   VQIM_CHECK(D >= 1 && D <= kMaxD, "conv_decode_attention: Dh must be in [1, ", kMaxD, "], got ", D);
   VQIM_CHECK(B >= 0 && H >= 1 && B * H < (int64_t{1} << 31), "conv_decode_attention: bad B, H: ", B, ", ", H);
+  VQIM_CHECK(S >= 1, "conv_decode_attention: the caches need S >= 1 slots, got ", S);
   VQIM_CHECK(P >= 0 && GW >= 1 && HH >= 0 && HW >= 0 && NROWS >= 1 && NCOLS >= 1 && SPAN >= 1,
              "conv_decode_attention: bad geometry P=", P, " GW=", GW, " HH=", HH, " HW=", HW, " SPAN=", SPAN,
              " NROWS=", NROWS, " NCOLS=", NCOLS);
+  check_dtype(op, "dtype", p.dtype);
   if (B == 0) return;
   const int64_t n_cand = P + NROWS * NCOLS;
   const size_t shmem = sizeof(float) * ((n_cand + 1) / 2) * 2 + sizeof(int64_t) * n_cand + sizeof(float) * kThreads;
   VQIM_CHECK(shmem <= 48 * 1024, "conv_decode_attention: prefix + window keys (", n_cand,
              ") need more than 48 KiB of shared memory; at most ~4000 are supported");
-  const DecodeGeometry g{P, GW, HH, HW, SPAN, NROWS, NCOLS, ring};
-  VQIM_DISPATCH_FLOAT(dtype, scalar_t, [&] {
-    conv_decode_attention_kernel<scalar_t><<<static_cast<unsigned>(B * H), kThreads, shmem, as_stream(stream)>>>(
-        as_ptr<const scalar_t>(q), sqb, sqh, sqd, as_ptr<const scalar_t>(k), skb, skh, sks, skd,
-        as_ptr<const scalar_t>(v), svb, svh, svs, svd, as_ptr<scalar_t>(o), sob, soh, sod,
-        as_ptr<const int64_t>(pos), static_cast<int>(H), static_cast<int>(D), g, static_cast<int>(n_cand),
-        static_cast<float>(scale));
+  check_operand(op, "q", p.q, p.q_extent,
+                {{"B", B, "q_stride_b", p.q_stride_b}, {"H", H, "q_stride_h", p.q_stride_h},
+                 {"D", D, "q_stride_d", p.q_stride_d}},
+                false);
+  check_operand(op, "k", p.k, p.k_extent,
+                {{"B", B, "k_stride_b", p.k_stride_b}, {"H", H, "k_stride_h", p.k_stride_h},
+                 {"S", S, "k_stride_s", p.k_stride_s}, {"D", D, "k_stride_d", p.k_stride_d}},
+                false);
+  check_operand(op, "v", p.v, p.v_extent,
+                {{"B", B, "v_stride_b", p.v_stride_b}, {"H", H, "v_stride_h", p.v_stride_h},
+                 {"S", S, "v_stride_s", p.v_stride_s}, {"D", D, "v_stride_d", p.v_stride_d}},
+                false);
+  check_operand(op, "o", p.o, p.o_extent,
+                {{"B", B, "o_stride_b", p.o_stride_b}, {"H", H, "o_stride_h", p.o_stride_h},
+                 {"D", D, "o_stride_d", p.o_stride_d}},
+                true);
+  check_operand(op, "pos", p.pos, p.pos_extent, {{"B", B, nullptr, 1}}, false);
+  check_device_pointers(op, {{"q", p.q}, {"k", p.k}, {"v", p.v}, {"o", p.o}, {"pos", p.pos}});
+  const DecodeGeometry g{P, GW, HH, HW, SPAN, NROWS, NCOLS, p.ring};
+  VQIM_DISPATCH_FLOAT(p.dtype, scalar_t, [&] {
+    conv_decode_attention_kernel<scalar_t><<<static_cast<unsigned>(B * H), kThreads, shmem, as_stream(p.stream)>>>(
+        as_ptr<const scalar_t>(p.q), p.q_stride_b, p.q_stride_h, p.q_stride_d, as_ptr<const scalar_t>(p.k),
+        p.k_stride_b, p.k_stride_h, p.k_stride_s, p.k_stride_d, as_ptr<const scalar_t>(p.v), p.v_stride_b,
+        p.v_stride_h, p.v_stride_s, p.v_stride_d, as_ptr<scalar_t>(p.o), p.o_stride_b, p.o_stride_h, p.o_stride_d,
+        as_ptr<const int64_t>(p.pos), static_cast<int>(H), static_cast<int>(D), g, static_cast<int>(n_cand),
+        static_cast<float>(p.scale));
   });
   VQIM_CUDA_CHECK(cudaGetLastError());
 }
@@ -168,14 +203,9 @@ void conv_decode_attention(std::uintptr_t q, int64_t sqb, int64_t sqh, int64_t s
 }  // namespace vqim
 
 VQIM_REGISTER_OP(conv_decode_attention, [](vqim::py::module_& m) {
-  namespace py = vqim::py;
+  VQIM_BIND_PARAMS(m, vqim::ConvDecodeAttentionParams, "ConvDecodeAttentionParams", VQIM_CONV_DECODE_ATTENTION_FIELDS);
   m.def("conv_decode_attention", &vqim::conv_decode_attention,
-        "one decode step of conv-shaped attention -> o[B, H, 1, Dh]; pointers, element strides, geometry, "
-        "dtype code, stream",
-        py::arg("q"), py::arg("sqb"), py::arg("sqh"), py::arg("sqd"), py::arg("k"), py::arg("skb"), py::arg("skh"),
-        py::arg("sks"), py::arg("skd"), py::arg("v"), py::arg("svb"), py::arg("svh"), py::arg("svs"),
-        py::arg("svd"), py::arg("o"), py::arg("sob"), py::arg("soh"), py::arg("sod"), py::arg("pos"), py::arg("B"),
-        py::arg("H"), py::arg("D"), py::arg("P"), py::arg("GW"), py::arg("HH"), py::arg("HW"), py::arg("SPAN"),
-        py::arg("NROWS"), py::arg("NCOLS"), py::arg("ring"), py::arg("scale"), py::arg("dtype"),
-        py::arg("stream"));
+        "one decode step of conv-shaped attention -> o[B, H, 1, Dh], from a ConvDecodeAttentionParams (pointers, "
+        "element strides and extents, geometry, dtype code, stream)",
+        vqim::py::arg("params"));
 });

@@ -4,7 +4,7 @@
 #include "common.h"
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "vqim CUDA kernels (raw pointers + shapes + stream; no libtorch)";
+  m.doc() = "vqim CUDA kernels: one params struct per op (pointers, extents, sizes, strides, stream); no libtorch";
   std::vector<std::string> names;
   for (auto& [name, binder] : vqim::op_registry()) {
     binder(m);

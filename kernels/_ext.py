@@ -1,12 +1,15 @@
 """Access to the compiled extension ``vqim.kernels._C`` and the raw-pointer calling convention.
 
-``_C`` links no libtorch: launchers pass ``tensor.data_ptr()``, shapes, strides, a dtype code
-and the current CUDA stream as plain integers.
+``_C`` links no libtorch: each op takes one params struct (``C.CodebookLookupParams`` ...), filled
+by field name with ``tensor.data_ptr()``, extents, shapes, strides, a dtype code and the current
+CUDA stream as plain numbers; the C++ side checks them before any CUDA call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -44,5 +47,26 @@ def dtype_code(t: torch.Tensor, arg: str) -> int:
         raise ValueError(f"{arg} must be float32, float16 or bfloat16 for backend='cuda', got {t.dtype}") from None
 
 
-def stream_of(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+@contextlib.contextmanager
+def launch(t: torch.Tensor) -> Iterator[tuple[ModuleType, int]]:
+    """``with launch(t) as (C, stream):`` -- ``_C``, under t's device guard (the C++ side checks
+    every pointer against the current device), with t's device's current stream."""
+    C = load()
+    with torch.cuda.device(t.device):
+        yield C, torch.cuda.current_stream(t.device).cuda_stream
+
+
+def operand(name: str, t: torch.Tensor) -> dict[str, int]:
+    """``{name: data pointer, name + "_extent": elements addressable from it}``: the extent (the
+    storage past the tensor's offset) lets the C++ side reject strides that would read outside it."""
+    extent = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+    return {name: t.data_ptr(), f"{name}_extent": extent}
+
+
+def params(cls: type, **fields):
+    """An instance of a ``_C`` params struct with the given fields set by name (an unknown name
+    raises AttributeError; an unset field keeps a default the C++ checks reject)."""
+    p = cls()
+    for k, v in fields.items():
+        setattr(p, k, v)
+    return p

@@ -148,7 +148,6 @@ def _row_col_sums_triton(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register("adafactor8_row_col_sums", "cuda")
 def _row_col_sums_cuda(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    C_ = _ext.load()
     L, R, C = g3.shape
     # Tiles of 32 rows x 256 columns (csrc: kRowsPerBlock, kColsPerBlock): a row partial per
     # column tile, a column partial per group of row tiles (at most 64 groups).
@@ -156,9 +155,13 @@ def _row_col_sums_cuda(g3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     row_tiles = triton.next_power_of_2(triton.cdiv(row_blocks, _MAX_COL_PARTIALS))
     rowpart = torch.empty(triton.cdiv(C, 256), L, R, dtype=torch.float32, device=g3.device)
     colpart = torch.empty(triton.cdiv(row_blocks, row_tiles), L, C, dtype=torch.float32, device=g3.device)
-    with torch.cuda.device(g3.device):
-        C_.adafactor8_row_col_sums(g3.data_ptr(), *g3.stride(), rowpart.data_ptr(), colpart.data_ptr(), L, R, C,
-                                   row_tiles, _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
+    with _ext.launch(g3) as (C_, stream):
+        C_.adafactor8_row_col_sums(_ext.params(
+            C_.Adafactor8RowColSumsParams, **_ext.operand("g", g3), g_stride_l=g3.stride(0),
+            g_stride_r=g3.stride(1), g_stride_c=g3.stride(2), **_ext.operand("row_part", rowpart),
+            **_ext.operand("col_part", colpart), L=L, R=R, C=C, row_tiles=row_tiles,
+            dtype=_ext.dtype_code(g3, "grad"), stream=stream,
+        ))
     return rowpart, colpart
 
 
@@ -236,15 +239,17 @@ def _factors_triton(rowpart, colpart, r, c, beta2_t, eps1):
 
 @register("adafactor8_factors", "cuda")
 def _factors_cuda(rowpart, colpart, r, c, beta2_t, eps1):
-    C_ = _ext.load()
     L, R = r.shape
     C = c.shape[1]
     a = torch.empty(L * R, dtype=torch.float32, device=r.device)
     b = torch.empty(L * C, dtype=torch.float32, device=r.device)
-    with torch.cuda.device(r.device):
-        C_.adafactor8_factors(rowpart.data_ptr(), colpart.data_ptr(), r.data_ptr(), c.data_ptr(), a.data_ptr(),
-                              b.data_ptr(), L, R, C, rowpart.shape[0], colpart.shape[0], beta2_t, 1.0 - beta2_t, eps1,
-                              _ext.stream_of(r))
+    with _ext.launch(r) as (C_, stream):
+        C_.adafactor8_factors(_ext.params(
+            C_.Adafactor8FactorsParams, **_ext.operand("row_part", rowpart), **_ext.operand("col_part", colpart),
+            **_ext.operand("r", r), **_ext.operand("c", c), **_ext.operand("a", a), **_ext.operand("b", b),
+            L=L, R=R, C=C, n_rowparts=rowpart.shape[0], n_colparts=colpart.shape[0],
+            beta2_t=beta2_t, one_minus_beta2_t=1.0 - beta2_t, eps1=eps1, stream=stream,
+        ))
     return a, b
 
 
@@ -280,12 +285,14 @@ def _full_factors_triton(g3, v, beta2_t, eps1):
 
 @register("adafactor8_full_factors", "cuda")
 def _full_factors_cuda(g3, v, beta2_t, eps1):
-    C_ = _ext.load()
     n = v.numel()
     b = torch.empty(n, dtype=torch.float32, device=v.device)
-    with torch.cuda.device(v.device):
-        C_.adafactor8_full_factors(g3.data_ptr(), g3.stride(2), v.data_ptr(), b.data_ptr(), n, beta2_t, 1.0 - beta2_t,
-                                   eps1, _ext.dtype_code(g3, "grad"), _ext.stream_of(v))
+    with _ext.launch(v) as (C_, stream):
+        C_.adafactor8_full_factors(_ext.params(
+            C_.Adafactor8FullFactorsParams, **_ext.operand("g", g3), g_stride=g3.stride(2),
+            **_ext.operand("v", v), **_ext.operand("b", b), N=n, beta2_t=beta2_t, one_minus_beta2_t=1.0 - beta2_t,
+            eps1=eps1, dtype=_ext.dtype_code(g3, "grad"), stream=stream,
+        ))
     return b
 
 
@@ -413,13 +420,15 @@ def _sumsq_triton(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
 
 @register("adafactor8_sumsq", "cuda")
 def _sumsq_cuda(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    C_ = _ext.load()
     L, R, C = g3.shape
     out = torch.empty(1, dtype=torch.float32, device=g3.device)
     workspace = torch.empty(1024, dtype=torch.float32, device=g3.device)  # per-CTA partials (csrc: kSumsqMaxBlocks)
-    with torch.cuda.device(g3.device):
-        C_.adafactor8_sumsq(g3.data_ptr(), *g3.stride(), a.data_ptr(), b.data_ptr(), out.data_ptr(),
-                            workspace.data_ptr(), L, R, C, _ext.dtype_code(g3, "grad"), _ext.stream_of(g3))
+    with _ext.launch(g3) as (C_, stream):
+        C_.adafactor8_sumsq(_ext.params(
+            C_.Adafactor8SumsqParams, **_ext.operand("g", g3), g_stride_l=g3.stride(0), g_stride_r=g3.stride(1),
+            g_stride_c=g3.stride(2), **_ext.operand("a", a), **_ext.operand("b", b), **_ext.operand("out", out),
+            **_ext.operand("workspace", workspace), L=L, R=R, C=C, dtype=_ext.dtype_code(g3, "grad"), stream=stream,
+        ))
     return out
 
 
@@ -448,15 +457,18 @@ def _step_triton(g3, p3, q, scale, a, b, sumsq_parts, lr, decay, beta1, clip_thr
 
 @register("adafactor8_step", "cuda")
 def _step_cuda(g3, p3, q, scale, a, b, sumsq_parts, lr, decay, beta1, clip_threshold, rounding, generator):
-    C_ = _ext.load()
     L, R, C = g3.shape
     if g3.dtype != p3.dtype:  # the kernel is templated on one storage type
         g3 = g3.to(p3.dtype)
-    with torch.cuda.device(g3.device):
-        C_.adafactor8_step(g3.data_ptr(), *g3.stride(), p3.data_ptr(), *p3.stride(), q.data_ptr(),
-                           scale.data_ptr(), a.data_ptr(), b.data_ptr(), sumsq_parts.data_ptr(), sumsq_parts.numel(),
-                           L, R, C, lr, decay, beta1, 1.0 - beta1, clip_threshold,
-                           _ext.dtype_code(p3, "param"), _ext.stream_of(g3))
+    with _ext.launch(g3) as (C_, stream):
+        C_.adafactor8_step(_ext.params(
+            C_.Adafactor8StepParams, **_ext.operand("g", g3), g_stride_l=g3.stride(0), g_stride_r=g3.stride(1),
+            g_stride_c=g3.stride(2), **_ext.operand("p", p3), p_stride_l=p3.stride(0), p_stride_r=p3.stride(1),
+            p_stride_c=p3.stride(2), **_ext.operand("q", q), **_ext.operand("scale", scale), **_ext.operand("a", a),
+            **_ext.operand("b", b), **_ext.operand("sumsq_parts", sumsq_parts), n_parts=sumsq_parts.numel(),
+            L=L, R=R, C=C, lr=lr, decay=decay, beta1=beta1, one_minus_beta1=1.0 - beta1,
+            clip_threshold=clip_threshold, dtype=_ext.dtype_code(p3, "param"), stream=stream,
+        ))
 
 
 @register("adafactor8_step", "torch")

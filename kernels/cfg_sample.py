@@ -378,6 +378,24 @@ def _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCO
 
 
 @triton.jit
+def _row_block(z0, e0, c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, m,
+               HAS_UNCOND: tl.constexpr, ONE_BLOCK: tl.constexpr, WITH_E: tl.constexpr):
+    """One block of the row for a pass: its guided logits z and, with WITH_E, e = exp(z - m)
+    (else e is z, for the caller to ignore). With ONE_BLOCK they are the registers z0, e0 the
+    kernel loaded once; otherwise the block is re-streamed (L2-resident after the first pass)."""
+    if ONE_BLOCK:
+        z = z0
+        e = e0
+    else:
+        z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+        if WITH_E:
+            e = tl.exp(z - m)
+        else:
+            e = z
+    return z, e
+
+
+@triton.jit
 def _ordered_key(z):
     """Monotone map of fp32 to int64 (the bit pattern with the magnitude of negatives flipped):
     a threshold search over keys finds exact float values in at most 32 halvings."""
@@ -422,10 +440,8 @@ def _cfg_sample_kernel(
     kmin = tl.full((), 2**40, tl.int64)
     for b0 in range(0, V, BLOCK):
         cols = b0 + ar
-        if ONE_BLOCK:
-            z = z0
-        else:
-            z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+        z, _ = _row_block(z0, z0, c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, m,
+                          HAS_UNCOND, ONE_BLOCK, False)
         fin = z > float("-inf")
         bm = tl.max(z, 0)
         bidx = tl.min(tl.where(z == bm, cols, V), 0)
@@ -436,6 +452,8 @@ def _cfg_sample_kernel(
         kmin = tl.minimum(kmin, tl.min(tl.where(fin, _ordered_key(z), 2**40), 0))
     if ONE_BLOCK:
         e0 = tl.exp(z0 - m)  # (BLOCK,) 0 on masked entries
+    else:
+        e0 = z0  # unused: streamed passes recompute e per block
     sampling = (n > 0) & (t > 0.0)
     kmax = _ordered_key(m)
 
@@ -454,10 +472,8 @@ def _cfg_sample_kernel(
         prv = tl.full((), -(2**40), tl.int64)
         for b0 in range(0, V, BLOCK):
             cols = b0 + ar
-            if ONE_BLOCK:
-                z = z0
-            else:
-                z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+            z, _ = _row_block(z0, e0, c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, m,
+                              HAS_UNCOND, ONE_BLOCK, False)
             key = tl.where(z > float("-inf"), _ordered_key(z), -(2**40))
             above = key >= mid
             cnt += tl.sum(above.to(tl.int64), 0)
@@ -476,12 +492,8 @@ def _cfg_sample_kernel(
     if p_on:
         for b0 in range(0, V, BLOCK):
             cols = b0 + ar
-            if ONE_BLOCK:
-                z = z0
-                e = e0
-            else:
-                z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
-                e = tl.exp(z - m)
+            z, e = _row_block(z0, e0, c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, m,
+                              HAS_UNCOND, ONE_BLOCK, True)
             sel = (z > float("-inf")) & (_ordered_key(z) >= tau_k)
             zk += tl.sum(tl.where(sel, e, 0.0), 0)
     target = p * zk
@@ -494,12 +506,8 @@ def _cfg_sample_kernel(
         prv = tl.full((), -(2**40), tl.int64)
         for b0 in range(0, V, BLOCK):
             cols = b0 + ar
-            if ONE_BLOCK:
-                z = z0
-                e = e0
-            else:
-                z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
-                e = tl.exp(z - m)
+            z, e = _row_block(z0, e0, c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, m,
+                              HAS_UNCOND, ONE_BLOCK, True)
             key = tl.where(z > float("-inf"), _ordered_key(z), -(2**40))
             above = key > mid
             mass += tl.sum(tl.where(above, e, 0.0), 0)
@@ -521,12 +529,8 @@ def _cfg_sample_kernel(
         e_tau = tl.full((), 0.0, tl.float32)
         for b0 in range(0, V, BLOCK):
             cols = b0 + ar
-            if ONE_BLOCK:
-                z = z0
-                e = e0
-            else:
-                z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
-                e = tl.exp(z - m)
+            z, e = _row_block(z0, e0, c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, m,
+                              HAS_UNCOND, ONE_BLOCK, True)
             key = tl.where(z > float("-inf"), _ordered_key(z), -(2**40))
             at = key == tau
             m_above += tl.sum(tl.where(key > tau, e, 0.0), 0)
@@ -548,10 +552,8 @@ def _cfg_sample_kernel(
             cut = tl.full((), -1, tl.int32)
             for b0 in range(0, V, BLOCK):
                 cols = b0 + ar
-                if ONE_BLOCK:
-                    z = z0
-                else:
-                    z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
+                z, _ = _row_block(z0, e0, c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, m,
+                                  HAS_UNCOND, ONE_BLOCK, False)
                 at = (z > float("-inf")) & (_ordered_key(z) == tau)
                 rank = tl.cumsum(at.to(tl.int32), 0) + seen  # 1-based among the tokens at tau
                 cut = tl.maximum(cut, tl.max(tl.where(at & (rank <= c_lo), cols, -1), 0))
@@ -561,12 +563,8 @@ def _cfg_sample_kernel(
     total = tl.full((), 0.0, tl.float32)
     for b0 in range(0, V, BLOCK):
         cols = b0 + ar
-        if ONE_BLOCK:
-            z = z0
-            e = e0
-        else:
-            z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
-            e = tl.exp(z - m)
+        z, e = _row_block(z0, e0, c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, m,
+                          HAS_UNCOND, ONE_BLOCK, True)
         sel = _kept(z, cols, tau, cut)
         total += tl.sum(tl.where(sel, e, 0.0), 0)
     r, _, _, _ = tl.randint4x(seed, step)
@@ -579,12 +577,8 @@ def _cfg_sample_kernel(
     carry = tl.full((), 0.0, tl.float32)
     for b0 in range(0, V, BLOCK):
         cols = b0 + ar
-        if ONE_BLOCK:
-            z = z0
-            e = e0
-        else:
-            z = _guided_block(c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, HAS_UNCOND)
-            e = tl.exp(z - m)
+        z, e = _row_block(z0, e0, c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, m,
+                          HAS_UNCOND, ONE_BLOCK, True)
         sel = _kept(z, cols, tau, cut)
         w = tl.where(sel, e, 0.0)
         cs = tl.cumsum(w, 0) + carry
@@ -638,7 +632,6 @@ def _cfg_sample_triton(cond, uncond, *, cfg_scale, temperature, top_k, top_p, se
 
 @register("cfg_sample", "cuda")
 def _cfg_sample_cuda(cond, uncond, *, cfg_scale, temperature, top_k, top_p, seed, step):
-    C = _ext.load()
     b, v = cond.shape
     tok = torch.empty(b, dtype=torch.long, device=cond.device)
     logp = torch.empty(b, dtype=torch.float32, device=cond.device)
@@ -646,13 +639,16 @@ def _cfg_sample_cuda(cond, uncond, *, cfg_scale, temperature, top_k, top_p, seed
         return tok, logp
     has_u = uncond is not None
     u = (uncond if uncond.dtype == cond.dtype else uncond.to(cond.dtype)) if has_u else cond
-    with torch.cuda.device(cond.device):
-        C.cfg_sample(
-            cond.data_ptr(), cond.stride(0), cond.stride(1), u.data_ptr(), u.stride(0), u.stride(1), has_u,
-            cfg_scale.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(),
-            seed.data_ptr(), step.data_ptr(), tok.data_ptr(), logp.data_ptr(), b, v,
-            _ext.dtype_code(cond, "cond_logits"), _ext.stream_of(cond),
-        )
+    with _ext.launch(cond) as (C, stream):
+        C.cfg_sample(_ext.params(
+            C.CfgSampleParams,
+            **_ext.operand("cond", cond), cond_stride0=cond.stride(0), cond_stride1=cond.stride(1),
+            **_ext.operand("uncond", u), uncond_stride0=u.stride(0), uncond_stride1=u.stride(1), has_uncond=has_u,
+            **_ext.operand("cfg_scale", cfg_scale), **_ext.operand("temperature", temperature),
+            **_ext.operand("top_k", top_k), **_ext.operand("top_p", top_p), **_ext.operand("seed", seed),
+            **_ext.operand("step", step), **_ext.operand("tokens", tok), **_ext.operand("logprob", logp), B=b, V=v,
+            dtype=_ext.dtype_code(cond, "cond_logits"), stream=stream,
+        ))
     return tok, logp
 
 # ---------------------------------------------------------------------------------------------

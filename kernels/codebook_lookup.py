@@ -167,7 +167,6 @@ def _codebook_lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_no
 
 @register("codebook_lookup", "cuda")
 def _codebook_lookup_cuda(z: torch.Tensor, codebook: torch.Tensor, codebook_normalized: bool) -> torch.Tensor:
-    C = _ext.load()
     # The kernel loads both operands as fp32 (to_float), so with two dtypes the fp32 kernel on
     # upcast copies computes exactly what a two-dtype kernel would; only the copy costs.
     if codebook.dtype != z.dtype:
@@ -176,13 +175,14 @@ def _codebook_lookup_cuda(z: torch.Tensor, codebook: torch.Tensor, codebook_norm
     out = torch.empty(n, dtype=torch.long, device=z.device)
     if n == 0:
         return out
-    with torch.cuda.device(z.device):
-        C.codebook_lookup(
-            z.data_ptr(), z.stride(0), z.stride(1),
-            codebook.data_ptr(), codebook.stride(0), codebook.stride(1),
-            out.data_ptr(), n, codebook.shape[0], d,
-            _ext.dtype_code(z, "z"), codebook_normalized, _ext.stream_of(z),
-        )
+    with _ext.launch(z) as (C, stream):
+        C.codebook_lookup(_ext.params(
+            C.CodebookLookupParams,
+            **_ext.operand("z", z), z_stride0=z.stride(0), z_stride1=z.stride(1),
+            **_ext.operand("codebook", codebook), cb_stride0=codebook.stride(0), cb_stride1=codebook.stride(1),
+            **_ext.operand("out", out), N=n, K=codebook.shape[0], D=d,
+            dtype=_ext.dtype_code(z, "z"), normalized=codebook_normalized, stream=stream,
+        ))
     return out
 
 

@@ -336,6 +336,20 @@ def _fwd_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, n_ok, d_ok, m_ok
 
 
 @triton.jit
+def _fwd_keys(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, m_ok, d_ok, start, end,
+              P, GW, HH, HW, sks, skd, svs, svd, qk_scale,
+              BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Folds keys [start, end), in tiles of BLOCK, into the running softmax (acc, m_i, l_i)."""
+    for n0 in range(start, end, BLOCK):
+        offs_n = n0 + tl.arange(0, BLOCK)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
+                                  v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                                  offs_m, offs_n, offs_n < end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
+                                  DOT_PRECISION, UPCAST_DOT)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _conv_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     H, S, D, P, GW, HH, HW,
@@ -363,22 +377,13 @@ def _conv_attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     # The prefix: every image query sees all of it, prefix queries see it causally. Its own
     # narrow key tiles (BLOCK_P, typically 16) so one BOS token does not cost a 64-wide tile.
-    p_end = tl.minimum(P, q_end)
-    for n0 in range(0, p_end, BLOCK_P):
-        offs_n = n0 + tl.arange(0, BLOCK_P)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
-                                  v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
-                                  offs_m, offs_n, offs_n < p_end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
-                                  DOT_PRECISION, UPCAST_DOT)
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, m_ok, d_ok, 0, tl.minimum(P, q_end),
+                              P, GW, HH, HW, sks, skd, svs, svd, qk_scale, BLOCK_P, DOT_PRECISION, UPCAST_DOT)
     # Image keys: the raster interval from the first query's first window key to the last query
     # (empty for a prefix block, where lo >= P >= q_end).
     lo = _first_key(q_start, q_end, P, GW, HH, HW)
-    for n0 in range(lo, q_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
-                                  v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
-                                  offs_m, offs_n, offs_n < q_end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
-                                  DOT_PRECISION, UPCAST_DOT)
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, m_ok, d_ok, lo, q_end,
+                              P, GW, HH, HW, sks, skd, svs, svd, qk_scale, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
@@ -400,6 +405,20 @@ def _bwd_dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_m, offs_n, n_ok, d_
         dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_keys(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, m_ok, d_ok, start, end,
+                 P, GW, HH, HW, sks, skd, svs, svd, qk_scale,
+                 BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Accumulates into dq the keys [start, end), in tiles of BLOCK."""
+    for n0 in range(start, end, BLOCK):
+        offs_n = n0 + tl.arange(0, BLOCK)
+        dq = _bwd_dq_step(dq, q, do, lse, delta, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
+                          v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                          offs_m, offs_n, offs_n < end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
+                          DOT_PRECISION, UPCAST_DOT)
     return dq
 
 
@@ -429,20 +448,12 @@ def _conv_attention_bwd_dq_kernel(
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    p_end = tl.minimum(P, q_end)
-    for n0 in range(0, p_end, BLOCK_P):
-        offs_n = n0 + tl.arange(0, BLOCK_P)
-        dq = _bwd_dq_step(dq, q, do, lse, delta, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
-                          v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
-                          offs_m, offs_n, offs_n < p_end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
-                          DOT_PRECISION, UPCAST_DOT)
+    # The same two key ranges as the forward: the prefix in BLOCK_P tiles, then the image interval.
+    dq = _bwd_dq_keys(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, m_ok, d_ok, 0, tl.minimum(P, q_end),
+                      P, GW, HH, HW, sks, skd, svs, svd, qk_scale, BLOCK_P, DOT_PRECISION, UPCAST_DOT)
     lo = _first_key(q_start, q_end, P, GW, HH, HW)
-    for n0 in range(lo, q_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        dq = _bwd_dq_step(dq, q, do, lse, delta, k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
-                          v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
-                          offs_m, offs_n, offs_n < q_end, d_ok, m_ok, P, GW, HH, HW, qk_scale,
-                          DOT_PRECISION, UPCAST_DOT)
+    dq = _bwd_dq_keys(dq, q, do, lse, delta, k_base, v_base, offs_m, offs_d, m_ok, d_ok, lo, q_end,
+                      P, GW, HH, HW, sks, skd, svs, svd, qk_scale, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
     tl.store(dq_ptr + bh * S * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
              mask=md)
 
@@ -713,7 +724,6 @@ def _conv_decode_attention_triton(q, k_cache, v_cache, pos, grid, kernel, prefix
 
 @register("conv_decode_attention", "cuda")
 def _conv_decode_attention_cuda(q, k_cache, v_cache, pos, grid, kernel, prefix, scale, ring):
-    C = _ext.load()
     b, h, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     o = torch.empty(b, h, 1, d, device=q.device, dtype=q.dtype)
@@ -721,14 +731,18 @@ def _conv_decode_attention_cuda(q, k_cache, v_cache, pos, grid, kernel, prefix, 
         return o
     pos = pos.to(torch.int64).contiguous()
     g = _decode_geometry(grid, kernel, prefix, ring)
-    with torch.cuda.device(q.device):
-        C.conv_decode_attention(
-            q.data_ptr(), q.stride(0), q.stride(1), q.stride(3),
-            k_cache.data_ptr(), *k_cache.stride(), v_cache.data_ptr(), *v_cache.stride(),
-            o.data_ptr(), o.stride(0), o.stride(1), o.stride(3), pos.data_ptr(),
-            b, h, d, g["P"], g["GW"], g["HH"], g["HW"], g["SPAN"], g["NROWS"], g["NCOLS"], bool(ring), scale,
-            _ext.dtype_code(q, "q"), _ext.stream_of(q),
-        )
+    with _ext.launch(q) as (C, stream):
+        C.conv_decode_attention(_ext.params(
+            C.ConvDecodeAttentionParams,
+            **_ext.operand("q", q), q_stride_b=q.stride(0), q_stride_h=q.stride(1), q_stride_d=q.stride(3),
+            **_ext.operand("k", k_cache), k_stride_b=k_cache.stride(0), k_stride_h=k_cache.stride(1),
+            k_stride_s=k_cache.stride(2), k_stride_d=k_cache.stride(3),
+            **_ext.operand("v", v_cache), v_stride_b=v_cache.stride(0), v_stride_h=v_cache.stride(1),
+            v_stride_s=v_cache.stride(2), v_stride_d=v_cache.stride(3),
+            **_ext.operand("o", o), o_stride_b=o.stride(0), o_stride_h=o.stride(1), o_stride_d=o.stride(3),
+            **_ext.operand("pos", pos), B=b, H=h, D=d, S=k_cache.shape[2], **g, ring=bool(ring), scale=scale,
+            dtype=_ext.dtype_code(q, "q"), stream=stream,
+        ))
     return o
 
 

@@ -362,16 +362,45 @@ def test_extension_exposes_adafactor8():
     for op in ADAFACTOR8_OPS:
         assert hasattr(C, op)
     assert "adafactor8" in C.ops
-    # Argument checks run before any CUDA call, so they work without a GPU.
-    view = dict(L=1, R=3, C=4, dtype=0, stream=0)
-    with pytest.raises(ValueError, match="n_parts"):
-        C.adafactor8_step(0, 12, 4, 1, 0, 12, 4, 1, 0, 0, 0, 0, 0, 0, lr=1e-3, decay=1.0, beta1=0.9,
-                          one_minus_beta1=0.1, clip_threshold=1.0, **view)
-    with pytest.raises(ValueError, match="positive sizes"):
-        C.adafactor8_row_col_sums(0, 0, 1, 1, 0, 0, L=1, R=0, C=4, row_tiles=1, dtype=0, stream=0)
+    # The params structs are checked before any CUDA call (the device check last), so these run
+    # without a GPU; CPU tensors stand in for real pointers.
+    g, p, q = torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), torch.zeros(12, dtype=torch.int8)
+    scale, a, b, parts = torch.zeros(1), torch.zeros(3), torch.zeros(4), torch.zeros(2)
+    step = _ext.params(
+        C.Adafactor8StepParams, **_ext.operand("g", g), g_stride_l=12, g_stride_r=4, g_stride_c=1,
+        **_ext.operand("p", p), p_stride_l=12, p_stride_r=4, p_stride_c=1, **_ext.operand("q", q),
+        **_ext.operand("scale", scale), **_ext.operand("a", a), **_ext.operand("b", b),
+        **_ext.operand("sumsq_parts", parts), n_parts=2, L=1, R=3, C=4, lr=1e-3, decay=1.0, beta1=0.9,
+        one_minus_beta1=0.1, clip_threshold=1.0, dtype=0, stream=0)
+    for field, value, match in [
+        ("n_parts", 0, "n_parts must be in"),
+        ("R", 0, "positive sizes"),
+        ("dtype", 5, "dtype must be a known dtype code"),
+        ("scale", 0, "scale is a null pointer"),
+        ("sumsq_parts_extent", 1, "sumsq_parts with sizes and strides .*reaches element 1 but sumsq_parts_extent is 1"),
+        ("p_stride_r", 1, "p is written, so its axes must not overlap"),
+    ]:
+        bad = _ext.params(C.Adafactor8StepParams, **{f: getattr(step, f) for f in dir(step) if not f.startswith("_")})
+        setattr(bad, field, value)
+        with pytest.raises(ValueError, match=match):
+            C.adafactor8_step(bad)
+    with pytest.raises((ValueError, RuntimeError), match="g is not device memory|CUDA error"):
+        C.adafactor8_step(step)
+    rowpart, colpart = torch.zeros(1, 1, 3), torch.zeros(1, 1, 4)
+    row_col = _ext.params(
+        C.Adafactor8RowColSumsParams, **_ext.operand("g", g), g_stride_l=12, g_stride_r=1, g_stride_c=4,
+        **_ext.operand("row_part", rowpart), **_ext.operand("col_part", colpart), L=1, R=3, C=4, row_tiles=1,
+        dtype=0, stream=0)
+    with pytest.raises(ValueError, match="g_stride_r=1.*g_stride_c=4.*strides swapped"):  # reaches 2 + 12 >= 12
+        C.adafactor8_row_col_sums(row_col)
     with pytest.raises(ValueError, match="at least one partial"):
-        C.adafactor8_factors(0, 0, 0, 0, 0, 0, L=1, R=3, C=4, n_rowparts=0, n_colparts=1, beta2_t=0.5,
-                             one_minus_beta2_t=0.5, eps1=1e-30, stream=0)
+        C.adafactor8_factors(_ext.params(C.Adafactor8FactorsParams, L=1, R=3, C=4, n_rowparts=0, n_colparts=1))
+    with pytest.raises(ValueError, match="N must be >= 1"):
+        C.adafactor8_full_factors(C.Adafactor8FullFactorsParams())
+    with pytest.raises(ValueError, match="workspace is a null pointer"):
+        C.adafactor8_sumsq(_ext.params(
+            C.Adafactor8SumsqParams, **_ext.operand("g", g), g_stride_l=12, g_stride_r=4, g_stride_c=1,
+            **_ext.operand("a", a), **_ext.operand("b", b), **_ext.operand("out", scale), L=1, R=3, C=4, dtype=0))
 
 
 _AOT_SCRIPT = """

@@ -67,12 +67,150 @@ def test_extension_built_and_exposes_ops():
     assert C.cuda_runtime_version() >= 12000
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: the CUDA build is skipped by design")
-def test_extension_checks_arguments():
+needs_ext = pytest.mark.skipif(shutil.which("nvcc") is None,
+                               reason="nvcc not on PATH: the CUDA build is skipped by design")
+
+# The params structs are checked in C++ before any CUDA call (the device check comes last), so
+# every check below runs on a CPU-only machine. CPU tensors give real, readable pointers: params
+# that pass every host-side check fail only at the device check.
+
+
+def _codebook_lookup_params(C, z=None):
+    z = torch.zeros(5, 8) if z is None else z
+    cb, out = torch.zeros(4, 8), torch.zeros(5, dtype=torch.long)
+    return _ext.params(C.CodebookLookupParams, **_ext.operand("z", z), z_stride0=z.stride(0), z_stride1=z.stride(1),
+                       **_ext.operand("codebook", cb), cb_stride0=8, cb_stride1=1, **_ext.operand("out", out),
+                       N=z.shape[0], K=4, D=8, dtype=0, normalized=False, stream=0)
+
+
+@needs_ext
+def test_codebook_lookup_params_by_name():
     C = _ext.load()
-    with pytest.raises(ValueError, match="D must be in"):
-        C.codebook_lookup(0, 1, 1, 0, 1, 1, 0, 4, 4, 300, 0, False, 0)
-    with pytest.raises(ValueError, match="K >= 1"):
-        C.codebook_lookup(0, 1, 1, 0, 1, 1, 0, 4, 0, 8, 0, False, 0)
-    with pytest.raises(ValueError, match="unsupported dtype code"):
-        C.codebook_lookup(0, 1, 1, 0, 1, 1, 0, 4, 4, 8, 7, False, 0)
+    p = _codebook_lookup_params(C)
+    assert (p.N, p.K, p.D, p.z_stride0) == (5, 4, 8, 8)
+    with pytest.raises(AttributeError):
+        p.z_stride = 1  # a misspelt field is an error, not a silently ignored attribute
+    with pytest.raises(TypeError):
+        C.codebook_lookup(0, 1, 1, 0, 1, 1, 0, 4, 4, 8, 0, False, 0)  # no positional ints any more
+
+
+@needs_ext
+@pytest.mark.parametrize("field,value,match", [
+    ("D", 300, r"D must be in \[1, 256\]"),
+    ("K", 0, "K >= 1"),
+    ("dtype", 7, r"dtype must be a known dtype code \(0 float32, 1 float16, 2 bfloat16\), got 7"),
+    ("z", 0, "z is a null pointer"),
+    ("out", 0, "out is a null pointer"),
+    ("z_stride1", -1, "z_stride1 must be >= 0"),
+    ("z_extent", 0, "z_extent must be >= 1"),
+    ("z_stride0", 9, "z with sizes and strides .*reaches element 43 but z_extent is 40"),
+    ("out_extent", 4, "out with sizes and strides .*reaches element 4 but out_extent is 4"),
+])
+def test_codebook_lookup_rejects_bad_params(field, value, match):
+    C = _ext.load()
+    p = _codebook_lookup_params(C)
+    setattr(p, field, value)
+    with pytest.raises(ValueError, match=match):
+        C.codebook_lookup(p)
+
+
+@needs_ext
+def test_swapped_strides_are_caught():
+    C = _ext.load()
+    p = _codebook_lookup_params(C, torch.zeros(3, 8))
+    p.z_stride0, p.z_stride1 = p.z_stride1, p.z_stride0  # [3, 8] read as (1, 8): reaches 2 + 7 * 8 = 58 >= 24
+    with pytest.raises(ValueError, match="z_stride0=1.*z_stride1=8.*strides swapped"):
+        C.codebook_lookup(p)
+
+
+@needs_ext
+def test_unset_fields_fail_the_checks():
+    C = _ext.load()
+    with pytest.raises(ValueError, match="N must be >= 0, got -1"):
+        C.codebook_lookup(C.CodebookLookupParams())
+    p = _codebook_lookup_params(C)
+    p.cb_stride1 = C.CodebookLookupParams().cb_stride1  # left unset
+    with pytest.raises(ValueError, match=r"cb_stride1 must be >= 0 \(negative strides are not supported\), got -1"):
+        C.codebook_lookup(p)
+
+
+@needs_ext
+def test_valid_host_params_reach_the_device_check():
+    """Host memory passes every host-side check and is refused by the pointer check (or, without
+    a driver, by the CUDA call that makes it), never launched."""
+    C = _ext.load()
+    with pytest.raises((ValueError, RuntimeError), match="z is not device memory|CUDA error"):
+        C.codebook_lookup(_codebook_lookup_params(C))
+
+
+def _conv_decode_params(C):
+    q, o = torch.zeros(2, 3, 1, 8), torch.zeros(2, 3, 1, 8)
+    k, v = torch.zeros(2, 3, 10, 8), torch.zeros(2, 3, 10, 8)
+    pos = torch.zeros(2, dtype=torch.long)
+    fields = dict(**_ext.operand("q", q), q_stride_b=24, q_stride_h=8, q_stride_d=1,
+                  **_ext.operand("o", o), o_stride_b=24, o_stride_h=8, o_stride_d=1, **_ext.operand("pos", pos),
+                  B=2, H=3, D=8, S=10, P=2, GW=4, HH=1, HW=1, SPAN=8, NROWS=2, NCOLS=3, ring=False, scale=0.3,
+                  dtype=1, stream=0)
+    for name, t in (("k", k), ("v", v)):
+        fields.update(_ext.operand(name, t), **{f"{name}_stride_{a}": s for a, s in zip("bhsd", t.stride())})
+    return _ext.params(C.ConvDecodeAttentionParams, **fields), (q, o, k, v, pos)
+
+
+@needs_ext
+@pytest.mark.parametrize("field,value,match", [
+    ("dtype", 3, "dtype must be a known dtype code"),
+    ("V", 0, "V must be >= 1"),
+    ("top_p", 0, "top_p is a null pointer"),
+    ("tokens_extent", 1, "tokens with sizes and strides .*reaches element 1 but tokens_extent is 1"),
+    ("uncond_stride1", -16, "uncond_stride1 must be >= 0"),
+    ("cond_extent", 31, "cond with sizes and strides .*reaches element 31 but cond_extent is 31"),
+])
+def test_cfg_sample_rejects_bad_params(field, value, match):
+    C = _ext.load()
+    cond = torch.zeros(2, 16)
+    rows = {}
+    for name in ("cfg_scale", "temperature", "top_k", "top_p", "seed", "step", "tokens", "logprob"):
+        rows.update(_ext.operand(name, torch.zeros(2, dtype=torch.long if name in ("top_k", "seed", "step", "tokens")
+                                                   else torch.float32)))
+    p = _ext.params(C.CfgSampleParams, **_ext.operand("cond", cond), cond_stride0=16, cond_stride1=1,
+                    **_ext.operand("uncond", cond), uncond_stride0=16, uncond_stride1=1, has_uncond=True,
+                    B=2, V=16, dtype=0, stream=0, **rows)
+    setattr(p, field, value)
+    with pytest.raises(ValueError, match=match):
+        C.cfg_sample(p)
+
+
+@needs_ext
+@pytest.mark.parametrize("field,value,match", [
+    ("dtype", -1, "dtype must be a known dtype code"),
+    ("S", 0, "S >= 1"),
+    ("pos", 0, "pos is a null pointer"),
+    ("o_stride_h", 4, "o is written, so its axes must not overlap"),
+    ("v_extent", 479, "v with sizes and strides .*reaches element 479 but v_extent is 479"),
+])
+def test_conv_decode_attention_rejects_bad_params(field, value, match):
+    C = _ext.load()
+    p, keep = _conv_decode_params(C)
+    setattr(p, field, value)
+    with pytest.raises(ValueError, match=match):
+        C.conv_decode_attention(p)
+    del keep
+
+
+@needs_ext
+def test_conv_decode_attention_swapped_strides_are_caught():
+    C = _ext.load()
+    p, keep = _conv_decode_params(C)
+    p.q_stride_h, p.q_stride_d = p.q_stride_d, p.q_stride_h  # q [2, 3, 8] read as (24, 1, 8): reaches 82 >= 48
+    with pytest.raises(ValueError, match="q_stride_h=1.*q_stride_d=8.*strides swapped"):
+        C.conv_decode_attention(p)
+    del keep
+
+
+@needs_ext
+def test_conv_decode_attention_valid_host_params_reach_the_device_check():
+    C = _ext.load()
+    p, keep = _conv_decode_params(C)
+    with pytest.raises((ValueError, RuntimeError), match="q is not device memory|CUDA error"):
+        C.conv_decode_attention(p)
+    del keep
