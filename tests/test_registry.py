@@ -1,6 +1,9 @@
 """The backend registry and the compiled extension."""
 
+import contextlib
+import importlib
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -214,3 +217,35 @@ def test_conv_decode_attention_valid_host_params_reach_the_device_check():
     with pytest.raises((ValueError, RuntimeError), match="q is not device memory|CUDA error"):
         C.conv_decode_attention(p)
     del keep
+
+
+@needs_ext
+def test_cuda_launchers_fill_every_field(monkeypatch):
+    """Each backend='cuda' launcher, run on CPU tensors with the device guard and stream stubbed,
+    names every field right (a typo raises AttributeError, a forgotten one fails a host check), so
+    its params pass all host-side checks and stop only at the device check."""
+    cfg_mod = importlib.import_module("vqim.kernels.cfg_sample")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    rows = cfg_mod._row_params(3, torch.device("cpu"), cfg_scale=2.0, temperature=1.0, top_k=5, top_p=0.9, seed=1,
+                               step=2)
+    g3, p3 = torch.randn(2, 40, 300), torch.randn(2, 40, 300)
+    a, b = torch.ones(80), torch.ones(600)
+    kv = torch.randn(2, 3, 40, 16)
+    calls = [
+        ("codebook_lookup", (torch.randn(5, 8), torch.randn(4, 8).bfloat16(), False), {}),
+        ("cfg_sample", (torch.randn(3, 50), torch.randn(3, 50)), rows),
+        ("cfg_sample", (torch.randn(3, 50), None), rows),
+        ("conv_decode_attention", (torch.randn(2, 3, 1, 16), kv, kv.clone(), torch.tensor([5, 7]), (4, 8), (3, 3), 2,
+                                   None, False), {}),
+        ("adafactor8_row_col_sums", (g3,), {}),
+        ("adafactor8_factors", (torch.zeros(2, 2, 40), torch.zeros(1, 2, 300), torch.ones(2, 40), torch.ones(2, 300),
+                                0.9, 1e-30), {}),
+        ("adafactor8_full_factors", (torch.randn(1, 1, 100), torch.ones(100), 0.9, 1e-30), {}),
+        ("adafactor8_sumsq", (g3, a, b), {}),
+        ("adafactor8_step", (g3, p3, torch.zeros(p3.numel(), dtype=torch.int8), torch.zeros(p3.numel() // 256 + 1),
+                             a, b, torch.zeros(3), 1e-3, 1.0, 0.9, 1.0, None, None), {}),
+    ]
+    for op, args, kwargs in calls:
+        with pytest.raises((ValueError, RuntimeError), match="is not device memory|CUDA error"):
+            _registry._IMPLS[op]["cuda"](*args, **kwargs)
