@@ -75,14 +75,14 @@ needs_ext = pytest.mark.skipif(shutil.which("nvcc") is None,
 
 # The params structs are checked in C++ before any CUDA call (the device check comes last), so
 # every check below runs on a CPU-only machine. CPU tensors give real, readable pointers: params
-# that pass every host-side check fail only at the device check.
+# that pass every host-side check fail only at the device check. The structs hold raw pointers,
+# so the tensors behind them live at module scope.
+_Z, _Z3, _CB, _OUT = torch.zeros(5, 8), torch.zeros(3, 8), torch.zeros(4, 8), torch.zeros(5, dtype=torch.long)
 
 
-def _codebook_lookup_params(C, z=None):
-    z = torch.zeros(5, 8) if z is None else z
-    cb, out = torch.zeros(4, 8), torch.zeros(5, dtype=torch.long)
+def _codebook_lookup_params(C, z=_Z):
     return _ext.params(C.CodebookLookupParams, **_ext.operand("z", z), z_stride0=z.stride(0), z_stride1=z.stride(1),
-                       **_ext.operand("codebook", cb), cb_stride0=8, cb_stride1=1, **_ext.operand("out", out),
+                       **_ext.operand("codebook", _CB), cb_stride0=8, cb_stride1=1, **_ext.operand("out", _OUT),
                        N=z.shape[0], K=4, D=8, dtype=0, normalized=False, stream=0)
 
 
@@ -120,7 +120,7 @@ def test_codebook_lookup_rejects_bad_params(field, value, match):
 @needs_ext
 def test_swapped_strides_are_caught():
     C = _ext.load()
-    p = _codebook_lookup_params(C, torch.zeros(3, 8))
+    p = _codebook_lookup_params(C, _Z3)
     p.z_stride0, p.z_stride1 = p.z_stride1, p.z_stride0  # [3, 8] read as (1, 8): reaches 2 + 7 * 8 = 58 >= 24
     with pytest.raises(ValueError, match="z_stride0=1.*z_stride1=8.*strides swapped"):
         C.codebook_lookup(p)
@@ -171,13 +171,12 @@ def _conv_decode_params(C):
 def test_cfg_sample_rejects_bad_params(field, value, match):
     C = _ext.load()
     cond = torch.zeros(2, 16)
-    rows = {}
-    for name in ("cfg_scale", "temperature", "top_k", "top_p", "seed", "step", "tokens", "logprob"):
-        rows.update(_ext.operand(name, torch.zeros(2, dtype=torch.long if name in ("top_k", "seed", "step", "tokens")
-                                                   else torch.float32)))
+    rows = {name: torch.zeros(2, dtype=torch.long if name in ("top_k", "seed", "step", "tokens") else torch.float32)
+            for name in ("cfg_scale", "temperature", "top_k", "top_p", "seed", "step", "tokens", "logprob")}
     p = _ext.params(C.CfgSampleParams, **_ext.operand("cond", cond), cond_stride0=16, cond_stride1=1,
                     **_ext.operand("uncond", cond), uncond_stride0=16, uncond_stride1=1, has_uncond=True,
-                    B=2, V=16, dtype=0, stream=0, **rows)
+                    B=2, V=16, dtype=0, stream=0,
+                    **{k: v for name, t in rows.items() for k, v in _ext.operand(name, t).items()})
     setattr(p, field, value)
     with pytest.raises(ValueError, match=match):
         C.cfg_sample(p)
