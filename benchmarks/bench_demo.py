@@ -36,24 +36,17 @@ COLUMNS = ["device", "batch", "mode", "ms_per_image", "p20", "p80", "images_per_
 def generate_without_cache(engine: Engine, prompts: list[str], *, seed: int) -> torch.Tensor:
     """Image tokens ``[B, n]`` by full-sequence forwards (no KV cache), guided and sampled with
     the engine's default settings (the model's generation.json)."""
-    sd = engine.sampling_defaults
     model, dec = engine.model, engine.model.decoder
     b = len(prompts)
     ids, mask = engine.tokenizer.batch(list(prompts) + [""] * b, engine.device)  # (2B, L)
     memory = model.text(ids, mask)  # (2B, L, W)
     prefix = torch.full((2 * b, 1), dec.cfg.num_classes, dtype=torch.long, device=engine.device)
     tokens = torch.empty(2 * b, 0, dtype=torch.long, device=engine.device)
-    dev = engine.device
-    scale = torch.full((b,), float(sd["cfg_scale"]), device=dev)
     seeds = torch.arange(seed, seed + b, device=engine.device)
     for step in range(dec.cfg.num_tokens):
         h = dec(prefix, tokens, memory, mask, hidden_layer=dec.cfg.layers - 1)  # (2B, 1 + t, W)
         logits = dec.head(dec.norm(h[:, -1]))  # (2B, V)
-        tok = K.cfg_sample(logits[:b], logits[b:], cfg_scale=scale,
-                           temperature=torch.full((b,), float(sd["temperature"]), device=dev),
-                           top_k=torch.full((b,), int(sd["top_k"]), dtype=torch.long, device=dev),
-                           top_p=torch.full((b,), float(sd["top_p"]), device=dev), seed=seeds, step=step,
-                           validate=False)
+        tok = K.cfg_sample(logits[:b], logits[b:], seed=seeds, step=step, validate=False, **engine.sampling_defaults)
         tokens = torch.cat([tokens, torch.cat([tok, tok])[:, None]], dim=1)
     return tokens[:b]
 

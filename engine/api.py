@@ -30,8 +30,6 @@ from .weights import (build_model, check_generation_defaults, load_config, load_
                       save_pretrained)
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "demo"
-# Sampling settings when neither the call nor the model directory's generation.json gives one.
-SAMPLING_DEFAULTS = {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 def draw_seed(num_images: int) -> int:
@@ -133,9 +131,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.model_dir = model_dir
-        # generate()'s settings for arguments left as None: the model's generation.json over ours.
-        self.generation = dict(check_generation_defaults(generation or {}, "generation"))
-        self.sampling_defaults = {**SAMPLING_DEFAULTS, **self.generation}
+        # generate()'s settings for those a call leaves out (or None): the model's generation.json
+        # over SamplingParams' defaults.
+        self.generation = check_generation_defaults(generation or {}, "generation")
+        self.sampling_defaults = K.SamplingParams(**self.generation).to_dict()
         self.generator = None
         if model.decoder is not None:
             self.generator = Generator(model.decoder, use_cuda_graph=use_cuda_graph, ring_cache=kv_cache == "ring")
@@ -303,21 +302,23 @@ class Engine:
                 raise ValueError(f"class_ids must be ints in [0, {nc}), got {c!r}")
         return list(class_ids), True
 
-    def generate_codes(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, cfg_scale=None,
-                       temperature=None, top_k=None, top_p=None, seed=None, *, class_ids=None,
-                       progress: bool | Callable[[int], None] = False) -> torch.LongTensor:
+    def generate_codes(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None,
+                       class_ids=None, progress: bool | Callable[[int], None] = False,
+                       **sampling) -> torch.LongTensor:
         """Image tokens ``[len(prompts) * num_images, grid_h, grid_w]``, request-major.
 
-        ``cfg_scale``, ``temperature``, ``top_k``, ``top_p`` and ``seed`` are scalars or one value
-        per prompt / class id. A sampling argument left ``None`` takes the model directory's
-        recommendation (``generation.json``, in :attr:`sampling_defaults`) or else 3.0, 1.0, 0, 1.0. Image ``j`` of a request draws with seed ``seed + j``, so its
+        ``sampling``: settings by :class:`~vqim.kernels.SamplingParams` field name (``cfg_scale``,
+        ``temperature``, ``top_k``, ...; another name is a TypeError). Each setting and ``seed``
+        is a scalar or one value per prompt / class id. A setting left out (or ``None``) takes
+        the model directory's recommendation (``generation.json``, in :attr:`sampling_defaults`)
+        or else SamplingParams' default. Image ``j`` of a request draws with seed ``seed + j``, so its
         tokens do not depend on the other requests in the batch. ``seed=None`` picks one.
         ``progress=True`` shows a tqdm bar over decode steps (a callable gets the step count).
         """
         if self._tp_group is not None:
             seed = self._rank0_seed(seed, num_images)
         with self._agreed():
-            request = self._check_request(prompts, num_images, cfg_scale, temperature, top_k, top_p, seed, class_ids)
+            request = self._check_request(prompts, num_images, sampling, seed, class_ids)
         # Reached by every rank only once all have validated the request: none enters the decode
         # loop's collectives alone. Tensor parallel: one progress bar, rank 0's.
         with self._agreed(), self._lock:
@@ -333,19 +334,24 @@ class Engine:
             seed = [drawn if s is None else s for s in seed] if isinstance(seed, (list, tuple)) else drawn
         return seed
 
-    def _check_request(self, prompts, num_images, cfg_scale, temperature, top_k, top_p, seed, class_ids) -> tuple:
+    def _check_request(self, prompts, num_images, sampling: dict, seed, class_ids) -> tuple:
         """Everything ``generate_codes`` checks before the first decode step: ``(conds, rows, params,
         seeds, has_uncond)`` for :meth:`_generate_rows`."""
         self.cfg.require_decoder("generating images")
         conds, has_uncond = self._requests(prompts, class_ids, num_images)
         n = len(conds)
-        given = {"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-        params = {k: _per_request(k, self.sampling_defaults[k] if v is None else v, n) for k, v in given.items()}
+        unknown = set(sampling) - set(K.SamplingParams.names())
+        if unknown:
+            raise TypeError(f"unknown sampling settings {sorted(unknown)}; expected among "
+                            f"{list(K.SamplingParams.names())}")
+        given = {k: _per_request(k, v, n) for k, v in sampling.items()}
+        defaults = K.SamplingParams(**self.sampling_defaults)
+        # One SamplingParams per request (validated on construction).
+        params = [defaults.updated(**{k: v[i] for k, v in given.items()}) for i in range(n)]
         seeds = _per_request("seed", seed, n)
         seeds = [draw_seed(num_images) if s is None else s for s in seeds]
         for i in range(n):
-            K.validate_sampling_params(cfg_scale=params["cfg_scale"][i], temperature=params["temperature"][i],
-                                       top_k=params["top_k"][i], top_p=params["top_p"][i], seed=seeds[i])
+            K.validate_sampling_params(seed=seeds[i])
             if seeds[i] + num_images - 1 > K.MAX_SEED:
                 raise ValueError(f"seed must be <= 2**63 - num_images (image j uses seed + j), got {seeds[i]}")
         if self.cfg.is_text_to_image:
@@ -389,14 +395,8 @@ class Engine:
     def _generate_chunk(self, conds, chunk, params, seeds, has_uncond, on_step) -> torch.Tensor:
         dev = self.device
         req = [i for i, _ in chunk]
-        scales = [float(params["cfg_scale"][i]) for i in req]
-        guided = has_uncond and any(sc != 1.0 for sc in scales)
-
-        def col(name: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([params[name][i] for i in req], dtype=dtype, device=dev)
-
-        sampling = Sampling(cfg_scale=col("cfg_scale", torch.float32), temperature=col("temperature", torch.float32),
-                            top_k=col("top_k", torch.long), top_p=col("top_p", torch.float32),
+        guided = has_uncond and any(params[i].cfg_scale != 1.0 for i in req)
+        sampling = Sampling(K.SamplingParams.rows([params[i] for i in req], dev),
                             seed=torch.tensor([seeds[i] + j for i, j in chunk], dtype=torch.long, device=dev))
         model = self.model
         memory = mask = None
@@ -417,12 +417,11 @@ class Engine:
             prefix = torch.tensor(pre, dtype=torch.long, device=dev)[:, None]  # (R, 1)
         return check_tokens(self.generator.run(prefix, memory, mask, sampling, guided=guided, on_step=on_step))
 
-    def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, cfg_scale=None,
-                 temperature=None, top_k=None, top_p=None, seed=None, *, class_ids=None,
-                 progress: bool | Callable[[int], None] = False) -> list[Image.Image]:
+    def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None,
+                 class_ids=None, progress: bool | Callable[[int], None] = False, **sampling) -> list[Image.Image]:
         """Images for each prompt (``num_images`` each, request-major): see :meth:`generate_codes`."""
-        codes = self.generate_codes(prompts, num_images, cfg_scale, temperature, top_k, top_p, seed,
-                                    class_ids=class_ids, progress=progress)
+        codes = self.generate_codes(prompts, num_images, seed=seed, class_ids=class_ids, progress=progress,
+                                    **sampling)
         return self.decode_codes(codes)
 
     # ------------------------------------------------------------------ tokenizer

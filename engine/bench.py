@@ -39,7 +39,7 @@ def step_bytes(engine: Engine, rows: int, pos: int, text_len: int) -> int:
     return weight + kv
 
 
-def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = 3.0, step_iters: int = 20,
+def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = K.SamplingParams.cfg_scale, step_iters: int = 20,
                  image_iters: int = 2, modes: tuple[str, ...] | None = None) -> list[dict]:
     """Rows of the table for one engine and batch size, one per mode (default: torch, eager and
     graph on CUDA, eager elsewhere)."""
@@ -62,8 +62,8 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = 3.0, step_ite
             memory = engine.model.text(ids, mask)
             text_len = ids.shape[1]
         prefix = torch.full((rows, 1), cfg.num_classes, dtype=torch.long, device=dev)
-        sampling = dict(cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0,
-                        seed=torch.arange(batch, device=dev), validate=False)
+        # The other settings at SamplingParams' defaults.
+        sampling = dict(cfg_scale=cfg_scale, seed=torch.arange(batch, device=dev), validate=False)
         pos_int = cfg.prefix + cfg.num_tokens // 2  # mid-grid: a full conv window
         pos = torch.full((1,), pos_int, dtype=torch.long, device=dev)
         tok = torch.zeros(rows, dtype=torch.long, device=dev)
@@ -119,7 +119,7 @@ def _time_mode(engine, mode, rows, batch, guided, prefix, memory, mask, sampling
         return K.cfg_sample(logits[:batch], uncond, step=7, **sampling)
 
     def image():
-        codes = engine.generate_codes(prompts, 1, cfg_scale, seed=0, class_ids=class_ids)
+        codes = engine.generate_codes(prompts, 1, cfg_scale=cfg_scale, seed=0, class_ids=class_ids)
         engine.decode_codes(codes, output_type="pt")
 
     return timeit(step, device=dev, warmup=3, iters=step_iters), timeit(image, device=dev, warmup=1, iters=image_iters)

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vqim.kernels import SamplingParams
+
 from .config import PRESETS
 from .weights import atomic_write
 
@@ -165,9 +167,8 @@ def _generate(args: argparse.Namespace) -> None:
         raise ValueError(f"{eng.cfg.name} is a text-to-image model: give a PROMPT")
     if not text and args.prompt:
         raise ValueError(f"{eng.cfg.name} takes no text prompt (use --class-id for a class-conditional model)")
-    imgs = eng.generate(args.prompt if text else None, num_images=args.n, cfg_scale=args.cfg,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        class_ids=args.class_id, progress=not args.quiet)
+    imgs = eng.generate(args.prompt if text else None, num_images=args.n, seed=args.seed, class_ids=args.class_id,
+                        progress=not args.quiet, **SamplingParams.given(args))
     if not eng.is_main:
         return  # tensor parallel: every rank holds the same images, rank 0 writes them
     for img, path in zip(imgs, paths):
@@ -236,12 +237,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("prompt", nargs="*", help="text prompt(s); none for class-conditional/unconditional models")
     g.add_argument("-o", "--output", default="out.png", help="output PNG (out-0.png, out-1.png ... for several)")
     g.add_argument("-n", type=int, default=1, help="images per prompt")
-    # None: the model's generation.json, else 3.0 / 1.0 / 0 / 1.0.
-    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off; default: the "
-                   "model's recommendation, else 3.0)")
-    g.add_argument("--temperature", type=float, default=None, help="default: the model's, else 1.0")
-    g.add_argument("--top-k", type=int, default=None, help="0 = off; default: the model's, else 0")
-    g.add_argument("--top-p", type=float, default=None, help="default: the model's, else 1.0")
+    SamplingParams.add_arguments(g, "default: the model's recommendation (generation.json), else {default}")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--class-id", type=int, nargs="+", default=None, help="class id(s) of a class-conditional model")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -266,7 +262,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("bench_presets", nargs="*", metavar="PRESET",
                    help="presets to run, random weights (default: tiny-t2i and tiny-vim, unless --model or --preset)")
     b.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
-    b.add_argument("--cfg", type=float, default=3.0)
+    b.add_argument("--cfg", type=float, default=SamplingParams.cfg_scale, help="guidance scale of the timed steps")
     add_model_args(b)
     b.set_defaults(func=_bench)
 

@@ -27,12 +27,10 @@ from .models import ARDecoder, DecodeState
 
 @dataclass
 class Sampling:
-    """Per-request sampling settings as ``[B]`` device tensors (one row per image)."""
+    """Per-request sampling as ``[B]`` device tensors (one row per image): every
+    :class:`~vqim.kernels.SamplingParams` setting by name (``SamplingParams.rows``), and the seeds."""
 
-    cfg_scale: torch.Tensor
-    temperature: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
+    settings: dict[str, torch.Tensor]
     seed: torch.Tensor
 
 
@@ -134,9 +132,8 @@ class Generator:
 
         def sample(logits: torch.Tensor, step: int) -> torch.Tensor:
             cond, uncond = (logits[:b], logits[b:]) if guided else (logits, None)
-            return K.cfg_sample(cond, uncond, cfg_scale=sampling.cfg_scale, temperature=sampling.temperature,
-                                top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed, step=step,
-                                validate=False)  # (B,)
+            return K.cfg_sample(cond, uncond, seed=sampling.seed, step=step, validate=False,
+                                **sampling.settings)  # (B,)
 
         out = torch.empty(b, cfg.num_tokens, dtype=torch.long, device=dev)
         tok = sample(dec.prefill(state, prefix_ids), 0)

@@ -28,6 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from vqim.kernels import SamplingParams
+
 from .config import ModelConfig, dtype_from_name
 from .config import short_repr as _short
 from .models import VQIMModel
@@ -349,20 +351,12 @@ def atomic_write(dst: str | Path, write: Callable[[Path], object]) -> Path:
 
 
 GENERATION_NAME = "generation.json"
-SAMPLING_KEYS = ("cfg_scale", "temperature", "top_k", "top_p")
 
 
 def check_generation_defaults(d: object, where: str) -> dict:
-    """A ``generation.json`` mapping (any subset of :data:`SAMPLING_KEYS`), validated."""
-    from vqim import kernels as K
-
-    if not isinstance(d, dict) or set(d) - set(SAMPLING_KEYS):
-        raise ValueError(f"{where}: must be a JSON object with keys among {list(SAMPLING_KEYS)}, got {d!r}")
-    full = {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **d}
-    try:
-        K.validate_sampling_params(seed=0, **full)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
+    """A ``generation.json`` mapping (any subset of :class:`~vqim.kernels.SamplingParams`'
+    fields), validated; kept as the subset so that a save writes back only what was set."""
+    SamplingParams.from_dict(d, where)
     return dict(d)
 
 

@@ -47,28 +47,17 @@ checks the returned tokens for ``-1`` once at the end.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from . import _ext
 from ._registry import dispatch, register
 from ._triton import tl, triton
+from .sampling_params import SamplingParams, check_tensor, check_tensor_values, check_value, row_tensor
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_ROUNDS = 10
-# Seeds are int64 tensors on every backend: the largest one, for every layer that checks seeds.
-MAX_SEED = 2**63 - 1
-# The sampling math is fp32: a cfg_scale or temperature past these would overflow (or, for a
-# subnormal temperature, make x / t overflow) and mask every token.
-_F32_MAX = float(torch.finfo(torch.float32).max)
-_F32_TINY = float(torch.finfo(torch.float32).tiny)
-_CFG_SCALE_RANGE = f"cfg_scale must be finite as float32 (|cfg_scale| <= {_F32_MAX!r})"
-_TEMPERATURE_RANGE = f"temperature must be 0 (greedy) or a normal float32 in [{_F32_TINY!r}, {_F32_MAX!r}]"
-
-
 # ---------------------------------------------------------------------------------------------
 # Counter-based randomness shared by every backend
 # ---------------------------------------------------------------------------------------------
@@ -111,103 +100,11 @@ def philox_uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 # Parameters: scalars or per-row tensors
 # ---------------------------------------------------------------------------------------------
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _check_scalar(name: str, v: float | int) -> None:
-    """Range checks of one python-scalar parameter (ValueError names the argument and range)."""
-    if name in ("top_k", "seed", "step"):
-        if not _is_int(v):
-            raise ValueError(f"{name} must be an int (or an integer tensor), got {v!r}")
-        hi = MAX_SEED if name != "top_k" else 2**31 - 1
-        if not 0 <= v <= hi:
-            raise ValueError(f"{name} must be in [0, {hi}], got {v}")
-        return
-    if not _is_real(v):
-        raise ValueError(f"{name} must be a float (or a float tensor), got {v!r}")
-    if v != v:  # NaN (math.isnan would overflow on a huge int)
-        raise ValueError(f"{name} must not be NaN")
-    if name == "cfg_scale" and not abs(v) <= _F32_MAX:
-        raise ValueError(f"{_CFG_SCALE_RANGE}, got {v}")
-    if name == "temperature" and not (v == 0 or _F32_TINY <= v <= _F32_MAX):
-        raise ValueError(f"{_TEMPERATURE_RANGE}, got {v}")
-    if name == "top_p" and not (0.0 < v <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {v}")
-
-
-def _check_tensor_values(name: str, t: torch.Tensor) -> None:
-    """The same range checks on a parameter tensor; syncs with the device (once per request)."""
-    if name in ("top_k", "seed", "step"):
-        hi = MAX_SEED if name != "top_k" else 2**31 - 1
-        bad = (t < 0) | (t > hi)
-        if bool(bad.any()):
-            raise ValueError(f"{name} must be in [0, {hi}], got {t[bad].flatten()[0].item()} at some row")
-        return
-    tf = t.double()
-    if bool(tf.isnan().any()):
-        raise ValueError(f"{name} must not be NaN (a row of the {name} tensor is NaN)")
-    if name == "cfg_scale":
-        ok = tf.abs() <= _F32_MAX
-        msg = _CFG_SCALE_RANGE
-    elif name == "temperature":
-        ok = (tf == 0) | ((tf >= _F32_TINY) & (tf <= _F32_MAX))
-        msg = _TEMPERATURE_RANGE
-    else:
-        ok = (tf > 0) & (tf <= 1)
-        msg = "top_p must be in (0, 1]"
-    if not bool(ok.all()):
-        raise ValueError(f"{msg}, got {tf[~ok].flatten()[0].item()} at some row")
-
-
-_FLOAT_PARAMS = ("cfg_scale", "temperature", "top_p")
-_INT_PARAMS = ("top_k", "seed", "step")
-
-
-def _check_param_tensor(name: str, t: torch.Tensor, batch: int | None, device: torch.device | None) -> None:
-    """Shape/dtype/device checks of a parameter tensor: free, no sync."""
-    if t.dim() > 1 or (t.dim() == 1 and batch is not None and t.shape[0] != batch):
-        raise ValueError(f"{name} must be a scalar, a 0-d tensor or a tensor of shape [B] = [{batch}], "
-                         f"got shape {tuple(t.shape)}")
-    if name in _INT_PARAMS and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
-        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
-    if name in _FLOAT_PARAMS and not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise ValueError(f"{name} must be a float tensor, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} must be on the logits' device {device}, got {t.device}")
-
-
-def validate_sampling_params(*, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, seed=0, step=0,
-                             batch: int | None = None) -> None:
-    """Check sampling settings once per request (the engine calls this, not the decode step).
-
-    Each argument may be a python scalar or a tensor (0-d or ``[batch]``). Tensor values are
-    read back to the host here (one sync), which the per-step ``cfg_sample(validate=False)``
-    avoids. Raises ``ValueError`` naming the argument and its allowed range.
-    """
-    for name, v in (("cfg_scale", cfg_scale), ("temperature", temperature), ("top_k", top_k),
-                    ("top_p", top_p), ("seed", seed), ("step", step)):
-        if isinstance(v, torch.Tensor):
-            _check_param_tensor(name, v, batch, None)
-            _check_tensor_values(name, v)
-        else:
-            _check_scalar(name, v)
-
-
 def _row_params(batch: int, device: torch.device, **params) -> dict[str, torch.Tensor]:
-    """Every parameter as a ``[B]`` tensor on ``device`` (fp32 floats, int64 ints); no sync."""
-    out = {}
-    for name, v in params.items():
-        dtype = torch.float32 if name in _FLOAT_PARAMS else torch.int64
-        if isinstance(v, torch.Tensor):
-            out[name] = v.to(device=device, dtype=dtype).expand(batch).contiguous()
-        else:
-            out[name] = torch.full((batch,), v, dtype=dtype, device=device)
-    return out
+    """Every setting (a default where not given), ``seed`` and ``step`` as ``[B]`` tensors on
+    ``device`` (fp32 floats, int64 ints); no sync."""
+    params = {**SamplingParams().to_dict(), **params}
+    return {name: row_tensor(name, v, batch, device) for name, v in params.items()}
 
 
 def _check_logits(cond: torch.Tensor, uncond: torch.Tensor | None) -> None:
@@ -279,12 +176,11 @@ def sampling_mask_ref(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return keep & (~p_on | (z > tau) | keep_tau)
 
 
-def cfg_sample_ref(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *, cfg_scale, temperature=1.0,
-                   top_k=0, top_p=1.0, seed, step, return_logprob: bool = False, validate: bool = True):
+def cfg_sample_ref(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *, seed, step,
+                   return_logprob: bool = False, validate: bool = True, **sampling):
     """The definition of the op (plain PyTorch, fp32). See the module docstring."""
     _check_logits(cond_logits, uncond_logits)
-    prm = _prepare(cond_logits, uncond_logits, validate, cfg_scale=cfg_scale, temperature=temperature,
-                   top_k=top_k, top_p=top_p, seed=seed, step=step)
+    prm = _prepare(cond_logits, uncond_logits, validate, sampling, seed, step)
     tokens, logprob = _cfg_sample_torch(cond_logits, uncond_logits, **prm)
     if validate:
         _check_rows(tokens)
@@ -318,15 +214,22 @@ def _cfg_sample_torch(cond, uncond, *, cfg_scale, temperature, top_k, top_p, see
     return idx, logprob
 
 
-def _prepare(cond, uncond, validate: bool, **params) -> dict[str, torch.Tensor]:
+def _prepare(cond, uncond, validate: bool, sampling: dict, seed, step) -> dict[str, torch.Tensor]:
+    """Checks of every parameter (``sampling``: any of :meth:`SamplingParams.names`, the rest
+    defaults) and of the logits, then each parameter as a ``[B]`` tensor."""
+    unknown = set(sampling) - set(SamplingParams.names())
+    if unknown:
+        raise TypeError(f"cfg_sample got unknown sampling settings {sorted(unknown)}; "
+                        f"expected among {list(SamplingParams.names())}")
     b = cond.shape[0]
+    params = {**sampling, "seed": seed, "step": step}
     for name, v in params.items():
         if isinstance(v, torch.Tensor):
-            _check_param_tensor(name, v, b, cond.device)
+            check_tensor(name, v, b, cond.device)
             if validate:
-                _check_tensor_values(name, v)
+                check_tensor_values(name, v)
         else:
-            _check_scalar(name, v)
+            check_value(name, v)
     if validate:
         for nm, t in (("cond_logits", cond), ("uncond_logits", uncond)):
             if t is not None and bool((t.isnan() | (t == float("inf"))).any()):
@@ -655,17 +558,14 @@ def _cfg_sample_cuda(cond, uncond, *, cfg_scale, temperature, top_k, top_p, seed
 # Public op
 # ---------------------------------------------------------------------------------------------
 
-def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *, cfg_scale, temperature=1.0,
-               top_k=0, top_p=1.0, seed, step, backend: str | None = None, return_logprob: bool = False,
-               validate: bool = True):
+def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *, seed, step,
+               backend: str | None = None, return_logprob: bool = False, validate: bool = True, **sampling):
     """Guided, temperature-scaled, top-k/top-p filtered draw of one token per row.
 
     Args:
         cond_logits: ``[B, V]`` float32/float16/bfloat16 (any strides).
         uncond_logits: same shape, or ``None`` for no guidance.
-        cfg_scale, temperature, top_k, top_p, seed: python scalars or per-row tensors (0-d or
-            ``[B]``) on the logits' device. ``temperature = 0`` is greedy (argmax); ``top_k = 0``
-            and ``top_p = 1`` are off. ``seed`` in [0, 2^63).
+        seed: python int or int tensor (0-d or ``[B]``) in [0, 2^63).
         step: python int or int tensor (0-d or ``[B]``), the decode step: with ``seed`` the
             whole key of the row's random draw.
         backend: ``None`` (Triton on CUDA, reference on CPU), ``"triton"``, ``"cuda"``, ``"torch"``.
@@ -675,13 +575,16 @@ def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *,
             logits, rows with no finite logit -> ValueError). ``False`` for the engine's decode
             loop, which validates once per request (:func:`validate_sampling_params`) and
             checks for token ``-1`` (a row with no finite logit) once at the end.
+        **sampling: the settings, by :class:`~vqim.kernels.SamplingParams` field name (its
+            defaults for those not given; an unknown name is a TypeError): python scalars or
+            per-row tensors (0-d or ``[B]``) on the logits' device. ``temperature = 0`` is
+            greedy (argmax); ``top_k = 0`` and ``top_p = 1`` are off.
 
     Returns:
         LongTensor ``[B]`` (and fp32 ``[B]`` log-probs with ``return_logprob``).
     """
     _check_logits(cond_logits, uncond_logits)
-    prm = _prepare(cond_logits, uncond_logits, validate, cfg_scale=cfg_scale, temperature=temperature,
-                   top_k=top_k, top_p=top_p, seed=seed, step=step)
+    prm = _prepare(cond_logits, uncond_logits, validate, sampling, seed, step)
     impl = dispatch("cfg_sample", backend, cond_logits.device)
     tokens, logprob = impl(cond_logits, uncond_logits, **prm)
     if validate:

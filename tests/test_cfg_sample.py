@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import assert_close, assert_equal
-from vqim.kernels import _ext, cfg_sample, cfg_sample_ref, validate_sampling_params
+from vqim.kernels import SamplingParams, _ext, cfg_sample, cfg_sample_ref, validate_sampling_params
 from vqim.kernels.cfg_sample import philox_uniform, sampling_mask_ref
 
 # -inf logits are legal input; numpy (under the interpreter) warns about the masked NaNs.
@@ -481,3 +481,44 @@ def test_reference_function_is_the_torch_backend():
     cond, uncond = torch.randn(5, 33), torch.randn(5, 33)
     kw = dict(cfg_scale=2.0, temperature=0.9, top_k=7, top_p=0.8, seed=11, step=torch.arange(5))
     assert_equal(cfg_sample_ref(cond, uncond, **kw), cfg_sample(cond, uncond, backend="torch", **kw))
+
+
+# ------------------------------------------------------------------------------------------------
+# SamplingParams: the one definition of the settings
+# ------------------------------------------------------------------------------------------------
+
+def test_sampling_params_define_defaults_json_flags_and_rows():
+    import argparse
+    import dataclasses
+
+    fields = dataclasses.fields(SamplingParams)
+    assert SamplingParams().to_dict() == {f.name: f.default for f in fields}
+    assert SamplingParams.from_dict({"top_k": 3}, "g.json") == SamplingParams(top_k=3)
+    assert SamplingParams(top_k=3).updated(top_k=None, temperature=0.5) == SamplingParams(top_k=3, temperature=0.5)
+    with pytest.raises(ValueError, match="g.json: top_p must be in \\(0, 1\\]"):
+        SamplingParams.from_dict({"top_p": 2.0}, "g.json")
+    with pytest.raises(ValueError, match="g.json: must be a JSON object with keys among"):
+        SamplingParams.from_dict({"topk": 1}, "g.json")
+    with pytest.raises(ValueError, match="g.json: must be a JSON object"):
+        SamplingParams.from_dict([1], "g.json")
+    # One flag per field, typed and with the field's help text; not given -> not in given().
+    ap = argparse.ArgumentParser()
+    SamplingParams.add_arguments(ap, "default {default}")
+    for f in fields:
+        action = ap._option_string_actions["--" + f.name.replace("_", "-")]
+        assert action.dest == f.name and action.default is None
+        assert action.help == f"{f.metadata['help']}; default {f.default}"
+    assert SamplingParams.given(ap.parse_args([])) == {}
+    assert SamplingParams.given(ap.parse_args(["--top-k", "5", "--cfg", "2"])) == {"top_k": 5, "cfg_scale": 2.0}
+    # Per-row tensors, in the dtypes the kernels read.
+    rows = SamplingParams.rows([SamplingParams(top_k=2), SamplingParams(temperature=0.5)], torch.device("cpu"))
+    assert set(rows) == {f.name for f in fields}
+    assert rows["top_k"].dtype == torch.int64 and rows["top_k"].tolist() == [2, 0]
+    assert rows["temperature"].dtype == torch.float32 and rows["temperature"].tolist() == [1.0, 0.5]
+
+
+def test_unknown_setting_is_a_type_error():
+    with pytest.raises(TypeError, match="unknown sampling settings \\['topk'\\]"):
+        cfg_sample(torch.randn(2, 10), None, seed=0, step=0, topk=3)
+    with pytest.raises(TypeError, match="unknown sampling parameter 'topk'"):
+        validate_sampling_params(topk=3)

@@ -14,6 +14,7 @@ from PIL import Image
 from tests.helpers import assert_close, assert_equal, sharpen
 from vqim.engine import Engine
 from vqim.engine.generate import Sampling
+from vqim.kernels import SamplingParams
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -71,8 +72,8 @@ def test_guidance_changes_tokens_and_scale_one_is_conditional_only(t2i):
 def test_cfg_batch_layout_scale_one_equals_unguided_loop(vim):
     """The decoder loop itself: 2B rows with scale 1 == B rows without the unconditional half."""
     dev = torch.device("cpu")
-    s = Sampling(cfg_scale=torch.ones(2), temperature=torch.ones(2), top_k=torch.zeros(2, dtype=torch.long),
-                 top_p=torch.ones(2), seed=torch.tensor([0, 1]))
+    s = Sampling(SamplingParams.rows([SamplingParams(cfg_scale=1.0)] * 2, torch.device("cpu")),
+                 seed=torch.tensor([0, 1]))
     cond = torch.tensor([[2], [7]], device=dev)
     null = torch.full((2, 1), vim.cfg.decoder.num_classes)
     plain = vim.generator.run(cond, None, None, s, guided=False)
@@ -317,9 +318,7 @@ def test_decode_loop_never_syncs_with_the_host(graph):
     eng.generator.use_cuda_graph = graph
     b = 2
     ids, mask = eng.tokenizer.batch(["a red circle"] * b + [""] * b, eng.device, pad_to=128)
-    s = Sampling(cfg_scale=torch.full((b,), 3.0, device="cuda"), temperature=torch.ones(b, device="cuda"),
-                 top_k=torch.zeros(b, dtype=torch.long, device="cuda"), top_p=torch.ones(b, device="cuda"),
-                 seed=torch.arange(b, device="cuda"))
+    s = Sampling(SamplingParams.rows([SamplingParams()] * b, torch.device("cuda")), seed=torch.arange(b, device="cuda"))
     prefix = torch.zeros(2 * b, 1, dtype=torch.long, device="cuda")
     with torch.no_grad():
         memory = eng.model.text(ids, mask)

@@ -12,6 +12,7 @@ from PIL import Image
 from tests.helpers import assert_equal, sharpen
 from vqim.engine import Engine
 from vqim.engine.generate import Sampling
+from vqim.kernels import SamplingParams
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,8 +65,7 @@ def test_a_marked_row_never_feeds_a_negative_token_to_the_decoder(monkeypatch):
     monkeypatch.setattr(eng.model.decoder, "decode_step", decode_step)
 
     b = 2
-    s = Sampling(cfg_scale=torch.full((b,), 3.0), temperature=torch.ones(b), top_k=torch.zeros(b, dtype=torch.long),
-                 top_p=torch.ones(b), seed=torch.arange(b))
+    s = Sampling(SamplingParams.rows([SamplingParams(cfg_scale=3.0)] * b, torch.device("cpu")), seed=torch.arange(b))
     prefix = torch.tensor([[1], [2], [10], [10]])
     out = eng.generator.run(prefix, None, None, s, guided=True)
     assert bool((out == -1).all())
@@ -85,6 +85,11 @@ def test_overflowing_sampling_settings_never_index_out_of_range(t2i, kwargs):
         assert "cfg_scale" in str(e) or "temperature" in str(e) or "no finite logit" in str(e)
     else:
         assert 0 <= int(codes.min()) and int(codes.max()) < t2i.cfg.decoder.vocab_size
+
+
+def test_unknown_sampling_setting_is_a_type_error(t2i):
+    with pytest.raises(TypeError, match="unknown sampling settings \\['topk'\\]"):
+        t2i.generate_codes(["a red circle"], seed=0, topk=3)
 
 
 # ----------------------------------------------------------------------------- construction

@@ -171,8 +171,9 @@ def _conv_decode_params(C):
 def test_cfg_sample_rejects_bad_params(field, value, match):
     C = _ext.load()
     cond = torch.zeros(2, 16)
-    rows = {name: torch.zeros(2, dtype=torch.long if name in ("top_k", "seed", "step", "tokens") else torch.float32)
-            for name in ("cfg_scale", "temperature", "top_k", "top_p", "seed", "step", "tokens", "logprob")}
+    # Every sampling setting's row (whatever SamplingParams holds), then the outputs.
+    rows = {**importlib.import_module("vqim.kernels.cfg_sample")._row_params(2, torch.device("cpu"), seed=0, step=0),
+            "tokens": torch.zeros(2, dtype=torch.long), "logprob": torch.zeros(2)}
     p = _ext.params(C.CfgSampleParams, **_ext.operand("cond", cond), cond_stride0=16, cond_stride1=1,
                     **_ext.operand("uncond", cond), uncond_stride0=16, uncond_stride1=1, has_uncond=True,
                     B=2, V=16, dtype=0, stream=0,

@@ -19,6 +19,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vqim.kernels import SamplingParams
+
     ap = argparse.ArgumentParser(prog="vqim train", description="Train the tokenizer and the image-token predictor.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -50,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="model directory to write")
     e.add_argument("--text-tokenizer", default=None, help="sentencepiece model (default: the run's)")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    for flag, typ in (("--cfg-scale", float), ("--temperature", float), ("--top-k", int), ("--top-p", float)):
-        e.add_argument(flag, type=typ, default=None, help="recommended sampling setting, written to generation.json")
+    SamplingParams.add_arguments(e, "the model's recommendation, written to generation.json (default: none, "
+                                    "so {default})")
     return ap
 
 
@@ -79,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             if run.dist.main:
                 print(run.ckpt_path)
         else:
+            from vqim.kernels import SamplingParams
+
             from .export import export
 
-            gen = {k: getattr(args, k) for k in ("cfg_scale", "temperature", "top_k", "top_p")
-                   if getattr(args, k) is not None}
             print(export(args.checkpoint, args.output, text_tokenizer=args.text_tokenizer, dtype=args.dtype,
-                         generation=gen))
+                         generation=SamplingParams.given(args)))
     except TrainingDiverged as e:
         print(f"vqim train: {e}", file=sys.stderr)
         return 1

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from vqim.kernels import SamplingParams
+
 from . import shapes as S
 
 DEFAULT_CFG_SCALES = (1.0, 3.0)
@@ -95,8 +97,8 @@ def evaluate(engine, *, num_prompts: int = 100, cfg_scales: Sequence[float] = DE
     }
 
 
-def prompt_grid(engine, prompts: Sequence[str], *, cfg_scale: float = 3.0, seed: int = 0, cols: int = 4,
-                scale: int = 3) -> "Image.Image":
+def prompt_grid(engine, prompts: Sequence[str], *, cfg_scale: float = SamplingParams.cfg_scale, seed: int = 0,
+                cols: int = 4, scale: int = 3) -> "Image.Image":
     """One image per prompt, upscaled ``scale`` times (nearest), each over its prompt and a
     check mark or cross from :func:`vqim.train.shapes.score`: the README's picture."""
     from PIL import Image, ImageDraw, ImageFont

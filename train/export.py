@@ -37,7 +37,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, text_tokenizer: str |
            dtype: str | None = None, generation: dict | None = None) -> Path:
     """Write ``out_dir`` for the engine. ``text_tokenizer`` defaults to the run's sentencepiece
     model (``train_config.text_tokenizer``); ``dtype`` to the model config's dtype;
-    ``generation`` (cfg_scale / temperature / top_k / top_p) becomes the directory's
+    ``generation`` (any :class:`~vqim.kernels.SamplingParams` settings) becomes the directory's
     ``generation.json``, the settings ``Engine.generate`` uses when the caller gives none."""
     model, ckpt = model_from_checkpoint(checkpoint)
     tok = text_tokenizer or ckpt["train_config"].get("text_tokenizer")

@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from vqim.engine import cli as engine_cli
+from vqim.kernels import SamplingParams
 from vqim.engine.weights import atomic_write
 
 from . import eval_shapes
@@ -31,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--split", default="held_out", choices=["held_out", "validation"],
                     help="prompts to score: held_out (report these) or validation (choose settings on these)")
-    ev.add_argument("--temperature", type=float, default=None, help="default: the model's")
-    ev.add_argument("--top-k", type=int, default=None, help="default: the model's")
+    # --cfg above sweeps the guidance scale; the other settings are fixed for the run.
+    SamplingParams.add_arguments(ev, "default: the model's recommendation, else {default}", exclude=("cfg_scale",))
     ev.add_argument("--batch", type=int, default=32)
     ev.add_argument("--recon-images", type=int, default=256, help="validation images for the tokenizer's PSNR")
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -49,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _eval(args: argparse.Namespace) -> None:
     eng = engine_cli.engine_from_args(args)
-    for k in ("temperature", "top_k"):
-        if getattr(args, k) is not None:
-            eng.sampling_defaults[k] = getattr(args, k)
+    eng.sampling_defaults.update(SamplingParams.given(args))
     results = eval_shapes.evaluate(eng, num_prompts=args.num_prompts, cfg_scales=args.cfg, seed=args.seed,
                                    batch_size=args.batch, recon_images=args.recon_images, split=args.split)
     print(eval_shapes.format_report(results))
