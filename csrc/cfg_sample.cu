@@ -1,4 +1,4 @@
-// Fused classifier-free-guidance sampling: CFG combine, temperature, top-k, top-p, Philox draw.
+// Fused classifier-free-guidance sampling: CFG combine, temperature, top-k, top-p, min-p, Philox draw.
 //
 // The CUDA twin of kernels/cfg_sample.py (whose docstring is the definition). One thread block
 // per row. Rows up to kCacheMax entries keep the guided, temperature-scaled logits in shared
@@ -9,9 +9,10 @@
 // ties broken by the lower index: every token above the threshold value tau, and of the tokens
 // at tau (each of mass e) in index order the j-th iff M_above + j * e < p * Zk (M_above the mass
 // above tau), so a tie group straddling the cut keeps only its lowest indices that are needed;
-// top-k keeps its tie group whole. The draw is an inverse CDF in vocabulary order with one
-// uniform per row from Philox4x32-10 keyed by (seed, step): the same 32-bit word as the
-// reference's philox_uniform and Triton's tl.randint4x(seed, step).
+// top-k keeps its tie group whole. Min-p then keeps, of those, the tokens with exp(z - max) >= min_p.
+// The draw is an inverse CDF in vocabulary order with one uniform per row from Philox4x32-10
+// keyed by (seed, step): the same 32-bit word as the reference's philox_uniform and Triton's
+// tl.randint4x(seed, step).
 #include <cmath>
 #include <cstdint>
 
@@ -137,8 +138,8 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(
     const scalar_t* __restrict__ cond, int64_t c_s0, int64_t c_s1,
     const scalar_t* __restrict__ uncond, int64_t u_s0, int64_t u_s1,
     const float* __restrict__ scale, const float* __restrict__ temp, const int64_t* __restrict__ topk,
-    const float* __restrict__ topp, const int64_t* __restrict__ seeds, const int64_t* __restrict__ steps,
-    int64_t* __restrict__ tokens, float* __restrict__ logprob, int64_t V) {
+    const float* __restrict__ topp, const float* __restrict__ minp, const int64_t* __restrict__ seeds,
+    const int64_t* __restrict__ steps, int64_t* __restrict__ tokens, float* __restrict__ logprob, int64_t V) {
   extern __shared__ float zcache[];
   __shared__ long long red_l[kWarps + 1];
   __shared__ float red_f[kWarps + 1];
@@ -275,18 +276,23 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(
       }
     }
   }
-  auto kept = [&](int64_t j, float z) {
+  // Top-k and top-p keep key > tau, or key == tau and index <= cut; min-p then compares the
+  // token's *e = exp(z - m) (computed only for the tokens those keep) with min_p.
+  const float min_p = minp[row];
+  auto kept = [&](int64_t j, float z, float* e) {
     if (!(z > -INFINITY)) return false;
     const long long key = ordered_key(z);
-    return key > tau || (key == tau && j <= cut);
+    if (!(key > tau || (key == tau && j <= cut))) return false;
+    *e = expf(z - m);
+    return *e >= min_p;
   };
 
   // The draw: total kept mass, then the first index whose running sum exceeds u * total.
   float tot_loc = 0.0f;
   long long last_loc = -1;
   for (int64_t j = tid; j < V; j += kThreads) {
-    float z = zat(j);
-    if (kept(j, z)) { tot_loc += expf(z - m); last_loc = j; }
+    float e;
+    if (kept(j, zat(j), &e)) { tot_loc += e; last_loc = j; }
   }
   const float total = block_allreduce(tot_loc, SumF(), 0.0f, red_f);
   const long long last = block_allreduce(last_loc, MaxL(), -1LL, red_l);
@@ -299,8 +305,8 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(
       const int64_t j = base + tid;
       float w = 0.0f;
       if (j < V) {
-        float z = zat(j);
-        if (kept(j, z)) w = expf(z - m);
+        float e;
+        if (kept(j, zat(j), &e)) w = e;
       }
       float chunk_total;
       const float cs = block_inclusive_scan(w, red_f, &chunk_total) + carry;
@@ -330,15 +336,16 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(
 template <typename scalar_t>
 void launch(std::uintptr_t cond, int64_t c_s0, int64_t c_s1, std::uintptr_t uncond, int64_t u_s0, int64_t u_s1,
             bool has_uncond, std::uintptr_t scale, std::uintptr_t temp, std::uintptr_t topk, std::uintptr_t topp,
-            std::uintptr_t seed, std::uintptr_t step, std::uintptr_t tokens, std::uintptr_t logprob, int64_t B,
-            int64_t V, cudaStream_t stream) {
+            std::uintptr_t minp, std::uintptr_t seed, std::uintptr_t step, std::uintptr_t tokens,
+            std::uintptr_t logprob, int64_t B, int64_t V, cudaStream_t stream) {
   const bool cached = V <= kCacheMax;
   const size_t smem = cached ? static_cast<size_t>(V) * sizeof(float) : 0;
   auto go = [&](auto kernel) {
     kernel<<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
         as_ptr<const scalar_t>(cond), c_s0, c_s1, as_ptr<const scalar_t>(uncond), u_s0, u_s1,
         as_ptr<const float>(scale), as_ptr<const float>(temp), as_ptr<const int64_t>(topk), as_ptr<const float>(topp),
-        as_ptr<const int64_t>(seed), as_ptr<const int64_t>(step), as_ptr<int64_t>(tokens), as_ptr<float>(logprob), V);
+        as_ptr<const float>(minp), as_ptr<const int64_t>(seed), as_ptr<const int64_t>(step), as_ptr<int64_t>(tokens),
+        as_ptr<float>(logprob), V);
   };
   if (has_uncond) {
     if (cached) go(cfg_sample_kernel<scalar_t, true, true>);
@@ -357,12 +364,13 @@ void launch(std::uintptr_t cond, int64_t c_s0, int64_t c_s1, std::uintptr_t unco
   X(std::uintptr_t, uncond) X(int64_t, uncond_extent) X(int64_t, uncond_stride0) X(int64_t, uncond_stride1) \
   X(bool, has_uncond) X(std::uintptr_t, cfg_scale) X(int64_t, cfg_scale_extent) X(std::uintptr_t, temperature) \
   X(int64_t, temperature_extent) X(std::uintptr_t, top_k) X(int64_t, top_k_extent) X(std::uintptr_t, top_p)    \
-  X(int64_t, top_p_extent) X(std::uintptr_t, seed) X(int64_t, seed_extent) X(std::uintptr_t, step)              \
-  X(int64_t, step_extent) X(std::uintptr_t, tokens) X(int64_t, tokens_extent) X(std::uintptr_t, logprob)        \
-  X(int64_t, logprob_extent) X(int64_t, B) X(int64_t, V) X(int, dtype) X(std::uintptr_t, stream)
+  X(int64_t, top_p_extent) X(std::uintptr_t, min_p) X(int64_t, min_p_extent) X(std::uintptr_t, seed)          \
+  X(int64_t, seed_extent) X(std::uintptr_t, step) X(int64_t, step_extent) X(std::uintptr_t, tokens)             \
+  X(int64_t, tokens_extent) X(std::uintptr_t, logprob) X(int64_t, logprob_extent) X(int64_t, B) X(int64_t, V)   \
+  X(int, dtype) X(std::uintptr_t, stream)
 
-// cond/uncond [B, V] logits (one dtype, any non-negative strides); cfg_scale, temperature, top_p
-// (fp32), top_k, seed, step (int64), tokens (int64) and logprob (fp32): B contiguous elements each.
+// cond/uncond [B, V] logits (one dtype, any non-negative strides); cfg_scale, temperature, top_p,
+// min_p (fp32), top_k, seed, step (int64), tokens (int64) and logprob (fp32): B contiguous elements each.
 // Every pointer comes with its extent (elements addressable from it).
 struct CfgSampleParams {
   VQIM_CFG_SAMPLE_FIELDS(VQIM_DECLARE_FIELD)
@@ -390,18 +398,19 @@ void cfg_sample(const CfgSampleParams& p) {
   row("temperature", p.temperature, p.temperature_extent, false);
   row("top_k", p.top_k, p.top_k_extent, false);
   row("top_p", p.top_p, p.top_p_extent, false);
+  row("min_p", p.min_p, p.min_p_extent, false);
   row("seed", p.seed, p.seed_extent, false);
   row("step", p.step, p.step_extent, false);
   row("tokens", p.tokens, p.tokens_extent, true);
   row("logprob", p.logprob, p.logprob_extent, true);
   check_device_pointers(op, {{"cond", p.cond}, {"cfg_scale", p.cfg_scale}, {"temperature", p.temperature},
-                             {"top_k", p.top_k}, {"top_p", p.top_p}, {"seed", p.seed}, {"step", p.step},
-                             {"tokens", p.tokens}, {"logprob", p.logprob}});
+                             {"top_k", p.top_k}, {"top_p", p.top_p}, {"min_p", p.min_p}, {"seed", p.seed},
+                             {"step", p.step}, {"tokens", p.tokens}, {"logprob", p.logprob}});
   if (p.has_uncond) check_device_pointers(op, {{"uncond", p.uncond}});
   VQIM_DISPATCH_FLOAT(p.dtype, scalar_t, [&] {
     launch<scalar_t>(p.cond, p.cond_stride0, p.cond_stride1, p.uncond, p.uncond_stride0, p.uncond_stride1,
-                     p.has_uncond, p.cfg_scale, p.temperature, p.top_k, p.top_p, p.seed, p.step, p.tokens,
-                     p.logprob, B, V, as_stream(p.stream));
+                     p.has_uncond, p.cfg_scale, p.temperature, p.top_k, p.top_p, p.min_p, p.seed, p.step,
+                     p.tokens, p.logprob, B, V, as_stream(p.stream));
   });
 }
 

@@ -1,4 +1,4 @@
-"""Fused classifier-free-guidance sampling: CFG combine, temperature, top-k, top-p and the draw.
+"""Fused classifier-free-guidance sampling: CFG combine, temperature, top-k, top-p, min-p, the draw.
 
 Every generated image token goes through this op once per decode step. The definition
 (``cfg_sample_ref``), for each row with guided logits ``x = uncond + s * (cond - uncond)``:
@@ -20,6 +20,12 @@ Every generated image token goes through this op once per decode step. The defin
   ``M_above + j * e < target`` (fp32 product, then fp32 sum; j = 0 always). So a tie group
   straddling the cut keeps only its lowest indices that are needed, where top-k keeps a tie
   group whole.
+* **Min-p** (``min_p = 0`` off) last keeps, of the tokens top-p kept, those with
+  ``exp(z - max z) >= min_p`` (fp32): a probability at least ``min_p`` times the most probable
+  token's, Hugging Face's ``MinPLogitsWarper`` applied after temperature, top-k and top-p. The
+  ratio does not depend on which tokens the earlier filters removed (they always keep the most
+  probable token), so the largest token (``exp(0) = 1``) is always kept, and min-p changes
+  neither top-k's nor top-p's cut: top-p's mass ``Zk`` counts the tokens min-p removes.
 * **The draw** is an inverse CDF in vocabulary order with one uniform per row:
   ``w_i = exp(z_i - max z)`` on kept tokens (0 elsewhere), ``u`` from Philox4x32-10 keyed by the
   row's ``seed`` (key = seed's low/high 32 bits) at counter ``(step_lo, step_hi, 0, 0)``, taking
@@ -141,8 +147,8 @@ def guided_logits_ref(cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale
     return torch.where(x.isfinite(), x, float("-inf"))
 
 
-def sampling_mask_ref(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[B, V]``: the tokens top-k then top-p keep, for temperature-scaled logits ``z``
+def sampling_mask_ref(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[B, V]``: the tokens top-k, top-p then min-p keep, for temperature-scaled logits ``z``
     (-inf = masked). Sort-based: the readable definition the threshold search must match, with
     the same arithmetic for the tie group at the cut (see the module docstring)."""
     b, v = z.shape
@@ -173,7 +179,7 @@ def sampling_mask_ref(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     j = at_tau.cumsum(1) - at_tau.long()  # rank in index order within the tau group
     keep_tau = at_tau & ((j == 0) | (above + j.to(z.dtype) * e < target))
     p_on = (top_p < 1)[:, None]
-    return keep & (~p_on | (z > tau) | keep_tau)
+    return keep & (~p_on | (z > tau) | keep_tau) & (e >= min_p.to(z.dtype)[:, None])
 
 
 def cfg_sample_ref(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *, seed, step,
@@ -187,13 +193,13 @@ def cfg_sample_ref(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None
     return (tokens, logprob) if return_logprob else tokens
 
 
-def _cfg_sample_torch(cond, uncond, *, cfg_scale, temperature, top_k, top_p, seed, step):
+def _cfg_sample_torch(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p, seed, step):
     x = guided_logits_ref(cond, uncond, cfg_scale)  # (B, V)
     b, v = x.shape
     t = temperature[:, None]
     greedy = temperature == 0
     z = torch.where(greedy[:, None], x, x / torch.where(greedy[:, None], 1.0, t))  # (B, V)
-    keep = sampling_mask_ref(z, top_k, top_p)
+    keep = sampling_mask_ref(z, top_k, top_p, min_p)
     m = z.max(dim=1, keepdim=True).values
     w = torch.where(keep, torch.exp(z - m), 0.0)  # (B, V)
     total = w.sum(1)  # (B,)
@@ -307,15 +313,16 @@ def _ordered_key(z):
 
 
 @triton.jit
-def _kept(z, cols, tau, cut):
-    """The tokens top-k and top-p keep: key above tau, or at tau with index <= cut."""
+def _kept(z, e, cols, tau, cut, min_p):
+    """The tokens top-k and top-p keep (key above tau, or at tau with index <= cut) whose
+    e = exp(z - max) min-p keeps."""
     key = _ordered_key(z)
-    return (z > float("-inf")) & ((key > tau) | ((key == tau) & (cols <= cut)))
+    return (z > float("-inf")) & ((key > tau) | ((key == tau) & (cols <= cut))) & (e >= min_p)
 
 
 @triton.jit
 def _cfg_sample_kernel(
-    cond_ptr, uncond_ptr, scale_ptr, temp_ptr, topk_ptr, topp_ptr, seed_ptr, step_ptr,
+    cond_ptr, uncond_ptr, scale_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, step_ptr,
     tok_ptr, logp_ptr,
     V, stride_cb, stride_cv, stride_ub, stride_uv,
     HAS_UNCOND: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
@@ -325,6 +332,7 @@ def _cfg_sample_kernel(
     t = tl.load(temp_ptr + row)
     k = tl.load(topk_ptr + row)
     p = tl.load(topp_ptr + row)
+    min_p = tl.load(minp_ptr + row)
     seed = tl.load(seed_ptr + row)
     step = tl.load(step_ptr + row)
     greedy = t == 0.0
@@ -468,7 +476,7 @@ def _cfg_sample_kernel(
         cols = b0 + ar
         z, e = _row_block(z0, e0, c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, m,
                           HAS_UNCOND, ONE_BLOCK, True)
-        sel = _kept(z, cols, tau, cut)
+        sel = _kept(z, e, cols, tau, cut, min_p)
         total += tl.sum(tl.where(sel, e, 0.0), 0)
     r, _, _, _ = tl.randint4x(seed, step)
     u01 = (r.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
@@ -482,7 +490,7 @@ def _cfg_sample_kernel(
         cols = b0 + ar
         z, e = _row_block(z0, e0, c_row, u_row, cols, V, stride_cv, stride_uv, s, tdiv, m,
                           HAS_UNCOND, ONE_BLOCK, True)
-        sel = _kept(z, cols, tau, cut)
+        sel = _kept(z, e, cols, tau, cut, min_p)
         w = tl.where(sel, e, 0.0)
         cs = tl.cumsum(w, 0) + carry
         first = tl.min(tl.where(cs > thresh, cols, V), 0)
@@ -515,7 +523,7 @@ def _launch_config(v: int, block: int | None) -> tuple[int, bool, int]:
 
 
 @register("cfg_sample", "triton")
-def _cfg_sample_triton(cond, uncond, *, cfg_scale, temperature, top_k, top_p, seed, step, block=None):
+def _cfg_sample_triton(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p, seed, step, block=None):
     b, v = cond.shape
     tok = torch.empty(b, dtype=torch.long, device=cond.device)
     logp = torch.empty(b, dtype=torch.float32, device=cond.device)
@@ -525,7 +533,7 @@ def _cfg_sample_triton(cond, uncond, *, cfg_scale, temperature, top_k, top_p, se
     has_u = uncond is not None
     u = uncond if has_u else cond
     _cfg_sample_kernel[(b,)](
-        cond, u, cfg_scale, temperature, top_k, top_p, seed, step, tok, logp,
+        cond, u, cfg_scale, temperature, top_k, top_p, min_p, seed, step, tok, logp,
         v, cond.stride(0), cond.stride(1), u.stride(0), u.stride(1),
         HAS_UNCOND=has_u, BLOCK=blk, ONE_BLOCK=one_block, num_warps=num_warps,
     )
@@ -534,7 +542,7 @@ def _cfg_sample_triton(cond, uncond, *, cfg_scale, temperature, top_k, top_p, se
 
 
 @register("cfg_sample", "cuda")
-def _cfg_sample_cuda(cond, uncond, *, cfg_scale, temperature, top_k, top_p, seed, step):
+def _cfg_sample_cuda(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p, seed, step):
     b, v = cond.shape
     tok = torch.empty(b, dtype=torch.long, device=cond.device)
     logp = torch.empty(b, dtype=torch.float32, device=cond.device)
@@ -548,7 +556,8 @@ def _cfg_sample_cuda(cond, uncond, *, cfg_scale, temperature, top_k, top_p, seed
             **_ext.operand("cond", cond), cond_stride0=cond.stride(0), cond_stride1=cond.stride(1),
             **_ext.operand("uncond", u), uncond_stride0=u.stride(0), uncond_stride1=u.stride(1), has_uncond=has_u,
             **_ext.operand("cfg_scale", cfg_scale), **_ext.operand("temperature", temperature),
-            **_ext.operand("top_k", top_k), **_ext.operand("top_p", top_p), **_ext.operand("seed", seed),
+            **_ext.operand("top_k", top_k), **_ext.operand("top_p", top_p), **_ext.operand("min_p", min_p),
+            **_ext.operand("seed", seed),
             **_ext.operand("step", step), **_ext.operand("tokens", tok), **_ext.operand("logprob", logp), B=b, V=v,
             dtype=_ext.dtype_code(cond, "cond_logits"), stream=stream,
         ))
@@ -560,7 +569,7 @@ def _cfg_sample_cuda(cond, uncond, *, cfg_scale, temperature, top_k, top_p, seed
 
 def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *, seed, step,
                backend: str | None = None, return_logprob: bool = False, validate: bool = True, **sampling):
-    """Guided, temperature-scaled, top-k/top-p filtered draw of one token per row.
+    """Guided, temperature-scaled, top-k/top-p/min-p filtered draw of one token per row.
 
     Args:
         cond_logits: ``[B, V]`` float32/float16/bfloat16 (any strides).
@@ -578,7 +587,7 @@ def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *,
         **sampling: the settings, by :class:`~vqim.kernels.SamplingParams` field name (its
             defaults for those not given; an unknown name is a TypeError): python scalars or
             per-row tensors (0-d or ``[B]``) on the logits' device. ``temperature = 0`` is
-            greedy (argmax); ``top_k = 0`` and ``top_p = 1`` are off.
+            greedy (argmax); ``top_k = 0``, ``top_p = 1`` and ``min_p = 0`` are off.
 
     Returns:
         LongTensor ``[B]`` (and fp32 ``[B]`` log-probs with ``return_logprob``).

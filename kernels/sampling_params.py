@@ -64,6 +64,9 @@ class SamplingParams:
     top_p: float = _setting(
         1.0, "keep the smallest set of tokens whose probability reaches p (1 = off)",
         _Rule(float, lambda v: (v > 0) & (v <= 1), "top_p must be in (0, 1]"))
+    min_p: float = _setting(
+        0.0, "keep the tokens at least min_p times as probable as the most probable one (0 = off)",
+        _Rule(float, lambda v: (v >= 0) & (v <= 1), "min_p must be in [0, 1]"))
 
     def __post_init__(self):
         for name in self.names():

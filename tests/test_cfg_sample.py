@@ -22,16 +22,17 @@ from vqim.kernels.cfg_sample import philox_uniform, sampling_mask_ref
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
-def exact_probs(cond, uncond, *, cfg_scale, temperature, top_k, top_p) -> torch.Tensor:
+def exact_probs(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p=0.0) -> torch.Tensor:
     """The target distribution in float64 for one setting, every row: CFG, temperature, the
-    top-k/top-p mask of the definition, renormalized."""
+    top-k/top-p/min-p mask of the definition, renormalized."""
     c = cond.double()
     x = c if uncond is None else uncond.double() + cfg_scale * (c - uncond.double())
     if uncond is not None:
         x = torch.where(c.isfinite() & uncond.isfinite(), x, float("-inf"))
     z = x / temperature  # (B, V)
     b = z.shape[0]
-    keep = sampling_mask_ref(z, torch.full((b,), top_k), torch.full((b,), top_p, dtype=torch.float64))
+    keep = sampling_mask_ref(z, torch.full((b,), top_k), torch.full((b,), top_p, dtype=torch.float64),
+                             torch.full((b,), min_p, dtype=torch.float64))
     w = torch.where(keep, torch.exp(z - z.max(1, keepdim=True).values), 0.0)
     return w / w.sum(1, keepdim=True)
 
@@ -70,10 +71,12 @@ def _logits(v, *, seed=0):
     return cond, uncond
 
 
-def brute_force_kept(z: list[float], k: int, p: float) -> set[int]:
-    """The top-k / top-p definition as a loop, in float64: top-k keeps every finite value >= the
-    k-th largest; then, in descending value with ties broken by the lower index (a stable sort),
-    a token is kept iff the mass of the tokens before it is < p * total."""
+def brute_force_kept(z: list[float], k: int, p: float, min_p: float = 0.0) -> set[int]:
+    """The top-k / top-p / min-p definition as a loop, in float64: top-k keeps every finite value
+    >= the k-th largest; then, in descending value with ties broken by the lower index (a stable
+    sort), a token is kept iff the mass of the tokens before it is < p * total; then, as Hugging
+    Face's MinPLogitsWarper on what is left, iff its renormalized probability is >= min_p times
+    the largest one."""
     fin = [i for i, x in enumerate(z) if math.isfinite(x)]
     kept_k = fin
     if 0 < k < len(fin):
@@ -87,16 +90,22 @@ def brute_force_kept(z: list[float], k: int, p: float) -> set[int]:
         if before < target:
             kept.add(i)
         before += e[i]
+    if min_p > 0:
+        total = math.fsum(e[i] for i in kept)
+        probs = {i: e[i] / total for i in kept}
+        top = max(probs.values())
+        kept = {i for i in kept if probs[i] >= min_p * top}
     return kept
 
 
-def check_kept_draws(z: torch.Tensor, k: torch.Tensor, p: torch.Tensor, tok: torch.Tensor, lp: torch.Tensor) -> None:
+def check_kept_draws(z: torch.Tensor, k: torch.Tensor, p: torch.Tensor, tok: torch.Tensor, lp: torch.Tensor,
+                     min_p: torch.Tensor | None = None) -> None:
     """Each row's token is in the brute-force kept set and its log-probability (which counts the
     kept mass) matches that set: keeping one token more or less of a tie group moves it by at
     least that token's share."""
     for i in range(z.shape[0]):
         zi = z[i].double().cpu()
-        kept = sorted(brute_force_kept(zi.tolist(), int(k[i]), float(p[i])))
+        kept = sorted(brute_force_kept(zi.tolist(), int(k[i]), float(p[i]), 0.0 if min_p is None else float(min_p[i])))
         t = int(tok[i])
         assert t in kept, f"row {i}: drew {t}, kept {kept[:20]}"
         zk = zi[kept]
@@ -201,7 +210,7 @@ def test_triton_distribution(case):
 
 def test_sampling_mask_matches_definition():
     """sampling_mask_ref against the brute-force loop on random rows with heavy ties and masked
-    entries, every top-k/top-p mix."""
+    entries, every top-k/top-p/min-p mix."""
     b, v = 96, 30
     z = tied_rows(b, v)
     z[::5, ::4] = float("-inf")
@@ -209,11 +218,14 @@ def test_sampling_mask_matches_definition():
     k[::2] = 0
     p = torch.rand(b).clamp_min(1e-3)
     p[::7] = 1.0
-    keep = sampling_mask_ref(z, k, p)
+    mp = torch.rand(b)
+    mp[::3] = 0.0
+    keep = sampling_mask_ref(z, k, p, mp)
     for i in range(b):
         expected = torch.zeros(v, dtype=torch.bool)
-        expected[list(brute_force_kept(z[i].tolist(), int(k[i]), float(p[i])))] = True
-        assert_equal(keep[i], expected, msg=f"row {i} k={int(k[i])} p={float(p[i]):.4f} z={z[i].tolist()}")
+        expected[list(brute_force_kept(z[i].tolist(), int(k[i]), float(p[i]), float(mp[i])))] = True
+        assert_equal(keep[i], expected,
+                     msg=f"row {i} k={int(k[i])} p={float(p[i]):.4f} min_p={float(mp[i]):.4f} z={z[i].tolist()}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -256,6 +268,65 @@ def test_kept_set_with_heavy_ties_matches_brute_force(backend, block):
     else:
         tok, lp = _cfg_sample_torch(z, None, **prm)
     check_kept_draws(z, k, p, tok, lp)
+
+
+# ------------------------------------------------------------------------------------------------
+# min_p
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,block", [("torch", None), ("triton", None), ("triton", 16)])
+def test_min_p_with_top_k_and_top_p_matches_brute_force(backend, block):
+    """Draws and log-probabilities against Hugging Face's definition (brute_force_kept: min-p on
+    the renormalized top-k/top-p survivors), with min_p alone and with top-k and top-p, on rows
+    with heavy ties and masked entries."""
+    from vqim.kernels.cfg_sample import _cfg_sample_torch, _cfg_sample_triton, _row_params
+
+    b, v = 48, 37
+    z = tied_rows(b, v) * 1.5  # steps of 0.75 and 1.5: ratios exp(-0.75) ... spread over (0, 1]
+    z[5::6, 1::4] = float("-inf")
+    k = torch.randint(0, v + 3, (b,))
+    k[::3] = 0
+    p = torch.rand(b).clamp_min(1e-3)
+    p[1::3] = 1.0
+    mp = torch.rand(b)
+    mp[::4] = 1.0  # only the top value's tie group
+    mp[2::8] = 0.0
+    prm = _row_params(b, z.device, cfg_scale=1.0, temperature=1.0, top_k=k, top_p=p, min_p=mp,
+                      seed=torch.randint(0, 2**62, (b,)), step=torch.arange(b))
+    if backend == "triton":
+        tok, lp = _cfg_sample_triton(z, None, block=block, **prm)
+    else:
+        tok, lp = _cfg_sample_torch(z, None, **prm)
+    check_kept_draws(z, k, p, tok, lp, mp)
+
+
+def test_min_p_distribution():
+    """min_p = 0.2 keeps the tokens of probability >= 0.2 * the top one's (after temperature),
+    drawn in proportion: chi-square against the float64 definition."""
+    v, n = 24, 20000
+    cond, uncond = _logits(v, seed=3)
+    kw = dict(cfg_scale=2.0, temperature=0.8, top_k=0, top_p=1.0, min_p=0.2)
+    probs = exact_probs(cond, uncond, **kw)[0]
+    x = uncond.double() + 2.0 * (cond.double() - uncond.double())
+    ratio = torch.exp((x - x.max()) / 0.8)[0]
+    assert_equal(probs > 0, ratio >= 0.2)
+    assert 2 < int((probs > 0).sum()) < v
+    ok, msg = chi_square_ok(torch.bincount(draw_many(cond, uncond, n, "torch", **kw), minlength=v), probs)
+    assert ok, msg
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_min_p_zero_is_off_and_one_is_greedy(backend):
+    """min_p = 0 draws exactly what no min_p draws; min_p = 1 keeps only the top token, so the
+    draw is the argmax (no ties here) and its log-probability 0."""
+    b, v = 8, 40
+    cond, uncond = torch.randn(b, v) * 2, torch.randn(b, v) * 2
+    kw = dict(cfg_scale=3.0, temperature=1.3, top_k=torch.tensor([0, 5] * 4), top_p=torch.tensor([1.0, 0.7] * 4),
+              seed=9, step=torch.arange(b), backend=backend)
+    assert_equal(cfg_sample(cond, uncond, min_p=0.0, **kw), cfg_sample(cond, uncond, **kw))
+    tok, lp = cfg_sample(cond, uncond, min_p=1.0, return_logprob=True, **kw)
+    assert_equal(tok, cfg_sample(cond, uncond, **{**kw, "temperature": 0.0}))
+    assert_close(lp, torch.zeros(b), atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,6 +446,7 @@ def test_gpu_parity_with_reference(backend, v):
     kw = dict(cfg_scale=torch.linspace(0, 10, b, device=dev), temperature=torch.linspace(0, 2, b, device=dev),
               top_k=torch.tensor([0, 1, 50, 5000] * (b // 4), device=dev),
               top_p=torch.tensor([1.0, 0.95, 0.5, 1e-4] * (b // 4), device=dev),
+              min_p=torch.tensor([0.0, 0.0, 0.05, 0.3, 0.0, 1e-3, 0.6, 1.0] * (b // 8), device=dev),
               seed=torch.randint(0, 2**62, (b,), device=dev), step=torch.arange(b, device=dev))
     want, want_lp = cfg_sample(cond, uncond, backend="torch", return_logprob=True, **kw)
     got, got_lp = cfg_sample(cond, uncond, backend=backend, return_logprob=True, **kw)
@@ -395,9 +467,11 @@ def test_gpu_kept_set_with_heavy_ties_matches_brute_force(backend, v):
     k = torch.randint(0, v + 3, (b,))
     k[::2] = 0
     p = torch.rand(b).clamp_min(1e-3)
-    tok, lp = cfg_sample(z, None, cfg_scale=1.0, top_k=k.cuda(), top_p=p.cuda(), seed=7, step=torch.arange(b).cuda(),
-                         backend=backend, return_logprob=True)
-    check_kept_draws(z, k, p, tok.cpu(), lp.cpu())
+    mp = torch.rand(b)
+    mp[::2] = 0.0
+    tok, lp = cfg_sample(z, None, cfg_scale=1.0, top_k=k.cuda(), top_p=p.cuda(), min_p=mp.cuda(), seed=7,
+                         step=torch.arange(b).cuda(), backend=backend, return_logprob=True)
+    check_kept_draws(z, k, p, tok.cpu(), lp.cpu(), mp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,6 +509,10 @@ _TEMPERATURE_RANGE = re.escape(f"temperature must be 0 (greedy) or a normal floa
     (dict(top_k=torch.tensor([0, -2, 1])), "top_k must be in \\[0"),
     (dict(top_k=torch.tensor([0.5, 1.0, 1.0])), "top_k must be an integer tensor"),
     (dict(cfg_scale=torch.ones(4)), "cfg_scale must be a scalar, a 0-d tensor or a tensor of shape \\[B\\]"),
+    (dict(min_p=-0.1), "min_p must be in \\[0, 1\\]"),
+    (dict(min_p=1.5), "min_p must be in \\[0, 1\\]"),
+    (dict(min_p=float("nan")), "min_p must not be NaN"),
+    (dict(min_p=torch.tensor([0.0, 2.0, 0.1])), "min_p must be in \\[0, 1\\]"),
 ])
 def test_bad_parameters_raise(kw, match):
     cond, uncond = torch.randn(3, 10), torch.randn(3, 10)

@@ -277,7 +277,7 @@ def test_generation_json_sets_the_sampling_defaults(t2i, tmp_path):
     eng.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "generation.json").read_text()) == {"temperature": 0.5, "top_k": 3}
     loaded = Engine.from_pretrained(tmp_path, device="cpu")
-    assert loaded.sampling_defaults == {"cfg_scale": 3.0, "temperature": 0.5, "top_k": 3, "top_p": 1.0}
+    assert loaded.sampling_defaults == {**SamplingParams().to_dict(), "temperature": 0.5, "top_k": 3}
     p = ["a red circle", "a blue square"]
     assert_equal(loaded.generate_codes(p, seed=4), t2i.generate_codes(p, seed=4, temperature=0.5, top_k=3))
     assert_equal(loaded.generate_codes(p, seed=4, temperature=1.0, top_k=0), t2i.generate_codes(p, seed=4))

@@ -87,6 +87,18 @@ def test_overflowing_sampling_settings_never_index_out_of_range(t2i, kwargs):
         assert 0 <= int(codes.min()) and int(codes.max()) < t2i.cfg.decoder.vocab_size
 
 
+def test_a_setting_reaches_generate_and_generation_json_from_sampling_params_alone(t2i):
+    """min_p was added to the op and SamplingParams only: generate takes it (min_p = 1 keeps
+    only the top token, i.e. greedy), and a generation.json may recommend it."""
+    greedy = t2i.generate_codes(["a red circle"], seed=1, temperature=0.0)
+    assert torch.equal(t2i.generate_codes(["a red circle"], seed=2, min_p=1.0), greedy)
+    eng = Engine(t2i.model, t2i.tokenizer, device=t2i.device, use_cuda_graph=False, generation={"min_p": 1.0})
+    assert eng.sampling_defaults["min_p"] == 1.0
+    assert torch.equal(eng.generate_codes(["a red circle"], seed=3), greedy)
+    with pytest.raises(ValueError, match="generation: min_p must be in"):
+        Engine(t2i.model, t2i.tokenizer, device=t2i.device, generation={"min_p": 2.0})
+
+
 def test_unknown_sampling_setting_is_a_type_error(t2i):
     with pytest.raises(TypeError, match="unknown sampling settings \\['topk'\\]"):
         t2i.generate_codes(["a red circle"], seed=0, topk=3)

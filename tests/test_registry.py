@@ -164,6 +164,7 @@ def _conv_decode_params(C):
     ("dtype", 3, "dtype must be a known dtype code"),
     ("V", 0, "V must be >= 1"),
     ("top_p", 0, "top_p is a null pointer"),
+    ("min_p_extent", 1, "min_p with sizes and strides .*reaches element 1 but min_p_extent is 1"),
     ("tokens_extent", 1, "tokens with sizes and strides .*reaches element 1 but tokens_extent is 1"),
     ("uncond_stride1", -16, "uncond_stride1 must be >= 0"),
     ("cond_extent", 31, "cond with sizes and strides .*reaches element 31 but cond_extent is 31"),
