@@ -24,6 +24,7 @@ import torch
 
 from vqim import kernels as K
 from vqim.engine import Engine
+from vqim.engine.generate import condition
 from vqim.engine.timing import device_name, print_table, timeit
 from vqim.train.eval_shapes import GRID_PROMPTS
 
@@ -38,9 +39,7 @@ def generate_without_cache(engine: Engine, prompts: list[str], *, seed: int) -> 
     the engine's default settings (the model's generation.json)."""
     model, dec = engine.model, engine.model.decoder
     b = len(prompts)
-    ids, mask = engine.tokenizer.batch(list(prompts) + [""] * b, engine.device)  # (2B, L)
-    memory = model.text(ids, mask)  # (2B, L, W)
-    prefix = torch.full((2 * b, 1), dec.cfg.num_classes, dtype=torch.long, device=engine.device)
+    prefix, memory, mask = condition(model, engine.tokenizer, prompts, guided=True)  # (2B, 1), (2B, L, W), (2B, L)
     tokens = torch.empty(2 * b, 0, dtype=torch.long, device=engine.device)
     seeds = torch.arange(seed, seed + b, device=engine.device)
     for step in range(dec.cfg.num_tokens):

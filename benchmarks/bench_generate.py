@@ -21,6 +21,7 @@ import torch
 
 from vqim.engine import Engine
 from vqim.engine.bench import COLUMNS, bench_engine
+from vqim.engine.generate import condition
 from vqim.engine.timing import device_name, print_table
 
 from _common import append_results
@@ -58,12 +59,11 @@ def test_bench_generate_step(benchmark, batch, graph):
 
     eng = Engine.from_preset("parti-350m", device="cuda")
     dec = eng.model.decoder
-    ids, mask = eng.tokenizer.batch(["a red circle"] * batch + [""] * batch, eng.device, pad_to=128)
+    prefix, memory, mask = condition(eng.model, eng.tokenizer, ["a red circle"] * batch, guided=True, pad_to=128)
     with torch.no_grad():
-        memory = eng.model.text(ids, mask)
         captured = eng.generator.capture(2 * batch, memory, mask) if graph else None
         state = captured.state if graph else dec.new_state(2 * batch, memory, mask)
-        dec.prefill(state, torch.zeros(2 * batch, 1, dtype=torch.long, device="cuda"))
+        dec.prefill(state, prefix)
         tok = torch.zeros(2 * batch, dtype=torch.long, device="cuda")
         pos = torch.tensor([513], device="cuda")
 

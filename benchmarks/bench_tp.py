@@ -29,6 +29,7 @@ import torch
 
 from vqim.engine import Engine, ModelConfig
 from vqim.engine.config import dtype_from_name
+from vqim.engine.generate import condition
 from vqim.engine import tp as TP
 from vqim.engine.timing import device_name, print_table, timeit
 
@@ -82,18 +83,22 @@ def _inputs(eng: Engine, batch: int):
     return {}
 
 
+def _memory(eng: Engine, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Text memory and mask of ``batch`` CFG pairs (``2 * batch`` rows; ``None`` without text)."""
+    inp = _inputs(eng, batch)
+    conds = inp.get("prompts") or inp.get("class_ids") or [eng.model.decoder.null_prefix] * batch
+    _, memory, mask = condition(eng.model, eng.tokenizer, conds, guided=True)
+    return memory, mask
+
+
 def _count_worker(rank: int, world: int, presets: list[str], out: str) -> None:
     res = {}
     for name in presets:
         eng = _engine(name, rank, world, "cpu")
         dec = eng.model.decoder
         rows = 2
-        memory = mask = None
         with torch.no_grad():
-            if eng.cfg.is_text_to_image:
-                ids, mask = eng.tokenizer.batch([PROMPT, ""], eng.device)
-                memory = eng.model.text(ids, mask)
-            state = dec.new_state(rows, memory, mask)
+            state = dec.new_state(rows, *_memory(eng, 1))
             with TP.count_collectives() as st:
                 dec.decode_step(state, torch.zeros(rows, dtype=torch.long), torch.tensor([dec.cfg.prefix]))
         res[name] = (dict(st.counts), dict(st.bytes))
@@ -117,12 +122,8 @@ def _time_worker(rank: int, world: int, presets: list[str], batches: list[int], 
                 codes = eng.generate_codes(num_images=1, cfg_scale=3.0, seed=0, **inp)
                 eng.decode_codes(codes, output_type="pt")
 
-            memory = mask = None
             with torch.no_grad():
-                if eng.cfg.is_text_to_image:
-                    ids, mask = eng.tokenizer.batch([PROMPT] * b + [""] * b, dev)
-                    memory = eng.model.text(ids, mask)
-                state = dec.new_state(2 * b, memory, mask)
+                state = dec.new_state(2 * b, *_memory(eng, b))
                 tok = torch.zeros(2 * b, dtype=torch.long, device=dev)
                 pos = torch.tensor([dec.cfg.prefix + dec.cfg.num_tokens // 2], device=dev)
                 dist.barrier()
@@ -186,9 +187,8 @@ def timings(presets, tps, batches, device_type: str) -> list[dict]:
 def test_bench_tp1_decode_step_parti_750m(benchmark):
     eng = Engine.from_preset("parti-750m", device="cuda")
     dec = eng.model.decoder
-    ids, mask = eng.tokenizer.batch([PROMPT, ""], eng.device)
     with torch.no_grad():
-        state = dec.new_state(2, eng.model.text(ids, mask), mask)
+        state = dec.new_state(2, *_memory(eng, 1))
         tok = torch.zeros(2, dtype=torch.long, device=eng.device)
         pos = torch.tensor([dec.cfg.prefix + dec.cfg.num_tokens // 2], device=eng.device)
 

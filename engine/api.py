@@ -22,7 +22,7 @@ from PIL import Image
 from vqim import kernels as K
 
 from .config import ModelConfig, dtype_from_name, dtype_name
-from .generate import Generator, Sampling, check_tokens
+from .generate import Generator, Sampling, check_tokens, condition, tokenize
 from .models import VQIMModel, init_weights
 from .text import TextTokenizer
 from .tp import agreed, check_tp, from_rank0, init_distributed, load_tp_model, tensor_parallel
@@ -355,19 +355,14 @@ class Engine:
             if seeds[i] + num_images - 1 > K.MAX_SEED:
                 raise ValueError(f"seed must be <= 2**63 - num_images (image j uses seed + j), got {seeds[i]}")
         if self.cfg.is_text_to_image:
-            # Every prompt tokenized (and any truncation warned) before the first decode step;
-            # the last row is the empty prompt of the unconditional branch. On CUDA every batch
-            # is padded to max_len, so one captured graph serves all prompts and graph and eager
-            # runs compute the same thing.
-            pad = self.cfg.text.max_len if self.device.type == "cuda" else None
-            conds = self.tokenizer.batch(conds + [""], torch.device("cpu"), pad_to=pad)  # ids, mask (N + 1, L)
+            # Every prompt tokenized (and any truncation warned) before the first decode step.
+            conds = tokenize(self.tokenizer, conds)
         # One row per image.
         rows = [(i, j) for i in range(n) for j in range(num_images)]
         return conds, rows, params, seeds, has_uncond
 
     def _generate_rows(self, conds, rows, params, seeds, has_uncond, progress) -> torch.Tensor:
-        """``conds``: class ids, or a text model's token ids and mask ``(N + 1, L)`` with the
-        empty prompt last."""
+        """``conds``: one :func:`condition` request per prompt / class id."""
         cfg = self.cfg.decoder
         bar = None
         if progress is True:
@@ -398,24 +393,11 @@ class Engine:
         guided = has_uncond and any(params[i].cfg_scale != 1.0 for i in req)
         sampling = Sampling(K.SamplingParams.rows([params[i] for i in req], dev),
                             seed=torch.tensor([seeds[i] + j for i, j in chunk], dtype=torch.long, device=dev))
-        model = self.model
-        memory = mask = None
-        if self.cfg.is_text_to_image:
-            all_ids, all_mask = conds
-            empty = all_ids.shape[0] - 1
-            sel = torch.tensor(req + ([empty] * len(chunk) if guided else []))
-            ids, mask = all_ids[sel], all_mask[sel]  # (R, L)
-            if dev.type != "cuda":
-                # Padded only to this chunk's longest prompt, as a batch of these prompts alone would be.
-                length = int(mask.sum(1).max())
-                ids, mask = ids[:, :length], mask[:, :length]
-            ids, mask = ids.to(dev), mask.to(dev)
-            memory = model.text(ids, mask)  # (R, L, W)
-            prefix = torch.full((len(sel), 1), self.cfg.decoder.num_classes, dtype=torch.long, device=dev)
-        else:
-            pre = [conds[i] for i in req] + ([self.cfg.decoder.num_classes] * len(chunk) if guided else [])
-            prefix = torch.tensor(pre, dtype=torch.long, device=dev)[:, None]  # (R, 1)
-        return check_tokens(self.generator.run(prefix, memory, mask, sampling, guided=guided, on_step=on_step))
+        # On CUDA every batch is padded to max_len, so one captured graph serves all prompts and
+        # graph and eager runs compute the same thing.
+        pad = self.cfg.text.max_len if self.cfg.is_text_to_image and dev.type == "cuda" else None
+        rows = condition(self.model, self.tokenizer, [conds[i] for i in req], guided=guided, pad_to=pad)
+        return check_tokens(self.generator.run(*rows, sampling, guided=guided, on_step=on_step))
 
     def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None,
                  class_ids=None, progress: bool | Callable[[int], None] = False, **sampling) -> list[Image.Image]:
@@ -585,11 +567,8 @@ class Engine:
             for codes in self._encode_chunks(x, "featurizing"):
                 b = codes.shape[0]
                 with self._oom_names_batch("featurizing", b):
-                    memory = mask = None
-                    if self.cfg.is_text_to_image:
-                        ids, mask = self.tokenizer.batch([""] * b, self.device)
-                        memory = self.model.text(ids, mask)
-                    prefix = torch.full((b, 1), self.cfg.decoder.num_classes, dtype=torch.long, device=self.device)
+                    null = "" if self.cfg.is_text_to_image else self.model.decoder.null_prefix
+                    prefix, memory, mask = condition(self.model, self.tokenizer, [null] * b, guided=False)
                     h = self.model.decoder(prefix, codes.view(b, -1), memory, mask, hidden_layer=layer)  # (b, 1 + n, W)
                     feats.append(h[:, self.cfg.decoder.prefix:].float().mean(dim=1))  # (b, W)
         return torch.cat(feats)

@@ -18,6 +18,7 @@ import torch
 from vqim import kernels as K
 
 from .api import Engine
+from .generate import Rows, condition
 from .timing import H100_HBM_BYTES_PER_S, timeit
 
 
@@ -53,15 +54,11 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = K.SamplingPar
         modes = ("torch", "eager", "graph") if dev.type == "cuda" else ("eager",)
     prompts = ["a red circle on a blue square"] * batch if engine.cfg.is_text_to_image else None
     class_ids = [1] * batch if (not engine.cfg.is_text_to_image and cfg.num_classes > 0) else None
-    memory = mask = None
-    text_len = 0
     with torch.no_grad():
-        if engine.cfg.is_text_to_image:
-            pad = engine.cfg.text.max_len if dev.type == "cuda" else None
-            ids, mask = engine.tokenizer.batch(prompts + [""] * batch, dev, pad_to=pad)
-            memory = engine.model.text(ids, mask)
-            text_len = ids.shape[1]
-        prefix = torch.full((rows, 1), cfg.num_classes, dtype=torch.long, device=dev)
+        pad = engine.cfg.text.max_len if prompts and dev.type == "cuda" else None  # the engine's padding
+        cond = condition(engine.model, engine.tokenizer, prompts or class_ids or [dec.null_prefix] * batch,
+                         guided=guided, pad_to=pad)
+        text_len = 0 if cond.memory is None else cond.memory.shape[1]
         # The other settings at SamplingParams' defaults.
         sampling = dict(cfg_scale=cfg_scale, seed=torch.arange(batch, device=dev), validate=False)
         pos_int = cfg.prefix + cfg.num_tokens // 2  # mid-grid: a full conv window
@@ -71,9 +68,8 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = K.SamplingPar
         out = []
         for mode in modes:
             with K.use_backend("torch" if mode == "torch" else None):
-                t_step, t_img = _time_mode(_with_graphs(engine, mode == "graph"), mode, rows, batch, guided, prefix,
-                                           memory, mask, sampling, tok, pos, prompts, class_ids, cfg_scale,
-                                           step_iters, image_iters)
+                t_step, t_img = _time_mode(_with_graphs(engine, mode == "graph"), mode, rows, batch, guided, cond,
+                                           sampling, tok, pos, prompts, class_ids, cfg_scale, step_iters, image_iters)
             roof_ms = nbytes / H100_HBM_BYTES_PER_S * 1e3
             out.append({
                 "preset": engine.cfg.name, "dtype": str(dec.head.weight.dtype).replace("torch.", ""),
@@ -99,19 +95,19 @@ def _with_graphs(engine: Engine, on: bool) -> Engine:
                   generation=engine.generation)
 
 
-def _time_mode(engine, mode, rows, batch, guided, prefix, memory, mask, sampling, tok, pos, prompts, class_ids,
-               cfg_scale, step_iters, image_iters):
+def _time_mode(engine, mode, rows, batch, guided, cond: Rows, sampling, tok, pos, prompts, class_ids, cfg_scale,
+               step_iters, image_iters):
     dec = engine.model.decoder
     dev = engine.device
     if mode == "graph":
         # The step the engine's own decode loop replays (and later reuses for the images).
-        captured = engine.generator.capture(rows, memory, mask)
+        captured = engine.generator.capture(rows, cond.memory, cond.memory_mask)
         state = captured.state
         run = lambda: captured(tok, pos)  # noqa: E731
     else:
-        state = dec.new_state(rows, memory, mask, ring=engine.generator.ring_cache)
+        state = dec.new_state(rows, cond.memory, cond.memory_mask, ring=engine.generator.ring_cache)
         run = lambda: dec.decode_step(state, tok, pos)  # noqa: E731
-    dec.prefill(state, prefix)
+    dec.prefill(state, cond.prefix)
 
     def step():
         logits = run()

@@ -1,11 +1,12 @@
 """The decode loop: static KV cache, cross-attention K/V once per prompt, CFG as one batch.
 
 With guidance the decoder runs ``2B`` rows, conditional rows ``[0, B)`` and unconditional rows
-``[B, 2B)`` (empty prompt / null class); ``vqim.kernels.cfg_sample`` combines each pair and
-draws one token per request, and the same token is fed to both rows of the pair. Nothing in the
-loop reads a value back to the host: positions live in a device tensor, sampling runs with
-``validate=False`` and a row with no finite logit (token ``-1``, fed back as token 0 so the
-embedding never sees it) is checked once at the end.
+``[B, 2B)`` (empty prompt / null class), as :func:`condition` lays them out;
+``vqim.kernels.cfg_sample`` combines each pair and draws one token per request, and the same
+token is fed to both rows of the pair. Nothing in the loop reads a value back to the host:
+positions live in a device tensor, sampling runs with ``validate=False`` and a row with no
+finite logit (token ``-1``, fed back as token 0 so the embedding never sees it) is checked once
+at the end.
 
 On CUDA the decode step (embedding, all blocks, head) is captured once per batch shape into a
 CUDA graph and replayed; the graph owns a static :class:`DecodeState` whose cross-attention
@@ -15,14 +16,16 @@ That path needs a GPU and is not exercised by the CPU test suite.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from vqim import kernels as K
 
-from .models import ARDecoder, DecodeState
+from .models import ARDecoder, DecodeState, VQIMModel
+from .text import TextTokenizer
 
 
 @dataclass
@@ -32,6 +35,51 @@ class Sampling:
 
     settings: dict[str, torch.Tensor]
     seed: torch.Tensor
+
+
+class Rows(NamedTuple):
+    """A batch's decoder rows, from :func:`condition`: what :meth:`Generator.run` takes."""
+
+    prefix: torch.Tensor  # (R, 1) class id or BOS / null class
+    memory: torch.Tensor | None  # (R, L, W) text encoder output; None without a text encoder
+    memory_mask: torch.Tensor | None  # (R, L) bool, True on real text tokens
+
+
+def tokenize(tokenizer: TextTokenizer, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each prompt's ids ``[max_len]`` and mask ``[max_len]`` on the CPU, for :func:`condition`.
+
+    Tokenizing once, when a request arrives, checks it (and warns of a truncation once) before
+    any decode work; padding to ``max_len`` lets any prompts share a batch later.
+    """
+    ids, mask = tokenizer.batch(list(prompts), torch.device("cpu"), pad_to=tokenizer.max_len)  # (N, max_len)
+    return list(zip(ids, mask))
+
+
+@torch.no_grad()
+def condition(model: VQIMModel, tokenizer: TextTokenizer | None, requests: Sequence, *, guided: bool,
+              pad_to: int | None = None) -> Rows:
+    """The decoder rows of ``B = len(requests)`` images, one condition each, on the model's device.
+
+    A request is a class id (``ARDecoder.null_prefix`` for none) for a model without text, or a
+    prompt for a text model: a string or its :func:`tokenize` row. With ``guided`` the rows are
+    ``R = 2B``, conditional ``[0, B)`` then unconditional ``[B, 2B)`` (the null class, or the
+    empty prompt ``[EOS]``), else ``R = B``. Text is padded to ``pad_to`` (at most ``max_len``:
+    the engine pads to ``max_len`` on CUDA, so one captured graph serves any prompt), by default
+    to the longest row, as a batch of these prompts alone would be.
+    """
+    dec = model.decoder
+    dev = dec.head.weight.device
+    b = len(requests)
+    if model.text is None:
+        ids = list(requests) + [dec.null_prefix] * (b if guided else 0)
+        return Rows(torch.tensor(ids, dtype=torch.long, device=dev)[:, None], None, None)  # (R, 1)
+    rows = [tokenize(tokenizer, [r])[0] if isinstance(r, str) else r for r in requests]
+    rows += tokenize(tokenizer, [""]) * (b if guided else 0)
+    mask = torch.stack([m for _, m in rows])  # (R, max_len)
+    length = pad_to or int(mask.sum(1).max())
+    ids, mask = torch.stack([i for i, _ in rows])[:, :length].to(dev), mask[:, :length].to(dev)  # (R, L)
+    prefix = torch.full((len(rows), 1), dec.null_prefix, dtype=torch.long, device=dev)
+    return Rows(prefix, model.text(ids, mask), mask)  # memory (R, L, W)
 
 
 class CapturedStep:
@@ -115,8 +163,9 @@ class Generator:
             sampling: Sampling, *, guided: bool, on_step: Callable[[], None] | None = None) -> torch.Tensor:
         """Sample ``[B, n]`` image tokens.
 
-        ``prefix_ids [R, 1]``, ``memory [R, L, W]``, ``memory_mask [R, L]`` hold ``R = 2B``
-        rows (conditional then unconditional) when ``guided``, else ``R = B``.
+        ``prefix_ids [R, 1]``, ``memory [R, L, W]``, ``memory_mask [R, L]`` (the :class:`Rows`
+        of :func:`condition`) hold ``R = 2B`` rows (conditional then unconditional) when
+        ``guided``, else ``R = B``.
         """
         dec = self.decoder
         cfg = dec.cfg

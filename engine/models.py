@@ -287,6 +287,8 @@ class ARDecoder(nn.Module):
 
     @property
     def null_prefix(self) -> int:
+        """The prefix of BOS / the null class (``prefix_embed``'s last row): a text model's and an
+        unconditional model's every row, and a class model's unconditional rows."""
         return self.cfg.num_classes
 
     def embed(self, prefix_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests.helpers import assert_close, assert_equal, sharpen
 from vqim.engine import Engine
-from vqim.engine.generate import Sampling
+from vqim.engine.generate import Sampling, condition
 from vqim.kernels import SamplingParams
 
 
@@ -71,13 +71,10 @@ def test_guidance_changes_tokens_and_scale_one_is_conditional_only(t2i):
 
 def test_cfg_batch_layout_scale_one_equals_unguided_loop(vim):
     """The decoder loop itself: 2B rows with scale 1 == B rows without the unconditional half."""
-    dev = torch.device("cpu")
     s = Sampling(SamplingParams.rows([SamplingParams(cfg_scale=1.0)] * 2, torch.device("cpu")),
                  seed=torch.tensor([0, 1]))
-    cond = torch.tensor([[2], [7]], device=dev)
-    null = torch.full((2, 1), vim.cfg.decoder.num_classes)
-    plain = vim.generator.run(cond, None, None, s, guided=False)
-    paired = vim.generator.run(torch.cat([cond, null]), None, None, s, guided=True)
+    plain = vim.generator.run(*condition(vim.model, vim.tokenizer, [2, 7], guided=False), s, guided=False)
+    paired = vim.generator.run(*condition(vim.model, vim.tokenizer, [2, 7], guided=True), s, guided=True)
     assert_equal(paired, plain)
 
 
@@ -317,16 +314,14 @@ def test_decode_loop_never_syncs_with_the_host(graph):
     eng = Engine.from_preset("tiny-t2i", device="cuda")
     eng.generator.use_cuda_graph = graph
     b = 2
-    ids, mask = eng.tokenizer.batch(["a red circle"] * b + [""] * b, eng.device, pad_to=128)
+    rows = condition(eng.model, eng.tokenizer, ["a red circle"] * b, guided=True, pad_to=128)
     s = Sampling(SamplingParams.rows([SamplingParams()] * b, torch.device("cuda")), seed=torch.arange(b, device="cuda"))
-    prefix = torch.zeros(2 * b, 1, dtype=torch.long, device="cuda")
     with torch.no_grad():
-        memory = eng.model.text(ids, mask)
-        eng.generator.run(prefix, memory, mask, s, guided=True)  # warm-up (kernel compilation, graph capture)
+        eng.generator.run(*rows, s, guided=True)  # warm-up (kernel compilation, graph capture)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            out = eng.generator.run(prefix, memory, mask, s, guided=True)
+            out = eng.generator.run(*rows, s, guided=True)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (b, 64)

@@ -25,6 +25,7 @@ from PIL import Image
 from vqim import kernels as K
 from vqim.engine import Engine, ModelConfig
 from vqim.engine import tp as TP
+from vqim.engine.generate import Rows, condition
 from vqim.engine.weights import build_model, save_pretrained
 
 WORLD = 2
@@ -36,17 +37,16 @@ RUNS = {
 }
 
 
+def _rows(eng: Engine, name: str) -> Rows:
+    """The unguided decoder rows of ``CONDS[name]``, one per request."""
+    return condition(eng.model, eng.tokenizer, next(iter(CONDS[name].values())), guided=False)
+
+
 def _stepwise_logits(eng: Engine, name: str, tokens: torch.Tensor) -> torch.Tensor:
     """Unguided cached decode fed ``tokens [B, n]``: logits ``[B, n, V]`` from prefill and every step."""
     dec = eng.model.decoder
     cfg = dec.cfg
-    memory = mask = None
-    if "prompts" in CONDS[name]:
-        ids, mask = eng.tokenizer.batch(CONDS[name]["prompts"], eng.device)  # (B, L)
-        memory = eng.model.text(ids, mask)  # (B, L, W)
-        prefix = torch.full((len(CONDS[name]["prompts"]), 1), cfg.num_classes, dtype=torch.long)
-    else:
-        prefix = torch.tensor(CONDS[name]["class_ids"])[:, None]  # (B, 1)
+    prefix, memory, mask = _rows(eng, name)  # (B, 1), (B, L, W), (B, L)
     with torch.no_grad():
         state = dec.new_state(prefix.shape[0], memory, mask)
         out = [dec.prefill(state, prefix)]
@@ -88,10 +88,7 @@ def _worker(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
         # One decode step at its real width, collectives counted by the TP layers.
         b = tokens.shape[0]
         dec = eng.model.decoder
-        memory = mask = None
-        if dec.cfg.cross_attention:
-            ids, mask = eng.tokenizer.batch(CONDS[name]["prompts"], eng.device)
-            memory = eng.model.text(ids, mask)
+        _, memory, mask = _rows(eng, name)
         with torch.no_grad():
             state = dec.new_state(b, memory, mask)
             with TP.count_collectives() as st:

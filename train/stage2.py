@@ -95,8 +95,10 @@ class Stage2(Run):
             if self.tok.vocab_size > mc.text.vocab_size:
                 raise ValueError(f"text_tokenizer has {self.tok.vocab_size} ids but text.vocab_size is "
                                  f"{mc.text.vocab_size}")
-            self.text_ids = [self.tok.ids(c) for c in self.data.captions]
-            self.null_ids = self.tok.ids("")  # the engine's unconditional prompt: [EOS]
+            # Tokenized once, by the tokenizer's own padding; the last row is the engine's
+            # unconditional prompt "" ([EOS]), which a dropped caption reads.
+            self.text_ids, self.text_mask = self.tok.batch(self.data.captions + [""], torch.device("cpu"),
+                                                           pad_to=mc.text.max_len)  # (N + 1, max_len)
         elif self.kind == "class":
             self.labels = torch.tensor(self.data.labels, dtype=torch.long)
             if int(self.labels.max()) >= mc.decoder.num_classes:
@@ -135,13 +137,10 @@ class Stage2(Run):
         if self.kind == "class":
             prefix[:, 0] = torch.where(drop, mc.decoder.num_classes, self.labels[idx])
         if self.kind == "text":
-            rows = [self.null_ids if d else self.text_ids[i] for i, d in zip(idx.tolist(), drop.tolist())]
-            length = max(len(r) for r in rows)
-            ids = torch.full((len(rows), length), self.tok.impl.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), length), dtype=torch.bool)
-            for j, r in enumerate(rows):
-                ids[j, : len(r)] = torch.tensor(r)
-                mask[j, : len(r)] = True
+            rows = torch.where(drop, len(self.data), idx)  # (B,)
+            mask = self.text_mask[rows]  # (B, max_len)
+            length = int(mask.sum(1).max())  # padded to the batch's longest caption
+            ids, mask = self.text_ids[rows, :length], mask[:, :length]  # (B, L)
             out = {"text_ids": self.shard(ids).to(self.device), "text_mask": self.shard(mask).to(self.device)}
         return {"prefix": self.shard(prefix).to(self.device), "tokens": self.shard(tokens).to(self.device), **out}
 
