@@ -46,9 +46,11 @@ check each backend's determinism.
 
 Validation: python-scalar parameters are checked on every call (cheap). Checks that need a
 host sync (ranges/NaN inside parameter tensors, logits that are NaN or ``+inf``, rows with no
-finite logit) run only with ``validate=True`` (the default for direct calls). The engine calls
-:func:`validate_sampling_params` once per request and passes ``validate=False`` per step, then
-checks the returned tokens for ``-1`` once at the end.
+finite logit) run only with ``validate=True`` (the default for direct calls). The ranges are
+:class:`~vqim.kernels.sampling_params.SamplingParams`' (its fields' rules, which also check
+``seed`` and ``step``). The engine validates one ``SamplingParams`` per request (it checks on
+construction) and passes ``validate=False`` per step, then checks the returned tokens for ``-1``
+once at the end.
 """
 
 from __future__ import annotations
@@ -582,7 +584,7 @@ def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *,
             final (guided, scaled, filtered, renormalized) distribution; 0 for greedy rows.
         validate: run the checks that need a host sync (parameter tensor ranges, NaN/+inf
             logits, rows with no finite logit -> ValueError). ``False`` for the engine's decode
-            loop, which validates once per request (:func:`validate_sampling_params`) and
+            loop, which validates once per request (a ``SamplingParams`` per request) and
             checks for token ``-1`` (a row with no finite logit) once at the end.
         **sampling: the settings, by :class:`~vqim.kernels.SamplingParams` field name (its
             defaults for those not given; an unknown name is a TypeError): python scalars or
