@@ -58,10 +58,17 @@ def use_backend(backend: str | None) -> Iterator[None]:
         _DEFAULT.reset(token)
 
 
+# Dynamo cannot read a ContextVar: it calls this at trace time and bakes the answer into the
+# graph (with no guard on it), so a compiled function keeps the backend it was traced under.
+@torch.compiler.assume_constant_result
+def _default_backend() -> str | None:
+    return _DEFAULT.get()
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend an op call runs on, with a clear error where it cannot run."""
     if backend is None:
-        backend = _DEFAULT.get()
+        backend = _default_backend()
     if backend is None:
         # Without Triton (macOS, Windows) the references serve CUDA tensors too.
         return "triton" if device.type == "cuda" and _triton.AVAILABLE else "torch"

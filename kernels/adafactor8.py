@@ -54,7 +54,7 @@ import torch
 from . import _ext
 from .adafactor_hparams import (BETA1, BETA2, CLIP_THRESHOLD, EPS1, WEIGHT_DECAY, beta2_at, check_hyperparameters,
                                 load_state_keeping_dtypes)
-from ._registry import dispatch, register
+from ._registry import dispatch, register, resolve_backend
 from ._triton import tl, triton
 
 QBLOCK = 256  # values per int8 block (one fp32 scale each)
@@ -484,6 +484,85 @@ def _step_torch(g3, p3, q, scale, a, b, sumsq_parts, lr, decay, beta1, clip_thre
     scale.copy_(scale_new)
 
 
+# ----------------------------------------------------------------------------- torch custom ops
+
+# Each step piece as a vqim:: op whose body is the registry's implementation; the optimizer
+# resolves the backend once per parameter and passes it as a string. The fakes mirror each
+# backend's allocations (the partial-sum counts differ by backend).
+
+def _row_col_parts(backend: str, R: int, C: int) -> tuple[int, int]:
+    """How many row / column partials ``adafactor8_row_col_sums`` returns on ``backend``."""
+    if backend == "torch":
+        return 1, 1
+    if backend == "cuda":
+        row_blocks = triton.cdiv(R, 32)
+        return triton.cdiv(C, 256), triton.cdiv(row_blocks, triton.next_power_of_2(
+            triton.cdiv(row_blocks, _MAX_COL_PARTIALS)))
+    br, bc, tiles = _row_col_blocks(R, C)
+    return triton.cdiv(C, bc), triton.cdiv(R, br * tiles)
+
+
+@torch.library.custom_op("vqim::adafactor8_row_col_sums", mutates_args=())
+def _row_col_sums_op(g3: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return dispatch("adafactor8_row_col_sums", backend, g3.device)(g3)
+
+
+@_row_col_sums_op.register_fake
+def _(g3, backend):
+    L, R, C = g3.shape
+    n_row, n_col = _row_col_parts(backend, R, C)
+    return g3.new_empty(n_row, L, R, dtype=torch.float32), g3.new_empty(n_col, L, C, dtype=torch.float32)
+
+
+@torch.library.custom_op("vqim::adafactor8_factors", mutates_args=("r", "c"))
+def _factors_op(rowpart: torch.Tensor, colpart: torch.Tensor, r: torch.Tensor, c: torch.Tensor, beta2_t: float,
+                eps1: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return dispatch("adafactor8_factors", backend, r.device)(rowpart, colpart, r, c, beta2_t, eps1)
+
+
+@_factors_op.register_fake
+def _(rowpart, colpart, r, c, beta2_t, eps1, backend):
+    return r.new_empty(r.numel(), dtype=torch.float32), c.new_empty(c.numel(), dtype=torch.float32)
+
+
+@torch.library.custom_op("vqim::adafactor8_full_factors", mutates_args=("v",))
+def _full_factors_op(g3: torch.Tensor, v: torch.Tensor, beta2_t: float, eps1: float, backend: str) -> torch.Tensor:
+    return dispatch("adafactor8_full_factors", backend, v.device)(g3, v, beta2_t, eps1)
+
+
+@_full_factors_op.register_fake
+def _(g3, v, beta2_t, eps1, backend):
+    return v.new_empty(v.numel(), dtype=torch.float32)
+
+
+@torch.library.custom_op("vqim::adafactor8_sumsq", mutates_args=())
+def _sumsq_op(g3: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
+    return dispatch("adafactor8_sumsq", backend, g3.device)(g3, a, b)
+
+
+@_sumsq_op.register_fake
+def _(g3, a, b, backend):
+    n = 1
+    if backend == "triton":
+        n_tiles = triton.cdiv(triton.cdiv(g3.numel(), QBLOCK), _BLOCKS_PER_PROGRAM)
+        n = min(n_tiles, _SUMSQ_PROGRAMS)
+    return g3.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("vqim::adafactor8_step", mutates_args=("p3", "q", "scale"))
+def _step_op(g3: torch.Tensor, p3: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor,
+             b: torch.Tensor, sumsq_parts: torch.Tensor, lr: float, decay: float, beta1: float, clip_threshold: float,
+             backend: str) -> None:
+    """One fused update with nearest rounding (stochastic rounding bypasses the op: see _step_param)."""
+    dispatch("adafactor8_step", backend, g3.device)(g3, p3, q, scale, a, b, sumsq_parts, lr, decay, beta1,
+                                                    clip_threshold, "nearest", None)
+
+
+@_step_op.register_fake
+def _(g3, p3, q, scale, a, b, sumsq_parts, lr, decay, beta1, clip_threshold, backend):
+    return None
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 @functools.cache
@@ -589,9 +668,9 @@ class Adafactor8bit(torch.optim.Optimizer):
             raise ValueError("Adafactor8bit does not support sparse gradients")
         if grad.dtype not in _PARAM_DTYPES:
             raise ValueError(f"grads must be float32, float16 or bfloat16, got {grad.dtype}")
-        backend = self.backend
-        if self.rounding == "stochastic" and backend != "torch":
+        if self.rounding == "stochastic" and self.backend != "torch":
             raise ValueError("rounding='stochastic' runs only with backend='torch'")
+        backend = resolve_backend(self.backend, p.device)
         state = self._init_state(p)
         state["step"] += 1
         beta2_t = beta2_at(beta2, state["step"])
@@ -599,25 +678,29 @@ class Adafactor8bit(torch.optim.Optimizer):
         L, R, C = g3.shape
         if p.dim() >= 2:
             r, c = state["exp_avg_sq_row"].view(L, R), state["exp_avg_sq_col"].view(L, C)
-            rowpart, colpart = dispatch("adafactor8_row_col_sums", backend, p.device)(g3)
+            rowpart, colpart = torch.ops.vqim.adafactor8_row_col_sums(g3, backend)
             # a (L*R,), b (L*C,): u = g * a[l, row] * b[l, col]
-            a, b = dispatch("adafactor8_factors", backend, p.device)(rowpart, colpart, r, c, beta2_t, eps1)
+            a, b = torch.ops.vqim.adafactor8_factors(rowpart, colpart, r, c, beta2_t, eps1, backend)
         else:
             v = state["exp_avg_sq"].view(-1)
-            b = dispatch("adafactor8_full_factors", backend, p.device)(g3, v, beta2_t, eps1)  # (N,)
+            b = torch.ops.vqim.adafactor8_full_factors(g3, v, beta2_t, eps1, backend)  # (N,)
             a = _ones(p.device)
         # Partial sums of u^2 (their total is what matters); the step kernel turns them into the
         # clipping factor on the device, so there is no host sync.
-        sumsq_parts = dispatch("adafactor8_sumsq", backend, p.device)(g3, a, b)
+        sumsq_parts = torch.ops.vqim.adafactor8_sumsq(g3, a, b, backend)
 
         p3 = _view3(p)
         # A param whose strides do not merge into (L, R, C) is updated in a copy, then written back.
         writes_back = p3.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
         if self.rounding == "stochastic" and self._generator is None:
             self._generator = torch.Generator(device=p.device).manual_seed(0)
-        dispatch("adafactor8_step", backend, p.device)(
-            g3, p3, state["exp_avg_q"], state["exp_avg_scale"], a, b, sumsq_parts, lr, 1.0 - lr * wd, beta1, d,
-            self.rounding, self._generator)
+        args = (g3, p3, state["exp_avg_q"], state["exp_avg_scale"], a, b, sumsq_parts, lr, 1.0 - lr * wd, beta1, d)
+        if self.rounding == "stochastic":
+            # A torch.Generator is no custom-op argument type; stochastic rounding is the torch
+            # backend's alone, so it calls the reference directly.
+            dispatch("adafactor8_step", backend, p.device)(*args, self.rounding, self._generator)
+        else:
+            torch.ops.vqim.adafactor8_step(*args, backend)
         if writes_back:
             p.copy_(p3.view(p.shape))
 

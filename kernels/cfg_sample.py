@@ -58,9 +58,9 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._registry import dispatch, register
+from ._registry import dispatch, register, resolve_backend
 from ._triton import tl, triton
-from .sampling_params import SamplingParams, check_tensor, check_tensor_values, check_value, row_tensor
+from .sampling_params import DEFAULTS, SamplingParams, check_tensor, check_tensor_values, check_value, row_tensor
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -111,7 +111,7 @@ def philox_uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 def _row_params(batch: int, device: torch.device, **params) -> dict[str, torch.Tensor]:
     """Every setting (a default where not given), ``seed`` and ``step`` as ``[B]`` tensors on
     ``device`` (fp32 floats, int64 ints); no sync."""
-    params = {**SamplingParams().to_dict(), **params}
+    params = {**DEFAULTS, **params}
     return {name: row_tensor(name, v, batch, device) for name, v in params.items()}
 
 
@@ -596,8 +596,26 @@ def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *,
     """
     _check_logits(cond_logits, uncond_logits)
     prm = _prepare(cond_logits, uncond_logits, validate, sampling, seed, step)
-    impl = dispatch("cfg_sample", backend, cond_logits.device)
-    tokens, logprob = impl(cond_logits, uncond_logits, **prm)
+    tokens, logprob = _cfg_sample_op(cond_logits, uncond_logits, **prm,
+                                     backend=resolve_backend(backend, cond_logits.device))
     if validate:
         _check_rows(tokens)
     return (tokens, logprob) if return_logprob else tokens
+
+
+# The public function validates and resolves the backend (use_backend is a contextvar a compiled
+# graph would not see at run time); the op takes it as a string and every setting as a [B]
+# tensor, so compile/export see one opaque call whose body is the registry's implementation.
+@torch.library.custom_op("vqim::cfg_sample", mutates_args=())
+def _cfg_sample_op(cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: torch.Tensor,
+                   temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                   seed: torch.Tensor, step: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return dispatch("cfg_sample", backend, cond.device)(
+        cond, uncond, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        seed=seed, step=step)
+
+
+@_cfg_sample_op.register_fake
+def _(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p, seed, step, backend):
+    b = cond.shape[0]
+    return cond.new_empty(b, dtype=torch.long), cond.new_empty(b, dtype=torch.float32)

@@ -24,7 +24,7 @@ import math
 import torch
 
 from . import _ext
-from ._registry import dispatch, interpreter_dot_upcast, register
+from ._registry import dispatch, interpreter_dot_upcast, register, resolve_backend
 from ._triton import tl, triton
 
 _LOG2E = 1.4426950408889634
@@ -767,7 +767,7 @@ def conv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, k
     _check_qkv(q, k, v)
     grid, kernel, prefix = _check_geometry(grid, kernel, prefix)
     _check_seq(q.shape[2], grid, prefix)
-    return dispatch("conv_attention", backend, q.device)(q, k, v, grid, kernel, prefix, scale)
+    return _conv_attention_op(q, k, v, list(grid), list(kernel), prefix, scale, resolve_backend(backend, q.device))[0]
 
 
 def conv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, *,
@@ -790,5 +790,89 @@ def conv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """
     grid, kernel, prefix = _check_geometry(grid, kernel, prefix)
     _check_decode(q, k_cache, v_cache, pos, grid, kernel, prefix, ring, validate)
-    return dispatch("conv_decode_attention", backend, q.device)(q, k_cache, v_cache, pos, grid, kernel, prefix,
-                                                                scale, ring)
+    return _conv_decode_attention_op(q, k_cache, v_cache, pos, list(grid), list(kernel), prefix, scale, ring,
+                                     resolve_backend(backend, q.device))
+
+
+# --------------------------------------------------------------------------- torch custom ops
+
+# The public functions validate and resolve the backend (use_backend is a contextvar a compiled
+# graph would not see at run time); the ops take it as a string, so compile/export see one opaque
+# call whose body is the registry's implementation.
+#
+# vqim::conv_attention returns (o, lse): the Triton forward's log-sum-exp is what its backward
+# needs, so the op saves it instead of recomputing the forward. The torch backend returns an
+# empty lse; its backward re-runs the reference under autograd (the same graph as before).
+
+@torch.library.custom_op("vqim::conv_attention", mutates_args=())
+def _conv_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], kernel: list[int],
+                       prefix: int, scale: float | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    grid, kernel = tuple(grid), tuple(kernel)
+    if backend == "triton":
+        # The registry's Triton entry wraps this forward in an autograd.Function; here
+        # register_autograd below plays that part.
+        if q.shape[-1] > _MAX_D:
+            raise ValueError(f"Dh must be <= {_MAX_D} for backend='triton', got {q.shape[-1]}")
+        return _conv_attention_fwd(q, k, v, grid, kernel, prefix, _scale(scale, q))
+    o = dispatch("conv_attention", backend, q.device)(q, k, v, grid, kernel, prefix, scale)
+    return o, q.new_empty(0, dtype=torch.float32)
+
+
+@_conv_attention_op.register_fake
+def _(q, k, v, grid, kernel, prefix, scale, backend):
+    b, h, s, _ = q.shape
+    lse = q.new_empty((b * h, s) if backend == "triton" else (0,), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+
+
+@torch.library.custom_op("vqim::conv_attention_backward", mutates_args=())
+def _conv_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                o: torch.Tensor, lse: torch.Tensor, grid: list[int], kernel: list[int], prefix: int,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton backward (dq, dk, dv)."""
+    return _conv_attention_bwd(do, q, k, v, o, lse, tuple(grid), tuple(kernel), prefix, scale)
+
+
+@_conv_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, grid, kernel, prefix, scale):
+    return tuple(q.new_empty(q.shape) for _ in range(3))
+
+
+def _scale(scale: float | None, q: torch.Tensor) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _conv_attention_setup(ctx, inputs, output):
+    q, k, v, grid, kernel, prefix, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.geom = (grid, kernel, prefix, scale, backend)
+
+
+def _conv_attention_grad(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    grid, kernel, prefix, scale, backend = ctx.geom
+    if backend == "triton":
+        dq, dk, dv = _conv_attention_backward_op(do, q, k, v, o, lse, grid, kernel, prefix, _scale(scale, q))
+    else:
+        # Autograd through the reference, outside any op body (where autograd is off).
+        with torch.enable_grad():
+            qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = conv_attention_ref(*qkv, grid=tuple(grid), kernel=tuple(kernel), prefix=prefix, scale=scale)
+            dq, dk, dv = torch.autograd.grad(out, qkv, do)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_conv_attention_op.register_autograd(_conv_attention_grad, setup_context=_conv_attention_setup)
+
+
+@torch.library.custom_op("vqim::conv_decode_attention", mutates_args=())
+def _conv_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                              grid: list[int], kernel: list[int], prefix: int, scale: float | None, ring: bool,
+                              backend: str) -> torch.Tensor:
+    return dispatch("conv_decode_attention", backend, q.device)(q, k_cache, v_cache, pos, tuple(grid), tuple(kernel),
+                                                                prefix, scale, ring)
+
+
+@_conv_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, pos, grid, kernel, prefix, scale, ring, backend):
+    return q.new_empty(q.shape)

@@ -74,7 +74,7 @@ class SamplingParams:
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        return _NAMES
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> SamplingParams:
@@ -123,11 +123,15 @@ _DRAW_RULES = {
 }
 
 
+# Read from the dataclass once: Dynamo cannot trace dataclasses.fields, and cfg_sample's
+# checks run inside torch.compile'd decode steps.
+_NAMES = tuple(f.name for f in dataclasses.fields(SamplingParams))
+_RULES = {**{f.name: f.metadata["rule"] for f in dataclasses.fields(SamplingParams)}, **_DRAW_RULES}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+
+
 def _rule(name: str) -> _Rule:
-    for f in dataclasses.fields(SamplingParams):
-        if f.name == name:
-            return f.metadata["rule"]
-    return _DRAW_RULES[name]
+    return _RULES[name]
 
 
 def _dtype(name: str) -> torch.dtype:
