@@ -22,6 +22,7 @@ import io
 import sys
 import warnings
 from collections.abc import Callable
+from typing import BinaryIO
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from PIL import Image
 from vqim.kernels import SamplingParams
 
 from .config import PRESETS
-from .weights import atomic_write
+from .weights import atomic_write, open_regular
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -120,36 +121,38 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
-def _input_file(path: str) -> Path:
+def _open_input(path: str) -> BinaryIO:
+    """An input file, opened: the loader's regular-file check (a FIFO or a device would block
+    the read; /dev/zero never ends), with the directory case said plainly."""
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{p} is a directory, not a file")
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist")
-    return p
+    return open_regular(p)
 
 
 def _load_codes(path: str) -> np.ndarray:
-    p = _input_file(path)
-    try:
-        codes = np.load(p, allow_pickle=False)
-    except (ValueError, EOFError, OSError) as e:
-        raise ValueError(f"{p} is not a .npy array of codes ({e})") from e
-    if not isinstance(codes, np.ndarray):
-        codes.close()
-        raise ValueError(f"{p} is a .npz archive; vqim decode takes one .npy array of codes [B, h, w]")
+    p = Path(path)
+    with _open_input(path) as f:
+        try:
+            codes = np.load(f, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:
+            raise ValueError(f"{p} is not a .npy array of codes ({e})") from e
+        if not isinstance(codes, np.ndarray):
+            codes.close()
+            raise ValueError(f"{p} is a .npz archive; vqim decode takes one .npy array of codes [B, h, w]")
     if codes.size == 0:
         raise ValueError(f"{p} holds no codes (shape {codes.shape}); vqim decode takes [B, h, w] with B >= 1")
     return codes
 
 
 def _load_image(path: str) -> Image.Image:
-    p = _input_file(path)
-    try:
-        with Image.open(p) as im:
-            im.load()  # decode now: a truncated file fails here, not inside the engine
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{p} is not an image PIL can read ({e})") from e
+    p = Path(path)
+    with _open_input(path) as f:
+        try:
+            with Image.open(f) as im:
+                im.load()  # decode now: a truncated file fails here, not inside the engine
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{p} is not an image PIL can read ({e})") from e
     return im
 
 

@@ -183,9 +183,12 @@ def test_bad_codes_files_exit_2(capsys, tmp_path):
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     folder = tmp_path / "folder.npy"
     folder.mkdir()
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
     out = tmp_path / "o.png"
     for path, match in ((empty, "empty.npy"), (none, r"none.npy holds no codes \(shape \(0, 8, 8\)\)"),
                         (text, "text.npy"), (pickled, "pickled.npy"), (folder, "folder.npy is a directory"),
+                        (fifo, "fifo.npy must be a regular file, got a FIFO"),
                         (tmp_path / "missing.npy", "missing.npy")):
         line = _error_line(capsys, ["decode", str(path), "--preset", "tiny-t2i", "-o", str(out)])
         assert re.search(match, line), line
@@ -211,8 +214,11 @@ def test_bad_image_files_exit_2(capsys, tmp_path):
     text.write_text("not an image")
     folder = tmp_path / "folder.png"
     folder.mkdir()
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
     out = tmp_path / "codes.npy"
     for path, match in ((text, "notes.png"), (truncated, "truncated.png"), (folder, "folder.png is a directory"),
+                        (fifo, "fifo.png must be a regular file, got a FIFO"),
                         (tmp_path / "missing.png", "missing.png")):
         line = _error_line(capsys, ["encode", str(good), str(path), "--preset", "tiny-t2i", "-o", str(out)])
         assert re.search(match, line), line
