@@ -9,7 +9,9 @@ Image tokens sit on a ``grid_h x grid_w`` grid in raster order after ``prefix`` 
 * :func:`conv_decode_attention` (generation): one query per sequence at its own position,
   reading only the prefix and the window's keys from the KV cache, either the plain cache
   (slot = position) or the ring layout of :func:`conv_cache_slot` / :func:`conv_cache_len`
-  that keeps only the ``kernel_h // 2 + 1`` grid rows the window can still reach.
+  that keeps only the ``kernel_h // 2 + 1`` grid rows the window can still reach. Given the
+  new token's ``k_new`` / ``v_new`` it also writes them into the cache (one Triton launch
+  for the write and the attention, op ``vqim::conv_decode_attention_write``).
 
 :func:`conv_mask_ref` builds the dense boolean mask, the definition every kernel is tested
 against; :func:`conv_attention_ref` / :func:`conv_decode_attention_ref` are dense masked
@@ -205,6 +207,39 @@ def _check_decode(q, k_cache, v_cache, pos, grid, kernel, prefix, ring: bool, va
                              f"{s_max}{', ring layout' if ring else ''}), got values in [{lo}, {hi}]")
 
 
+def _check_new(q, k_cache, v_cache, k_new, v_new) -> None:
+    """``k_new`` / ``v_new``: both or neither, each ``[B, H, 1, Dh]`` like q in the cache's dtype."""
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together (or neither), got "
+                         f"k_new={'None' if k_new is None else 'a tensor'}, "
+                         f"v_new={'None' if v_new is None else 'a tensor'}")
+    if k_new is None:
+        return
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape:
+            raise ValueError(f"{name} must be a tensor [B, H, 1, Dh] = {tuple(q.shape)} like q, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+        if t.dtype != k_cache.dtype:
+            raise ValueError(f"{name} must have the cache's dtype {k_cache.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    # The write goes through every row's own slot; a cache whose rows share memory (an
+    # expanded view) would have one row's write land in another's keys.
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise ValueError(f"{name} is written in place with k_new/v_new: it must not be an expanded view "
+                             f"(stride 0 in a dimension of size > 1), got strides {t.stride()}")
+
+
+def _write_cache(k_cache, v_cache, pos, k_new, v_new, grid, kernel, prefix: int, ring: bool) -> None:
+    """Row b's new K/V into its slot: ``pos[b]`` (plain layout) or :func:`conv_cache_slot` (ring)."""
+    pos = pos.long()
+    slot = conv_cache_slot(pos, grid, kernel, prefix) if ring else pos  # (B,)
+    rows = torch.arange(pos.shape[0], device=pos.device)  # (B,)
+    k_cache[rows, :, slot] = k_new[:, :, 0]  # (B, H, Dh)
+    v_cache[rows, :, slot] = v_new[:, :, 0]  # (B, H, Dh)
+
+
 def conv_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, *,
                               grid, kernel=(11, 11), prefix: int = 0, scale: float | None = None,
                               ring: bool = False) -> torch.Tensor:
@@ -236,6 +271,13 @@ def _conv_attention_torch(q, k, v, grid, kernel, prefix, scale):
 
 @register("conv_decode_attention", "torch")
 def _conv_decode_attention_torch(q, k_cache, v_cache, pos, grid, kernel, prefix, scale, ring):
+    return conv_decode_attention_ref(q, k_cache, v_cache, pos, grid=grid, kernel=kernel, prefix=prefix,
+                                     scale=scale, ring=ring)
+
+
+@register("conv_decode_attention_write", "torch")
+def _conv_decode_attention_write_torch(q, k_cache, v_cache, pos, k_new, v_new, grid, kernel, prefix, scale, ring):
+    _write_cache(k_cache, v_cache, pos, k_new, v_new, grid, kernel, prefix, ring)
     return conv_decode_attention_ref(q, k_cache, v_cache, pos, grid=grid, kernel=kernel, prefix=prefix,
                                      scale=scale, ring=ring)
 
@@ -629,12 +671,12 @@ def _conv_attention_triton(q, k, v, grid, kernel, prefix, scale, cfg=None):
 
 @triton.jit
 def _conv_decode_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, kn_ptr, vn_ptr,
     H, D, P, GW, HH, HW, SPAN, NROWS, NCOLS,
-    sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sod,
+    sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sod, sknb, sknh, sknd, svnb, svnh, svnd,
     qk_scale,
-    RING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    RING: tl.constexpr, WRITE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // H
@@ -645,17 +687,38 @@ def _conv_decode_kernel(
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)  # (BLOCK_D,)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
+    t = tl.maximum(p - P, 0)
+
+    # WRITE: store the new token's K/V (kn_ptr, vn_ptr) into its own slot first. Only this
+    # program touches row (b, h) of the cache. The slot is then never loaded back: on a GPU
+    # nothing orders one thread's store before another thread's load within the CTA, so a
+    # load could see the stale value. The current key is masked out of the loads below and its
+    # K/V taken from registers instead (tl.where), which is exactly what the store wrote.
+    if WRITE:
+        kn = tl.load(kn_ptr + b * sknb + h * sknh + offs_d * sknd, mask=d_ok, other=0.0)  # (BLOCK_D,)
+        vn = tl.load(vn_ptr + b * svnb + h * svnh + offs_d * svnd, mask=d_ok, other=0.0)  # (BLOCK_D,)
+        if RING:
+            own = tl.where(p < P, p, P + t % SPAN)
+        else:
+            own = p
+        tl.store(k_base + own * sks + offs_d * skd, kn, mask=d_ok)
+        tl.store(v_base + own * svs + offs_d * svd, vn, mask=d_ok)
 
     # Prefix keys (causal among themselves). Prefix slots are the same in both layouts.
     offs_p = tl.arange(0, BLOCK_P)
     p_ok = (offs_p < P) & (offs_p <= p)
-    kp = tl.load(k_base + offs_p[:, None] * sks + offs_d[None, :] * skd, mask=p_ok[:, None] & d_ok[None, :],
-                 other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_D)
-    s_p = tl.where(p_ok, tl.sum(kp * q[None, :], axis=1) * qk_scale, float("-inf"))  # (BLOCK_P,)
+    if WRITE:
+        p_cur = offs_p == p  # (BLOCK_P,): the query itself, when it is a prefix token
+    else:
+        p_cur = offs_p < 0  # nothing to substitute: the cache holds the current key
+    p_ld = (p_ok & ~p_cur)[:, None] & d_ok[None, :]
+    kp = tl.load(k_base + offs_p[:, None] * sks + offs_d[None, :] * skd, mask=p_ld, other=0.0)  # (BLOCK_P, BLOCK_D)
+    if WRITE:
+        kp = tl.where(p_cur[:, None], kn[None, :], kp)
+    s_p = tl.where(p_ok, tl.sum(kp.to(tl.float32) * q[None, :], axis=1) * qk_scale, float("-inf"))  # (BLOCK_P,)
 
     # The window: rows r - NROWS + 1 .. r, columns from max(0, c - HW), NCOLS of them, gathered
     # as one (BLOCK_R * BLOCK_C) block; only those keys are read.
-    t = tl.maximum(p - P, 0)
     r = t // GW
     c = t - r * GW
     idx = tl.arange(0, BLOCK_R * BLOCK_C)
@@ -669,19 +732,29 @@ def _conv_decode_kernel(
     else:
         slot = P + kt
     slot = tl.where(w_ok, slot, 0)
-    kw = tl.load(k_base + slot[:, None] * sks + offs_d[None, :] * skd, mask=w_ok[:, None] & d_ok[None, :],
-                 other=0.0).to(tl.float32)  # (BLOCK_R * BLOCK_C, BLOCK_D)
-    s_w = tl.where(w_ok, tl.sum(kw * q[None, :], axis=1) * qk_scale, float("-inf"))
+    if WRITE:
+        # In the ring no other visible key shares the query's slot (the span outreaches the window).
+        w_cur = w_ok & (kt == t)  # (BLOCK_R * BLOCK_C,): the query itself, when it is an image token
+    else:
+        w_cur = idx < 0
+    w_ld = (w_ok & ~w_cur)[:, None] & d_ok[None, :]
+    kw = tl.load(k_base + slot[:, None] * sks + offs_d[None, :] * skd, mask=w_ld,
+                 other=0.0)  # (BLOCK_R * BLOCK_C, BLOCK_D)
+    if WRITE:
+        kw = tl.where(w_cur[:, None], kn[None, :], kw)
+    s_w = tl.where(w_ok, tl.sum(kw.to(tl.float32) * q[None, :], axis=1) * qk_scale, float("-inf"))
 
     m = tl.maximum(tl.max(s_p, axis=0), tl.max(s_w, axis=0))
     e_p = tl.exp2(s_p - m)
     e_w = tl.exp2(s_w - m)
     denom = tl.sum(e_p, axis=0) + tl.sum(e_w, axis=0)
-    vp = tl.load(v_base + offs_p[:, None] * svs + offs_d[None, :] * svd, mask=p_ok[:, None] & d_ok[None, :],
-                 other=0.0).to(tl.float32)
-    vw = tl.load(v_base + slot[:, None] * svs + offs_d[None, :] * svd, mask=w_ok[:, None] & d_ok[None, :],
-                 other=0.0).to(tl.float32)
-    out = (tl.sum(e_p[:, None] * vp, axis=0) + tl.sum(e_w[:, None] * vw, axis=0)) / denom  # (BLOCK_D,)
+    vp = tl.load(v_base + offs_p[:, None] * svs + offs_d[None, :] * svd, mask=p_ld, other=0.0)
+    vw = tl.load(v_base + slot[:, None] * svs + offs_d[None, :] * svd, mask=w_ld, other=0.0)
+    if WRITE:
+        vp = tl.where(p_cur[:, None], vn[None, :], vp)
+        vw = tl.where(w_cur[:, None], vn[None, :], vw)
+    out = (tl.sum(e_p[:, None] * vp.to(tl.float32), axis=0) + tl.sum(e_w[:, None] * vw.to(tl.float32), axis=0)) \
+        / denom  # (BLOCK_D,)
     tl.store(o_ptr + b * sob + h * soh + offs_d * sod, out.to(o_ptr.dtype.element_ty), mask=d_ok)
 
 
@@ -696,8 +769,8 @@ def _decode_geometry(grid, kernel, prefix: int, ring: bool) -> dict:
     }
 
 
-@register("conv_decode_attention", "triton")
-def _conv_decode_attention_triton(q, k_cache, v_cache, pos, grid, kernel, prefix, scale, ring):
+def _conv_decode_launch(q, k_cache, v_cache, pos, k_new, v_new, grid, kernel, prefix, scale, ring):
+    """The decode kernel; with ``k_new``/``v_new`` it also writes them into each row's slot."""
     b, h, _, d = q.shape
     if d > _MAX_D:
         raise ValueError(f"Dh must be <= {_MAX_D} for backend='triton', got {d}")
@@ -707,19 +780,34 @@ def _conv_decode_attention_triton(q, k_cache, v_cache, pos, grid, kernel, prefix
         return o
     # The kernel reads pos[row] at unit stride; an expanded view (stride 0) would be read out of bounds.
     pos = pos.contiguous()
+    write = k_new is not None
+    # Without a write the kernel never dereferences kn_ptr / vn_ptr; q stands in for them.
+    kn, vn = (k_new, v_new) if write else (q, q)
     g = _decode_geometry(grid, kernel, prefix, ring)
     _conv_decode_kernel[(b * h,)](
-        q, k_cache, v_cache, o, pos,
+        q, k_cache, v_cache, o, pos, kn, vn,
         h, d, g["P"], g["GW"], g["HH"], g["HW"], g["SPAN"], g["NROWS"], g["NCOLS"],
         q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(),
-        o.stride(0), o.stride(1), o.stride(3),
+        o.stride(0), o.stride(1), o.stride(3), kn.stride(0), kn.stride(1), kn.stride(3),
+        vn.stride(0), vn.stride(1), vn.stride(3),
         scale * _LOG2E,
-        RING=ring, BLOCK_P=max(2, triton.next_power_of_2(max(prefix, 1))),
+        RING=ring, WRITE=write, BLOCK_P=max(2, triton.next_power_of_2(max(prefix, 1))),
         BLOCK_R=triton.next_power_of_2(g["NROWS"]), BLOCK_C=triton.next_power_of_2(g["NCOLS"]),
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         **({"num_warps": 4} if q.is_cuda else {}),
     )
     return o
+
+
+@register("conv_decode_attention", "triton")
+def _conv_decode_attention_triton(q, k_cache, v_cache, pos, grid, kernel, prefix, scale, ring):
+    return _conv_decode_launch(q, k_cache, v_cache, pos, None, None, grid, kernel, prefix, scale, ring)
+
+
+@register("conv_decode_attention_write", "triton")
+def _conv_decode_attention_write_triton(q, k_cache, v_cache, pos, k_new, v_new, grid, kernel, prefix, scale, ring):
+    """One launch: the cache write and the attention (see the WRITE path of the kernel)."""
+    return _conv_decode_launch(q, k_cache, v_cache, pos, k_new, v_new, grid, kernel, prefix, scale, ring)
 
 
 @register("conv_decode_attention", "cuda")
@@ -744,6 +832,14 @@ def _conv_decode_attention_cuda(q, k_cache, v_cache, pos, grid, kernel, prefix, 
             dtype=_ext.dtype_code(q, "q"), stream=stream,
         ))
     return o
+
+
+@register("conv_decode_attention_write", "cuda")
+def _conv_decode_attention_write_cuda(q, k_cache, v_cache, pos, k_new, v_new, grid, kernel, prefix, scale, ring):
+    """Two launches on this backend: the torch index write, then the csrc decode kernel (which
+    only reads the cache)."""
+    _write_cache(k_cache, v_cache, pos, k_new, v_new, grid, kernel, prefix, ring)
+    return _conv_decode_attention_cuda(q, k_cache, v_cache, pos, grid, kernel, prefix, scale, ring)
 
 
 # --------------------------------------------------------------------------- public ops
@@ -771,18 +867,28 @@ def conv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, k
 
 
 def conv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, *,
-                          grid, kernel=(11, 11), prefix: int = 0, scale: float | None = None, ring: bool = False,
+                          k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None, grid,
+                          kernel=(11, 11), prefix: int = 0, scale: float | None = None, ring: bool = False,
                           validate: bool = True, backend: str | None = None) -> torch.Tensor:
     """One decode step of conv-shaped attention: equals row ``pos`` of :func:`conv_attention`.
 
     Args:
         q: ``[B, H, 1, Dh]``, the new token's query per sequence.
-        k_cache, v_cache: ``[B, H, S_max, Dh]`` already holding the new token's K/V. Plain
-            layout (``ring=False``): slot = sequence position. Ring layout (``ring=True``):
-            slot = :func:`conv_cache_slot`, ``S_max >= conv_cache_len(grid, kernel, prefix)``.
+        k_cache, v_cache: ``[B, H, S_max, Dh]``. Plain layout (``ring=False``): slot = sequence
+            position. Ring layout (``ring=True``): slot = :func:`conv_cache_slot`,
+            ``S_max >= conv_cache_len(grid, kernel, prefix)``. Without ``k_new``/``v_new`` they
+            already hold the new token's K/V; with them they are written in place.
         pos: int64/int32 ``[B]``: each row's sequence position (prefix included); rows may differ.
+        k_new, v_new: ``[B, H, 1, Dh]`` in the cache's dtype, any strides (views of a fused QKV
+            projection), both or neither. Given, row b's K/V are written into slot ``pos[b]``
+            (plain) or ``conv_cache_slot(pos[b], ...)`` (ring) of the caches and the attention
+            is computed as if the caller had written them first: the same caches and output as
+            an index write followed by the call without them. One kernel launch on
+            ``backend="triton"``; the index write then the decode kernel (two launches) on
+            ``"cuda"`` and ``"torch"``.
         grid, kernel, prefix, scale: as in :func:`conv_attention`.
-        validate: check the values of ``pos`` (a host sync); pass False inside CUDA graphs.
+        validate: check the values of ``pos`` (a host sync); pass False inside CUDA graphs,
+            where a ``pos`` out of range reads (and, with ``k_new``, writes) out of bounds.
         backend: ``None`` (Triton on CUDA, reference on CPU), ``"triton"``, ``"cuda"``, ``"torch"``.
 
     Returns:
@@ -790,8 +896,13 @@ def conv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """
     grid, kernel, prefix = _check_geometry(grid, kernel, prefix)
     _check_decode(q, k_cache, v_cache, pos, grid, kernel, prefix, ring, validate)
-    return _conv_decode_attention_op(q, k_cache, v_cache, pos, list(grid), list(kernel), prefix, scale, ring,
-                                     resolve_backend(backend, q.device))
+    _check_new(q, k_cache, v_cache, k_new, v_new)
+    backend = resolve_backend(backend, q.device)
+    if k_new is None:
+        return _conv_decode_attention_op(q, k_cache, v_cache, pos, list(grid), list(kernel), prefix, scale, ring,
+                                         backend)
+    return _conv_decode_attention_write_op(q, k_cache, v_cache, pos, k_new, v_new, list(grid), list(kernel), prefix,
+                                           scale, ring, backend)
 
 
 # --------------------------------------------------------------------------- torch custom ops
@@ -875,4 +986,19 @@ def _conv_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 @_conv_decode_attention_op.register_fake
 def _(q, k_cache, v_cache, pos, grid, kernel, prefix, scale, ring, backend):
+    return q.new_empty(q.shape)
+
+
+# vqim::conv_decode_attention_write declares the caches mutated, so functionalization (compile,
+# export) keeps the in-place write; vqim::conv_decode_attention stays a pure read.
+@torch.library.custom_op("vqim::conv_decode_attention_write", mutates_args=("k_cache", "v_cache"))
+def _conv_decode_attention_write_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                                    k_new: torch.Tensor, v_new: torch.Tensor, grid: list[int], kernel: list[int],
+                                    prefix: int, scale: float | None, ring: bool, backend: str) -> torch.Tensor:
+    return dispatch("conv_decode_attention_write", backend, q.device)(q, k_cache, v_cache, pos, k_new, v_new,
+                                                                      tuple(grid), tuple(kernel), prefix, scale, ring)
+
+
+@_conv_decode_attention_write_op.register_fake
+def _(q, k_cache, v_cache, pos, k_new, v_new, grid, kernel, prefix, scale, ring, backend):
     return q.new_empty(q.shape)

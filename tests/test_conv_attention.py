@@ -340,6 +340,121 @@ def test_decode_bad_inputs():
         conv_decode_attention(q, cache, cache[:1], ok, grid=grid, kernel=kernel, prefix=prefix)
 
 
+# --------------------------------------------------------------------------- decode with the cache write fused
+
+def fused_qkv_new(b, h, d, dtype):
+    """q, k_new, v_new as the decoder has them: strided [B, H, 1, Dh] views of one fused QKV projection."""
+    w = h * d
+    qkv = torch.randn(b, 3 * w).to(dtype)  # (B, 3W)
+    return [qkv[:, i * w:(i + 1) * w].view(b, h, d)[:, :, None] for i in range(3)]
+
+
+def write_positions(grid, kernel, prefix):
+    """One row per interesting position: every prefix position, the first image token, the ends
+    of the first grid row, the first token past the ring's span (its slot wraps), and the last two."""
+    full = prefix + grid[0] * grid[1]
+    span = conv_cache_len(grid, kernel, prefix) - prefix
+    image = [prefix, prefix + grid[1] - 1, prefix + grid[1], prefix + span, prefix + span + 3, full - 2, full - 1]
+    return torch.tensor(sorted(set(range(prefix)) | set(image)))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+@pytest.mark.parametrize("ring", [False, True])
+def test_decode_write_equals_index_put_then_decode(backend, dtype, prefix, ring):
+    """k_new/v_new given: the same caches (exactly) and output as writing the rows with index_put
+    and then calling the op without them."""
+    grid, kernel, h, d = (5, 6), (5, 3), 3, 20
+    pos = write_positions(grid, kernel, prefix)
+    b = pos.shape[0]
+    n_slots = conv_cache_len(grid, kernel, prefix) if ring else prefix + grid[0] * grid[1]
+    # Earlier tokens' K/V: any values (the ring's unwritten slots are masked, not read). The ring
+    # caches are [B, S, H, Dh] buffers viewed as [B, H, S, Dh] (non-contiguous).
+    if ring:
+        k_cache, v_cache = (torch.randn(b, n_slots, h, d).to(dtype).transpose(1, 2) for _ in range(2))
+    else:
+        k_cache, v_cache = (torch.randn(b, h, n_slots, d).to(dtype) for _ in range(2))
+    q, k_new, v_new = fused_qkv_new(b, h, d, dtype)
+    geo = dict(grid=grid, kernel=kernel, prefix=prefix, ring=ring, backend=backend)
+
+    slot = conv_cache_slot(pos, grid, kernel, prefix) if ring else pos
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    index = (torch.arange(b)[:, None], torch.arange(h)[None, :], slot[:, None])  # (B, H) each, broadcast
+    k_want.index_put_(index, k_new[:, :, 0])  # (B, H, Dh) into [b, h, slot[b], :]
+    v_want.index_put_(index, v_new[:, :, 0])
+    want = conv_decode_attention(q, k_want, v_want, pos, **geo)
+
+    out = conv_decode_attention(q, k_cache, v_cache, pos, k_new=k_new, v_new=v_new, **geo)
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+    assert out.dtype == dtype and out.shape == (b, h, 1, d)
+    assert_close(out, want, atol=EPS[dtype], rtol=EPS[dtype], msg=f"{backend} ring={ring} P={prefix} {dtype}")
+
+
+def test_decode_write_ring_steps_match_prefill():
+    """Generation on the ring: each step writes its token with k_new/v_new and must equal that
+    position's row of the prefill, through the slot overwrites of the ring."""
+    grid, kernel, prefix, d = (5, 4), (3, 3), 1, 16
+    q, k, v = (t.detach() for t in make_qkv(2, 2, prefix + grid[0] * grid[1], d, torch.float32,
+                                            requires_grad=False))
+    full = conv_attention_ref(q, k, v, grid=grid, kernel=kernel, prefix=prefix)  # (2, H, S, Dh)
+    n_slots = conv_cache_len(grid, kernel, prefix)
+    k_cache, v_cache = torch.zeros(2, 2, n_slots, d), torch.zeros(2, 2, n_slots, d)
+    for p in range(q.shape[2]):
+        pos = torch.tensor([p, p])
+        sl = slice(p, p + 1)
+        out = conv_decode_attention(q[:, :, sl], k_cache, v_cache, pos, k_new=k[:, :, sl], v_new=v[:, :, sl],
+                                    grid=grid, kernel=kernel, prefix=prefix, ring=True, backend="triton")
+        assert_close(out, full[:, :, sl], atol=1e-5, rtol=1e-5, msg=f"pos {p}")
+
+
+def test_decode_write_size_one_dims():
+    """B = H = Dh = 1 and an int32 pos."""
+    grid, kernel, prefix = (3, 3), (3, 3), 1
+    k_cache, v_cache = torch.randn(1, 1, 10, 1), torch.randn(1, 1, 10, 1)
+    q, k_new, v_new = fused_qkv_new(1, 1, 1, torch.float32)
+    pos = torch.tensor([6], dtype=torch.int32)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k[0, 0, 6], want_v[0, 0, 6] = k_new[0, 0, 0], v_new[0, 0, 0]
+    want = conv_decode_attention(q, want_k, want_v, pos, grid=grid, kernel=kernel, prefix=prefix, backend="torch")
+    out = conv_decode_attention(q, k_cache, v_cache, pos, k_new=k_new, v_new=v_new, grid=grid, kernel=kernel,
+                                prefix=prefix, backend="triton")
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    assert_close(out, want, atol=1e-6, rtol=1e-6)
+
+
+def test_decode_write_bad_inputs():
+    grid, kernel, prefix = (4, 4), (3, 3), 1
+    q = torch.randn(2, 2, 1, 8)
+    kc, vc = torch.randn(2, 2, 17, 8), torch.randn(2, 2, 17, 8)
+    pos = torch.tensor([3, 16])
+    new = torch.randn(2, 2, 1, 8)
+    kc0, vc0 = kc.clone(), vc.clone()
+
+    def call(k_new, v_new, k_cache=kc, v_cache=vc):
+        conv_decode_attention(q, k_cache, v_cache, pos, k_new=k_new, v_new=v_new, grid=grid, kernel=kernel,
+                              prefix=prefix)
+
+    with pytest.raises(ValueError, match="k_new and v_new must be given together"):
+        call(new, None)
+    with pytest.raises(ValueError, match="k_new and v_new must be given together"):
+        call(None, new)
+    with pytest.raises(ValueError, match="k_new must be a tensor \\[B, H, 1, Dh\\]"):
+        call(torch.randn(2, 2, 8), new)
+    with pytest.raises(ValueError, match="v_new must be a tensor \\[B, H, 1, Dh\\]"):
+        call(new, torch.randn(2, 1, 1, 8))
+    with pytest.raises(ValueError, match="k_new must be a tensor"):
+        call(new.tolist(), new)
+    with pytest.raises(ValueError, match="v_new must have the cache's dtype"):
+        call(new, new.bfloat16())
+    with pytest.raises(ValueError, match="k_new must be on q's device"):
+        call(new.to("meta"), new)
+    with pytest.raises(ValueError, match="v_cache is written in place"):
+        call(new, new, v_cache=torch.randn(1, 2, 17, 8).expand(2, -1, -1, -1))
+    # The refused calls wrote nothing.
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0)
+
+
 # --------------------------------------------------------------------------- CUDA twin
 
 def test_cuda_twin_is_built():
@@ -393,7 +508,8 @@ cases = [
     (ca._conv_attention_fwd_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_P=16, BLOCK_D=64)),
     (ca._conv_attention_bwd_dq_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_P=16, BLOCK_D=64)),
     (ca._conv_attention_bwd_dkdv_kernel, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=128)),
-    (ca._conv_decode_kernel, dict(RING=True, BLOCK_P=2, BLOCK_R=8, BLOCK_C=16, BLOCK_D=64)),
+    (ca._conv_decode_kernel, dict(RING=True, WRITE=False, BLOCK_P=2, BLOCK_R=8, BLOCK_C=16, BLOCK_D=64)),
+    (ca._conv_decode_kernel, dict(RING=True, WRITE=True, BLOCK_P=2, BLOCK_R=8, BLOCK_C=16, BLOCK_D=64)),
 ]
 for fn, consts in cases:
     if "DOT_PRECISION" in fn.arg_names:
@@ -426,4 +542,4 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("compiled") == 4, res.stdout
+    assert res.stdout.count("compiled") == 5, res.stdout

@@ -8,7 +8,7 @@ from vqim.kernels import codebook_lookup, cfg_sample, conv_attention, conv_decod
 from vqim.kernels.cfg_sample import _cfg_sample_op, _row_params
 from vqim.kernels.codebook_lookup import _codebook_lookup_op
 from vqim.kernels.conv_attention import (_conv_attention_backward_op, _conv_attention_op, _conv_attention_triton,
-                                         _conv_decode_attention_op)
+                                         _conv_decode_attention_op, _conv_decode_attention_write_op)
 
 GRID, KERNEL, PREFIX = (3, 4), (3, 3), 1
 S = PREFIX + GRID[0] * GRID[1]
@@ -25,6 +25,14 @@ def _decode_args(device="cpu"):
     return q, kc, vc, torch.tensor([3, S - 1], device=device)
 
 
+def _decode_write_args(device="cpu"):
+    """Decode inputs plus the new token's K/V as strided views of one fused QKV output."""
+    q, kc, vc, pos = _decode_args(device)
+    new = torch.randn(2, 3 * 2 * 16, device=device)  # (B, 3W)
+    k_new, v_new = (new[:, i * 32:(i + 1) * 32].view(2, 2, 16)[:, :, None] for i in (1, 2))
+    return q, kc, vc, pos, k_new, v_new
+
+
 def _cfg_args(device="cpu"):
     cond, uncond = torch.randn(3, 50, device=device), torch.randn(3, 50, device=device)
     prm = _row_params(3, torch.device(device), cfg_scale=2.0, temperature=0.8, top_k=10, top_p=0.9, seed=7, step=1)
@@ -39,12 +47,15 @@ def _op_cases(backend):
         "codebook_lookup": (_codebook_lookup_op, (torch.randn(5, 8), torch.randn(7, 8), False, backend)),
         "conv_attention": (_conv_attention_op, (*_qkv(requires_grad=True), g, k, PREFIX, None, backend)),
         "conv_decode_attention": (_conv_decode_attention_op, (q, kc, vc, pos, g, k, PREFIX, None, False, backend)),
+        "conv_decode_attention_write": (_conv_decode_attention_write_op,
+                                        (*_decode_write_args(), g, k, PREFIX, None, False, backend)),
         "cfg_sample": (_cfg_sample_op, (cond, uncond, *prm.values(), backend)),
     }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["codebook_lookup", "conv_attention", "conv_decode_attention", "cfg_sample"])
+@pytest.mark.parametrize("name", ["codebook_lookup", "conv_attention", "conv_decode_attention",
+                                  "conv_decode_attention_write", "cfg_sample"])
 def test_opcheck(name, backend):
     op, args = _op_cases(backend)[name]
     torch.library.opcheck(op, args)
@@ -96,6 +107,35 @@ def test_compile_fullgraph(name, backend, compile_backend):
         got = torch.compile(fn, fullgraph=True, backend=compile_backend)(*args)
     for w, g in zip(*(t if isinstance(t, tuple) else (t,) for t in (want, got))):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def _decode_write(q, kc, vc, pos, k_new, v_new):
+    return conv_decode_attention(q, kc, vc, pos, k_new=k_new, v_new=v_new, grid=GRID, kernel=KERNEL, prefix=PREFIX,
+                                 validate=False)
+
+
+def test_meta_shapes_conv_decode_attention_write():
+    args = _decode_write_args()
+    got = _decode_write(*(a.to("meta") for a in args))
+    assert got.device.type == "meta" and got.shape == args[0].shape and got.dtype == args[0].dtype
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_conv_decode_attention_write_mutates_cache(backend, compile_backend):
+    """The compiled call writes k_new/v_new into the caches in place (mutates_args survives
+    functionalization), with the eager call's cache values and output."""
+    q, kc, vc, pos, k_new, v_new = _decode_write_args()
+    kc_eager, vc_eager = kc.clone(), vc.clone()
+    torch._dynamo.reset()
+    with use_backend(backend):
+        want = _decode_write(q, kc_eager, vc_eager, pos, k_new, v_new)
+        got = torch.compile(_decode_write, fullgraph=True, backend=compile_backend)(q, kc, vc, pos, k_new, v_new)
+    for b, p in enumerate(pos.tolist()):
+        assert torch.equal(kc[b, :, p], k_new[b, :, 0]) and torch.equal(vc[b, :, p], v_new[b, :, 0])
+    torch.testing.assert_close(kc, kc_eager, rtol=0, atol=0)
+    torch.testing.assert_close(vc, vc_eager, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
