@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from vqim import kernels as K
 from .config import ModelConfig, dtype_from_name, dtype_name
 from .generate import Generator, Sampling, check_tokens, condition, tokenize
 from .models import VQIMModel, init_weights
+from .quantize import QUANTIZE_CHOICES, is_quantized, quantize_decoder
 from .text import TextTokenizer
 from .tp import agreed, check_tp, from_rank0, init_distributed, load_tp_model, tensor_parallel
 from .weights import (build_model, check_generation_defaults, load_config, load_generation_defaults, load_model,
@@ -78,12 +80,24 @@ def _default_dtype(cfg: ModelConfig, device: torch.device, dtype: str | torch.dt
     return _check_dtype(dtype)
 
 
-def _check_options(max_batch_size: int = 16, kv_cache: str = "plain", **_) -> None:
+def _check_options(max_batch_size: int = 16, kv_cache: str = "plain", compile: bool = False,
+                   quantize: str | None = None, **_) -> None:
     """The engine options that ``from_preset``/``from_pretrained`` check before building a model."""
     if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
         raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
     if kv_cache not in ("plain", "ring"):
         raise ValueError(f"kv_cache must be 'plain' or 'ring', got {kv_cache!r}")
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {list(QUANTIZE_CHOICES)} or None, got {quantize!r}")
+
+
+def _check_compile(device: torch.device) -> None:
+    """``compile=True`` on CPU builds C++ with Inductor: a compiler must be on PATH."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise ValueError("compile=True on the CPU needs a C++ compiler for torch.compile's Inductor backend "
+                         "(g++, c++ or clang++ on PATH); none was found: install one or use compile=False")
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -114,6 +128,14 @@ class Engine:
     ``kernel_h // 2 + 1`` grid rows their window can still reach (``vqim.kernels.conv_cache_len``);
     ``"plain"`` keeps every position.
 
+    The decode step is built for speed: the decoder's q/k/v projections are fused into one matmul
+    when the engine is made (``ARDecoder.fuse``: the model's ``state_dict`` keeps its names).
+    ``compile=True`` runs the step through ``torch.compile(fullgraph=True)`` (on CUDA, inside the
+    captured graph; on CPU, Inductor's C++ backend, which needs a C++ compiler); it draws the
+    same tokens as eager. ``quantize="int8"`` stores the decoder blocks' linears as int8 with a
+    scale per output channel (:mod:`vqim.engine.quantize`): half the weight bytes per step of
+    bf16, a quarter of fp32.
+
     ``tp=N`` (under ``torchrun --nproc-per-node N``) makes an engine of one tensor-parallel
     shard per process (``vqim.engine.tp``, passed in as ``tp_group``): every rank makes the same
     calls with the same arguments and gets the same tokens and images; :attr:`is_main` (rank 0)
@@ -123,8 +145,12 @@ class Engine:
     def __init__(self, model: VQIMModel, tokenizer: TextTokenizer | None, *, device: torch.device,
                  max_batch_size: int = 16, use_cuda_graph: bool = True, model_dir: Path | None = None,
                  kv_cache: str = "plain", generation: dict | None = None,
-                 tp_group: dist.ProcessGroup | None = None):
-        _check_options(max_batch_size, kv_cache)
+                 tp_group: dist.ProcessGroup | None = None, compile: bool = False, quantize: str | None = None):
+        _check_options(max_batch_size, kv_cache, compile, quantize)
+        if compile:
+            _check_compile(torch.device(device))
+        if quantize is not None and tp_group is not None:
+            raise ValueError("quantize='int8' is not supported with tensor parallelism (tp > 1) yet")
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = _check_device(device)
@@ -136,8 +162,15 @@ class Engine:
         self.generation = check_generation_defaults(generation or {}, "generation")
         self.sampling_defaults = K.SamplingParams(**self.generation).to_dict()
         self.generator = None
+        self.quantize = None
         if model.decoder is not None:
-            self.generator = Generator(model.decoder, use_cuda_graph=use_cuda_graph, ring_cache=kv_cache == "ring")
+            model.decoder.fuse()
+            if quantize is not None:
+                quantize_decoder(model.decoder, quantize)
+            # A model quantized by an earlier engine stays so.
+            self.quantize = "int8" if is_quantized(model.decoder) else None
+            self.generator = Generator(model.decoder, use_cuda_graph=use_cuda_graph, ring_cache=kv_cache == "ring",
+                                       compile=compile)
         self._lock = threading.Lock()
         # The process group whose ranks each hold a shard of the model; None: the whole model.
         self._tp_group = tp_group
@@ -247,6 +280,9 @@ class Engine:
         if self._tp_group is not None:
             raise ValueError("save_pretrained needs the full model: this engine holds one tensor-parallel shard "
                              "(save from a tp=1 engine)")
+        if self.quantize is not None:
+            raise ValueError(f"save_pretrained writes full-precision checkpoints: this engine's decoder is quantized "
+                             f"({self.quantize!r}); save from an engine made without quantize")
         # The tokenizer in use (read at load), not whatever the old directory holds now.
         tok = self.tokenizer.impl.model_proto if self.tokenizer is not None else None
         with self._lock:

@@ -19,17 +19,17 @@ from vqim import kernels as K
 
 from .api import Engine
 from .generate import Rows, condition
+from .quantize import decoder_step_weight_bytes
 from .timing import H100_HBM_BYTES_PER_S, timeit
 
 
 def step_bytes(engine: Engine, rows: int, pos: int, text_len: int) -> int:
-    """HBM bytes one decode step must read: decoder weights (embedding tables excluded: one
-    row each is read) + the self-attention K/V its queries see + the cross-attention K/V."""
+    """HBM bytes one decode step must read: decoder weights (:func:`decoder_step_weight_bytes`:
+    int8 where quantized) + the self-attention K/V its queries see + the cross-attention K/V."""
     dec = engine.model.decoder
     cfg = dec.cfg
-    embeds = {"tok_embed", "prefix_embed", "row_embed", "col_embed"}
-    weight = sum(p.numel() * p.element_size() for n, p in dec.named_parameters() if n.split(".")[0] not in embeds)
-    elt = dec.head.weight.element_size()
+    weight = decoder_step_weight_bytes(dec)
+    elt = dec.tok_embed.weight.element_size()
     per_key = rows * cfg.width * 2 * elt  # K and V of one position, all heads, all rows
     conv_keys = int(K.conv_mask_ref((cfg.grid_h, cfg.grid_w), cfg.conv_kernel, cfg.prefix, seq_len=pos + 1)[pos].sum())
     kv = 0
@@ -72,7 +72,7 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = K.SamplingPar
                                            sampling, tok, pos, prompts, class_ids, cfg_scale, step_iters, image_iters)
             roof_ms = nbytes / H100_HBM_BYTES_PER_S * 1e3
             out.append({
-                "preset": engine.cfg.name, "dtype": str(dec.head.weight.dtype).replace("torch.", ""),
+                "preset": engine.cfg.name, "dtype": str(dec.tok_embed.weight.dtype).replace("torch.", ""),
                 "batch": batch, "rows": rows, "mode": mode,
                 "step_ms": t_step["ms"], "step_p20": t_step["p20"], "step_p80": t_step["p80"],
                 "tok_per_s": batch / t_step["ms"] * 1e3,
@@ -92,7 +92,7 @@ def _with_graphs(engine: Engine, on: bool) -> Engine:
     the engine the caller passed (nor its cached graphs)."""
     return Engine(engine.model, engine.tokenizer, device=engine.device, max_batch_size=engine.max_batch_size,
                   use_cuda_graph=on, kv_cache="ring" if engine.generator.ring_cache else "plain",
-                  generation=engine.generation)
+                  generation=engine.generation, compile=engine.generator.compiled, quantize=engine.quantize)
 
 
 def _time_mode(engine, mode, rows, batch, guided, cond: Rows, sampling, tok, pos, prompts, class_ids, cfg_scale,
@@ -106,7 +106,8 @@ def _time_mode(engine, mode, rows, batch, guided, cond: Rows, sampling, tok, pos
         run = lambda: captured(tok, pos)  # noqa: E731
     else:
         state = dec.new_state(rows, cond.memory, cond.memory_mask, ring=engine.generator.ring_cache)
-        run = lambda: dec.decode_step(state, tok, pos)  # noqa: E731
+        decode = engine.generator.step
+        run = lambda: decode(state, tok, pos)  # noqa: E731
     dec.prefill(state, cond.prefix)
 
     def step():

@@ -31,6 +31,7 @@ from PIL import Image
 from vqim.kernels import SamplingParams
 
 from .config import PRESETS
+from .quantize import QUANTIZE_CHOICES
 from .weights import atomic_write, open_regular
 
 
@@ -43,6 +44,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the model's dtype on GPU, float32 on CPU")
     p.add_argument("--model-seed", type=int, default=0, help="weight seed of --preset (default 0)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (Inductor; on CPU it needs a C++ compiler; same tokens)")
+    p.add_argument("--quantize", choices=list(QUANTIZE_CHOICES), default=None,
+                   help="int8 weight-only decoder linears (half the weight bytes per step of bf16)")
 
 
 def engine_from_args(args: argparse.Namespace):
@@ -53,9 +58,11 @@ def engine_from_args(args: argparse.Namespace):
 
     # Under `torchrun --nproc-per-node N` each rank builds its tensor-parallel shard (vqim.engine.tp).
     tp = int(os.environ.get("WORLD_SIZE", "1"))
+    opts = {"compile": args.compile, "quantize": args.quantize}
     if args.preset is not None:
-        return Engine.from_preset(args.preset, seed=args.model_seed, device=args.device, dtype=args.dtype, tp=tp)
-    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, tp=tp)
+        return Engine.from_preset(args.preset, seed=args.model_seed, device=args.device, dtype=args.dtype, tp=tp,
+                                  **opts)
+    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, tp=tp, **opts)
 
 
 def _outputs(path: str, n: int) -> list[Path]:
@@ -212,8 +219,8 @@ def _bench(args: argparse.Namespace) -> None:
     # Every PRESET named, and the --model or --preset engine; with none of these, the tiny presets.
     own = args.model is not None or args.preset is not None
     presets = args.bench_presets or ([] if own else ["tiny-t2i", "tiny-vim"])
-    builds = [functools.partial(Engine.from_preset, name, seed=args.model_seed, device=args.device, dtype=args.dtype)
-              for name in presets]
+    builds = [functools.partial(Engine.from_preset, name, seed=args.model_seed, device=args.device, dtype=args.dtype,
+                                compile=args.compile, quantize=args.quantize) for name in presets]
     if own:
         builds.append(functools.partial(engine_from_args, args))
     rows = []

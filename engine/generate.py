@@ -24,7 +24,7 @@ import torch
 
 from vqim import kernels as K
 
-from .models import ARDecoder, DecodeState, VQIMModel
+from .models import ARDecoder, DecodeState, VQIMModel, memory_bias
 from .text import TextTokenizer
 
 
@@ -68,7 +68,7 @@ def condition(model: VQIMModel, tokenizer: TextTokenizer | None, requests: Seque
     to the longest row, as a batch of these prompts alone would be.
     """
     dec = model.decoder
-    dev = dec.head.weight.device
+    dev = dec.tok_embed.weight.device
     b = len(requests)
     if model.text is None:
         ids = list(requests) + [dec.null_prefix] * (b if guided else 0)
@@ -83,7 +83,8 @@ def condition(model: VQIMModel, tokenizer: TextTokenizer | None, requests: Seque
 
 
 class CapturedStep:
-    """``ARDecoder.decode_step`` of one static :class:`DecodeState`, captured in a CUDA graph.
+    """``ARDecoder.decode_step`` (or ``step``, its compiled form) of one static
+    :class:`DecodeState`, captured in a CUDA graph.
 
     Call it as ``step(token [R], pos [1]) -> logits [R, V]``: the arguments are copied into the
     graph's input buffers and the graph is replayed, so the returned logits are the same tensor
@@ -91,7 +92,8 @@ class CapturedStep:
     its cross-attention buffers, in place. CUDA only.
     """
 
-    def __init__(self, decoder: ARDecoder, state: DecodeState):
+    def __init__(self, decoder: ARDecoder, state: DecodeState, step: Callable | None = None):
+        step = step or decoder.decode_step
         rows = state.batch
         dev = state.k[0].device
         self.state = state
@@ -103,11 +105,11 @@ class CapturedStep:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):  # compiles the Triton kernels and settles allocations
-                decoder.decode_step(state, self.token, self.pos)
+                step(state, self.token, self.pos)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = decoder.decode_step(state, self.token, self.pos)
+            self.logits = step(state, self.token, self.pos)
 
     def __call__(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.token.copy_(token)
@@ -120,16 +122,27 @@ class Generator:
     """Runs the decode loop of one decoder; caches CUDA graphs by (rows, text length).
 
     ``use_cuda_graph`` is read at each :meth:`run`: on CUDA the loop replays the step from
-    :meth:`capture`, elsewhere (or when off) it calls ``decode_step`` eagerly.
+    :meth:`capture`, elsewhere (or when off) it calls the step directly. ``compile=True`` makes
+    the step ``torch.compile(decode_step, fullgraph=True)`` (Inductor: Triton on CUDA, where the
+    compiled step is then captured in the graph; C++ on CPU), compiled at its first call per
+    batch shape.
     """
 
     def __init__(self, decoder: ARDecoder, *, use_cuda_graph: bool = True, max_graphs: int = 4,
-                 ring_cache: bool = False):
+                 ring_cache: bool = False, compile: bool = False):
         self.decoder = decoder
         self.ring_cache = ring_cache
         self.use_cuda_graph = use_cuda_graph
         self.max_graphs = max_graphs
+        self.compiled = compile
+        # dynamic=False: one specialized graph per batch shape, as the CUDA graphs are.
+        self._compiled_step = torch.compile(decoder.decode_step, fullgraph=True, dynamic=False) if compile else None
         self._graphs: dict[tuple[int, int], CapturedStep] = {}
+
+    @property
+    def step(self) -> Callable[[DecodeState, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The decode step the loop runs: compiled, or the decoder's own (looked up per call)."""
+        return self._compiled_step if self._compiled_step is not None else self.decoder.decode_step
 
     @torch.no_grad()
     def capture(self, rows: int, memory: torch.Tensor | None, memory_mask: torch.Tensor | None) -> CapturedStep:
@@ -149,13 +162,14 @@ class Generator:
                 # Each graph pins a whole KV cache: drop the oldest shape.
                 self._graphs.pop(next(iter(self._graphs)))
                 torch.cuda.empty_cache()
-            g = CapturedStep(self.decoder, self.decoder.new_state(rows, memory, memory_mask, ring=self.ring_cache))
+            g = CapturedStep(self.decoder, self.decoder.new_state(rows, memory, memory_mask, ring=self.ring_cache),
+                             self.step)
             self._graphs[key] = g
         elif memory is not None:
             ks, vs = self.decoder.cross_kv(memory)
             for dst, src in zip(g.state.cross_k + g.state.cross_v, ks + vs):
                 dst.copy_(src)
-            g.state.memory_mask.copy_(memory_mask[:, None, None, :])
+            g.state.memory_bias.copy_(memory_bias(memory_mask, g.state.memory_bias.dtype))
         return g
 
     @torch.no_grad()
@@ -178,6 +192,7 @@ class Generator:
             state = graph.state
         else:
             state = dec.new_state(rows, memory, memory_mask, ring=self.ring_cache)
+        step = self.step
 
         def sample(logits: torch.Tensor, step: int) -> torch.Tensor:
             cond, uncond = (logits[:b], logits[b:]) if guided else (logits, None)
@@ -196,7 +211,7 @@ class Generator:
             # so check_tokens still raises after the loop.
             fed = tok.clamp_min(0)  # (B,)
             feed = torch.cat([fed, fed]) if guided else fed  # (R,)
-            logits = graph(feed, pos) if graph is not None else dec.decode_step(state, feed, pos)
+            logits = graph(feed, pos) if graph is not None else step(state, feed, pos)
             tok = sample(logits, i)
             out[:, i] = tok
             pos += 1

@@ -42,16 +42,47 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Projections for self- or cross-attention; the attention itself is chosen by the caller."""
+    """Projections for self- or cross-attention; the attention itself is chosen by the caller.
+
+    :meth:`fuse` turns the input projections into one matmul for inference (``wqkv``; ``wkv``
+    for cross-attention, whose query reads another input). ``state_dict`` and
+    ``load_state_dict`` keep speaking ``wq``/``wk``/``wv`` either way, so checkpoints (and
+    :mod:`vqim.engine.tp`'s shard plan, applied before fusing) do not change.
+    """
 
     def __init__(self, width: int, heads: int, kv_dim: int | None = None, *, bias: bool = True):
         super().__init__()
         self.heads = heads
         self.head_dim = width // heads
+        self.is_cross = kv_dim is not None
         self.wq = nn.Linear(width, width, bias=bias)
         self.wk = nn.Linear(kv_dim or width, width, bias=bias)
         self.wv = nn.Linear(kv_dim or width, width, bias=bias)
         self.wo = nn.Linear(width, width, bias=bias)
+        self.fused = False
+
+    def _fused_names(self) -> tuple[str, tuple[str, ...]]:
+        return ("wkv", ("wk", "wv")) if self.is_cross else ("wqkv", ("wq", "wk", "wv"))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Concatenate the input projections into one ``nn.Linear`` (their output rows stacked
+        in order) and drop the separate ones: one launch instead of three per decode step."""
+        if self.fused:
+            return
+        name, parts = self._fused_names()
+        lins = [getattr(self, n) for n in parts]
+        w = torch.cat([lin.weight for lin in lins])  # (n * W_local, in)
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=lins[0].bias is not None, device="meta")
+        fused.weight = nn.Parameter(w, requires_grad=False)
+        if fused.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([lin.bias for lin in lins]), requires_grad=False)
+        for n in parts:
+            delattr(self, n)
+        setattr(self, name, fused)
+        self.fused = True
+        self.register_state_dict_post_hook(_split_fused)
+        self.register_load_state_dict_pre_hook(_join_fused)
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -61,8 +92,41 @@ class Attention(nn.Module):
         b, h, s, d = x.shape
         return self.wo(x.transpose(1, 2).reshape(b, s, h * d))  # (B, S, W)
 
+    def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention q, k, v ``[B, H, S, Dh]`` of ``h [B, S, W]`` (views of one matmul when fused)."""
+        if self.fused:
+            return tuple(self.split(t) for t in self.wqkv(h).chunk(3, dim=-1))  # 3 x (B, H, S, Dh)
+        return self.split(self.wq(h)), self.split(self.wk(h)), self.split(self.wv(h))
+
     def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused and self.is_cross:
+            k, v = self.wkv(x).chunk(2, dim=-1)  # 2 x (B, L, W_local)
+            return self.split(k), self.split(v)
+        if self.fused:
+            _, k, v = self.qkv(x)
+            return k, v
         return self.split(self.wk(x)), self.split(self.wv(x))
+
+
+def _split_fused(module: Attention, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook of a fused :class:`Attention`: the checkpoint's separate keys."""
+    name, parts = module._fused_names()
+    for kind in ("weight", "bias"):
+        t = state.pop(f"{prefix}{name}.{kind}", None)
+        if t is not None:
+            for n, piece in zip(parts, t.chunk(len(parts))):
+                state[f"{prefix}{n}.{kind}"] = piece
+
+
+def _join_fused(module: Attention, state: dict, prefix: str, local_metadata, strict, missing, unexpected,
+                errors) -> None:
+    """load_state_dict pre-hook of a fused :class:`Attention`: the separate keys concatenated
+    (any missing one is left for load_state_dict to report under the fused name)."""
+    name, parts = module._fused_names()
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{n}.{kind}" for n in parts]
+        if all(k in state for k in keys):
+            state[f"{prefix}{name}.{kind}"] = torch.cat([state.pop(k) for k in keys])
 
 
 class EncoderBlock(nn.Module):
@@ -78,9 +142,7 @@ class EncoderBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.ln1(x)
-        q = self.attn.split(self.attn.wq(h))
-        k, v = self.attn.kv(h)
+        q, k, v = self.attn.qkv(self.ln1(x))  # 3 x (B, H, S, Dh)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, S, Dh)
         x = x + self.drop(self.attn.merge(a))
@@ -192,7 +254,9 @@ class DecodeState:
     v: list[torch.Tensor]
     cross_k: list[torch.Tensor] | None = None
     cross_v: list[torch.Tensor] | None = None
-    memory_mask: torch.Tensor | None = None  # (B, 1, 1, L) bool
+    # (B, 1, 1, L): 0 on real text tokens, -inf on padding. Additive, so attention applies it as
+    # is (a bool mask costs a conversion kernel per layer per step).
+    memory_bias: torch.Tensor | None = None
     # Conv-masked layers keep a ring of the rows their window can reach (kernels.conv_cache_slot).
     ring: bool = False
 
@@ -231,10 +295,9 @@ class DecoderBlock(nn.Module):
                 cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Full sequence ``x [B, S, W]`` from position 0; K/V also written to ``cache[:, :, :S]``.
 
-        ``memory_mask`` is ``[B, 1, 1, L]`` bool; ``cross_kv`` reuses precomputed cross K/V."""
-        h = self.ln1(x)
-        q = self.attn.split(self.attn.wq(h))  # (B, H, S, Dh)
-        k, v = self.attn.kv(h)
+        ``memory_mask`` is ``[B, 1, 1, L]``, bool or additive (:func:`memory_bias`); ``cross_kv``
+        reuses precomputed cross K/V."""
+        q, k, v = self.attn.qkv(self.ln1(x))  # 3 x (B, H, S, Dh)
         if cache is not None:
             cache[0][:, :, : k.shape[2]] = k
             cache[1][:, :, : v.shape[2]] = v
@@ -244,31 +307,40 @@ class DecoderBlock(nn.Module):
             x = self._cross(x, ck, cv, memory_mask)
         return x + self.drop(self.mlp(self.ln2(x)))
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, pos_rows: torch.Tensor, state: DecodeState,
-             layer: int) -> torch.Tensor:
-        """One token ``x [B, 1, W]`` at sequence position ``pos`` (LongTensor ``[1]``, prefix
-        included; ``pos_rows`` is the same position per row, ``[B]`` contiguous, for the kernel)."""
+    def step(self, x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, pos_rows: torch.Tensor,
+             state: DecodeState, layer: int, next_norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token. ``x [B, 1, W]`` is the residual stream and ``h = ln1(x)``; returns the
+        block's output ``x'`` and ``next_norm(x')``: each residual add runs fused with the norm
+        that follows it (``vqim.kernels.add_layer_norm``), the last one with the next block's
+        ``ln1`` (or the final norm). ``pos`` is the sequence position (LongTensor ``[1]``, prefix
+        included; ``pos_rows`` the same per row, ``[B]`` contiguous, for the kernels)."""
         cfg = self.cfg
         kc, vc = state.k[layer], state.v[layer]
-        h = self.ln1(x)
-        q = self.attn.split(self.attn.wq(h))  # (B, H, 1, Dh)
-        k, v = self.attn.kv(h)
-        ring = self.conv and state.ring
-        grid = (cfg.grid_h, cfg.grid_w)
-        slot = K.conv_cache_slot(pos, grid, cfg.conv_kernel, cfg.prefix) if ring else pos  # (1,)
-        # Written by index from a device tensor: no host sync, shapes static for graph capture.
-        kc.index_copy_(2, slot, k)
-        vc.index_copy_(2, slot, v)
+        q, k, v = self.attn.qkv(h)  # 3 x (B, H, 1, Dh), views of one matmul when fused
         if self.conv:
-            a = K.conv_decode_attention(q, kc, vc, pos_rows, grid=grid, kernel=cfg.conv_kernel, prefix=cfg.prefix,
-                                        ring=ring, validate=False)
+            # The kernel writes k, v into the cache (plain or ring slot) and attends: one launch.
+            a = K.conv_decode_attention(q, kc, vc, pos_rows, k_new=k, v_new=v, grid=(cfg.grid_h, cfg.grid_w),
+                                        kernel=cfg.conv_kernel, prefix=cfg.prefix, ring=state.ring, validate=False)
         else:
+            # Written by index from a device tensor: no host sync, shapes static for graph capture.
+            kc.index_copy_(2, pos, k)
+            vc.index_copy_(2, pos, v)
             visible = torch.arange(kc.shape[2], device=x.device) <= pos  # (S_max,)
             a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=visible[None, None, None, :])
-        x = x + self.attn.merge(a)  # (B, 1, W)
         if cfg.cross_attention:
-            x = self._cross(x, state.cross_k[layer], state.cross_v[layer], state.memory_mask)
-        return x + self.mlp(self.ln2(x))
+            x, h = _add_norm(x, self.attn.merge(a), self.ln_x)
+            qx = self.cross.split(self.cross.wq(h))  # (B, H, 1, Dh)
+            a = F.scaled_dot_product_attention(qx, state.cross_k[layer], state.cross_v[layer],
+                                               attn_mask=state.memory_bias)  # (B, H, 1, Dh)
+            x, h = _add_norm(x, self.cross.merge(a), self.ln2)
+        else:
+            x, h = _add_norm(x, self.attn.merge(a), self.ln2)
+        return _add_norm(x, self.mlp(h), next_norm)
+
+
+def _add_norm(x: torch.Tensor, delta: torch.Tensor, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + delta, norm(x + delta))`` in one kernel."""
+    return K.add_layer_norm(x, delta, norm.weight, norm.bias, eps=norm.eps)
 
 
 class ARDecoder(nn.Module):
@@ -321,7 +393,7 @@ class ARDecoder(nn.Module):
         ``ring=True`` gives conv-masked layers a ring of ``conv_cache_len`` slots instead of
         ``max_seq``; fully causal layers always keep every position."""
         cfg = self.cfg
-        p = self.head.weight
+        p = self.tok_embed.weight  # device and dtype (the head may be int8)
         ring_len = K.conv_cache_len((cfg.grid_h, cfg.grid_w), cfg.conv_kernel, cfg.prefix)
         # Heads this module holds: cfg.heads / N on a tensor-parallel rank (vqim.engine.tp).
         heads = self.blocks[0].attn.heads
@@ -333,7 +405,7 @@ class ARDecoder(nn.Module):
             if memory is None or memory_mask is None:
                 raise ValueError("this decoder cross-attends to text: memory and memory_mask are required")
             state.cross_k, state.cross_v = self.cross_kv(memory)
-            state.memory_mask = memory_mask[:, None, None, :]
+            state.memory_bias = memory_bias(memory_mask, p.dtype)
         return state
 
     def cross_kv(self, memory: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -346,7 +418,7 @@ class ARDecoder(nn.Module):
         x = self.prefix_embed(prefix_ids)  # (B, 1, W)
         for i, blk in enumerate(self.blocks):
             cross = (state.cross_k[i], state.cross_v[i]) if state.cross_k is not None else None
-            x = blk(x, memory_mask=state.memory_mask, cache=(state.k[i], state.v[i]), cross_kv=cross)
+            x = blk(x, memory_mask=state.memory_bias, cache=(state.k[i], state.v[i]), cross_kv=cross)
         return self.head(self.norm(x[:, -1])).float()
 
     def decode_step(self, state: DecodeState, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -356,9 +428,24 @@ class ARDecoder(nn.Module):
         x = self.tok_embed(token) + self.row_embed(i // self.cfg.grid_w) + self.col_embed(i % self.cfg.grid_w)
         x = x[:, None, :]  # (B, 1, W)
         pos_rows = pos.repeat(token.shape[0])  # (B,) materialized: kernels index it per row
-        for li, blk in enumerate(self.blocks):
-            x = blk.step(x, pos, pos_rows, state, li)
-        return self.head(self.norm(x[:, 0])).float()
+        h = self.blocks[0].ln1(x)
+        norms = [blk.ln1 for blk in self.blocks[1:]] + [self.norm]
+        for li, (blk, norm) in enumerate(zip(self.blocks, norms)):
+            x, h = blk.step(x, h, pos, pos_rows, state, li, norm)
+        return self.head(h[:, 0]).float()
+
+    def fuse(self) -> None:
+        """Fused input projections in every block (:meth:`Attention.fuse`), for inference."""
+        for blk in self.blocks:
+            blk.attn.fuse()
+            if self.cfg.cross_attention:
+                blk.cross.fuse()
+
+
+def memory_bias(memory_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``memory_mask [B, L]`` (True on real text tokens) -> additive ``[B, 1, 1, L]`` (0 / -inf)."""
+    bias = torch.zeros(memory_mask.shape, dtype=dtype, device=memory_mask.device)
+    return bias.masked_fill_(~memory_mask, float("-inf"))[:, None, None, :]
 
 
 # ----------------------------------------------------------------------------- whole model

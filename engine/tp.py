@@ -163,13 +163,19 @@ class VocabParallelHead(nn.Module):
 
 
 # How each sharded module's parameters split: "col" (dim 0 of weight and bias), "row" (dim 1 of
-# the weight), "vocab" / "head" (dim 0 of the table). Keys are module paths.
+# the weight), "vocab" / "head" (dim 0 of the table). Keys are module paths. A fused projection
+# (Attention.fuse: wqkv / wkv) is "col" per part: each of its q/k/v row blocks is split by heads
+# and the rank's slices are concatenated, which is what fusing the sharded wq/wk/wv gives.
 def shard_plan(model: VQIMModel) -> dict[str, str]:
     plan: dict[str, str] = {}
 
     def attention(prefix: str) -> None:
+        attn = model.get_submodule(prefix)
+        if attn.fused:
+            plan[f"{prefix}.{attn._fused_names()[0]}"] = "col"
         for n in ("wq", "wk", "wv"):
-            plan[f"{prefix}.{n}"] = "col"
+            if hasattr(attn, n):
+                plan[f"{prefix}.{n}"] = "col"
         plan[f"{prefix}.wo"] = "row"
 
     def block(prefix: str, cross: bool) -> None:
@@ -222,6 +228,11 @@ def _shard(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     return t.narrow(dim, rank * n, n).clone()
 
 
+def _shard_parts(t: torch.Tensor, parts: int, rank: int, world: int) -> torch.Tensor:
+    """Dim 0 of each of ``t``'s ``parts`` equal row blocks, sharded and concatenated."""
+    return torch.cat([_shard(p, 0, rank, world) for p in t.chunk(parts)])
+
+
 def tensor_parallel(model: VQIMModel, rank: int, world: int, group: dist.ProcessGroup | None = None) -> VQIMModel:
     """Shard ``model`` in place for rank ``rank`` of ``world`` (meta or materialized weights), for
     inference (the new parameters do not require grad).
@@ -241,12 +252,14 @@ def tensor_parallel(model: VQIMModel, rank: int, world: int, group: dist.Process
         old = getattr(parent, leaf)
         w = old.weight.detach()
         if kind == "col":
+            # A fused projection splits each of its parts (q, k, v) by heads.
+            parts = {"wqkv": 3, "wkv": 2}.get(leaf, 1)
             b = old.bias.detach() if old.bias is not None else None
             new = nn.Linear(1, 1, bias=b is not None, device="meta")
-            new.weight = nn.Parameter(_shard(w, 0, rank, world), requires_grad=False)
+            new.weight = nn.Parameter(_shard_parts(w, parts, rank, world), requires_grad=False)
             new.in_features, new.out_features = w.shape[1], w.shape[0] // world
             if b is not None:
-                new.bias = nn.Parameter(_shard(b, 0, rank, world), requires_grad=False)
+                new.bias = nn.Parameter(_shard_parts(b, parts, rank, world), requires_grad=False)
         elif kind == "row":
             b = old.bias.detach() if old.bias is not None else None
             new = RowParallelLinear(_shard(w, 1, rank, world), b, group)

@@ -63,8 +63,13 @@ def _conv_attention64(q, k, v, *, grid, kernel, prefix):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _conv_decode_attention64(q, k_cache, v_cache, pos, *, grid, kernel, prefix, validate, ring=False):
+def _conv_decode_attention64(q, k_cache, v_cache, pos, *, grid, kernel, prefix, validate, ring=False, k_new=None,
+                             v_new=None):
     assert not ring, "the float64 stand-in reads the plain cache layout"
+    if k_new is not None:
+        rows = torch.arange(q.shape[0])
+        k_cache[rows, :, pos] = k_new[:, :, 0]  # (B, H, Dh)
+        v_cache[rows, :, pos] = v_new[:, :, 0]
     mask = K.conv_mask_ref(grid, kernel, prefix, seq_len=k_cache.shape[2])[pos]  # (B, S_max)
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[:, None, None, :])
 
@@ -159,6 +164,7 @@ def test_tp2_logits_every_step_within_fp32_error(runs, name, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(K, "conv_attention", _conv_attention64)
         m.setattr(K, "conv_decode_attention", _conv_decode_attention64)
+        m.setattr(K, "add_layer_norm", K.add_layer_norm_ref)  # the definition, in any dtype
         # Engine refuses float64 (the kernels do not take it); the reference model is cast after loading.
         eng64 = Engine.from_pretrained(dirs[name], device="cpu")
         eng64.model.double()

@@ -1,0 +1,217 @@
+"""The decode step alone: launches per step, ms per step, GB/s and share of the HBM roofline.
+
+    python benchmarks/bench_decode_step.py [--save] [--models tiny-t2i tiny-vim bundled]
+    python benchmarks/bench_decode_step.py --presets parti-350m parti-750m --batch 1 4 16   (CUDA)
+
+One step is ``decode_step`` + ``cfg_sample`` (guidance on: 2B decoder rows for B images) at a
+mid-grid position. Launches are counted as :mod:`vqim.engine.launches` says: ``eager`` by a
+dispatch counter (each ATen or ``vqim::`` op that runs a kernel, views excluded),
+``compiled`` from the kernels Inductor generated; on CUDA also ``cuda_kernels``, the kernels
+the profiler saw in one step. Per layer: block 0's step alone.
+
+Modes (every row of one table is measured in the same run):
+
+* ``eager``: vqim's kernels, launched from Python; ``compiled``: ``Engine(compile=True)``;
+  ``int8``: ``Engine(quantize="int8")``, eager;
+* on CUDA, each of those replayed from the CUDA graph the engine captures (``+graph``), and
+  the peers: ``torch`` (every vqim op on its plain-PyTorch reference, eager) and
+  ``torch-compile`` (``torch.compile`` of that reference).
+
+CPU (the tiny presets and the bundled model; ``bundled`` is the model README's main command
+runs): launches and ms per step. CUDA (random-weight parti presets in bf16): ms per step, GB/s
+and the share of the HBM roofline, ``(decoder weight bytes + K/V read) / 3.0 TB/s`` (one H100:
+``vqim.engine.timing``; an H200's HBM is faster, so its share reads high). ``--budget-s`` stops
+starting new cases once spent, so a lent GPU's time bound holds; a skipped case is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from vqim import kernels as K
+from vqim.engine import Engine
+from vqim.engine.bench import step_bytes
+from vqim.engine.generate import CapturedStep, condition
+from vqim.engine.launches import step_launches
+from vqim.engine.quantize import decoder_step_weight_bytes
+from vqim.engine.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit
+
+from _common import append_results
+
+CPU_MODELS = ("tiny-t2i", "tiny-vim", "bundled")
+GPU_PRESETS = ("parti-350m", "parti-750m")
+COLUMNS = ["model", "dtype", "batch", "rows", "mode", "launches_step", "launches_layer", "cuda_kernels",
+           "weight_MB", "step_ms", "step_p20", "step_p80", "GB_per_s", "roofline_share", "x_torch", "x_eager"]
+
+_MODE_OPTS = {"eager": {}, "compiled": {"compile": True}, "int8": {"quantize": "int8"}}
+
+
+def make_engine(model: str, device: torch.device, dtype: str | None, **opts) -> Engine:
+    if model == "bundled":
+        return Engine.from_pretrained(device=device, dtype=dtype, **opts)
+    return Engine.from_preset(model, device=device, dtype=dtype, **opts)
+
+
+class _Case:
+    """One engine's step at a fixed mid-grid position, on its own static state."""
+
+    def __init__(self, engine: Engine, batch: int, *, graph: bool):
+        dec = engine.model.decoder
+        cfg = dec.cfg
+        self.engine, self.batch = engine, batch
+        self.guided = engine.cfg.is_text_to_image or cfg.num_classes > 0
+        self.rows = 2 * batch if self.guided else batch
+        dev = engine.device
+        prompts = ["a red circle above a blue square"] * batch if engine.cfg.is_text_to_image else None
+        requests = prompts or ([1] * batch if cfg.num_classes > 0 else [dec.null_prefix] * batch)
+        pad = engine.cfg.text.max_len if prompts and dev.type == "cuda" else None
+        self.cond = condition(engine.model, engine.tokenizer, requests, guided=self.guided, pad_to=pad)
+        self.pos_int = cfg.prefix + cfg.num_tokens // 2  # mid-grid: a full conv window
+        self.pos = torch.full((1,), self.pos_int, dtype=torch.long, device=dev)
+        self.tok = torch.zeros(self.rows, dtype=torch.long, device=dev)
+        gen = engine.generator
+        if graph:
+            captured = CapturedStep(dec, dec.new_state(self.rows, self.cond.memory, self.cond.memory_mask,
+                                                       ring=gen.ring_cache), gen.step)
+            self.state = captured.state
+            self.run_step = lambda: captured(self.tok, self.pos)
+        else:
+            self.state = dec.new_state(self.rows, self.cond.memory, self.cond.memory_mask, ring=gen.ring_cache)
+            step = gen.step
+            self.run_step = lambda: step(self.state, self.tok, self.pos)
+        dec.prefill(self.state, self.cond.prefix)
+        self.seed = torch.arange(batch, device=dev)
+
+    def step(self) -> torch.Tensor:
+        logits = self.run_step()  # (R, V)
+        uncond = logits[self.batch:] if self.guided else None
+        return K.cfg_sample(logits[:self.batch], uncond, cfg_scale=3.0, seed=self.seed, step=7, validate=False)
+
+    def text_len(self) -> int:
+        return 0 if self.cond.memory is None else self.cond.memory.shape[1]
+
+
+def _cuda_kernels(fn) -> int:
+    """Kernels the profiler records in one call of ``fn`` (a graph replay shows as its kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _row(model: str, engine: Engine, case: _Case, mode: str, t: dict, launches: dict | None, cuda_kernels) -> dict:
+    dec = engine.model.decoder
+    nbytes = step_bytes(engine, case.rows, case.pos_int, case.text_len())
+    roof_ms = nbytes / H100_HBM_BYTES_PER_S * 1e3
+    return {
+        "model": model, "dtype": str(dec.tok_embed.weight.dtype).replace("torch.", ""), "batch": case.batch,
+        "rows": case.rows, "mode": mode,
+        "launches_step": launches["step"] if launches else "", "launches_layer": launches["per_layer"] if launches else "",
+        "cuda_kernels": cuda_kernels, "weight_MB": decoder_step_weight_bytes(dec) / 1e6,
+        "step_ms": t["ms"], "step_p20": t["p20"], "step_p80": t["p80"],
+        "GB_per_s": nbytes / (t["ms"] * 1e-3) / 1e9, "roofline_share": roof_ms / t["ms"],
+    }
+
+
+def _ratios(rows: list[dict]) -> None:
+    """``x_torch`` / ``x_eager``: speed-up over the torch peer / vqim eager of the same model and batch."""
+    for r in rows:
+        same = [o for o in rows if o["model"] == r["model"] and o["batch"] == r["batch"]]
+        for col, mode in (("x_torch", "torch"), ("x_eager", "eager")):
+            base = next((o["step_ms"] for o in same if o["mode"] == mode), None)
+            r[col] = base / r["step_ms"] if base else float("nan")
+
+
+def _engine_for(base: Engine, device: torch.device, opts: dict, graph: bool) -> Engine:
+    """An engine of ``opts`` over ``base``'s weights (drawn or read once per model); ``quantize``
+    replaces the model's linears in place, so it gets a copy."""
+    model = copy.deepcopy(base.model) if opts.get("quantize") else base.model
+    return Engine(model, base.tokenizer, device=device, use_cuda_graph=graph, generation=base.generation, **opts)
+
+
+@torch.no_grad()
+def run_cpu(models, batches, *, iters: int = 20) -> list[dict]:
+    dev = torch.device("cpu")
+    rows = []
+    for model in models:
+        base = make_engine(model, dev, None)
+        for mode, opts in _MODE_OPTS.items():
+            eng = _engine_for(base, dev, opts, False)
+            for b in batches:
+                case = _Case(eng, b, graph=False)
+                launches = step_launches(eng.model.decoder, case.state, case.tok, case.pos, compiled=mode == "compiled")
+                t = timeit(case.step, device=dev, warmup=3, iters=iters)
+                rows.append(_row(model, eng, case, mode, t, launches, ""))
+            torch._dynamo.reset()
+    _ratios(rows)
+    return rows
+
+
+# (mode, engine options, kernel backend, graph); the compiled modes last: they cost the most
+# time before their first step.
+CUDA_MODES = [("torch", {}, "torch", False), ("eager", {}, None, False), ("eager+graph", {}, None, True),
+              ("int8+graph", {"quantize": "int8"}, None, True), ("torch-compile", {"compile": True}, "torch", False),
+              ("compiled+graph", {"compile": True}, None, True)]
+
+
+@torch.no_grad()
+def run_cuda(presets, batches, *, budget_s: float, iters: int = 50) -> list[dict]:
+    dev = torch.device("cuda")
+    start = time.monotonic()
+    rows = []
+    for preset in presets:
+        base = make_engine(preset, dev, None)
+        for mode, opts, backend, graph in CUDA_MODES:
+            if time.monotonic() - start > budget_s:
+                print(f"skipped {preset} {mode}: --budget-s {budget_s:g} spent")
+                continue
+            # The backend is read when the step is traced or run: the whole case runs under it.
+            with K.use_backend(backend):
+                eng = _engine_for(base, dev, opts, graph)
+                for b in batches:
+                    case = _Case(eng, b, graph=graph)
+                    t = timeit(case.step, device=dev, warmup=3, iters=iters)
+                    launches = None
+                    if mode in ("torch", "eager"):
+                        launches = step_launches(eng.model.decoder, case.state, case.tok, case.pos)
+                    rows.append(_row(preset, eng, case, mode, t, launches, _cuda_kernels(case.step)))
+            del eng
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+        del base
+    _ratios(rows)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(CPU_MODELS), help="CPU: presets or 'bundled'")
+    ap.add_argument("--presets", nargs="+", default=list(GPU_PRESETS), help="CUDA: presets")
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="images per step (default: 1 on CPU, 1 4 16 on CUDA)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="CUDA: start no new case after this")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/decode_step.csv")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"device: {device_name(device)}, torch threads: {torch.get_num_threads()}")
+    if device.type == "cuda":
+        rows = run_cuda(args.presets, args.batch or [1, 4, 16], budget_s=args.budget_s, iters=args.iters or 50)
+    else:
+        rows = run_cpu(args.models, args.batch or [1], iters=args.iters or 20)
+    print_table(rows, COLUMNS)
+    if args.save:
+        print(f"saved to {append_results('decode_step', rows, device)}")
+
+
+if __name__ == "__main__":
+    main()
