@@ -11,7 +11,9 @@ at the end.
 On CUDA the decode step (embedding, all blocks, head) is captured once per batch shape into a
 CUDA graph and replayed; the graph owns a static :class:`DecodeState` whose cross-attention
 buffers are refilled per request (text padded to ``max_len`` so one graph serves any prompt).
-That path needs a GPU and is not exercised by the CPU test suite.
+That path needs a GPU and is not exercised by the CPU test suite. With ``compile=True`` the step
+is ``torch.compile``'d first (the compiled step is what the graph captures on CUDA; on CPU it
+runs as Inductor's C++).
 """
 
 from __future__ import annotations
