@@ -71,7 +71,7 @@ class _Case:
         pad = engine.cfg.text.max_len if prompts and dev.type == "cuda" else None
         self.cond = condition(engine.model, engine.tokenizer, requests, guided=self.guided, pad_to=pad)
         self.pos_int = cfg.prefix + cfg.num_tokens // 2  # mid-grid: a full conv window
-        self.pos = torch.full((1,), self.pos_int, dtype=torch.long, device=dev)
+        self.pos = torch.full((self.rows,), self.pos_int, dtype=torch.long, device=dev)  # (R,)
         self.tok = torch.zeros(self.rows, dtype=torch.long, device=dev)
         gen = engine.generator
         if graph:

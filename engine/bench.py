@@ -62,7 +62,7 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = K.SamplingPar
         # The other settings at SamplingParams' defaults.
         sampling = dict(cfg_scale=cfg_scale, seed=torch.arange(batch, device=dev), validate=False)
         pos_int = cfg.prefix + cfg.num_tokens // 2  # mid-grid: a full conv window
-        pos = torch.full((1,), pos_int, dtype=torch.long, device=dev)
+        pos = torch.full((rows,), pos_int, dtype=torch.long, device=dev)  # (R,)
         tok = torch.zeros(rows, dtype=torch.long, device=dev)
         nbytes = step_bytes(engine, rows, pos_int, text_len)
         out = []

@@ -88,7 +88,7 @@ class CapturedStep:
     """``ARDecoder.decode_step`` (or ``step``, its compiled form) of one static
     :class:`DecodeState`, captured in a CUDA graph.
 
-    Call it as ``step(token [R], pos [1]) -> logits [R, V]``: the arguments are copied into the
+    Call it as ``step(token [R], pos [R] or [1]) -> logits [R, V]``: the arguments are copied into the
     graph's input buffers and the graph is replayed, so the returned logits are the same tensor
     every call (overwritten by the next). ``state`` is the graph's KV cache: prefill it, or refill
     its cross-attention buffers, in place. CUDA only.
@@ -102,7 +102,7 @@ class CapturedStep:
         self.token = torch.zeros(rows, dtype=torch.long, device=dev)
         # Capture at the first image position: warm-up writes land in a slot that step 1
         # overwrites before any query can read it.
-        self.pos = torch.full((1,), decoder.cfg.prefix, dtype=torch.long, device=dev)
+        self.pos = torch.full((rows,), decoder.cfg.prefix, dtype=torch.long, device=dev)  # one per row
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -204,7 +204,7 @@ class Generator:
         out = torch.empty(b, cfg.num_tokens, dtype=torch.long, device=dev)
         tok = sample(dec.prefill(state, prefix_ids), 0)
         out[:, 0] = tok
-        pos = torch.full((1,), cfg.prefix, dtype=torch.long, device=dev)
+        pos = torch.full((rows,), cfg.prefix, dtype=torch.long, device=dev)  # (R,) one position per row
         if on_step is not None:
             on_step()
         for i in range(1, cfg.num_tokens):

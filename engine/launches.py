@@ -79,16 +79,16 @@ def compiled_launches(fn: Callable, *args) -> Counter[str]:
 
 
 def _block_inputs(decoder, token: torch.Tensor, pos: torch.Tensor) -> tuple:
-    """Inputs of block 0's step of the decode step's shapes: ``(x, h, pos, pos_rows)``."""
+    """Inputs of block 0's step of the decode step's shapes: ``(x, h, pos)``, ``pos [B]``."""
     x = torch.zeros(token.shape[0], 1, decoder.cfg.width, device=token.device,
                     dtype=decoder.tok_embed.weight.dtype)  # (B, 1, W)
-    return x, decoder.blocks[0].ln1(x), pos, pos.repeat(token.shape[0])  # pos_rows (B,)
+    return x, decoder.blocks[0].ln1(x), pos.expand(token.shape[0]).contiguous()
 
 
 def _block_step(decoder, state) -> Callable:
     blk = decoder.blocks[0]
     next_norm = decoder.blocks[1].ln1 if len(decoder.blocks) > 1 else decoder.norm
-    return lambda x, h, pos, pos_rows: blk.step(x, h, pos, pos_rows, state, 0, next_norm)
+    return lambda x, h, pos: blk.step(x, h, pos, state, 0, next_norm)
 
 
 def step_launches(decoder, state, token: torch.Tensor, pos: torch.Tensor, *, compiled: bool = False) -> dict[str, int]:

@@ -307,26 +307,26 @@ class DecoderBlock(nn.Module):
             x = self._cross(x, ck, cv, memory_mask)
         return x + self.drop(self.mlp(self.ln2(x)))
 
-    def step(self, x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, pos_rows: torch.Tensor,
-             state: DecodeState, layer: int, next_norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, state: DecodeState, layer: int,
+             next_norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """One token. ``x [B, 1, W]`` is the residual stream and ``h = ln1(x)``; returns the
         block's output ``x'`` and ``next_norm(x')``: each residual add runs fused with the norm
         that follows it (``vqim.kernels.add_layer_norm``), the last one with the next block's
-        ``ln1`` (or the final norm). ``pos`` is the sequence position (LongTensor ``[1]``, prefix
-        included; ``pos_rows`` the same per row, ``[B]`` contiguous, for the kernels)."""
+        ``ln1`` (or the final norm). ``pos [B]`` is each row's sequence position (prefix included)."""
         cfg = self.cfg
         kc, vc = state.k[layer], state.v[layer]
         q, k, v = self.attn.qkv(h)  # 3 x (B, H, 1, Dh), views of one matmul when fused
         if self.conv:
             # The kernel writes k, v into the cache (plain or ring slot) and attends: one launch.
-            a = K.conv_decode_attention(q, kc, vc, pos_rows, k_new=k, v_new=v, grid=(cfg.grid_h, cfg.grid_w),
+            a = K.conv_decode_attention(q, kc, vc, pos, k_new=k, v_new=v, grid=(cfg.grid_h, cfg.grid_w),
                                         kernel=cfg.conv_kernel, prefix=cfg.prefix, ring=state.ring, validate=False)
         else:
-            # Written by index from a device tensor: no host sync, shapes static for graph capture.
-            kc.index_copy_(2, pos, k)
-            vc.index_copy_(2, pos, v)
-            visible = torch.arange(kc.shape[2], device=x.device) <= pos  # (S_max,)
-            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=visible[None, None, None, :])
+            # Written by index from device tensors: no host sync, shapes static for graph capture.
+            rows = torch.arange(x.shape[0], device=x.device)  # (B,)
+            kc[rows, :, pos] = k[:, :, 0]  # (B, H, Dh) into each row's slot
+            vc[rows, :, pos] = v[:, :, 0]
+            visible = torch.arange(kc.shape[2], device=x.device) <= pos[:, None]  # (B, S_max)
+            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=visible[:, None, None, :])
         if cfg.cross_attention:
             x, h = _add_norm(x, self.attn.merge(a), self.ln_x)
             qx = self.cross.split(self.cross.wq(h))  # (B, H, 1, Dh)
@@ -422,16 +422,18 @@ class ARDecoder(nn.Module):
         return self.head(self.norm(x[:, -1])).float()
 
     def decode_step(self, state: DecodeState, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Feed image token ``token [B]`` at sequence position ``pos`` (``[1]``, >= prefix);
-        returns logits ``[B, V]`` (float32) for the next image token."""
-        i = pos - self.cfg.prefix  # (1,) grid index of the fed token
+        """Feed image token ``token [B]`` at sequence positions ``pos`` (``[B]``, one per row, or
+        ``[1]`` for all rows; >= prefix); returns logits ``[B, V]`` (float32) for the next image
+        token. Rows may sit at different positions."""
+        if pos.shape[0] != token.shape[0]:
+            pos = pos.expand(token.shape[0]).contiguous()  # (B,): the kernels index it per row
+        i = pos - self.cfg.prefix  # (B,) grid index of each fed token
         x = self.tok_embed(token) + self.row_embed(i // self.cfg.grid_w) + self.col_embed(i % self.cfg.grid_w)
         x = x[:, None, :]  # (B, 1, W)
-        pos_rows = pos.repeat(token.shape[0])  # (B,) materialized: kernels index it per row
         h = self.blocks[0].ln1(x)
         norms = [blk.ln1 for blk in self.blocks[1:]] + [self.norm]
         for li, (blk, norm) in enumerate(zip(self.blocks, norms)):
-            x, h = blk.step(x, h, pos, pos_rows, state, li, norm)
+            x, h = blk.step(x, h, pos, state, li, norm)
         return self.head(h[:, 0]).float()
 
     def fuse(self) -> None:
