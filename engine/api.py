@@ -8,9 +8,11 @@ out-of-memory error is re-raised naming the batch size that failed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import shutil
+import time
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ from .config import ModelConfig, dtype_from_name, dtype_name
 from .generate import Generator, Sampling, check_tokens, condition, tokenize
 from .models import VQIMModel, init_weights
 from .quantize import QUANTIZE_CHOICES, is_quantized, quantize_decoder
+from .serving import ImageRequest, QueueFullError, RequestHandle, Scheduler
 from .text import TextTokenizer
 from .tp import agreed, check_tp, from_rank0, init_distributed, load_tp_model, tensor_parallel
 from .weights import (build_model, check_generation_defaults, load_config, load_generation_defaults, load_model,
@@ -81,10 +84,14 @@ def _default_dtype(cfg: ModelConfig, device: torch.device, dtype: str | torch.dt
 
 
 def _check_options(max_batch_size: int = 16, kv_cache: str = "plain", compile: bool = False,
-                   quantize: str | None = None, **_) -> None:
+                   quantize: str | None = None, max_queue: int = 1024, continuous_batching: bool = True, **_) -> None:
     """The engine options that ``from_preset``/``from_pretrained`` check before building a model."""
     if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
         raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+    if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
+        raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
+    if not isinstance(continuous_batching, bool):
+        raise ValueError(f"continuous_batching must be True or False, got {continuous_batching!r}")
     if kv_cache not in ("plain", "ring"):
         raise ValueError(f"kv_cache must be 'plain' or 'ring', got {kv_cache!r}")
     if not isinstance(compile, bool):
@@ -145,8 +152,9 @@ class Engine:
     def __init__(self, model: VQIMModel, tokenizer: TextTokenizer | None, *, device: torch.device,
                  max_batch_size: int = 16, use_cuda_graph: bool = True, model_dir: Path | None = None,
                  kv_cache: str = "plain", generation: dict | None = None,
-                 tp_group: dist.ProcessGroup | None = None, compile: bool = False, quantize: str | None = None):
-        _check_options(max_batch_size, kv_cache, compile, quantize)
+                 tp_group: dist.ProcessGroup | None = None, compile: bool = False, quantize: str | None = None,
+                 max_queue: int = 1024, continuous_batching: bool = True):
+        _check_options(max_batch_size, kv_cache, compile, quantize, max_queue, continuous_batching)
         if compile:
             _check_compile(torch.device(device))
         if quantize is not None and tp_group is not None:
@@ -174,6 +182,12 @@ class Engine:
         self._lock = threading.Lock()
         # The process group whose ranks each hold a shard of the model; None: the whole model.
         self._tp_group = tp_group
+        # Tensor-parallel ranks must step in lockstep: they keep one batch per call.
+        self.continuous_batching = continuous_batching and tp_group is None
+        self.max_queue = max_queue
+        self._use_cuda_graph = use_cuda_graph
+        self._scheduler: Scheduler | None = None
+        self._scheduler_lock = threading.Lock()
 
     @property
     def is_main(self) -> bool:
@@ -339,8 +353,8 @@ class Engine:
         return list(class_ids), True
 
     def generate_codes(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None,
-                       class_ids=None, progress: bool | Callable[[int], None] = False,
-                       **sampling) -> torch.LongTensor:
+                       class_ids=None, negative_prompt=None, progress: bool | Callable[[int], None] = False,
+                       timeout: float | None = None, **sampling) -> torch.LongTensor:
         """Image tokens ``[len(prompts) * num_images, grid_h, grid_w]``, request-major.
 
         ``sampling``: settings by :class:`~vqim.kernels.SamplingParams` field name (``cfg_scale``,
@@ -349,16 +363,114 @@ class Engine:
         the model directory's recommendation (``generation.json``, in :attr:`sampling_defaults`)
         or else SamplingParams' default. Image ``j`` of a request draws with seed ``seed + j``, so its
         tokens do not depend on the other requests in the batch. ``seed=None`` picks one.
-        ``progress=True`` shows a tqdm bar over decode steps (a callable gets the step count).
+        ``negative_prompt`` (text models; a string or one per prompt): what the unconditional
+        branch of guidance conditions on instead of the empty prompt. ``progress=True`` shows a
+        tqdm bar over sampled tokens (a callable gets the count of each update). ``timeout``
+        (seconds) fails the call with ``TimeoutError`` if it has not finished by then.
+
+        With continuous batching (the default) the call submits its images to the engine's
+        decode loop (:meth:`submit`) and waits: calls from other threads share its steps.
         """
-        if self._tp_group is not None:
-            seed = self._rank0_seed(seed, num_images)
-        with self._agreed():
-            request = self._check_request(prompts, num_images, sampling, seed, class_ids)
-        # Reached by every rank only once all have validated the request: none enters the decode
-        # loop's collectives alone. Tensor parallel: one progress bar, rank 0's.
-        with self._agreed(), self._lock:
-            return self._generate_rows(*request, progress if self.is_main else False)
+        if not self.continuous_batching:
+            if timeout is not None:
+                raise ValueError("timeout needs continuous batching (Engine(continuous_batching=True), tp=1)")
+            if self._tp_group is not None:
+                seed = self._rank0_seed(seed, num_images)
+            with self._agreed():
+                request = self._check_request(prompts, num_images, sampling, seed, class_ids, negative_prompt)
+            # Reached by every rank only once all have validated the request: none enters the decode
+            # loop's collectives alone. Tensor parallel: one progress bar, rank 0's.
+            with self._agreed(), self._lock:
+                return self._generate_rows(*request, progress if self.is_main else False)
+        bar = None
+        on_step = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            n = (len(prompts) if isinstance(prompts, (list, tuple)) else 1) * num_images \
+                if isinstance(num_images, int) else 0
+            bar = tqdm(total=n * self.cfg.decoder.num_tokens if self.cfg.decoder else 0, unit="tok", desc="generate")
+            on_step = lambda: bar.update(1)  # noqa: E731
+        elif callable(progress):
+            on_step = lambda: progress(1)  # noqa: E731
+        try:
+            handle = self.submit(prompts, num_images, seed=seed, class_ids=class_ids, negative_prompt=negative_prompt,
+                                 timeout=timeout, _on_step=on_step, **sampling)
+            return handle.result()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def submit(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None, class_ids=None,
+               negative_prompt=None, timeout: float | None = None,
+               on_partial: Callable[[int, torch.Tensor, int], None] | None = None, partial_every: int = 1,
+               _on_step: Callable[[], None] | None = None, **sampling) -> RequestHandle:
+        """Queue a request (the arguments of :meth:`generate_codes`) and return its
+        :class:`~vqim.engine.serving.RequestHandle` at once: ``handle.result()`` or ``await
+        handle`` gives the codes ``[n, grid_h, grid_w]``, ``handle.cancel()`` ends it,
+        ``handle.progress`` counts its tokens. Every input is checked here, before it is queued.
+
+        ``on_partial(image, codes [grid_h, grid_w], rows)`` is called from the decode loop every
+        ``partial_every`` grid rows of each image with the tokens so far (-1 where not yet drawn).
+        A full queue raises :class:`~vqim.engine.serving.QueueFullError` at once.
+        """
+        if not self.continuous_batching:
+            raise ValueError("submit needs continuous batching (Engine(continuous_batching=True), tp=1)")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout < float("inf")):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        if not isinstance(partial_every, int) or isinstance(partial_every, bool) or partial_every < 1:
+            raise ValueError(f"partial_every must be an int >= 1 (grid rows), got {partial_every!r}")
+        if on_partial is not None and not callable(on_partial):
+            raise ValueError("on_partial must be a callable or None")
+        conds, rows, params, seeds, has_uncond, uncond = self._check_request(prompts, num_images, sampling, seed,
+                                                                            class_ids, negative_prompt)
+        cfg = self.cfg.decoder
+        handle = RequestHandle(len(rows), cfg.num_tokens, (cfg.grid_h, cfg.grid_w))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        partial = None
+        if on_partial is not None:
+            def partial(index: int, tokens: torch.Tensor, grid_rows: int) -> None:
+                grid = torch.full((cfg.num_tokens,), -1, dtype=torch.long)
+                grid[: tokens.shape[0]] = tokens
+                on_partial(index, grid.view(cfg.grid_h, cfg.grid_w), grid_rows)
+        images = []
+        for k, (i, j) in enumerate(rows):
+            # An image with guidance scale 1 needs no unconditional row.
+            guided = has_uncond and params[i].cfg_scale != 1.0
+            images.append(ImageRequest(handle, k, conds[i], uncond[i] if guided else None, params[i], seeds[i] + j,
+                                       deadline=deadline, on_step=_on_step, on_partial=partial,
+                                       partial_every=partial_every if partial else 0))
+        handle._images = images
+        self._get_scheduler().submit(images)
+        return handle
+
+    async def agenerate_codes(self, prompts=None, num_images: int = 1, **kwargs) -> torch.LongTensor:
+        """``await`` form of :meth:`generate_codes` (vLLM's async engine shape): the request joins
+        the decode loop's batch; cancelling the awaiting task cancels the request."""
+        return await self.submit(prompts, num_images, **kwargs)
+
+    async def agenerate(self, prompts=None, num_images: int = 1, **kwargs) -> list[Image.Image]:
+        """``await`` form of :meth:`generate`; the pixels are decoded in a worker thread."""
+        codes = await self.agenerate_codes(prompts, num_images, **kwargs)
+        return await asyncio.to_thread(self.decode_codes, codes)
+
+    def _get_scheduler(self) -> Scheduler:
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                oom = (f"out of GPU memory in the decode loop ({2 * self.max_batch_size} decoder rows); lower "
+                       f"Engine.max_batch_size (now {self.max_batch_size})")
+                self._scheduler = Scheduler(self.model, self.tokenizer, self.generator, self.device,
+                                            max_rows=2 * self.max_batch_size, max_queue=self.max_queue,
+                                            use_cuda_graph=self._use_cuda_graph, oom_message=oom)
+            return self._scheduler
+
+    def close(self) -> None:
+        """Stop the decode loop; requests still queued or running fail with ``RequestCancelled``."""
+        with self._scheduler_lock:
+            if self._scheduler is not None:
+                self._scheduler.close()
+                self._scheduler = None
 
     def _rank0_seed(self, seed, num_images):
         """``seed`` with rank 0's draw for the unseeded requests: a seed picked per rank would make
@@ -370,12 +482,20 @@ class Engine:
             seed = [drawn if s is None else s for s in seed] if isinstance(seed, (list, tuple)) else drawn
         return seed
 
-    def _check_request(self, prompts, num_images, sampling: dict, seed, class_ids) -> tuple:
+    def _check_request(self, prompts, num_images, sampling: dict, seed, class_ids, negative_prompt=None) -> tuple:
         """Everything ``generate_codes`` checks before the first decode step: ``(conds, rows, params,
-        seeds, has_uncond)`` for :meth:`_generate_rows`."""
+        seeds, has_uncond, uncond)`` for :meth:`_generate_rows` (``uncond``: each request's
+        unconditional condition)."""
         self.cfg.require_decoder("generating images")
         conds, has_uncond = self._requests(prompts, class_ids, num_images)
         n = len(conds)
+        if negative_prompt is not None and not self.cfg.is_text_to_image:
+            raise ValueError("negative_prompt is for text-to-image models; this one takes class ids")
+        negatives = _per_request("negative_prompt", "" if negative_prompt is None else negative_prompt, n)
+        for i, neg in enumerate(negatives):
+            if not isinstance(neg, str):
+                raise ValueError(f"negative_prompt must be a string (or one per prompt), got {type(neg).__name__} "
+                                 f"at negative_prompt[{i}]")
         unknown = set(sampling) - set(K.SamplingParams.names())
         if unknown:
             raise TypeError(f"unknown sampling settings {sorted(unknown)}; expected among "
@@ -393,11 +513,14 @@ class Engine:
         if self.cfg.is_text_to_image:
             # Every prompt tokenized (and any truncation warned) before the first decode step.
             conds = tokenize(self.tokenizer, conds)
+            uncond = tokenize(self.tokenizer, negatives)
+        else:
+            uncond = [self.model.decoder.null_prefix] * n
         # One row per image.
         rows = [(i, j) for i in range(n) for j in range(num_images)]
-        return conds, rows, params, seeds, has_uncond
+        return conds, rows, params, seeds, has_uncond, uncond
 
-    def _generate_rows(self, conds, rows, params, seeds, has_uncond, progress) -> torch.Tensor:
+    def _generate_rows(self, conds, rows, params, seeds, has_uncond, uncond, progress) -> torch.Tensor:
         """``conds``: one :func:`condition` request per prompt / class id."""
         cfg = self.cfg.decoder
         bar = None
@@ -416,14 +539,14 @@ class Engine:
                 elif callable(progress):
                     on_step = lambda b=b: progress(b)  # noqa: E731
                 with self._oom_names_batch("generating", b):
-                    outs.append(self._generate_chunk(conds, chunk, params, seeds, has_uncond, on_step))
+                    outs.append(self._generate_chunk(conds, chunk, params, seeds, has_uncond, uncond, on_step))
         finally:
             if bar is not None:
                 bar.close()
         return torch.cat(outs).view(len(rows), cfg.grid_h, cfg.grid_w)
 
     @torch.no_grad()
-    def _generate_chunk(self, conds, chunk, params, seeds, has_uncond, on_step) -> torch.Tensor:
+    def _generate_chunk(self, conds, chunk, params, seeds, has_uncond, uncond, on_step) -> torch.Tensor:
         dev = self.device
         req = [i for i, _ in chunk]
         guided = has_uncond and any(params[i].cfg_scale != 1.0 for i in req)
@@ -432,14 +555,13 @@ class Engine:
         # On CUDA every batch is padded to max_len, so one captured graph serves all prompts and
         # graph and eager runs compute the same thing.
         pad = self.cfg.text.max_len if self.cfg.is_text_to_image and dev.type == "cuda" else None
-        rows = condition(self.model, self.tokenizer, [conds[i] for i in req], guided=guided, pad_to=pad)
+        rows = condition(self.model, self.tokenizer, [conds[i] for i in req], guided=guided, pad_to=pad,
+                         uncond=[uncond[i] for i in req])
         return check_tokens(self.generator.run(*rows, sampling, guided=guided, on_step=on_step))
 
-    def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None,
-                 class_ids=None, progress: bool | Callable[[int], None] = False, **sampling) -> list[Image.Image]:
+    def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, **kwargs) -> list[Image.Image]:
         """Images for each prompt (``num_images`` each, request-major): see :meth:`generate_codes`."""
-        codes = self.generate_codes(prompts, num_images, seed=seed, class_ids=class_ids, progress=progress,
-                                    **sampling)
+        codes = self.generate_codes(prompts, num_images, **kwargs)
         return self.decode_codes(codes)
 
     # ------------------------------------------------------------------ tokenizer

@@ -59,24 +59,26 @@ def tokenize(tokenizer: TextTokenizer, prompts: Sequence[str]) -> list[tuple[tor
 
 @torch.no_grad()
 def condition(model: VQIMModel, tokenizer: TextTokenizer | None, requests: Sequence, *, guided: bool,
-              pad_to: int | None = None) -> Rows:
+              pad_to: int | None = None, uncond: Sequence | None = None) -> Rows:
     """The decoder rows of ``B = len(requests)`` images, one condition each, on the model's device.
 
     A request is a class id (``ARDecoder.null_prefix`` for none) for a model without text, or a
     prompt for a text model: a string or its :func:`tokenize` row. With ``guided`` the rows are
-    ``R = 2B``, conditional ``[0, B)`` then unconditional ``[B, 2B)`` (the null class, or the
-    empty prompt ``[EOS]``), else ``R = B``. Text is padded to ``pad_to`` (at most ``max_len``:
-    the engine pads to ``max_len`` on CUDA, so one captured graph serves any prompt), by default
-    to the longest row, as a batch of these prompts alone would be.
+    ``R = 2B``, conditional ``[0, B)`` then unconditional ``[B, 2B)``: ``uncond``'s conditions
+    (one per request: a negative prompt), by default the null class or the empty prompt
+    ``[EOS]``; else ``R = B``. Text is padded to ``pad_to`` (at most ``max_len``: the engine pads
+    to ``max_len`` on CUDA, so one captured graph serves any prompt), by default to the longest
+    row, as a batch of these prompts alone would be.
     """
     dec = model.decoder
     dev = dec.tok_embed.weight.device
     b = len(requests)
+    if uncond is None:
+        uncond = [dec.null_prefix if model.text is None else ""] * b
+    every = list(requests) + (list(uncond) if guided else [])
     if model.text is None:
-        ids = list(requests) + [dec.null_prefix] * (b if guided else 0)
-        return Rows(torch.tensor(ids, dtype=torch.long, device=dev)[:, None], None, None)  # (R, 1)
-    rows = [tokenize(tokenizer, [r])[0] if isinstance(r, str) else r for r in requests]
-    rows += tokenize(tokenizer, [""]) * (b if guided else 0)
+        return Rows(torch.tensor(every, dtype=torch.long, device=dev)[:, None], None, None)  # (R, 1)
+    rows = [tokenize(tokenizer, [r])[0] if isinstance(r, str) else r for r in every]
     mask = torch.stack([m for _, m in rows])  # (R, max_len)
     length = pad_to or int(mask.sum(1).max())
     ids, mask = torch.stack([i for i, _ in rows])[:, :length].to(dev), mask[:, :length].to(dev)  # (R, L)

@@ -197,22 +197,27 @@ def test_threads_share_an_engine_and_a_failure_stays_in_its_caller(vim):
         t.start()
     for t in threads:
         t.join()
-    assert list(errors) == [99] and isinstance(errors[99], ValueError)
+    assert list(errors) == [99] and isinstance(errors[99], ValueError), errors
     for s in range(3):
         assert_equal(results[s], expected[s], msg=f"thread {s}")
 
 
 def test_out_of_memory_names_the_batch_size_and_the_engine_survives(vim, monkeypatch):
-    real = vim.generator.run
-
+    """In the decode loop: the error names the row budget and the option that sets it, and the
+    loop goes on. Without continuous batching: it names the batch that failed."""
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(vim.generator, "run", oom)
-    with pytest.raises(torch.OutOfMemoryError, match="batch of 6 images"):
-        vim.generate_codes(class_ids=[1, 2, 3], num_images=2, seed=0)
-    monkeypatch.setattr(vim.generator, "run", real)
+    with monkeypatch.context() as m:
+        m.setattr(vim.model.decoder, "decode_step", oom)
+        with pytest.raises(torch.OutOfMemoryError, match=r"32 decoder rows.*max_batch_size \(now 16\)"):
+            vim.generate_codes(class_ids=[1, 2, 3], num_images=2, seed=0)
     assert vim.generate_codes(class_ids=[1], seed=0).shape == (1, 8, 8)
+    single = Engine(vim.model, None, device="cpu", continuous_batching=False)
+    with monkeypatch.context() as m:
+        m.setattr(single.generator, "run", oom)
+        with pytest.raises(torch.OutOfMemoryError, match="batch of 6 images"):
+            single.generate_codes(class_ids=[1, 2, 3], num_images=2, seed=0)
 
 
 def test_from_pretrained_without_a_bundled_model_points_to_from_preset(monkeypatch, tmp_path):

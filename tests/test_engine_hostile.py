@@ -174,7 +174,7 @@ def test_bools_and_huge_seeds_are_named(kwargs, match):
 def test_every_prompt_is_checked_before_any_decode_step(monkeypatch):
     eng = Engine.from_preset("tiny-t2i", device="cpu", max_batch_size=1)
     calls = []
-    monkeypatch.setattr(eng.generator, "run", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(eng.model.decoder, "prefill", lambda *a, **k: calls.append(1))
     with pytest.raises(ValueError, match=r"prompts\[2\] is not valid Unicode"):
         eng.generate_codes(["a red circle", "a blue square", "bad \udcff"], seed=0)
     assert calls == []
