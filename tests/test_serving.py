@@ -1,0 +1,261 @@
+"""Continuous batching (engine/serving.py): batch invariance, admission at step boundaries, one
+row for ``cfg_scale = 1``, cancellation, timeouts, failures that stay in their request, a full
+queue refused at once, the async API, negative prompts and partial images."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from tests.helpers import assert_equal
+from vqim.engine import Engine
+from vqim.engine.serving import QueueFullError, RequestCancelled
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def t2i() -> Engine:
+    eng = Engine.from_preset("tiny-t2i", device="cpu", max_batch_size=4)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def vim() -> Engine:
+    eng = Engine.from_preset("tiny-vim", device="cpu", max_batch_size=4)
+    yield eng
+    eng.close()
+
+
+REQUESTS = [  # (prompt, settings): several settings, lengths and guidance on or off
+    ("a red circle", dict(seed=5, cfg_scale=3.0)),
+    ("two small blue squares at the top left of the image", dict(seed=6, cfg_scale=1.0, temperature=0.8)),
+    ("green", dict(seed=7, cfg_scale=2.0, top_k=20, top_p=0.9)),
+    ("a purple triangle", dict(seed=8, cfg_scale=1.0, temperature=0.0)),
+]
+
+
+def _alone(eng: Engine) -> list[torch.Tensor]:
+    return [eng.generate_codes([p], **kw) for p, kw in REQUESTS]
+
+
+def _wait_for(cond, what: str, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def test_tokens_are_the_same_alone_together_and_joining_at_any_step(t2i):
+    """The headline guarantee: a request draws the same tokens whether it runs alone, shares its
+    steps with requests of other settings and lengths, or joins a running batch at any step."""
+    alone = _alone(t2i)
+    # Together, submitted at once from one thread.
+    handles = [t2i.submit([p], **kw) for p, kw in REQUESTS]
+    for h, want in zip(handles, alone):
+        assert_equal(h.result(), want)
+    # Each joins a long-running request after a different number of its tokens.
+    n = t2i.cfg.decoder.num_tokens
+    for k, (p, kw) in enumerate(REQUESTS):
+        runner = t2i.submit(["a large yellow circle"], num_images=3, seed=100 + k, cfg_scale=2.0)
+        join_at = 1 + 13 * k
+        _wait_for(lambda: runner.progress[0] >= join_at, f"{join_at} tokens")
+        late = t2i.submit([p], **kw)
+        assert not runner.done() and runner.progress[0] < 3 * n  # it really joined a running batch
+        assert_equal(late.result(), alone[k], msg=f"request {k} joining at token {join_at}")
+        runner.result()
+
+
+def test_many_threads_share_the_steps_and_each_gets_its_own_image(vim):
+    want = {c: vim.generate_codes(class_ids=[c], seed=40 + c) for c in range(8)}
+    got, errors = {}, []
+
+    def work(c):
+        try:
+            got[c] = vim.generate_codes(class_ids=[c], seed=40 + c)
+        except Exception as e:  # noqa: BLE001 (recorded for the assert)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for c in range(8):
+        assert_equal(got[c], want[c], msg=f"class {c}")
+
+
+def test_guidance_one_holds_one_row_and_guided_holds_a_pair(vim):
+    """max_batch_size=4 is 8 rows: eight unguided images run in one step, guided ones four."""
+    sched = vim._get_scheduler()
+    widest = []
+
+    def on_step():
+        widest.append(len(sched._active))
+
+    for scale, most in ((1.0, 8), (3.0, 4)):
+        widest.clear()
+        handle = vim.submit(class_ids=[1], num_images=8, seed=0, cfg_scale=scale, _on_step=on_step)
+        handle.result()
+        assert max(widest) == most, (scale, max(widest))
+
+
+def test_a_request_longer_than_the_rows_runs_as_rows_free_up(vim):
+    codes = vim.generate_codes(class_ids=[2, 3], num_images=5, seed=9, cfg_scale=3.0)  # 10 images, 4 at a time
+    assert codes.shape == (10, 8, 8)
+    assert_equal(codes[7], vim.generate_codes(class_ids=[3], seed=11, cfg_scale=3.0)[0])
+
+
+def test_cancel_ends_the_request_and_the_others_go_on(vim):
+    other_alone = vim.generate_codes(class_ids=[4], seed=1)
+    long = vim.submit(class_ids=[5], num_images=6, seed=2)
+    other = vim.submit(class_ids=[4], seed=1)
+    _wait_for(lambda: long.progress[0] >= 5, "the long request to start")
+    assert long.cancel()
+    with pytest.raises(RequestCancelled):
+        long.result(timeout=60)
+    assert_equal(other.result(timeout=60), other_alone)
+    assert vim.generate_codes(class_ids=[4], seed=1).shape == (1, 8, 8)  # the loop goes on
+
+
+def test_a_queued_request_can_be_cancelled_before_it_starts(vim):
+    blocker = vim.submit(class_ids=[1], num_images=8, seed=3)
+    queued = vim.submit(class_ids=[2], seed=4)
+    queued.cancel()
+    with pytest.raises(RequestCancelled):
+        queued.result(timeout=60)
+    assert blocker.result(timeout=60).shape == (8, 8, 8)
+
+
+def test_timeout_fails_only_its_request(vim):
+    slow = vim.submit(class_ids=[1], num_images=8, seed=5, timeout=0.02)
+    with pytest.raises(TimeoutError):
+        slow.result(timeout=60)
+    assert vim.generate_codes(class_ids=[1], seed=5, timeout=60).shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="timeout"):
+        vim.submit(class_ids=[1], timeout=0)
+
+
+@torch.no_grad()
+def test_a_non_finite_request_fails_alone_and_the_loop_survives():
+    """Class 1's prefix embedding is NaN: its requests have no finite logit and get a
+    FloatingPointError; a request stepping beside them gets its own tokens, and later requests
+    in the rows the failed ones held are clean (rows are reset on admission)."""
+    eng = Engine.from_preset("tiny-vim", device="cpu", max_batch_size=2)
+    want = eng.generate_codes(class_ids=[6], seed=12)
+    eng.model.decoder.prefix_embed.weight[1] = float("nan")
+    bad = eng.submit(class_ids=[1], seed=3)
+    good = eng.submit(class_ids=[6], seed=12)
+    with pytest.raises(FloatingPointError, match="no finite logit"):
+        bad.result(timeout=60)
+    assert_equal(good.result(timeout=60), want)
+    assert_equal(eng.generate_codes(class_ids=[6, 6], seed=[12, 12]), torch.cat([want, want]))
+    eng.close()
+
+
+def test_an_exception_in_a_step_fails_that_steps_requests_and_the_loop_goes_on(monkeypatch):
+    eng = Engine.from_preset("tiny-vim", device="cpu", max_batch_size=2)
+    real = eng.model.decoder.decode_step
+    calls = []
+
+    def flaky(state, token, pos):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected step failure")
+        return real(state, token, pos)
+
+    monkeypatch.setattr(eng.model.decoder, "decode_step", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        eng.generate_codes(class_ids=[1], seed=0)
+    monkeypatch.setattr(eng.model.decoder, "decode_step", real)
+    assert_equal(eng.generate_codes(class_ids=[1], seed=0),
+                 Engine(eng.model, None, device="cpu", continuous_batching=False).generate_codes(class_ids=[1], seed=0))
+    eng.close()
+
+
+def test_a_full_queue_is_refused_at_once():
+    """The loop is held inside a step, so the queue's contents are known: one request runs, one
+    waits (max_queue=1), the next is refused immediately, never blocked."""
+    eng = Engine.from_preset("tiny-vim", device="cpu", max_batch_size=1, max_queue=1)
+    release = threading.Event()
+    real = eng.model.decoder.decode_step
+
+    def held(state, token, pos):
+        release.wait(60)
+        return real(state, token, pos)
+
+    eng.model.decoder.decode_step = held
+    try:
+        running = eng.submit(class_ids=[1], seed=0)
+        _wait_for(lambda: running.progress[0] >= 1, "the first request to be admitted")
+        waiting = eng.submit(class_ids=[2], seed=0)
+        t0 = time.monotonic()
+        with pytest.raises(QueueFullError, match="max_queue=1"):
+            eng.submit(class_ids=[3], seed=0)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        release.set()
+    assert running.result(timeout=60).shape == waiting.result(timeout=60).shape == (1, 8, 8)
+    del eng.model.decoder.decode_step
+    eng.close()
+
+
+def test_async_api_matches_sync_and_task_cancellation_cancels(vim):
+    want = vim.generate_codes(class_ids=[2, 7], seed=21)
+
+    async def main():
+        got = await vim.agenerate_codes(class_ids=[2, 7], seed=21)
+        images = await vim.agenerate(class_ids=[2], seed=21)
+        task = asyncio.ensure_future(vim.agenerate_codes(class_ids=[3], num_images=8, seed=1))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return got, images
+
+    got, images = asyncio.run(main())
+    assert_equal(got, want)
+    assert len(images) == 1 and images[0].size == (64, 64)
+
+
+def test_negative_prompt_conditions_the_unconditional_branch(t2i):
+    plain = t2i.generate_codes(["a red circle"], seed=3, cfg_scale=3.0)
+    neg = t2i.generate_codes(["a red circle"], seed=3, cfg_scale=3.0, negative_prompt="blue")
+    assert not torch.equal(plain, neg)
+    one_batch = Engine(t2i.model, t2i.tokenizer, device="cpu", continuous_batching=False)
+    assert_equal(neg, one_batch.generate_codes(["a red circle"], seed=3, cfg_scale=3.0, negative_prompt="blue"))
+    # cfg_scale 1 has no unconditional branch: the negative prompt changes nothing.
+    assert_equal(t2i.generate_codes(["a red circle"], seed=3, cfg_scale=1.0, negative_prompt="blue"),
+                 t2i.generate_codes(["a red circle"], seed=3, cfg_scale=1.0))
+    with pytest.raises(ValueError, match="negative_prompt"):
+        t2i.generate_codes(["a", "b"], negative_prompt=["x"])
+
+
+def test_partial_images_show_the_rows_drawn_so_far(t2i):
+    seen = []
+    handle = t2i.submit(["a red circle"], num_images=2, seed=4, partial_every=2,
+                        on_partial=lambda i, grid, rows: seen.append((i, grid.clone(), rows)))
+    final = handle.result(timeout=60)
+    gh, gw = final.shape[1:]
+    assert sorted({(i, r) for i, _, r in seen}) == [(i, r) for i in range(2) for r in range(2, gh, 2)]
+    for i, grid, rows in seen:
+        assert_equal(grid[:rows], final[i, :rows])
+        assert bool((grid[rows:] == -1).all())
+
+
+def test_submit_checks_everything_before_queueing(vim):
+    with pytest.raises(ValueError, match="class_ids"):
+        vim.submit(class_ids=[99])
+    with pytest.raises(ValueError, match="partial_every"):
+        vim.submit(class_ids=[1], partial_every=0)
+    with pytest.raises(ValueError, match="negative_prompt"):
+        vim.submit(class_ids=[1], negative_prompt="x")
+    with pytest.raises(ValueError, match="max_queue"):
+        Engine.from_preset("tiny-vim", device="cpu", max_queue=0)
