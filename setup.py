@@ -118,7 +118,12 @@ setup(
         "pillow>=10",
         "tqdm>=4.66",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"]},
+    extras_require={
+        # `vqim serve`: the HTTP server (engine/serve.py).
+        "serve": ["fastapi>=0.115", "uvicorn>=0.30", "pydantic>=2"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "fastapi>=0.115", "uvicorn>=0.30",
+                 "pydantic>=2"],
+    },
     ext_modules=[CMakeExtension("vqim.kernels._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["vqim=vqim.train.main:main"]},

@@ -1,9 +1,9 @@
-"""The inference commands of ``vqim``: ``generate``, ``encode``, ``decode``, ``bench``.
+"""The inference commands of ``vqim``: ``generate``, ``encode``, ``decode``, ``bench``, ``serve``.
 
 The engine knows nothing of training: :mod:`vqim.train.main` is the installed ``vqim`` command,
 built on :func:`add_commands`, :func:`add_model_args`, :func:`engine_from_args` and :func:`run`
 from here, and adds ``eval shapes`` and ``train ...``. ``python -m vqim.engine.cli`` runs these
-four commands alone (``torchrun --nproc-per-node N -m vqim.engine.cli generate ...``).
+five commands alone (``torchrun --nproc-per-node N -m vqim.engine.cli generate ...``).
 
 Every command takes the model as ``--model DIR`` (a model directory) or ``--preset NAME``
 (random weights of a named shape); with neither, the bundled demo model. Bad input exits with
@@ -235,6 +235,41 @@ def _bench(args: argparse.Namespace) -> None:
     print_table(rows, COLUMNS)
 
 
+SERVE_EXTRA = "vqim serve needs the serve extra: pip install 'vqim[serve]'"
+# The serve extra's packages: a missing one of these is the user's install, not a bug.
+_SERVE_PACKAGES = {"fastapi", "uvicorn", "starlette", "pydantic"}
+
+
+def _import_serve():
+    """:mod:`.serve`, or ValueError(SERVE_EXTRA) where its packages are not installed (imported
+    here, not at the top, so the other commands need neither fastapi nor uvicorn)."""
+    try:
+        from . import serve
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in _SERVE_PACKAGES:
+            raise ValueError(SERVE_EXTRA) from e
+        raise
+    return serve
+
+
+def _serve(args: argparse.Namespace) -> None:
+    _import_serve().main(args)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    """``vqim serve``'s flags; they are listed here so that ``vqim serve -h`` works without the extra."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--max-queue", type=int, default=1024, help="images waiting at most; past it: 429 (default 1024)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="images per decode step at most (default 16)")
+    p.add_argument("--max-prompt-chars", type=int, default=1000,
+                   help="longest prompt (and negative_prompt) in characters (default 1000)")
+    p.add_argument("--max-n", type=int, default=8, help="most images per request (default 8)")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body (default 65536)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a request may take before it fails with 504 (default 300)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vqim", description="Vector-quantized image generation and tokenization.")
     add_commands(ap.add_subparsers(dest="command", required=True))
@@ -242,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``generate``, ``encode``, ``decode`` and ``bench`` to ``sub`` (each sets ``func``, run by :func:`run`)."""
+    """Add ``generate``, ``encode``, ``decode``, ``bench`` and ``serve`` to ``sub`` (each sets ``func``, run by :func:`run`)."""
     g = sub.add_parser("generate", help="text (or class) -> image(s)")
     g.add_argument("prompt", nargs="*", help="text prompt(s); none for class-conditional/unconditional models")
     g.add_argument("-o", "--output", default="out.png", help="output PNG (out-0.png, out-1.png ... for several)")
@@ -275,6 +310,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--cfg", type=float, default=SamplingParams.cfg_scale, help="guidance scale of the timed steps")
     add_model_args(b)
     b.set_defaults(func=_bench)
+
+    s = sub.add_parser("serve", help="HTTP server: POST /v1/images/generations (OpenAI's images API shape)",
+                       description="Serves the model over HTTP (needs the serve extra: pip install 'vqim[serve]').")
+    _add_serve_args(s)
+    add_model_args(s)
+    s.set_defaults(func=_serve)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,477 @@
+"""``vqim serve``: one engine behind an HTTP server in the shape of OpenAI's images API.
+
+Endpoints (JSON; every error in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``):
+
+- ``POST /v1/images/generations``: ``{"prompt": str, "n": 1, "size": "WxH", "response_format":
+  "b64_json", "seed", "guidance_scale", "negative_prompt", "temperature", "top_k", "top_p",
+  "min_p", "model", "stream": false}`` -> ``{"created": unix time, "data": [{"b64_json": PNG}, ...]}``.
+  Only ``prompt`` is required; ``size`` may only be the model's own (``"64x64"`` for the demo
+  model), ``response_format`` only ``"b64_json"`` (no files are hosted), ``model`` only the
+  served model's name, ``guidance_scale`` is the engine's ``cfg_scale``; a setting left out takes
+  the model's recommendation (``generation.json``). ``"stream": true`` answers with server-sent
+  events instead: ``event: partial_image`` with ``{"index", "rows", "b64_json"}`` as grid rows are
+  drawn, then ``event: done`` with the response above, or ``event: error`` with the error body.
+- ``GET /v1/models``: the served model, in OpenAI's list shape.
+- ``GET /health``: 200 ``{"status": "ok"}`` once the model is loaded, 503 while it loads.
+
+Status codes: 400 for any bad input (a wrong type, an unknown field, a value out of range, a body
+that is not a JSON object), 413 for a body over the size limit, 429 when the engine's queue is
+full (retry later), 503 while the model loads, 504 when a request runs past its timeout, 500 when
+the model itself fails (no finite logit, non-finite pixels). A request whose client goes away
+is cancelled: its images leave the decode loop at the next step.
+
+The engine loads in a background thread when the server starts, so ``/health`` answers (503)
+meanwhile. Requests share the engine's decode loop (continuous batching, :mod:`.serving`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .serving import QueueFullError, RequestCancelled
+
+# How often a waiting request checks whether its client went away.
+_POLL_S = 0.1
+# Partial images per image in a stream, at most (each one is a decode of the whole grid).
+_PARTIALS = 8
+# Where a partial image's rows are not drawn yet.
+_GRAY = (128, 128, 128)
+# Request fields whose engine argument is named otherwise (engine errors are renamed for the client).
+_ENGINE_NAMES = {"cfg_scale": "guidance_scale", "num_images": "n", "prompts": "prompt"}
+_PARAMS = ("prompt", "n", "seed", "negative_prompt", "guidance_scale", "temperature", "top_k", "top_p", "min_p",
+           "timeout")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; each is a ``vqim serve`` flag."""
+
+    max_prompt_chars: int = 1000
+    max_n: int = 8
+    max_body_bytes: int = 64 * 1024
+    timeout: float = 300.0  # seconds, the engine's per-request ``timeout``
+
+    def __post_init__(self):
+        for name in ("max_prompt_chars", "max_n", "max_body_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
+                or not 0 < self.timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+
+
+class ImageGenerationRequest(BaseModel):
+    """The body of ``POST /v1/images/generations`` (strict: ``"1"`` is not an int, ``1`` is not a bool)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    n: int = 1
+    size: str | None = None
+    response_format: str = "b64_json"
+    seed: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    model: str | None = None
+    stream: bool = False
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected while its request waited."""
+
+
+class _EngineSlot:
+    """The engine, loaded in a background thread: ``get()`` it, or an :class:`APIError` 503."""
+
+    def __init__(self, factory: Callable[[], Any], on_load_error: Callable[[Exception], None] | None):
+        self._factory, self._on_load_error = factory, on_load_error
+        self.engine = None
+        self.error: Exception | None = None
+        self.loaded_at = 0
+
+    def load(self) -> None:
+        try:
+            engine = self._factory()
+        except Exception as e:  # noqa: BLE001 (reported by /health and to the server, which stops)
+            self.error = e
+            if self._on_load_error is not None:
+                self._on_load_error(e)
+            return
+        self.loaded_at = int(time.time())
+        self.engine = engine
+
+    def get(self):
+        if self.engine is not None:
+            return self.engine
+        if self.error is not None:
+            raise APIError(503, f"the model failed to load: {self.error}", type="server_error",
+                           code="model_load_failed")
+        raise APIError(503, "the model is loading; retry shortly", type="server_error", code="model_loading",
+                       headers={"Retry-After": "1"})
+
+
+def build_app(engine_factory: Callable[[], Any], *, limits: Limits,
+              on_load_error: Callable[[Exception], None] | None = None) -> FastAPI:
+    """The server's app. ``engine_factory()`` builds the :class:`~vqim.engine.api.Engine` in a
+    background thread at startup (``on_load_error(e)`` is told if it raises); the engine is
+    closed at shutdown."""
+    slot = _EngineSlot(engine_factory, on_load_error)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=slot.load, name="vqim-serve-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            if slot.engine is not None:
+                slot.engine.close()
+
+    app = FastAPI(title="vqim", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _validation_api_error(e.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return APIError(e.status_code, str(e.detail), type=kind).response()
+
+    @app.get("/health")
+    async def health() -> dict:
+        slot.get()
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        engine = slot.get()
+        return {"object": "list", "data": [{"id": engine.cfg.name, "object": "model", "created": slot.loaded_at,
+                                            "owned_by": "vqim"}]}
+
+    schema = ImageGenerationRequest.model_json_schema()
+
+    @app.post("/v1/images/generations", openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}})
+    async def generations(request: Request) -> Response:
+        engine = slot.get()
+        body = _parse(await _read_body(request, limits.max_body_bytes))
+        kwargs = _engine_kwargs(body, engine, limits)
+        if not body.stream:
+            handle = _submit(engine, kwargs)
+            try:
+                codes = await _await_or_gone(request, _wait(handle))
+            except _ClientGone:
+                return Response(status_code=499)  # nginx's "client closed request": no one reads it
+            except Exception as e:
+                raise _request_error(e) from e
+            return JSONResponse(await asyncio.to_thread(_response, engine, codes))
+        return _stream(request, engine, kwargs)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------- the request
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read to at most ``limit`` bytes (413 past it, by Content-Length or by count)."""
+    too_big = APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise APIError(400, f"Content-Length must be a number of bytes, got {length!r}")
+        if int(length) > limit:
+            raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse(raw: bytes) -> ImageGenerationRequest:
+    """The request body, validated (400 naming the field)."""
+    try:
+        # NaN and Infinity are not JSON (Python's parser takes them by default).
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body must be a JSON object: {e}", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got a JSON {type(data).__name__}",
+                       code="invalid_json")
+    try:
+        return ImageGenerationRequest.model_validate(data)
+    except ValidationError as e:
+        raise _validation_api_error(e.errors()) from e
+
+
+def _validation_api_error(errors: list) -> APIError:
+    """A pydantic error list as one 400 naming its first field."""
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = loc[0] if loc else None
+    if err.get("type") == "extra_forbidden":
+        allowed = ", ".join(ImageGenerationRequest.model_fields)
+        message = f"unknown field {param!r}; the fields are {allowed}"
+    elif err.get("type") == "missing":
+        message = f"{param} is required"
+    else:
+        message = f"{'.'.join(loc) or 'body'}: {err.get('msg')}"
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+def _engine_kwargs(body: ImageGenerationRequest, engine, limits: Limits) -> dict:
+    """``Engine.submit``'s arguments of a request; the limits and the fields the engine does not
+    know (size, response_format, model) are checked here."""
+    side = engine.cfg.vqgan.image_size
+    if body.size is not None and body.size != f"{side}x{side}":
+        raise APIError(400, f"size must be {side}x{side} (the model draws only that size), got {body.size!r}",
+                       param="size", code="invalid_value")
+    if body.response_format != "b64_json":
+        raise APIError(400, f"response_format must be 'b64_json' (images are returned inline; none are hosted), "
+                       f"got {body.response_format!r}", param="response_format", code="invalid_value")
+    if body.model is not None and body.model != engine.cfg.name:
+        raise APIError(400, f"model must be {engine.cfg.name!r} (the model served here), got {body.model!r}",
+                       param="model", code="model_not_found")
+    # More images than the engine's queue holds would be refused (429) however long the client waited.
+    max_n = min(limits.max_n, engine.max_queue)
+    if not 1 <= body.n <= max_n:
+        raise APIError(400, f"n must be in [1, {max_n}], got {body.n}", param="n", code="invalid_value")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(body, name)
+        if text is not None and len(text) > limits.max_prompt_chars:
+            raise APIError(400, f"{name} must be at most {limits.max_prompt_chars} characters, got {len(text)}",
+                           param=name, code="invalid_value")
+    if not body.prompt.strip():
+        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+    sampling = {"cfg_scale": body.guidance_scale, "temperature": body.temperature, "top_k": body.top_k,
+                "top_p": body.top_p, "min_p": body.min_p}
+    return {"prompts": body.prompt, "num_images": body.n, "seed": body.seed, "negative_prompt": body.negative_prompt,
+            "timeout": limits.timeout, **{k: v for k, v in sampling.items() if v is not None}}
+
+
+def _client_names(message: str) -> str:
+    """An engine error message with its argument names as the request spells them."""
+    return re.sub(r"\b(" + "|".join(_ENGINE_NAMES) + r")\b", lambda m: _ENGINE_NAMES[m.group(1)], message)
+
+
+def _submit(engine, kwargs: dict, **extra):
+    """``engine.submit``, its refusals as API errors (400 naming the field, 429 queue full)."""
+    kwargs = dict(kwargs)
+    prompt, n = kwargs.pop("prompts"), kwargs.pop("num_images")
+    try:
+        return engine.submit(prompt, n, **kwargs, **extra)
+    except QueueFullError as e:
+        raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from e
+    except (ValueError, TypeError) as e:
+        message = _client_names(str(e))
+        named = [(message.find(p), p) for p in _PARAMS if re.search(rf"\b{p}\b", message)]
+        raise APIError(400, message, param=min(named)[1] if named else None, code="invalid_value") from e
+
+
+def _request_error(e: Exception) -> APIError:
+    """How a submitted request's failure is answered."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, FloatingPointError):
+        return APIError(500, f"the model failed on this request: {e}", type="server_error", code="model_fault")
+    if isinstance(e, TimeoutError):
+        return APIError(504, f"the request ran past its timeout: {e}", type="server_error", code="timeout")
+    if isinstance(e, RequestCancelled):
+        return APIError(503, f"the request was cancelled: {e}", type="server_error", code="cancelled")
+    return APIError(500, f"{type(e).__name__}: {e}", type="server_error", code="internal_error")
+
+
+async def _wait(handle):
+    return await handle
+
+
+async def _await_or_gone(request: Request, aw) -> Any:
+    """``aw``'s result, checking every ``_POLL_S`` that the client is still there (else
+    :class:`_ClientGone`); ``aw`` is cancelled if it has not finished (a handle's wait cancels
+    its request)."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise _ClientGone
+    finally:
+        task.cancel()
+
+
+# ---------------------------------------------------------------------------------- the answer
+
+
+def _png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _response(engine, codes) -> dict:
+    """The JSON answer of finished codes ``[n, h, w]`` (decoded and PNG-encoded: run in a thread)."""
+    return {"created": int(time.time()), "data": [{"b64_json": _png_b64(im)} for im in engine.decode_codes(codes)]}
+
+
+def _partial_png(engine, grid, rows: int) -> str:
+    """A partial image: the grid ``[h, w]`` (-1 where not drawn yet) decoded with token 0 in
+    place of the tokens still to come, then the pixel rows of the grid rows not drawn yet filled
+    with gray, so the client sees the drawn rows and nothing it could mistake for content below."""
+    image = engine.decode_codes(grid.clamp(min=0)[None])[0]
+    top = rows * image.height // grid.shape[0]
+    if top < image.height:
+        image.paste(_GRAY, (0, top, image.width, image.height))
+    return _png_b64(image)
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+def _stream(request: Request, engine, kwargs: dict) -> StreamingResponse:
+    """The server-sent events of one request; it is submitted here, so that a refusal (400, 429)
+    is an HTTP status, not an event."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    finished = object()
+
+    def on_partial(index: int, grid, rows: int) -> None:  # on the decode loop's thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, (index, grid, rows))
+        except RuntimeError:
+            pass  # the event loop is closed (server shutdown): no one is listening
+
+    grid_h = engine.cfg.decoder.grid_h
+    handle = _submit(engine, kwargs, on_partial=on_partial, partial_every=max(1, -(-grid_h // _PARTIALS)))
+    result = asyncio.ensure_future(_wait(handle))
+    result.add_done_callback(lambda _: events.put_nowait(finished))
+
+    async def body():
+        try:
+            while True:
+                got = [await _await_or_gone(request, events.get())]
+                while not events.empty():
+                    got.append(events.get_nowait())
+                # Only the newest partial of each image: a slow client or decode skips stale ones.
+                latest = {item[0]: item for item in got if item is not finished}
+                for index, grid, rows in latest.values():
+                    if rows < grid_h:  # the whole image comes with `done`
+                        b64 = await asyncio.to_thread(_partial_png, engine, grid, rows)
+                        yield _event("partial_image", {"index": index, "rows": rows, "b64_json": b64})
+                if finished in got:
+                    break
+            try:
+                codes = result.result()
+                yield _event("done", await asyncio.to_thread(_response, engine, codes))
+            except Exception as e:  # noqa: BLE001 (told to the client as an event; the status is sent)
+                yield _event("error", _request_error(e).body())
+        except _ClientGone:
+            return
+        finally:
+            handle.cancel()
+            result.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---------------------------------------------------------------------------------- the command
+
+
+def _engine(args: argparse.Namespace):
+    """The engine of the model flags, with the server's queue and batch sizes."""
+    from .api import Engine
+
+    opts = {"compile": args.compile, "quantize": args.quantize, "max_queue": args.max_queue,
+            "max_batch_size": args.max_batch_size}
+    if args.preset is not None:
+        eng = Engine.from_preset(args.preset, seed=args.model_seed, device=args.device, dtype=args.dtype, **opts)
+    else:
+        eng = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, **opts)
+    eng.cfg.require_decoder("vqim serve")
+    if not eng.cfg.is_text_to_image:
+        raise ValueError(f"{eng.cfg.name} takes class ids, not prompts; vqim serve serves text-to-image models")
+    return eng
+
+
+def main(args: argparse.Namespace) -> None:
+    """Run the server until SIGINT/SIGTERM. A model that fails to load stops it, and its error is raised."""
+    # The flags checked before anything is loaded or bound, by their flag names.
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    for flag in ("max_queue", "max_batch_size", "max_prompt_chars", "max_n", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 < args.timeout < float("inf"):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+                    timeout=args.timeout)
+    failed: list[Exception] = []
+    server: uvicorn.Server | None = None
+
+    def stop(e: Exception) -> None:
+        failed.append(e)
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(lambda: _engine(args), limits=limits, on_load_error=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    print(f"vqim serve: loading the model; http://{args.host}:{args.port}/health answers 200 once it is ready",
+          file=sys.stderr)
+    server.run()
+    if failed:
+        raise failed[0]

@@ -1,0 +1,381 @@
+"""``vqim serve`` (engine/serve.py): a real uvicorn process on a free port of 127.0.0.1, driven
+over HTTP with the standard library, serving the bundled demo model (64x64 images).
+
+What a client sees: images equal to what ``Engine.generate`` draws in-process for the same seed,
+the stream's partial images and its final images, every kind of bad input as a 400 (413 for a
+body over the limit) in OpenAI's error shape, 429 when the queue is full, 503 while the model
+loads, and a server that goes on after a client walks away mid-request.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+PROMPT = "a large red circle in the center"
+SEED = 7
+# The server's limits in these tests (small, so the limit cases are cheap to send).
+MAX_N, MAX_PROMPT, MAX_BODY = 4, 50, 2048
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    # One intra-op thread: the server's many small ops on a shared 2-core machine.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _serve_cmd(*flags: str) -> list[str]:
+    return [sys.executable, "-m", "vqim.train.main", "serve", *flags]
+
+
+class Server:
+    def __init__(self, port: int, proc: subprocess.Popen):
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = proc
+
+    def request(self, method: str, path: str, body=None, *, timeout: float = 60, headers: dict | None = None):
+        """``(status, headers, body bytes)``; an HTTP error status is returned, not raised."""
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    def generate(self, **body):
+        return self.request("POST", "/v1/images/generations", body)
+
+
+def _start(*flags: str) -> Server:
+    port = _free_port()
+    proc = subprocess.Popen(_serve_cmd("--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *flags),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = Server(port, proc)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"vqim serve exited with {proc.returncode}:\n{proc.stdout.read().decode()}")
+        try:
+            if server.request("GET", "/health", timeout=5)[0] == 200:
+                return server
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.2)
+    _stop(server)
+    raise AssertionError("vqim serve did not answer /health with 200 within 90 s")
+
+
+def _stop(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+    server.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = _start("--max-batch-size", "2", "--max-n", str(MAX_N), "--max-prompt-chars", str(MAX_PROMPT),
+               "--max-body-bytes", str(MAX_BODY))
+    yield s
+    _stop(s)
+
+
+@pytest.fixture(scope="module")
+def generated(server):
+    """The answer to the reference request (n=2, seed SEED)."""
+    status, headers, body = server.generate(prompt=PROMPT, n=2, seed=SEED, size="64x64")
+    assert status == 200, body
+    assert headers["content-type"] == "application/json"
+    return json.loads(body)
+
+
+def _png(b64: str) -> Image.Image:
+    raw = base64.b64decode(b64, validate=True)
+    assert raw.startswith(b"\x89PNG\r\n\x1a\n")
+    im = Image.open(io.BytesIO(raw))
+    im.load()
+    return im
+
+
+def _assert_error(status: int, body: bytes, want_status: int, param=None) -> dict:
+    assert status == want_status, body
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+        assert param in err["message"], err
+    return err
+
+
+def test_health_and_models(server):
+    status, _, body = server.request("GET", "/health")
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
+    status, _, body = server.request("GET", "/v1/models")
+    assert status == 200
+    models = json.loads(body)
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["shapes-demo"]
+    assert models["data"][0]["object"] == "model"
+
+
+def test_generation_matches_the_engine(server, generated, one_torch_thread):
+    from vqim.engine import Engine
+
+    assert isinstance(generated["created"], int) and abs(generated["created"] - time.time()) < 600
+    images = [_png(d["b64_json"]) for d in generated["data"]]
+    assert len(images) == 2
+    assert all(im.size == (64, 64) and im.mode == "RGB" for im in images)
+    assert images[0].tobytes() != images[1].tobytes()
+
+    status, _, body = server.generate(prompt=PROMPT, n=2, seed=SEED)
+    assert status == 200
+    assert json.loads(body)["data"] == generated["data"]  # the same seed: the same bytes
+
+    # The same settings in-process (the server's batch size: the same rows per step).
+    eng = Engine.from_pretrained(device="cpu", max_batch_size=2)
+    try:
+        want = eng.generate(PROMPT, 2, seed=SEED)
+    finally:
+        eng.close()
+    for got, exp in zip(images, want):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(exp))
+
+
+def _events(raw: bytes) -> list[tuple[str, dict]]:
+    out = []
+    for block in raw.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        out.append((fields["event"], json.loads(fields["data"])))
+    return out
+
+
+def test_stream(server, generated):
+    status, headers, raw = server.generate(prompt=PROMPT, n=2, seed=SEED, stream=True)
+    assert status == 200
+    assert headers["content-type"].startswith("text/event-stream")
+    events = _events(raw)
+    names = [name for name, _ in events]
+    assert names[-1] == "done" and names.count("done") == 1
+    partials = [data for name, data in events if name == "partial_image"]
+    assert partials and len(partials) == len(events) - 1
+    for p in partials:
+        assert p["index"] in (0, 1) and 0 < p["rows"] < 16
+        im = np.asarray(_png(p["b64_json"]))
+        assert im.shape == (64, 64, 3)
+        assert (im[p["rows"] * 4:] == 128).all()  # rows not drawn yet: gray
+    done = events[-1][1]
+    assert done["data"] == generated["data"]
+
+
+def test_stream_refusal_is_a_status(server):
+    status, _, raw = server.request("POST", "/v1/images/generations", {"prompt": PROMPT, "stream": True, "top_k": -1})
+    _assert_error(status, raw, 400, "top_k")  # refused before the stream starts: a status, not an event
+
+
+BAD = [
+    ({"prompt": PROMPT, "size": "32x32"}, "size"),
+    ({"prompt": PROMPT, "size": "1024x1024"}, "size"),
+    ({"prompt": PROMPT, "response_format": "url"}, "response_format"),
+    ({"prompt": PROMPT, "quality": "hd"}, "quality"),
+    ({"prompt": PROMPT, "n": 0}, "n"),
+    ({"prompt": PROMPT, "n": MAX_N + 1}, "n"),
+    ({"prompt": "x" * (MAX_PROMPT + 1)}, "prompt"),
+    ({"prompt": PROMPT, "negative_prompt": "x" * (MAX_PROMPT + 1)}, "negative_prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"n": 1}, "prompt"),
+    ({"prompt": 3}, "prompt"),
+    ({"prompt": PROMPT, "n": "2"}, "n"),
+    ({"prompt": PROMPT, "n": 1.5}, "n"),
+    ({"prompt": PROMPT, "n": True}, "n"),
+    ({"prompt": PROMPT, "stream": "yes"}, "stream"),
+    ({"prompt": PROMPT, "seed": "1"}, "seed"),
+    ({"prompt": PROMPT, "seed": -1}, "seed"),
+    ({"prompt": PROMPT, "seed": 2**64}, "seed"),
+    ({"prompt": PROMPT, "top_k": 1.5}, "top_k"),
+    ({"prompt": PROMPT, "top_p": 0}, "top_p"),
+    ({"prompt": PROMPT, "temperature": -1}, "temperature"),
+    ({"prompt": PROMPT, "guidance_scale": 1e39}, "guidance_scale"),
+    ({"prompt": PROMPT, "guidance_scale": [1]}, "guidance_scale"),
+    ({"prompt": PROMPT, "model": "dall-e-3"}, "model"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD, ids=[f"{p}-{i}" for i, (_, p) in enumerate(BAD)])
+def test_bad_request(server, body, param):
+    status, _, raw = server.generate(**body)
+    _assert_error(status, raw, 400, param)
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"", b"[1, 2]", b'"a prompt"', b'{"prompt": "x", "seed": NaN}',
+                                 b"\xff\xfe", b'{"prompt": "x"'])
+def test_body_not_a_json_object(server, raw):
+    status, _, body = server.request("POST", "/v1/images/generations", raw,
+                                     headers={"Content-Type": "application/json"})
+    _assert_error(status, body, 400)
+
+
+def test_body_over_the_limit(server):
+    big = json.dumps({"prompt": "x", "negative_prompt": "y" * MAX_BODY}).encode()
+    status, _, body = server.request("POST", "/v1/images/generations", big)  # by Content-Length
+    _assert_error(status, body, 413)
+    # Chunked, no Content-Length: counted as it is read.
+    status, _, body = server.request("POST", "/v1/images/generations", iter([big[:1000], big[1000:]]))
+    _assert_error(status, body, 413)
+    assert server.request("GET", "/health")[0] == 200
+
+
+def test_unknown_route_and_method(server):
+    status, _, body = server.request("GET", "/v1/nothing")
+    _assert_error(status, body, 404)
+    status, _, body = server.request("GET", "/v1/images/generations")
+    _assert_error(status, body, 405)
+
+
+def _walk_away(server: Server, body: dict) -> None:
+    """Send a request and close the connection before the answer is whole: a non-streamed one
+    while it is drawn, a streamed one after its first partial image."""
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/images/generations", json.dumps(body), {"Content-Type": "application/json"})
+    if body.get("stream"):
+        r = conn.getresponse()
+        assert r.status == 200
+        assert r.readline() == b"event: partial_image\n"
+    else:
+        time.sleep(0.5)
+    conn.close()
+
+
+def test_client_disconnect(server, generated):
+    _walk_away(server, {"prompt": PROMPT, "n": MAX_N, "seed": 1})
+    _walk_away(server, {"prompt": PROMPT, "n": MAX_N, "seed": 1, "stream": True})
+    status, _, body = server.generate(prompt=PROMPT, n=2, seed=SEED)
+    assert status == 200
+    assert json.loads(body)["data"] == generated["data"]
+
+
+def test_queue_full():
+    s = _start("--max-queue", "1", "--max-batch-size", "1")
+    try:
+        # n beyond the queue could never be queued: a bad request, not "retry later".
+        _assert_error(*s.generate(prompt=PROMPT, n=2)[::2], 400, "n")
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda i: s.generate(prompt=PROMPT, seed=i), range(6)))
+        statuses = sorted(a[0] for a in answers)
+        assert 429 in statuses and 200 in statuses and set(statuses) == {200, 429}, statuses
+        for status, headers, body in answers:
+            if status == 429:
+                assert _assert_error(status, body, 429)["code"] == "queue_full"
+                assert headers["Retry-After"]
+            else:
+                assert len(json.loads(body)["data"]) == 1
+    finally:
+        _stop(s)
+
+
+class _Stub:
+    """An engine stand-in for the loading states (never asked to draw)."""
+
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_loading_answers_503_then_200():
+    import uvicorn
+
+    from vqim.engine.serve import Limits, build_app
+
+    release = threading.Event()
+    stub = _Stub()
+
+    def factory():
+        release.wait(30)
+        return stub
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(factory, limits=Limits()), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    client = Server(port, None)
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/images/generations")]:
+            status, headers, body = client.request(method, path, {"prompt": PROMPT} if method == "POST" else None)
+            assert _assert_error(status, body, 503)["code"] == "model_loading"
+            assert headers["Retry-After"]
+        release.set()
+        deadline = time.monotonic() + 30
+        while client.request("GET", "/health")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        release.set()
+        server.should_exit = True
+        t.join(30)
+    assert stub.closed  # the engine is closed at shutdown
+
+
+def test_load_failure_stops_the_server():
+    """A model that fails to load: the server stops, and the command fails with one line."""
+    r = subprocess.run(_serve_cmd("--port", str(_free_port()), "--model", "/nonexistent/model"), env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("vqim: error:")]
+    assert len(errors) == 1 and "/nonexistent/model" in errors[0], r.stderr
+
+
+def test_bad_flag_exits_2_before_serving():
+    r = subprocess.run(_serve_cmd("--port", str(_free_port()), "--max-n", "0"), env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["vqim: error: --max-n must be >= 1, got 0"]
+
+
+def test_without_the_serve_extra(tmp_path):
+    """Where fastapi cannot be imported, `vqim serve` says which extra to install, in one line."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'fastapi':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Block())\n")
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(_serve_cmd("--port", str(_free_port())), env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["vqim: error: vqim serve needs the serve extra: pip install 'vqim[serve]'"]
