@@ -1,9 +1,11 @@
 """The ``Engine``: what embedding services call (DESIGN §5).
 
-One engine holds one model on one device. Public calls take a lock, so several threads may
-share an engine: calls are serialized, every input is validated before any work starts, a
-failing call raises only in its caller and leaves nothing half-changed behind, and a CUDA
-out-of-memory error is re-raised naming the batch size that failed.
+One engine holds one model on one device, shared by any number of threads and asyncio tasks:
+generation requests go to the engine's decode loop (``engine/serving.py``: continuous
+batching), where they share decode steps; the tokenizer calls take a lock. Every input is
+validated before any work starts, a failing request raises only in its caller and leaves
+nothing half-changed behind, and a CUDA out-of-memory error is re-raised naming the batch size
+(or the decode loop's row budget) that failed.
 """
 
 from __future__ import annotations

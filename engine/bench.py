@@ -68,7 +68,7 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = K.SamplingPar
         out = []
         for mode in modes:
             with K.use_backend("torch" if mode == "torch" else None):
-                t_step, t_img = _time_mode(_with_graphs(engine, mode == "graph"), mode, rows, batch, guided, cond,
+                t_step, t_img = _time_mode(_with_graphs(engine, mode), mode, rows, batch, guided, cond,
                                            sampling, tok, pos, prompts, class_ids, cfg_scale, step_iters, image_iters)
             roof_ms = nbytes / H100_HBM_BYTES_PER_S * 1e3
             out.append({
@@ -87,12 +87,14 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = K.SamplingPar
     return out
 
 
-def _with_graphs(engine: Engine, on: bool) -> Engine:
-    """``engine``'s model and settings with CUDA graphs on or off: timing a mode never changes
-    the engine the caller passed (nor its cached graphs)."""
+def _with_graphs(engine: Engine, mode: str) -> Engine:
+    """``engine``'s model and settings for ``mode`` (CUDA graphs on for ``graph``): timing a mode
+    never changes the engine the caller passed (nor its cached graphs). The ``torch`` peer runs
+    each call on the caller's thread (no decode-loop thread), where ``use_backend`` applies."""
     return Engine(engine.model, engine.tokenizer, device=engine.device, max_batch_size=engine.max_batch_size,
-                  use_cuda_graph=on, kv_cache="ring" if engine.generator.ring_cache else "plain",
-                  generation=engine.generation, compile=engine.generator.compiled, quantize=engine.quantize)
+                  use_cuda_graph=mode == "graph", kv_cache="ring" if engine.generator.ring_cache else "plain",
+                  generation=engine.generation, compile=engine.generator.compiled, quantize=engine.quantize,
+                  continuous_batching=mode != "torch")
 
 
 def _time_mode(engine, mode, rows, batch, guided, cond: Rows, sampling, tok, pos, prompts, class_ids, cfg_scale,

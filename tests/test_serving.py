@@ -259,3 +259,19 @@ def test_submit_checks_everything_before_queueing(vim):
         vim.submit(class_ids=[1], negative_prompt="x")
     with pytest.raises(ValueError, match="max_queue"):
         Engine.from_preset("tiny-vim", device="cpu", max_queue=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_buckets_draw_the_eager_tokens():
+    """On CUDA the loop replays the step captured for the bucket of rows in use; the tokens equal
+    the loop without graphs, alone and with requests joining (several buckets)."""
+    graphs = Engine.from_preset("tiny-t2i", device="cuda", max_batch_size=4)
+    eager = Engine(graphs.model, graphs.tokenizer, device="cuda", max_batch_size=4, use_cuda_graph=False)
+    for eng in (graphs, eager):
+        eng.results = [h.result(timeout=120) for h in [eng.submit([p], **kw) for p, kw in REQUESTS]]
+        eng.results.append(eng.generate_codes(["a red circle"], num_images=3, seed=1, cfg_scale=2.0))
+    assert sorted(graphs._get_scheduler()._graphs) == [1, 2, 4, 8]
+    for a, b in zip(graphs.results, eager.results):
+        assert_equal(a, b)
+    graphs.close()
+    eager.close()
