@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``generate``, ``encode``, ``decode``, ``bench`` and ``serve`` to ``sub`` (each sets ``func``, run by :func:`run`)."""
+    """Add ``generate``, ``encode``, ``decode``, ``bench`` and ``serve`` to ``sub`` (each sets ``func``,
+    run by :func:`run`)."""
     g = sub.add_parser("generate", help="text (or class) -> image(s)")
     g.add_argument("prompt", nargs="*", help="text prompt(s); none for class-conditional/unconditional models")
     g.add_argument("-o", "--output", default="out.png", help="output PNG (out-0.png, out-1.png ... for several)")

@@ -182,6 +182,10 @@ def build_app(engine_factory: Callable[[], Any], *, limits: Limits,
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
         return APIError(e.status_code, str(e.detail), type=kind).response()
 
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, e: Exception) -> JSONResponse:
+        return _request_error(e).response()
+
     @app.get("/health")
     async def health() -> dict:
         slot.get()
@@ -205,11 +209,11 @@ def build_app(engine_factory: Callable[[], Any], *, limits: Limits,
             handle = _submit(engine, kwargs)
             try:
                 codes = await _await_or_gone(request, _wait(handle))
+                return JSONResponse(await asyncio.to_thread(_response, engine, codes))
             except _ClientGone:
                 return Response(status_code=499)  # nginx's "client closed request": no one reads it
             except Exception as e:
                 raise _request_error(e) from e
-            return JSONResponse(await asyncio.to_thread(_response, engine, codes))
         return _stream(request, engine, kwargs)
 
     return app
@@ -248,8 +252,8 @@ def _parse(raw: bytes) -> ImageGenerationRequest:
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body must be a JSON object: {e}", code="invalid_json") from e
     if not isinstance(data, dict):
-        raise APIError(400, f"the request body must be a JSON object, got a JSON {type(data).__name__}",
-                       code="invalid_json")
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(data), "null")
+        raise APIError(400, f"the request body must be a JSON object, got a JSON {kind}", code="invalid_json")
     try:
         return ImageGenerationRequest.model_validate(data)
     except ValidationError as e:
@@ -414,13 +418,11 @@ def _stream(request: Request, engine, kwargs: dict) -> StreamingResponse:
                         yield _event("partial_image", {"index": index, "rows": rows, "b64_json": b64})
                 if finished in got:
                     break
-            try:
-                codes = result.result()
-                yield _event("done", await asyncio.to_thread(_response, engine, codes))
-            except Exception as e:  # noqa: BLE001 (told to the client as an event; the status is sent)
-                yield _event("error", _request_error(e).body())
+            yield _event("done", await asyncio.to_thread(_response, engine, result.result()))
         except _ClientGone:
             return
+        except Exception as e:  # noqa: BLE001 (told to the client as an event: the status is already sent)
+            yield _event("error", _request_error(e).body())
         finally:
             handle.cancel()
             result.cancel()

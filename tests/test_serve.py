@@ -9,7 +9,9 @@ loads, and a server that goes on after a client walks away mid-request.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -312,11 +315,37 @@ class _Stub:
         self.closed = True
 
 
-def test_loading_answers_503_then_200():
+@contextlib.contextmanager
+def _in_process(factory):
+    """A uvicorn server of ``build_app(factory)`` on a thread of this process (to reach inside it)."""
     import uvicorn
 
     from vqim.engine.serve import Limits, build_app
 
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(factory, limits=Limits()), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.05)
+        yield Server(port, None)
+    finally:
+        server.should_exit = True
+        t.join(30)
+
+
+def _wait_health(client: Server) -> None:
+    deadline = time.monotonic() + 60
+    while client.request("GET", "/health")[0] != 200:
+        assert time.monotonic() < deadline, "no 200 from /health"
+        time.sleep(0.05)
+
+
+def test_loading_answers_503_then_200():
     release = threading.Event()
     stub = _Stub()
 
@@ -324,30 +353,110 @@ def test_loading_answers_503_then_200():
         release.wait(30)
         return stub
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(factory, limits=Limits()), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    client = Server(port, None)
     try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/images/generations")]:
-            status, headers, body = client.request(method, path, {"prompt": PROMPT} if method == "POST" else None)
-            assert _assert_error(status, body, 503)["code"] == "model_loading"
-            assert headers["Retry-After"]
-        release.set()
-        deadline = time.monotonic() + 30
-        while client.request("GET", "/health")[0] != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        with _in_process(factory) as client:
+            for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/images/generations")]:
+                status, headers, body = client.request(method, path, {"prompt": PROMPT} if method == "POST" else None)
+                assert _assert_error(status, body, 503)["code"] == "model_loading"
+                assert headers["Retry-After"]
+            release.set()
+            _wait_health(client)
     finally:
         release.set()
-        server.should_exit = True
-        t.join(30)
     assert stub.closed  # the engine is closed at shutdown
+
+
+class _Recording:
+    """An engine that keeps the handle of every request submitted to it and counts the tokens
+    drawn for them (the decode loop's per-image step callback)."""
+
+    def __init__(self, engine):
+        self.engine, self.handles, self.steps = engine, [], 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def _step(self):
+        self.steps += 1  # only the decode loop's thread writes it
+
+    def submit(self, *args, **kwargs):
+        self.handles.append(self.engine.submit(*args, _on_step=self._step, **kwargs))
+        return self.handles[-1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_cancels_the_request(stream, one_torch_thread):
+    from vqim.engine import Engine
+    from vqim.engine.serving import RequestCancelled
+
+    # One image per step: the 8 images take far longer than the walk-away.
+    engine = _Recording(Engine.from_pretrained(device="cpu", max_batch_size=1))
+    with _in_process(lambda: engine) as client:
+        _wait_health(client)
+        _walk_away(client, {"prompt": PROMPT, "n": 8, "seed": 1, "stream": stream})
+        (handle,) = engine.handles
+        deadline = time.monotonic() + 30
+        while not handle.done():
+            assert time.monotonic() < deadline, "the request went on after its client left"
+            time.sleep(0.05)
+        # Cancelled: by the awaiting task (the future) or by the handle (the loop's RequestCancelled).
+        assert handle.future.cancelled() or isinstance(handle.future.exception(), RequestCancelled)
+        drawn = engine.steps
+        time.sleep(0.5)
+        # Its images left the decode loop: no token drawn since, and far fewer than its 8 images.
+        assert 0 < engine.steps == drawn < 8 * engine.cfg.decoder.num_tokens
+        assert client.generate(prompt=PROMPT, seed=SEED)[0] == 200
+
+
+class _FailingHandle:
+    """A request that fails with ``error`` a moment after it is awaited."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __await__(self):
+        return self._fail().__await__()
+
+    async def _fail(self):
+        await asyncio.sleep(0.05)
+        raise self.error
+
+    def cancel(self):
+        return False
+
+
+class _FailingEngine:
+    """An engine stand-in whose every request fails with ``error``."""
+
+    cfg = types.SimpleNamespace(name="stub", vqgan=types.SimpleNamespace(image_size=64),
+                                decoder=types.SimpleNamespace(grid_h=16))
+    max_queue = 8
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def submit(self, prompt, n, **kwargs):
+        return _FailingHandle(self.error)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("error,status,code", [
+    (FloatingPointError("a decode step produced no finite logit"), 500, "model_fault"),
+    (TimeoutError("the request did not finish within its timeout"), 504, "timeout"),
+])
+def test_request_failures(error, status, code):
+    with _in_process(lambda: _FailingEngine(error)) as client:
+        _wait_health(client)
+        got, _, body = client.generate(prompt=PROMPT)
+        err = _assert_error(got, body, status)
+        assert err["code"] == code and str(error) in err["message"]
+        # Streamed: the status is sent before the failure, which comes as an `error` event.
+        got, _, raw = client.generate(prompt=PROMPT, stream=True)
+        assert got == 200
+        ((name, data),) = _events(raw)
+        assert name == "error" and data["error"]["code"] == code and str(error) in data["error"]["message"]
 
 
 def test_load_failure_stops_the_server():
