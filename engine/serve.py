@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .serving import QueueFullError, RequestCancelled
 
@@ -232,11 +233,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if int(length) > limit:
             raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect as e:
+        raise APIError(400, "the client disconnected before its request body was whole", code="incomplete_body") from e
     return b"".join(chunks)
 
 
