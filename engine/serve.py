@@ -11,14 +11,17 @@ Endpoints (JSON; every error in OpenAI's shape ``{"error": {"message", "type", "
   the model's recommendation (``generation.json``). ``"stream": true`` answers with server-sent
   events instead: ``event: partial_image`` with ``{"index", "rows", "b64_json"}`` as grid rows are
   drawn, then ``event: done`` with the response above, or ``event: error`` with the error body.
+  A partial image is its grid decoded with token 0 in place of the tokens not drawn yet, and
+  the pixel rows below the drawn grid rows then filled with gray (128, 128, 128).
 - ``GET /v1/models``: the served model, in OpenAI's list shape.
 - ``GET /health``: 200 ``{"status": "ok"}`` once the model is loaded, 503 while it loads.
 
 Status codes: 400 for any bad input (a wrong type, an unknown field, a value out of range, a body
-that is not a JSON object), 413 for a body over the size limit, 429 when the engine's queue is
-full (retry later), 503 while the model loads, 504 when a request runs past its timeout, 500 when
-the model itself fails (no finite logit, non-finite pixels). A request whose client goes away
-is cancelled: its images leave the decode loop at the next step.
+that is not a JSON object, a prompt or ``n`` over the server's limits), 413 for a body over the
+size limit (by its Content-Length, and by the bytes read: no more than the limit is read), 429
+when the engine's queue is full (retry later), 503 while the model loads, 504 when a request runs
+past its timeout, 500 when the model itself fails (no finite logit, non-finite pixels). A request
+whose client goes away is cancelled: its images leave the decode loop at the next step.
 
 The engine loads in a background thread when the server starts, so ``/health`` answers (503)
 meanwhile. Requests share the engine's decode loop (continuous batching, :mod:`.serving`).
@@ -59,8 +62,7 @@ _PARTIALS = 8
 _GRAY = (128, 128, 128)
 # Request fields whose engine argument is named otherwise (engine errors are renamed for the client).
 _ENGINE_NAMES = {"cfg_scale": "guidance_scale", "num_images": "n", "prompts": "prompt"}
-_PARAMS = ("prompt", "n", "seed", "negative_prompt", "guidance_scale", "temperature", "top_k", "top_p", "min_p",
-           "timeout")
+_PARAMS = ("prompt", "n", "seed", "negative_prompt", "guidance_scale", "temperature", "top_k", "top_p", "min_p")
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,9 @@ def _parse(raw: bytes) -> ImageGenerationRequest:
         data = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body must be a JSON object: {e}", code="invalid_json") from e
+    except RecursionError as e:
+        raise APIError(400, "the request body must be a JSON object, not arrays or objects nested this deep",
+                       code="invalid_json") from e
     if not isinstance(data, dict):
         kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(data), "null")
         raise APIError(400, f"the request body must be a JSON object, got a JSON {kind}", code="invalid_json")

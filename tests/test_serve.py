@@ -240,7 +240,8 @@ def test_bad_request(server, body, param):
 
 
 @pytest.mark.parametrize("raw", [b"not json", b"", b"[1, 2]", b'"a prompt"', b'{"prompt": "x", "seed": NaN}',
-                                 b"\xff\xfe", b'{"prompt": "x"'])
+                                 b"\xff\xfe", b'{"prompt": "x"',
+                                 b"[" * 1000 + b"]" * 1000])
 def test_body_not_a_json_object(server, raw):
     status, _, body = server.request("POST", "/v1/images/generations", raw,
                                      headers={"Content-Type": "application/json"})
