@@ -104,7 +104,9 @@ def _fields_from_dict(cls: type, d: object, section: str) -> object:
 
 @dataclass
 class VQGANConfig:
-    """ViT-VQGAN image tokenizer (encoder and decoder share one shape)."""
+    """ViT-VQGAN image tokenizer. ``width``/``layers``/``heads``/``mlp_dim`` shape the encoder;
+    the decoder takes its own ``dec_*`` (seed §[0106]: a small tokenizer's encoder and codebook,
+    frozen, with a larger decoder fine-tuned on them), each the encoder's when null."""
 
     image_size: int = 256
     patch_size: int = 8
@@ -118,6 +120,10 @@ class VQGANConfig:
     # "raw": no output activation (pixels are clamped only when converted to images).
     output: str = "sigmoid"
     dropout: float = 0.0
+    dec_width: int | None = None
+    dec_layers: int | None = None
+    dec_heads: int | None = None
+    dec_mlp_dim: int | None = None
     # Derived.
     grid: int = field(init=False)
     head_dim: int = field(init=False)
@@ -129,6 +135,13 @@ class VQGANConfig:
         _check_choice(self, "output", ("sigmoid", "raw"))
         _check_dropout(self)
         _check_heads(self)
+        # A null decoder size is the encoder's, resolved here so configs compare by their shapes.
+        for name in ("width", "layers", "heads", "mlp_dim"):
+            if getattr(self, "dec_" + name) is None:
+                setattr(self, "dec_" + name, getattr(self, name))
+        _check_sizes(self, dec_width=MAX_WIDTH, dec_layers=MAX_LAYERS, dec_heads=MAX_HEADS, dec_mlp_dim=MAX_MLP_DIM)
+        if self.dec_width % self.dec_heads:
+            raise ValueError(f"VQGANConfig: dec_width {self.dec_width} must be divisible by dec_heads {self.dec_heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"VQGANConfig.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         self.grid = self.image_size // self.patch_size
@@ -330,9 +343,14 @@ def _tokenizer_only(name: str) -> ModelConfig:
 
 
 def _parti(name: str, enc_layers: int, dec_layers: int, width: int, heads: int) -> ModelConfig:
+    # The method's tokenizer pairing (seed §[0106]): ViT-VQGAN-Small's encoder and codebook, and
+    # a 32-block, 1280-wide decoder fine-tuned on them.
+    large = VQGAN_PRESETS["vit-vqgan-large"]
+    tokenizer = VQGANConfig(**VQGAN_PRESETS["vit-vqgan-small"], dec_width=large["width"], dec_layers=large["layers"],
+                            dec_heads=large["heads"], dec_mlp_dim=large["mlp_dim"])
     return ModelConfig(
         name=name,
-        vqgan=vqgan_config("vit-vqgan-small"),
+        vqgan=tokenizer,
         text=TextEncoderConfig(width=width, layers=enc_layers, heads=heads, mlp_dim=4 * width),
         decoder=DecoderConfig(width=width, layers=dec_layers, heads=heads, mlp_dim=4 * width,
                               cross_attention=True, memory_dim=width),

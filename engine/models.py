@@ -179,12 +179,15 @@ class ViTVQGAN(nn.Module):
         self.enc_out = MLP(w, cfg.mlp_dim, act="tanh")
         self.enc_proj = nn.Linear(w, cfg.code_dim)
         self.codebook = nn.Parameter(torch.zeros(cfg.codebook_size, cfg.code_dim))
-        self.dec_proj = nn.Linear(cfg.code_dim, w)
-        self.dec_pos = nn.Parameter(torch.zeros(n, w))
-        self.dec_blocks = nn.ModuleList(EncoderBlock(w, cfg.heads, cfg.mlp_dim, cfg.dropout) for _ in range(cfg.layers))
-        self.dec_norm = nn.LayerNorm(w)
-        self.dec_out = MLP(w, cfg.mlp_dim, act="tanh")
-        self.dec_patch = nn.Linear(w, cfg.patch_dim)
+        # The decoder's own shape (VQGANConfig.dec_*; the encoder's unless set).
+        dw = cfg.dec_width
+        self.dec_proj = nn.Linear(cfg.code_dim, dw)
+        self.dec_pos = nn.Parameter(torch.zeros(n, dw))
+        self.dec_blocks = nn.ModuleList(EncoderBlock(dw, cfg.dec_heads, cfg.dec_mlp_dim, cfg.dropout)
+                                        for _ in range(cfg.dec_layers))
+        self.dec_norm = nn.LayerNorm(dw)
+        self.dec_out = MLP(dw, cfg.dec_mlp_dim, act="tanh")
+        self.dec_patch = nn.Linear(dw, cfg.patch_dim)
 
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` in [0, 1] -> l2-normalized latents ``[B, N, code_dim]``."""

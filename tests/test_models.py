@@ -86,6 +86,38 @@ def test_config_json_round_trip(name):
     assert back == cfg
 
 
+def test_parti_presets_pair_a_small_encoder_with_a_large_decoder():
+    """The method's tokenizer (seed §[0106]): ViT-VQGAN-Small's encoder and codebook, a 32-block
+    1280-wide decoder (16 heads, MLP 5120)."""
+    v = ModelConfig.from_name("parti-350m").vqgan
+    assert (v.width, v.layers, v.heads, v.mlp_dim, v.codebook_size) == (512, 8, 8, 2048, 8192)
+    assert (v.dec_width, v.dec_layers, v.dec_heads, v.dec_mlp_dim) == (1280, 32, 16, 5120)
+    with torch.device("meta"):
+        m = ViTVQGAN(v)
+    enc = sum(p.numel() for n, p in m.named_parameters() if n.startswith("enc_"))
+    dec = sum(p.numel() for n, p in m.named_parameters() if n.startswith("dec_"))
+    assert 25e6 < enc < 40e6 and 600e6 < dec < 700e6, (enc, dec)
+
+
+@torch.no_grad()
+def test_a_tokenizer_decoder_of_its_own_shape_round_trips():
+    cfg = VQGANConfig(image_size=16, patch_size=4, width=32, layers=1, heads=2, mlp_dim=64, codebook_size=64,
+                      code_dim=8, dec_width=48, dec_layers=2, dec_heads=3, dec_mlp_dim=96)
+    same = VQGANConfig(image_size=16, patch_size=4, width=32, layers=1, heads=2, mlp_dim=64, codebook_size=64,
+                       code_dim=8)
+    assert (same.dec_width, same.dec_layers, same.dec_heads, same.dec_mlp_dim) == (32, 1, 2, 64)  # null: the encoder's
+    m = ViTVQGAN(cfg)
+    randomize(m)
+    assert m.dec_proj.out_features == 48 and len(m.dec_blocks) == 2 and m.enc_patch.out_features == 32
+    x = torch.rand(3, 3, 16, 16)
+    ids = m.encode(x)  # (3, 4, 4)
+    assert m.decode(ids).shape == (3, 3, 16, 16)
+    with pytest.raises(ValueError, match="dec_heads"):
+        VQGANConfig(dec_width=100, dec_heads=3)
+    with pytest.raises(ValueError, match="dec_layers"):
+        VQGANConfig(dec_layers=0)
+
+
 def test_bad_configs_are_named():
     with pytest.raises(ValueError, match="heads"):
         VQGANConfig(width=100, heads=3)

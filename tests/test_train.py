@@ -347,6 +347,53 @@ def test_a_tokenizer_only_preset_trains_in_stage1_and_is_refused_by_stage2(data,
         train(s2, "stage2")
 
 
+def test_decoder_finetune_keeps_encoder_and_codebook_bit_for_bit(data, stage1_ckpt, tmp_path):
+    """Seed §[0106]: the encoder and codebook of a trained tokenizer, frozen, under a larger
+    decoder that trains; the codes stage 2 learned stay the same codes."""
+    root, _ = data
+    ckpt, _, _ = stage1_ckpt
+    src = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+    big = {**VQGAN, "dec_width": 48, "dec_layers": 2, "dec_heads": 3, "dec_mlp_dim": 96}
+    cfg = TrainConfig(data=str(root), out_dir=str(tmp_path / "ft"), model="tiny-t2i",
+                      model_overrides={**T2I, "vqgan": big}, steps=4, batch_size=4, lr=3e-3, w_adv=0.0,
+                      w_perceptual=0.0, progress=False, finetune_decoder_from=str(ckpt))
+    run = Stage1(cfg)
+    dec_before = {n: p.detach().clone() for n, p in run.vqgan.named_parameters() if n.startswith("dec_")}
+    run.run()
+    after = run.vqgan.state_dict()
+    frozen = [k for k in src if k.startswith("enc_") or k == "codebook"]
+    assert frozen and all(torch.equal(after[k], src[k]) for k in frozen)
+    assert after["dec_proj.weight"].shape == (48, VQGAN["code_dim"]) and len(run.vqgan.dec_blocks) == 2
+    assert all(not torch.equal(after[n], p) for n, p in dec_before.items() if n.endswith("weight"))
+    # The tokens of an image are the frozen tokenizer's.
+    x = run.data.pixels(range(4))
+    original = Stage1(dataclasses.replace(cfg, finetune_decoder_from=None, model_overrides=T2I,
+                                          out_dir=str(tmp_path / "o")))
+    original.vqgan.load_state_dict(src)
+    with torch.no_grad():
+        assert torch.equal(run.vqgan.encode(x), original.vqgan.encode(x))
+    other = {**VQGAN, "width": 48, "heads": 2}
+    with pytest.raises(ValueError, match="finetune_decoder_from.*encoder differs.*width"):
+        Stage1(dataclasses.replace(cfg, model_overrides={**T2I, "vqgan": other}))
+
+
+def test_stage2_init_from_starts_at_a_model_directorys_weights(data, stage1_ckpt, tmp_path):
+    root, _ = data
+    ckpt, tok, _ = stage1_ckpt
+    first = train(_cfg(root, tmp_path / "a", ckpt, steps=2, ckpt_every=2, text_tokenizer=str(tok)), "stage2")
+    model_dir = tmp_path / "model"
+    assert train_cli(["export", str(tmp_path / "a" / CHECKPOINT), "-o", str(model_dir)]) == 0
+    from vqim.train.stage2 import Stage2
+
+    again = Stage2(_cfg(root, tmp_path / "b", ckpt, text_tokenizer=str(tok), init_from=str(model_dir)))
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[k], v), k
+    wider = {**T2I, "decoder": {**T2I["decoder"], "mlp_dim": 96}}
+    with pytest.raises(ValueError, match="init_from"):
+        Stage2(_cfg(root, tmp_path / "c", ckpt, text_tokenizer=str(tok), init_from=str(model_dir),
+                    model_overrides=wider))
+
+
 # ----------------------------------------------------------------------------- stage 2 + export
 
 

@@ -110,9 +110,15 @@ class TrainConfig:
     # codebook was clustered on (Adam moves every weight at the full rate, however small its
     # gradient, and on the shapes data that merged shape edges within 1000 steps).
     encoder_lr_scale: float = 1.0
+    # Decoder fine-tuning (seed §[0106]): a stage-1 checkpoint or model directory whose encoder and
+    # codebook are loaded and frozen while the decoder (its own dec_* shape) trains.
+    finetune_decoder_from: str | None = None
     # Stage 2.
     tokenizer_checkpoint: str | None = None  # the stage-1 checkpoint (or a model directory) holding the tokenizer
     text_tokenizer: str | None = None  # sentencepiece model; None: the engine's byte-level fallback
+    # A model directory whose text encoder and decoder weights stage 2 starts from (instead of the
+    # random init): training continues from an exported model, e.g. the bundled one.
+    init_from: str | None = None
     cond_dropout: float = 0.1
     dropout: float = 0.1
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -10,12 +12,14 @@ from torch import nn
 from vqim import kernels as K
 from vqim.engine.models import ViTVQGAN, init_weights
 
+from .checkpoint import blame
 from .config import TrainConfig
 from .data import ImageDataset, batch_indices
 from .losses import (Discriminator, PerceptualLoss, discriminator_loss, generator_adv_loss, l2_loss,
                      logit_laplace_loss, psnr, r1_penalty, straight_through, vq_loss)
 from .precision import fp32_layer_norms
 from .run import Run, build_optimizer, say
+from .stage2 import read_tokenizer
 
 
 class TokenizerForward(nn.Module):
@@ -84,17 +88,20 @@ class Stage1(Run):
         self.val = ImageDataset(cfg.val_data or cfg.data, vcfg.image_size, limit=cfg.val_images)
         self.vqgan = ViTVQGAN(vcfg).to(self.device)
         init_weights(self.vqgan, cfg.seed)
+        self.finetune = cfg.finetune_decoder_from is not None
+        if self.finetune:
+            self.load_frozen_encoder(Path(cfg.finetune_decoder_from))
         fp32_layer_norms(self.vqgan)
-        if cfg.codebook_init == "kmeans":
+        if cfg.codebook_init == "kmeans" and not self.finetune:
             self.init_codebook_kmeans()
         encoder = [p for n, p in self.vqgan.named_parameters() if n.startswith("enc_")]
-        if cfg.encoder_lr_scale == 0:
+        if cfg.encoder_lr_scale == 0 or self.finetune:
             for p in encoder:
                 p.requires_grad_(False)
         self.gen = self.wrap(TokenizerForward(self.vqgan))
-        rest = [p for n, p in self.vqgan.named_parameters() if not n.startswith("enc_")]
+        rest = [p for n, p in self.vqgan.named_parameters() if not n.startswith("enc_") and p.requires_grad]
         self.opt = build_optimizer(cfg.optimizer or "adamw", rest, cfg.lr, cfg.weight_decay)
-        if cfg.encoder_lr_scale > 0:
+        if cfg.encoder_lr_scale > 0 and not self.finetune:
             self.opt.add_param_group({"params": encoder, "lr_scale": cfg.encoder_lr_scale})
         self.use_adv = cfg.w_adv > 0
         if self.use_adv:
@@ -154,7 +161,7 @@ class Stage1(Run):
         rec = {"loss": self.dist.all_mean(loss.detach()).item(),
                **{k: self.dist.all_mean(v.detach()).item() for k, v in parts.items()}}
         rec["grad_norm"] = self.clip_and_step(step, self.vqgan.parameters(), self.opt, "tokenizer")
-        if cfg.code_restart_every:
+        if cfg.code_restart_every and not self.finetune:
             self.code_hits += torch.bincount(idx.reshape(-1), minlength=self.code_hits.numel())
             if (step + 1) % cfg.code_restart_every == 0:
                 rec["codes_restarted"] = self.restart_dead_codes(step, z.detach(), codes.detach())
@@ -169,6 +176,23 @@ class Stage1(Run):
             rec["d_loss"] = self.dist.all_mean(d_loss.detach()).item()
             self.clip_and_step(step, self.disc_module.parameters(), self.opt_d, "discriminator")
         return rec
+
+    @torch.no_grad()
+    def load_frozen_encoder(self, path: Path) -> None:
+        """Encoder and codebook of the tokenizer at ``path`` (its encoder side must be this
+        config's), frozen: only the decoder trains, so the codes stage 2 learned stay valid."""
+        src, state = read_tokenizer(path, "finetune_decoder_from")
+        mine = self.vqgan.cfg
+        side = ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "codebook_size", "code_dim")
+        diff = [f for f in side if getattr(src, f) != getattr(mine, f)]
+        if diff:
+            raise ValueError(f"finetune_decoder_from: {path}: its encoder differs from the config's in {diff}")
+        keep = {k: v for k, v in state.items() if k.startswith("enc_") or k == "codebook"}
+        with blame("finetune_decoder_from", path):
+            missing, _ = self.vqgan.load_state_dict(keep, strict=False)
+        if any(k.startswith("enc_") or k == "codebook" for k in missing):
+            raise ValueError(f"finetune_decoder_from: {path}: lacks encoder weights {missing[:4]}")
+        self.vqgan.codebook.requires_grad_(False)
 
     @torch.no_grad()
     def init_codebook_kmeans(self) -> None:

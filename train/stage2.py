@@ -41,6 +41,15 @@ class PredictorForward(nn.Module):
 
 def load_tokenizer_weights(path: str | Path, cfg: ModelConfig) -> dict:
     """The ViT-VQGAN state dict from a stage-1 checkpoint or an engine model directory."""
+    got, state = read_tokenizer(path, "tokenizer_checkpoint")
+    if got != cfg.vqgan:
+        raise ValueError(f"tokenizer_checkpoint: its tokenizer config {got} differs from the model's {cfg.vqgan}")
+    return state
+
+
+def read_tokenizer(path: str | Path, what: str) -> tuple:
+    """``(VQGANConfig, state dict)`` of the tokenizer in a stage-1/2 checkpoint or a model directory
+    (``what`` names the config field in errors)."""
     p = Path(path)
     if p.is_dir():
         from vqim.engine.weights import load_model
@@ -48,18 +57,16 @@ def load_tokenizer_weights(path: str | Path, cfg: ModelConfig) -> dict:
         model = load_model(p)
         got, state = model.cfg.vqgan, {k: v.float() for k, v in model.vqgan.state_dict().items()}
     elif p.is_file():
-        ckpt = read_checkpoint(p, "tokenizer_checkpoint")
+        ckpt = read_checkpoint(p, what)
         if ckpt["stage"] == "stage1":
             state = ckpt["model"]
         else:
             state = {k[len("vqgan."):]: v for k, v in ckpt["model"].items() if k.startswith("vqgan.")}
-        with blame("tokenizer_checkpoint", p):
+        with blame(what, p):
             got = ModelConfig.from_dict(ckpt["model_config"]).vqgan
     else:
-        raise ValueError(f"tokenizer_checkpoint: no such file or directory {p}")
-    if got != cfg.vqgan:
-        raise ValueError(f"tokenizer_checkpoint: its tokenizer config {got} differs from the model's {cfg.vqgan}")
-    return state
+        raise ValueError(f"{what}: no such file or directory {p}")
+    return got, state
 
 
 def text_tokenizer(path: str | None, max_len: int) -> TextTokenizer:
@@ -86,6 +93,8 @@ class Stage2(Run):
         with blame("tokenizer_checkpoint", Path(cfg.tokenizer_checkpoint)):
             self.model.vqgan.load_state_dict(tokenizer_state)
         self.model.vqgan.requires_grad_(False).eval()
+        if cfg.init_from is not None:
+            self._init_from(Path(cfg.init_from))
         fp32_layer_norms(self.model)
         self.data = ImageDataset(cfg.data, mc.vqgan.image_size)
         self.tokens = self._encode_images()  # (N, n) int32
@@ -106,6 +115,23 @@ class Stage2(Run):
         self.net = self.wrap(PredictorForward(self.model))
         params = [p for n, p in self.model.named_parameters() if not n.startswith("vqgan.")]
         self.opt = build_optimizer(cfg.optimizer or "adafactor8", params, cfg.lr, cfg.weight_decay)
+
+    @torch.no_grad()
+    def _init_from(self, path: Path) -> None:
+        """Text encoder and decoder weights of the model directory ``path`` (same shapes; the
+        decoder's conv mask may differ: it is not a weight)."""
+        from vqim.engine.weights import load_model
+
+        if not path.is_dir():
+            raise ValueError(f"init_from: {path} is not a model directory")
+        with blame("init_from", path):
+            src = load_model(path)
+            state = {k: v.float() for k, v in src.state_dict().items() if not k.startswith("vqgan.")}
+            mine = {k for k in self.model.state_dict() if not k.startswith("vqgan.")}
+            if set(state) != mine:
+                raise ValueError(f"its weights {sorted(set(state) ^ mine)[:4]} do not match the model's")
+            # The keys match (checked above); a shape that does not raises here, named by blame.
+            self.model.load_state_dict(state, strict=False)
 
     @torch.no_grad()
     def _encode_images(self) -> torch.Tensor:
