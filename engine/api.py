@@ -356,7 +356,7 @@ class Engine:
 
     def generate_codes(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None,
                        class_ids=None, negative_prompt=None, progress: bool | Callable[[int], None] = False,
-                       timeout: float | None = None, **sampling) -> torch.LongTensor:
+                       timeout: float | None = None, image=None, keep=None, **sampling) -> torch.LongTensor:
         """Image tokens ``[len(prompts) * num_images, grid_h, grid_w]``, request-major.
 
         ``sampling``: settings by :class:`~vqim.kernels.SamplingParams` field name (``cfg_scale``,
@@ -370,12 +370,20 @@ class Engine:
         tqdm bar over sampled tokens (a callable gets the count of each update). ``timeout``
         (seconds) fails the call with ``TimeoutError`` if it has not finished by then.
 
+        ``image`` + ``keep``: image-conditioned generation. The image (a PIL image or a
+        ``[3, H, W]`` tensor of the tokenizer's size, or one per prompt) is encoded, the tokens
+        ``keep`` marks are kept as they are and the rest are drawn. ``keep`` is an int, the number
+        of top grid rows kept (raster completion: exact, each drawn token sees every kept one), or
+        a bool mask ``[grid_h, grid_w]`` (True: keep). An arbitrary mask is approximate in a raster
+        model: a drawn token sees the kept tokens before it in raster order, not those after it.
+
         With continuous batching (the default) the call submits its images to the engine's
         decode loop (:meth:`submit`) and waits: calls from other threads share its steps.
         """
         if not self.continuous_batching:
-            if timeout is not None:
-                raise ValueError("timeout needs continuous batching (Engine(continuous_batching=True), tp=1)")
+            for name, value in (("timeout", timeout), ("image", image)):
+                if value is not None:
+                    raise ValueError(f"{name} needs continuous batching (Engine(continuous_batching=True), tp=1)")
             if self._tp_group is not None:
                 seed = self._rank0_seed(seed, num_images)
             with self._agreed():
@@ -397,7 +405,7 @@ class Engine:
             on_step = lambda: progress(1)  # noqa: E731
         try:
             handle = self.submit(prompts, num_images, seed=seed, class_ids=class_ids, negative_prompt=negative_prompt,
-                                 timeout=timeout, _on_step=on_step, **sampling)
+                                 timeout=timeout, image=image, keep=keep, _on_step=on_step, **sampling)
             return handle.result()
         finally:
             if bar is not None:
@@ -406,7 +414,7 @@ class Engine:
     def submit(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None, class_ids=None,
                negative_prompt=None, timeout: float | None = None,
                on_partial: Callable[[int, torch.Tensor, int], None] | None = None, partial_every: int = 1,
-               _on_step: Callable[[], None] | None = None, **sampling) -> RequestHandle:
+               image=None, keep=None, _on_step: Callable[[], None] | None = None, **sampling) -> RequestHandle:
         """Queue a request (the arguments of :meth:`generate_codes`) and return its
         :class:`~vqim.engine.serving.RequestHandle` at once: ``handle.result()`` or ``await
         handle`` gives the codes ``[n, grid_h, grid_w]``, ``handle.cancel()`` ends it,
@@ -427,6 +435,7 @@ class Engine:
             raise ValueError("on_partial must be a callable or None")
         conds, rows, params, seeds, has_uncond, uncond = self._check_request(prompts, num_images, sampling, seed,
                                                                             class_ids, negative_prompt)
+        forced = self._kept_tokens(image, keep, len(conds))
         cfg = self.cfg.decoder
         handle = RequestHandle(len(rows), cfg.num_tokens, (cfg.grid_h, cfg.grid_w))
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -442,10 +451,53 @@ class Engine:
             guided = has_uncond and params[i].cfg_scale != 1.0
             images.append(ImageRequest(handle, k, conds[i], uncond[i] if guided else None, params[i], seeds[i] + j,
                                        deadline=deadline, on_step=_on_step, on_partial=partial,
-                                       partial_every=partial_every if partial else 0))
+                                       partial_every=partial_every if partial else 0,
+                                       forced=None if forced is None else forced[i]))
         handle._images = images
         self._get_scheduler().submit(images)
         return handle
+
+    def _kept_tokens(self, image, keep, n: int) -> list[torch.Tensor] | None:
+        """Per request, the tokens ``[grid_h * grid_w]`` image-conditioned generation keeps (-1:
+        drawn), from ``image`` and ``keep`` (see :meth:`generate_codes`); None without an image."""
+        if image is None and keep is None:
+            return None
+        if image is None or keep is None:
+            raise ValueError("image-conditioned generation needs both image and keep (the tokens to keep)")
+        cfg = self.cfg.decoder
+        gh, gw = cfg.grid_h, cfg.grid_w
+        if self.cfg.vqgan.grid != gh or gh != gw:
+            raise ValueError(f"image: the tokenizer's {self.cfg.vqgan.grid} x {self.cfg.vqgan.grid} grid is not the "
+                             f"decoder's {gh} x {gw}")
+        images = list(image) if isinstance(image, (list, tuple)) else [image] * n
+        keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep] * n
+        for name, got in (("image", images), ("keep", keeps)):
+            if len(got) != n:
+                raise ValueError(f"{name} must be one value or a list of {n} (one per prompt / class id), got {len(got)}")
+        masks = []
+        for i, k in enumerate(keeps):
+            if isinstance(k, int) and not isinstance(k, bool):
+                if not 0 <= k <= gh:
+                    raise ValueError(f"keep must be a number of top grid rows in [0, {gh}], got {k} at keep[{i}]")
+                m = torch.zeros(gh, gw, dtype=torch.bool)
+                m[:k] = True
+            else:
+                m = torch.from_numpy(k) if isinstance(k, np.ndarray) else k
+                if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (gh, gw):
+                    raise ValueError(f"keep must be an int (top grid rows) or a bool mask [{gh}, {gw}], got "
+                                     f"{type(k).__name__} {tuple(getattr(k, 'shape', ()))} at keep[{i}]")
+            masks.append(m.cpu())
+        codes = []
+        for i, im in enumerate(images):
+            if isinstance(im, torch.Tensor) and im.dim() == 3:
+                im = im[None]
+            try:
+                codes.append(self.encode_images(im).cpu())  # (1, g, g)
+            except ValueError as e:
+                raise ValueError(f"image[{i}]: {e}") from e
+            if codes[-1].shape[0] != 1:
+                raise ValueError(f"image must be one image per prompt, got {codes[-1].shape[0]} at image[{i}]")
+        return [torch.where(m, c[0], -1).flatten() for m, c in zip(masks, codes)]
 
     async def agenerate_codes(self, prompts=None, num_images: int = 1, **kwargs) -> torch.LongTensor:
         """``await`` form of :meth:`generate_codes` (vLLM's async engine shape): the request joins

@@ -186,6 +186,43 @@ def _generate(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _edit_mask(path: str, grid: int, size: int):
+    """``--mask``: a PNG of the token grid (``grid`` x ``grid``) or of the image (``size`` x
+    ``size``; a token is kept when the mean of its patch is over half white); nonzero keeps."""
+    import torch
+
+    im = _load_image(path).convert("L")
+    if im.size not in ((grid, grid), (size, size)):
+        raise ValueError(f"--mask {path} is {im.size[0]}x{im.size[1]}; it must be the token grid ({grid}x{grid}) "
+                         f"or the image ({size}x{size})")
+    a = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255)  # (h, w) in [0, 1]
+    if im.size == (size, size):
+        p = size // grid
+        a = a.view(grid, p, grid, p).mean(dim=(1, 3))  # (grid, grid)
+        return a > 0.5
+    return a > 0
+
+
+def _edit(args: argparse.Namespace) -> None:
+    if (args.keep_rows is None) == (args.mask is None):
+        raise ValueError("give exactly one of --keep-rows N (raster completion) and --mask PNG")
+    paths = _outputs(args.output, args.n)
+    fmt = _image_format(paths[0])
+    _check_outputs(paths)
+    image = _load_image(args.image)
+    eng = engine_from_args(args)
+    eng.cfg.require_decoder("vqim edit")
+    if not eng.cfg.is_text_to_image:
+        raise ValueError(f"vqim edit takes a text-to-image model; {eng.cfg.name} is not one")
+    v = eng.cfg.vqgan
+    keep = args.keep_rows if args.mask is None else _edit_mask(args.mask, v.grid, v.image_size)
+    imgs = eng.generate([args.prompt], num_images=args.n, seed=args.seed, image=image, keep=keep,
+                        progress=not args.quiet, **SamplingParams.given(args))
+    for img, path in zip(imgs, paths):
+        _write(path, lambda p, img=img: img.save(p, format=fmt))
+        print(path)
+
+
 def _encode(args: argparse.Namespace) -> None:
     out = Path(args.output)
     if out.suffix.lower() != ".npy":
@@ -277,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``generate``, ``encode``, ``decode``, ``bench`` and ``serve`` to ``sub`` (each sets ``func``,
+    """Add ``generate``, ``edit``, ``encode``, ``decode``, ``bench`` and ``serve`` to ``sub`` (each sets ``func``,
     run by :func:`run`)."""
     g = sub.add_parser("generate", help="text (or class) -> image(s)")
     g.add_argument("prompt", nargs="*", help="text prompt(s); none for class-conditional/unconditional models")
@@ -289,6 +326,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_args(g)
     g.set_defaults(func=_generate)
+
+    ed = sub.add_parser("edit", help="image + prompt -> image(s): keep some of the image's tokens, draw the rest",
+                        description="Raster completion (--keep-rows N: the top N token rows kept; exact) or a mask "
+                        "(--mask PNG; approximate in a raster model: a drawn token sees only kept tokens before it).")
+    ed.add_argument("image", help="input image of the model's size")
+    ed.add_argument("prompt", help="text prompt")
+    ed.add_argument("--keep-rows", type=int, default=None, help="keep the top N rows of tokens")
+    ed.add_argument("--mask", default=None, help="PNG, grid- or image-sized: nonzero (over half white) keeps")
+    ed.add_argument("-o", "--output", default="out.png", help="output PNG (out-0.png, ... for several)")
+    ed.add_argument("-n", type=int, default=1, help="images")
+    SamplingParams.add_arguments(ed, "default: the model's recommendation (generation.json), else {default}")
+    ed.add_argument("--seed", type=int, default=None)
+    ed.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_model_args(ed)
+    ed.set_defaults(func=_edit)
 
     e = sub.add_parser("encode", help="images -> codes (.npy, [B, h, w] int64)")
     e.add_argument("images", nargs="+")

@@ -117,6 +117,8 @@ class ImageRequest:
     # on_partial(image index, tokens so far [k], grid rows done), every partial_every grid rows.
     on_partial: Callable[[int, torch.Tensor, int], None] | None = None
     partial_every: int = 0
+    # Image-conditioned generation: tokens ``[n]`` taken as given where >= 0 (kept), drawn where -1.
+    forced: torch.Tensor | None = None
     rows: list[int] = field(default_factory=list)  # decoder rows held: [cond] or [cond, uncond]
     step: int = 0  # tokens sampled so far
 
@@ -208,7 +210,8 @@ class Scheduler:
         self.state = dec.new_state(r, memory, mask, ring=self.generator.ring_cache)
         self.feed = torch.zeros(r, dtype=torch.long, device=dev)  # (R,) token each row is fed next
         self.pos = torch.full((r,), dec.cfg.prefix, dtype=torch.long, device=dev)  # (R,) its position
-        self.out = torch.zeros(r, dec.cfg.num_tokens, dtype=torch.long, device=dev)  # (R,) tokens by cond row
+        self.out = torch.zeros(r, dec.cfg.num_tokens, dtype=torch.long, device=dev)  # (R, n) tokens by cond row
+        self.forced = torch.full((r, dec.cfg.num_tokens), -1, dtype=torch.long, device=dev)  # (R, n) kept tokens
         if self.use_cuda_graph:
             b = 1
             while True:
@@ -285,6 +288,11 @@ class Scheduler:
         seed = torch.tensor([img.seed for img in live], device=self.device)
         tok = K.cfg_sample(logits[cond_i], logits[uncond_i], seed=seed, step=0, validate=False, **settings)  # (b,)
         cond = torch.tensor([img.rows[0] for img in live], device=self.device)
+        free = torch.full((dec.cfg.num_tokens,), -1, dtype=torch.long)
+        self.forced[cond] = torch.stack([free if img.forced is None else img.forced for img in live]).to(self.device)
+        # A kept token replaces the draw; the draw is still made, keyed as raster decoding keys it.
+        keep = self.forced[cond, 0]
+        tok = torch.where(keep >= 0, keep, tok)
         uncond = torch.tensor([img.rows[-1] for img in live], device=self.device)
         self.out[cond, 0] = tok
         fed = tok.clamp_min(0)  # a row marked -1 (no finite logit) is fed 0; its -1 stays in ``out``
@@ -319,6 +327,8 @@ class Scheduler:
             logits = self.generator.step(_rows(self.state, b), self.feed[:b], self.pos[:b])  # (b, V)
         tok = K.cfg_sample(logits[self.cond_rows], logits[self.uncond_rows], seed=self.seeds, step=self.steps,
                            validate=False, **self.settings)  # (B,)
+        keep = self.forced[self.cond_rows, self.steps]  # (B,)
+        tok = torch.where(keep >= 0, keep, tok)
         self.out[self.cond_rows, self.steps] = tok
         fed = tok.clamp_min(0)
         self.feed[self.cond_rows] = fed

@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -275,3 +276,82 @@ def test_cuda_graph_buckets_draw_the_eager_tokens():
         assert_equal(a, b)
     graphs.close()
     eager.close()
+
+
+# ----------------------------------------------------------------------------- image-conditioned generation
+
+
+@torch.no_grad()
+def test_completion_keeps_the_top_rows_and_samples_the_rest_from_the_model(t2i):
+    """Raster completion: the kept rows are the image's tokens, and every drawn token is the draw
+    (same seed, same step) from the model's guided distribution given all tokens before it,
+    which is what makes completion exact."""
+    from vqim import kernels as K
+    from vqim.engine.generate import condition
+
+    image = t2i.decode_codes(t2i.generate_codes(["a blue square"], seed=1), output_type="pt")[0]  # (3, H, W)
+    source = t2i.encode_images(image[None])[0]  # (g, g)
+    kept = 3
+    out = t2i.generate_codes(["a red circle"], seed=7, cfg_scale=2.0, image=image, keep=kept)[0]
+    assert_equal(out[:kept], source[:kept])
+    assert_equal(t2i.generate_codes(["a red circle"], seed=7, cfg_scale=2.0, image=image, keep=kept)[0], out)
+    dec = t2i.model.decoder
+    n = dec.cfg.num_tokens
+    prefix, memory, mask = condition(t2i.model, t2i.tokenizer, ["a red circle"], guided=True)
+    logits = dec(prefix, out.view(1, -1).repeat(2, 1)[:, : n - 1], memory, mask)  # (2, n, V)
+    start = kept * dec.cfg.grid_w
+    for t in range(start, n):
+        want = K.cfg_sample(logits[:1, t], logits[1:, t], seed=7, step=t, cfg_scale=2.0,
+                            temperature=t2i.sampling_defaults["temperature"])
+        assert int(want) == int(out.view(-1)[t]), t
+
+
+def test_a_kept_mask_is_kept_and_bad_masks_are_named(t2i):
+    image = torch.rand(3, 64, 64)
+    source = t2i.encode_images(image[None])[0]
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2:5, 1:6] = True
+    out = t2i.generate_codes(["a red circle"], seed=3, image=image, keep=mask)[0]
+    assert_equal(out[mask], source[mask])
+    assert not torch.equal(out[~mask], source[~mask])
+    bad = [(dict(image=image), "both image and keep"), (dict(keep=2), "both image and keep"),
+           (dict(image=image, keep=9), r"keep must be a number of top grid rows in \[0, 8\]"),
+           (dict(image=image, keep=torch.zeros(4, 4, dtype=torch.bool)), r"bool mask \[8, 8\]"),
+           (dict(image=image, keep=torch.zeros(8, 8)), r"bool mask \[8, 8\]"),
+           (dict(image=torch.rand(3, 32, 32), keep=2), r"image\[0\]"),
+           (dict(image=[image, image], keep=2), "one value or a list of 1")]
+    for kw, match in bad:
+        with pytest.raises(ValueError, match=match):
+            t2i.generate_codes(["a red circle"], seed=3, **kw)
+
+
+def test_cli_edit_keeps_rows_and_masks(tmp_path, capsys):
+    from PIL import Image
+
+    from vqim.train.main import main
+
+    eng = Engine.from_preset("tiny-t2i", device="cpu")
+    src = eng.generate(["a blue square"], seed=1)[0]
+    src.save(tmp_path / "in.png")
+    image = torch.from_numpy(np.asarray(src, dtype=np.float32) / 255).permute(2, 0, 1)
+    want = eng.decode_codes(eng.generate_codes(["a red circle"], seed=5, image=image, keep=2))[0]
+    out = tmp_path / "out.png"
+    assert main(["edit", str(tmp_path / "in.png"), "a red circle", "--keep-rows", "2", "--preset", "tiny-t2i",
+                 "--device", "cpu", "--seed", "5", "-q", "-o", str(out)]) == 0
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im), np.asarray(want))
+    mask = Image.new("L", (8, 8))
+    mask.paste(255, (0, 0, 8, 3))  # the top three token rows
+    mask.save(tmp_path / "mask.png")
+    assert main(["edit", str(tmp_path / "in.png"), "a red circle", "--mask", str(tmp_path / "mask.png"),
+                 "--preset", "tiny-t2i", "--device", "cpu", "--seed", "5", "-q", "-o", str(out)]) == 0
+    want3 = eng.decode_codes(eng.generate_codes(["a red circle"], seed=5, image=image, keep=3))[0]
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im), np.asarray(want3))
+    capsys.readouterr()
+    assert main(["edit", str(tmp_path / "in.png"), "x", "--preset", "tiny-t2i", "-o", str(out)]) == 2
+    assert "exactly one of --keep-rows" in capsys.readouterr().err
+    Image.new("L", (5, 5)).save(tmp_path / "bad.png")
+    assert main(["edit", str(tmp_path / "in.png"), "x", "--mask", str(tmp_path / "bad.png"), "--preset", "tiny-t2i",
+                 "-o", str(out)]) == 2
+    assert "--mask" in capsys.readouterr().err
