@@ -356,7 +356,8 @@ class Engine:
 
     def generate_codes(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None,
                        class_ids=None, negative_prompt=None, progress: bool | Callable[[int], None] = False,
-                       timeout: float | None = None, image=None, keep=None, **sampling) -> torch.LongTensor:
+                       timeout: float | None = None, image=None, keep=None, candidates: int = 1,
+                       return_scores: bool = False, **sampling):
         """Image tokens ``[len(prompts) * num_images, grid_h, grid_w]``, request-major.
 
         ``sampling``: settings by :class:`~vqim.kernels.SamplingParams` field name (``cfg_scale``,
@@ -377,9 +378,21 @@ class Engine:
         a bool mask ``[grid_h, grid_w]`` (True: keep). An arbitrary mask is approximate in a raster
         model: a drawn token sees the kept tokens before it in raster order, not those after it.
 
+        ``candidates=N`` (a model with a scorer, seed §[0116]) draws ``N`` images per requested one
+        and keeps the one the scorer rates best against its prompt (:meth:`score`): candidate
+        ``c`` of image ``j`` is image ``j + c * num_images`` of an ``N * num_images`` request, so
+        candidate 0 is the image ``candidates=1`` draws. ``return_scores=True`` returns
+        ``(codes, scores [len(codes)])``.
+
         With continuous batching (the default) the call submits its images to the engine's
         decode loop (:meth:`submit`) and waits: calls from other threads share its steps.
         """
+        if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
+            raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
+        if candidates > 1 or return_scores:
+            return self._reranked(prompts, num_images, candidates, return_scores, seed=seed, class_ids=class_ids,
+                                  negative_prompt=negative_prompt, progress=progress, timeout=timeout, image=image,
+                                  keep=keep, **sampling)
         if not self.continuous_batching:
             for name, value in (("timeout", timeout), ("image", image)):
                 if value is not None:
@@ -456,6 +469,55 @@ class Engine:
         handle._images = images
         self._get_scheduler().submit(images)
         return handle
+
+    def _reranked(self, prompts, num_images: int, candidates: int, return_scores: bool, **kwargs):
+        """``generate_codes`` with ``candidates`` per image, the best by :meth:`score`."""
+        self._require_scorer("candidates > 1 / return_scores")
+        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+            raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        codes = self.generate_codes(prompts, num_images * candidates, **kwargs)  # (P * N * n, g, g)
+        p = len(prompts)
+        per_image = [q for q in prompts for _ in range(num_images * candidates)]
+        scores = self.score(self.decode_codes(codes, output_type="pt"), per_image)  # (P * N * n,)
+        scores = scores.view(p, candidates, num_images)
+        best = scores.argmax(1)  # (P, n): the first best candidate
+        grid = codes.view(p, candidates, num_images, *codes.shape[1:])
+        rows = torch.arange(p)[:, None]
+        cols = torch.arange(num_images)[None, :]
+        picked = grid[rows, best.to(grid.device), cols].reshape(p * num_images, *codes.shape[1:])
+        if return_scores:
+            return picked, scores.max(1).values.reshape(-1)
+        return picked
+
+    def _require_scorer(self, what: str) -> None:
+        if self.model.scorer is None:
+            raise ValueError(f"{what} needs a model with a scorer (a reranker: config 'scorer'); {self.cfg.name} has "
+                             "none")
+
+    @torch.no_grad()
+    def score(self, images, prompts) -> torch.Tensor:
+        """How well each image matches its prompt: the cosine similarity ``[B]`` (float32, in
+        [-1, 1]) of the scorer's image and text embeddings. ``images`` as :meth:`encode_images`
+        takes them; ``prompts`` one string per image (or one for all)."""
+        self._require_scorer("score")
+        x = self._pixels(images)
+        b = x.shape[0]
+        if isinstance(prompts, str):
+            prompts = [prompts] * b
+        if not isinstance(prompts, (list, tuple)) or len(prompts) != b or not all(isinstance(q, str) for q in prompts):
+            raise ValueError(f"prompts must be a string or a list of {b} strings (one per image)")
+        rows = tokenize(self.tokenizer, prompts)
+        scorer = self.model.scorer
+        out = []
+        with self._lock:
+            for sl in _chunks(b, self.max_batch_size):
+                ids = torch.stack([i for i, _ in rows[sl]]).to(self.device)
+                mask = torch.stack([m for _, m in rows[sl]]).to(self.device)  # (b, L)
+                img = scorer.embed_images(x[sl].to(self.device))  # (b, E)
+                out.append((img * scorer.embed_text(ids, mask)).sum(-1).cpu())
+        return torch.cat(out)
 
     def _kept_tokens(self, image, keep, n: int) -> list[torch.Tensor] | None:
         """Per request, the tokens ``[grid_h * grid_w]`` image-conditioned generation keeps (-1:
@@ -613,8 +675,12 @@ class Engine:
                          uncond=[uncond[i] for i in req])
         return check_tokens(self.generator.run(*rows, sampling, guided=guided, on_step=on_step))
 
-    def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, **kwargs) -> list[Image.Image]:
-        """Images for each prompt (``num_images`` each, request-major): see :meth:`generate_codes`."""
+    def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, **kwargs):
+        """Images for each prompt (``num_images`` each, request-major): see :meth:`generate_codes`
+        (with ``return_scores=True``: ``(images, scores)``)."""
+        if kwargs.get("return_scores"):
+            codes, scores = self.generate_codes(prompts, num_images, **kwargs)
+            return self.decode_codes(codes), scores
         codes = self.generate_codes(prompts, num_images, **kwargs)
         return self.decode_codes(codes)
 

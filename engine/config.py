@@ -240,6 +240,32 @@ class DecoderConfig:
 
 
 @dataclass
+class ScorerConfig:
+    """A contrastive image-text dual encoder (CLIP, CoCa's contrastive half) that reranks
+    candidates (seed §[0116]): a ViT over the model's images, a transformer over its text ids
+    (the model's text tokenizer), each pooled and projected to ``embed_dim``."""
+
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    mlp_dim: int = 512
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_mlp_dim: int = 512
+    embed_dim: int = 128
+
+    def __post_init__(self) -> None:
+        _check_sizes(self, patch_size=MAX_IMAGE_SIZE, width=MAX_WIDTH, layers=MAX_LAYERS, heads=MAX_HEADS,
+                     mlp_dim=MAX_MLP_DIM, text_width=MAX_WIDTH, text_layers=MAX_LAYERS, text_heads=MAX_HEADS,
+                     text_mlp_dim=MAX_MLP_DIM, embed_dim=MAX_WIDTH)
+        for w, h in (("width", "heads"), ("text_width", "text_heads")):
+            if getattr(self, w) % getattr(self, h):
+                raise ValueError(f"ScorerConfig: {w} {getattr(self, w)} must be divisible by {h} {getattr(self, h)}")
+
+
+@dataclass
 class ModelConfig:
     """A whole generator: tokenizer + (text encoder) + AR decoder, in one dtype.
 
@@ -250,8 +276,16 @@ class ModelConfig:
     decoder: DecoderConfig | None
     text: TextEncoderConfig | None = None
     dtype: str = "float32"
+    # The reranker (text models only); None: none.
+    scorer: ScorerConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.scorer is not None:
+            if self.text is None:
+                raise ValueError(f"{self.name}: a scorer ranks images against text: it needs a text encoder")
+            if self.vqgan.image_size % self.scorer.patch_size:
+                raise ValueError(f"{self.name}: scorer.patch_size {self.scorer.patch_size} must divide the image size "
+                                 f"{self.vqgan.image_size}")
         if not isinstance(self.name, str):
             raise ValueError(f"ModelConfig.name must be a string, got {short_repr(self.name)}")
         _check_choice(self, "dtype", tuple(_DTYPES))
@@ -295,6 +329,7 @@ class ModelConfig:
             "decoder": None if self.decoder is None else
             {k: list(v) if isinstance(v, tuple) else v for k, v in plain(self.decoder).items()},
             "text": plain(self.text) if self.text is not None else None,
+            **({"scorer": plain(self.scorer)} if self.scorer is not None else {}),
         }
 
     @classmethod
@@ -303,9 +338,9 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"not a vqim model config: must be a JSON object, got {type(d).__name__}")
         for key in d:
-            if key not in ("name", "dtype", "vqgan", "decoder", "text"):
+            if key not in ("name", "dtype", "vqgan", "decoder", "text", "scorer"):
                 raise ValueError(f"unknown key {short_repr(key)} in the model config "
-                                 "(name, dtype, vqgan, decoder, text)")
+                                 "(name, dtype, vqgan, decoder, text, scorer)")
         if "vqgan" not in d or "decoder" not in d:
             raise ValueError("not a vqim model config: needs a 'vqgan' section and a 'decoder' section "
                              "(null for a tokenizer-only model)")
@@ -315,6 +350,7 @@ class ModelConfig:
             vqgan=_fields_from_dict(VQGANConfig, d["vqgan"], "vqgan"),
             decoder=None if d["decoder"] is None else _fields_from_dict(DecoderConfig, d["decoder"], "decoder"),
             text=None if d.get("text") is None else _fields_from_dict(TextEncoderConfig, d["text"], "text"),
+            scorer=None if d.get("scorer") is None else _fields_from_dict(ScorerConfig, d["scorer"], "scorer"),
         )
 
     @classmethod

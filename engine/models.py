@@ -17,6 +17,7 @@ host synchronization, so a CUDA graph can capture ``decode_step``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from vqim import kernels as K
 
-from .config import DecoderConfig, ModelConfig, TextEncoderConfig, VQGANConfig
+from .config import DecoderConfig, ModelConfig, ScorerConfig, TextEncoderConfig, VQGANConfig
 
 
 class MLP(nn.Module):
@@ -453,12 +454,59 @@ def memory_bias(memory_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias.masked_fill_(~memory_mask, float("-inf"))[:, None, None, :]
 
 
+# ----------------------------------------------------------------------------- reranker
+
+
+class ContrastiveScorer(nn.Module):
+    """Image and text embeddings on the unit sphere; their dot product scores a pair (CLIP)."""
+
+    def __init__(self, cfg: ScorerConfig, image_size: int, text: TextEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = (image_size // cfg.patch_size) ** 2
+        self.patch = nn.Linear(3 * cfg.patch_size ** 2, cfg.width)
+        self.pos = nn.Parameter(torch.zeros(n, cfg.width))
+        self.blocks = nn.ModuleList(EncoderBlock(cfg.width, cfg.heads, cfg.mlp_dim, 0.0) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.image_proj = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
+        self.text = TextEncoder(TextEncoderConfig(vocab_size=text.vocab_size, max_len=text.max_len,
+                                                  width=cfg.text_width, layers=cfg.text_layers, heads=cfg.text_heads,
+                                                  mlp_dim=cfg.text_mlp_dim, dropout=0.0))
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+        # CLIP's learned temperature, as a log; 1/0.07 at the start.
+        self.log_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [0, 1] -> unit embeddings ``[B, E]`` (float32).
+
+        Each image's mean color is subtracted first: a plain background then adds nothing, and
+        what differs between images drives the embedding (with the raw pixels a white background
+        gave every image nearly the same embedding, cosine 0.99, and the contrastive loss stalled)."""
+        x = pixels.to(self.patch.weight.dtype)
+        x = x - x.mean(dim=(2, 3), keepdim=True)  # (B, 3, H, W)
+        x = self.patch(patchify(x, self.cfg.patch_size)) + self.pos  # (B, N, W)
+        for blk in self.blocks:
+            x = blk(x)
+        return F.normalize(self.image_proj(self.norm(x).mean(1)).float(), dim=-1)
+
+    def embed_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask ``[B, L]`` -> unit embeddings ``[B, E]`` (float32): the mean over real tokens."""
+        h = self.text(ids, mask)  # (B, L, W)
+        m = mask[..., None].to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B, W)
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B_images, B_texts]``: scaled cosine similarities (the contrastive loss's input)."""
+        return self.log_scale.exp() * self.embed_images(pixels) @ self.embed_text(ids, mask).T
+
+
 # ----------------------------------------------------------------------------- whole model
 
 
 class VQIMModel(nn.Module):
-    """Tokenizer + optional text encoder + AR decoder (absent in a tokenizer-only model), as
-    stored in one model directory."""
+    """Tokenizer + optional text encoder + AR decoder (absent in a tokenizer-only model) + optional
+    reranker (``scorer``), as stored in one model directory."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -466,6 +514,7 @@ class VQIMModel(nn.Module):
         self.vqgan = ViTVQGAN(cfg.vqgan)
         self.text = TextEncoder(cfg.text) if cfg.text is not None else None
         self.decoder = ARDecoder(cfg.decoder) if cfg.decoder is not None else None
+        self.scorer = None if cfg.scorer is None else ContrastiveScorer(cfg.scorer, cfg.vqgan.image_size, cfg.text)
 
 
 @torch.no_grad()
@@ -476,6 +525,8 @@ def init_weights(model: nn.Module, seed: int = 0) -> None:
     for name, p in model.named_parameters():
         if name.endswith("codebook"):
             val = torch.randn(p.shape, generator=g)
+        elif name.endswith("log_scale"):
+            val = torch.full(p.shape, math.log(1 / 0.07))
         elif p.dim() == 1:
             val = torch.ones(p.shape) if (".ln" in name or "norm" in name) and name.endswith("weight") else torch.zeros(p.shape)
         else:

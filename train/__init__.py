@@ -1,5 +1,5 @@
-"""vqim reference training stack (losses, optimizers, the run loop and its two stages, export to the
-engine format)."""
+"""vqim reference training stack (losses, optimizers, the run loop and its stages: the tokenizer,
+the generator, the reranker; export to the engine format)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from .config import TrainConfig
 from .optim import Adafactor
 from .run import Run
 from .stage1 import Stage1
+from .scorer import ScorerRun
 from .stage2 import Stage2
 
 __all__ = ["Adafactor", "TrainConfig", "train"]
@@ -16,8 +17,9 @@ __all__ = ["Adafactor", "TrainConfig", "train"]
 
 def train(cfg: TrainConfig, stage: str, *, resume: bool = False, stop_after: int | None = None,
           on_step: Callable[[int, Run], None] | None = None) -> Run:
-    """Build the run of ``stage`` (``"stage1"`` or ``"stage2"``), train it, return it (``.history``)."""
-    runs = {"stage1": Stage1, "stage2": Stage2}
+    """Build the run of ``stage`` (``"stage1"``, ``"stage2"`` or ``"scorer"``), train it, return it
+    (``.history``)."""
+    runs = {"stage1": Stage1, "stage2": Stage2, "scorer": ScorerRun}
     if stage not in runs:
         raise ValueError(f"stage must be one of {sorted(runs)}, got {stage!r}")
     r = runs[stage](cfg)

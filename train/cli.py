@@ -1,9 +1,10 @@
-"""``vqim train tokenizer|stage1|stage2|export``.
+"""``vqim train tokenizer|stage1|stage2|scorer|export``.
 
     vqim train shapes OUT_DIR [-n 20000] [--split train] [--seed 0]
     vqim train tokenizer DATA -o tokenizer.model [--vocab-size 1000] [--model-type unigram]
     vqim train stage1 CONFIG [--resume] [--steps N] [--out-dir DIR] [--device D]
     vqim train stage2 CONFIG [--resume] ...
+    vqim train scorer CONFIG [--resume] ...     (init_from: the model directory the reranker joins)
     vqim train export CHECKPOINT -o MODEL_DIR [--text-tokenizer FILE] [--dtype bfloat16] [--temperature T ...]
 
 CONFIG is a JSON or TOML file of :class:`vqim.train.config.TrainConfig` fields. For several
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sentencepiece algorithm (bpe keeps whole words of a small caption grammar)")
 
     for name, help_ in (("stage1", "train the ViT-VQGAN image tokenizer"),
-                        ("stage2", "train the text encoder + image-token decoder on the frozen tokenizer")):
+                        ("stage2", "train the text encoder + image-token decoder on the frozen tokenizer"),
+                        ("scorer", "train the reranker (contrastive image-text encoders) beside a trained model")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="training config (.json or .toml)")
         s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             caps = ImageDataset(args.data, 1).captions
             out = train_sentencepiece(caps, args.output, args.vocab_size, model_type=args.model_type)
             print(out)
-        elif args.command in ("stage1", "stage2"):
+        elif args.command in ("stage1", "stage2", "scorer"):
             from .config import TrainConfig
             from . import train
 

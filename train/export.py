@@ -25,7 +25,7 @@ def model_from_checkpoint(checkpoint: str | Path) -> tuple[VQIMModel, dict]:
     with blame("checkpoint", p):
         cfg = ModelConfig.from_dict(ckpt["model_config"])
         model = VQIMModel(cfg)
-        if ckpt["stage"] == "stage2":
+        if ckpt["stage"] in ("stage2", "scorer"):  # the whole model
             model.load_state_dict(ckpt["model"])
         else:
             init_weights(model, int(ckpt["train_config"]["seed"]))

@@ -69,6 +69,25 @@ def read_tokenizer(path: str | Path, what: str) -> tuple:
     return got, state
 
 
+@torch.no_grad()
+def load_weights_from(model: VQIMModel, path: Path, *, skip: tuple[str, ...]) -> None:
+    """``init_from``: every weight of ``model`` not under a ``skip`` prefix, from the model
+    directory ``path`` (same shapes; a decoder's conv mask may differ: it is not a weight). The
+    directory's other modules (one ``model`` lacks) are not read."""
+    from vqim.engine.weights import load_model
+
+    if not path.is_dir():
+        raise ValueError(f"init_from: {path} is not a model directory")
+    with blame("init_from", path):
+        src = load_model(path).state_dict()
+        want = [k for k in model.state_dict() if not k.startswith(skip)]
+        missing = [k for k in want if k not in src]
+        if missing:
+            raise ValueError(f"it lacks weights the model needs: {missing[:4]}")
+        # A shape that does not match raises here, named by blame.
+        model.load_state_dict({k: src[k].float() for k in want}, strict=False)
+
+
 def text_tokenizer(path: str | None, max_len: int) -> TextTokenizer:
     return TextTokenizer(SentencePieceTokenizer(path) if path else ByteTokenizer(), max_len)
 
@@ -94,7 +113,7 @@ class Stage2(Run):
             self.model.vqgan.load_state_dict(tokenizer_state)
         self.model.vqgan.requires_grad_(False).eval()
         if cfg.init_from is not None:
-            self._init_from(Path(cfg.init_from))
+            load_weights_from(self.model, Path(cfg.init_from), skip=("vqgan.", "scorer."))
         fp32_layer_norms(self.model)
         self.data = ImageDataset(cfg.data, mc.vqgan.image_size)
         self.tokens = self._encode_images()  # (N, n) int32
@@ -115,23 +134,6 @@ class Stage2(Run):
         self.net = self.wrap(PredictorForward(self.model))
         params = [p for n, p in self.model.named_parameters() if not n.startswith("vqgan.")]
         self.opt = build_optimizer(cfg.optimizer or "adafactor8", params, cfg.lr, cfg.weight_decay)
-
-    @torch.no_grad()
-    def _init_from(self, path: Path) -> None:
-        """Text encoder and decoder weights of the model directory ``path`` (same shapes; the
-        decoder's conv mask may differ: it is not a weight)."""
-        from vqim.engine.weights import load_model
-
-        if not path.is_dir():
-            raise ValueError(f"init_from: {path} is not a model directory")
-        with blame("init_from", path):
-            src = load_model(path)
-            state = {k: v.float() for k, v in src.state_dict().items() if not k.startswith("vqgan.")}
-            mine = {k for k in self.model.state_dict() if not k.startswith("vqgan.")}
-            if set(state) != mine:
-                raise ValueError(f"its weights {sorted(set(state) ^ mine)[:4]} do not match the model's")
-            # The keys match (checked above); a shape that does not raises here, named by blame.
-            self.model.load_state_dict(state, strict=False)
 
     @torch.no_grad()
     def _encode_images(self) -> torch.Tensor:
