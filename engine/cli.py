@@ -178,7 +178,7 @@ def _generate(args: argparse.Namespace) -> None:
     if not text and args.prompt:
         raise ValueError(f"{eng.cfg.name} takes no text prompt (use --class-id for a class-conditional model)")
     imgs = eng.generate(args.prompt if text else None, num_images=args.n, seed=args.seed, class_ids=args.class_id,
-                        progress=not args.quiet, **SamplingParams.given(args))
+                        progress=not args.quiet, candidates=args.candidates, **SamplingParams.given(args))
     if not eng.is_main:
         return  # tensor parallel: every rank holds the same images, rank 0 writes them
     for img, path in zip(imgs, paths):
@@ -323,6 +323,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     SamplingParams.add_arguments(g, "default: the model's recommendation (generation.json), else {default}")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--class-id", type=int, nargs="+", default=None, help="class id(s) of a class-conditional model")
+    g.add_argument("--candidates", type=int, default=1,
+                   help="draw N images per image and keep the one the model's scorer rates best (needs a scorer)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_args(g)
     g.set_defaults(func=_generate)

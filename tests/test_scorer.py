@@ -109,3 +109,23 @@ def test_score_is_a_cosine_and_bad_calls_are_named(scored):
     with pytest.raises(ValueError, match="scorer ranks images against text"):
         ModelConfig(**{**{k: v for k, v in ModelConfig.from_name("tiny-vim").__dict__.items()},
                        "scorer": ScorerConfig(**SCORER)})
+
+
+def test_eval_and_cli_take_candidates(scored, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vqim.train import eval_shapes
+    from vqim.train.main import main
+
+    _, _, eng, _ = scored
+    res = eval_shapes.evaluate(eng, num_prompts=2, cfg_scales=[1.5], candidates=[1, 2], recon_images=2, batch_size=4)
+    assert [(r["cfg_scale"], r["candidates"]) for r in res["alignment"]] == [(1.5, 1), (1.5, 2)]
+    assert 0.0 <= res["scorer"]["retrieval_top1"] <= 1.0
+    assert "scorer on held-out scenes" in eval_shapes.format_report(res)
+    want = eng.generate("a red circle", seed=3, candidates=2)[0]
+    out = tmp_path / "o.png"
+    assert main(["generate", "a red circle", "--model", str(eng.model_dir), "--device", "cpu", "--seed", "3",
+                 "--candidates", "2", "-q", "-o", str(out)]) == 0
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im), np.asarray(want))

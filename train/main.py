@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     # --cfg above sweeps the guidance scale; the other settings are fixed for the run.
     SamplingParams.add_arguments(ev, "default: the model's recommendation, else {default}", exclude=("cfg_scale",))
     ev.add_argument("--batch", type=int, default=32)
+    ev.add_argument("--candidates", type=int, nargs="+", default=[1],
+                    help="reranked draws per prompt to compare (more than 1 needs a model with a scorer)")
     ev.add_argument("--recon-images", type=int, default=256, help="validation images for the tokenizer's PSNR")
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ev.add_argument("--grid", metavar="PNG", help="also draw a grid of images for --grid-prompts (or fixed "
@@ -52,7 +54,8 @@ def _eval(args: argparse.Namespace) -> None:
     eng = engine_cli.engine_from_args(args)
     eng.sampling_defaults.update(SamplingParams.given(args))
     results = eval_shapes.evaluate(eng, num_prompts=args.num_prompts, cfg_scales=args.cfg, seed=args.seed,
-                                   batch_size=args.batch, recon_images=args.recon_images, split=args.split)
+                                   batch_size=args.batch, recon_images=args.recon_images, split=args.split,
+                                   candidates=args.candidates)
     print(eval_shapes.format_report(results))
     if args.grid:
         grid = eval_shapes.prompt_grid(eng, args.grid_prompts or eval_shapes.GRID_PROMPTS, cfg_scale=args.cfg[-1],
