@@ -329,3 +329,17 @@ class Run:
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(norm)
+
+
+class ModelRun(Run):
+    """A run whose checkpoint is one whole model and one optimizer (``self.model``, ``self.opt``)."""
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.opt]
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["optimizer"])

@@ -22,7 +22,7 @@ from vqim.engine.models import VQIMModel, init_weights
 from . import shapes as S
 from .config import TrainConfig
 from .data import ImageDataset, batch_indices
-from .run import Run, build_optimizer
+from .run import ModelRun, build_optimizer
 from .stage2 import load_weights_from, text_tokenizer
 
 
@@ -50,7 +50,7 @@ def hard_negative(text: str, rng: random.Random) -> str | None:
     return None
 
 
-class ScorerRun(Run):
+class ScorerRun(ModelRun):
     """Contrastive training of ``model.scorer`` on the images and captions of ``data``."""
 
     stage = "scorer"
@@ -76,20 +76,6 @@ class ScorerRun(Run):
         self.opt = build_optimizer(cfg.optimizer or "adamw", list(self.model.scorer.parameters()), cfg.lr,
                                    cfg.weight_decay)
 
-    def optimizers(self):
-        return [self.opt]
-
-    def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
-
-    def load_state(self, s: dict) -> None:
-        self.model.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["optimizer"])
-
-    def _texts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.tok.batch(captions, self.device, pad_to=self.model_cfg.text.max_len)
-        return ids, mask  # (B, L)
-
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
         idx = self.shard(batch_indices(len(self.data), cfg.batch_size, step, cfg.seed))
@@ -97,7 +83,7 @@ class ScorerRun(Run):
         captions = [self.data.captions[i] for i in idx.tolist()]
         rng = random.Random(f"scorer/{cfg.seed}/{step}")
         negatives = [n for n in (hard_negative(c, rng) for c in captions) if n is not None]
-        ids, mask = self._texts(captions + negatives)
+        ids, mask = self.tok.batch(captions + negatives, self.device, pad_to=self.model_cfg.text.max_len)  # (b + k, L)
         self.net.train()
         with self.autocast():
             logits = self.net(x, ids, mask).float()  # (b, b + negatives)

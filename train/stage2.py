@@ -17,7 +17,7 @@ from .checkpoint import blame, read_checkpoint
 from .config import TrainConfig
 from .data import ImageDataset, batch_indices
 from .precision import fp32_layer_norms
-from .run import Run, build_optimizer
+from .run import ModelRun, build_optimizer
 
 
 class PredictorForward(nn.Module):
@@ -92,7 +92,7 @@ def text_tokenizer(path: str | None, max_len: int) -> TextTokenizer:
     return TextTokenizer(SentencePieceTokenizer(path) if path else ByteTokenizer(), max_len)
 
 
-class Stage2(Run):
+class Stage2(ModelRun):
     """Image-token prediction: cross-entropy over tokens of the frozen stage-1 tokenizer."""
 
     stage = "stage2"
@@ -143,16 +143,6 @@ class Stage2(Run):
             x = self.data.pixels(range(i, min(i + 64, len(self.data)))).to(self.device)
             out.append(vq.encode(x).flatten(1).to(torch.int32).cpu())
         return torch.cat(out)
-
-    def optimizers(self):
-        return [self.opt]
-
-    def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
-
-    def load_state(self, s: dict) -> None:
-        self.model.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["optimizer"])
 
     def batch(self, step: int) -> dict:
         """The rank's shard of the global batch of ``step``: prefix, tokens, text (condition-dropped)."""
