@@ -263,6 +263,14 @@ class Scheduler:
             live.append(img)
         if not live:
             return
+        try:
+            self._prefill(live)
+        except Exception as e:  # noqa: BLE001 (the new requests fail; those already running go on)
+            for img in live:
+                self._fail(img, e)
+
+    def _prefill(self, live: list[ImageRequest]) -> None:
+        """Prefill ``live``'s rows, sample their first tokens, make them active."""
         dec, state = self.dec, self.state
         conds = [c for img in live for c in self._rows_of(img)]
         rows = torch.tensor([r for img in live for r in img.rows], device=self.device)  # (n,)
@@ -344,17 +352,24 @@ class Scheduler:
         gw = self.dec.cfg.grid_w
         finished = []
         for img in images:
+            if not img.rows:  # its request failed earlier in this pass
+                continue
             img.step += 1
             img.handle._tokens += 1
-            if img.on_step is not None:
-                img.on_step()
-            if img.on_partial is not None and img.partial_every and img.step < n \
-                    and img.step % (img.partial_every * gw) == 0:
-                img.on_partial(img.index, self.out[img.rows[0], :img.step].cpu(), img.step // gw)
+            try:
+                if img.on_step is not None:
+                    img.on_step()
+                if img.on_partial is not None and img.partial_every and img.step < n \
+                        and img.step % (img.partial_every * gw) == 0:
+                    img.on_partial(img.index, self.out[img.rows[0], :img.step].cpu(), img.step // gw)
+            except Exception as e:  # noqa: BLE001 (a caller's callback failed: its request ends, no other)
+                self._fail(img, e)
+                continue
             if img.step == n:
                 finished.append(img)
         for img in finished:
-            self._finish(img)
+            if img.rows:
+                self._finish(img)
         if self._dirty:
             self._rebuild()
 
@@ -391,7 +406,7 @@ class Scheduler:
         if not h.future.done():
             h.future.set_exception(error)
         for other in h._images:
-            if other in self._active:
+            if other.rows:
                 self._release(other)
 
     def _fail_active(self, error: Exception) -> None:

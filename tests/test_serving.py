@@ -181,6 +181,31 @@ def test_an_exception_in_a_step_fails_that_steps_requests_and_the_loop_goes_on(m
     eng.close()
 
 
+def test_a_failing_callback_or_admission_fails_only_its_request(monkeypatch):
+    eng = Engine.from_preset("tiny-vim", device="cpu", max_batch_size=4)
+    want = eng.generate_codes(class_ids=[2], seed=8)
+
+    def boom(*a):
+        raise RuntimeError("callback failed")
+
+    bad = eng.submit(class_ids=[1], seed=1, on_partial=boom)
+    good = eng.submit(class_ids=[2], seed=8)
+    with pytest.raises(RuntimeError, match="callback failed"):
+        bad.result(timeout=60)
+    assert_equal(good.result(timeout=60), want)
+    # An admission that raises (here: the prefill) fails the new request, not the running one.
+    runner = eng.submit(class_ids=[2], num_images=2, seed=8)
+    _wait_for(lambda: runner.progress[0] >= 2, "the runner to start")
+    real = eng.model.decoder.prefill
+    monkeypatch.setattr(eng.model.decoder, "prefill", lambda *a: boom())
+    late = eng.submit(class_ids=[3], seed=0)
+    with pytest.raises(RuntimeError, match="callback failed"):
+        late.result(timeout=60)
+    monkeypatch.setattr(eng.model.decoder, "prefill", real)
+    assert_equal(runner.result(timeout=60), torch.cat([want, eng.generate_codes(class_ids=[2], seed=9)]))
+    eng.close()
+
+
 def test_a_full_queue_is_refused_at_once():
     """The loop is held inside a step, so the queue's contents are known: one request runs, one
     waits (max_queue=1), the next is refused immediately, never blocked."""
