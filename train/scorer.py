@@ -68,7 +68,8 @@ class ScorerRun(ModelRun):
         self.model.requires_grad_(False)
         self.model.scorer.requires_grad_(True)
         self.data = ImageDataset(cfg.data, mc.vqgan.image_size)
-        if any(c is None for c in self.data.captions):
+        self.captions = self.data.captions  # built once: the dataset makes the list anew on each read
+        if any(c is None for c in self.captions):
             raise ValueError(f"data: {cfg.data} has images without captions; the scorer learns from captions")
         self.val = ImageDataset(cfg.val_data or cfg.data, mc.vqgan.image_size, limit=cfg.val_images)
         self.tok = text_tokenizer(cfg.text_tokenizer, mc.text.max_len)
@@ -80,7 +81,7 @@ class ScorerRun(ModelRun):
         cfg = self.cfg
         idx = self.shard(batch_indices(len(self.data), cfg.batch_size, step, cfg.seed))
         x = self.data.pixels(idx).to(self.device)  # (b, 3, H, W)
-        captions = [self.data.captions[i] for i in idx.tolist()]
+        captions = [self.captions[i] for i in idx.tolist()]
         rng = random.Random(f"scorer/{cfg.seed}/{step}")
         negatives = [n for n in (hard_negative(c, rng) for c in captions) if n is not None]
         ids, mask = self.tok.batch(captions + negatives, self.device, pad_to=self.model_cfg.text.max_len)  # (b + k, L)
@@ -113,10 +114,11 @@ def retrieval_accuracy(scorer, tok, data: ImageDataset, max_len: int, *, batch_s
     scorer.eval()
     hits = pairs = wins = tried = 0
     rng = random.Random("scorer/validate")
+    captions = data.captions
     for start in range(0, len(data), batch_size):
         rows = range(start, min(start + batch_size, len(data)))
         x = data.pixels(rows).to(device)
-        caps = [data.captions[i] for i in rows]
+        caps = [captions[i] for i in rows]
         ids, mask = tok.batch(caps, device, pad_to=max_len)
         img = scorer.embed_images(x)  # (b, E)
         sim = img @ scorer.embed_text(ids, mask).T  # (b, b)
