@@ -292,20 +292,13 @@ class Scheduler:
         local = {r: k for k, r in enumerate(int(r) for r in rows)}
         cond_i = torch.tensor([local[img.rows[0]] for img in live], device=self.device)  # (b,)
         uncond_i = torch.tensor([local[img.rows[-1]] for img in live], device=self.device)
-        settings = K.SamplingParams.rows([img.params for img in live], self.device)
-        seed = torch.tensor([img.seed for img in live], device=self.device)
+        settings, seed = self._draws(live)
         tok = K.cfg_sample(logits[cond_i], logits[uncond_i], seed=seed, step=0, validate=False, **settings)  # (b,)
         cond = torch.tensor([img.rows[0] for img in live], device=self.device)
+        uncond = torch.tensor([img.rows[-1] for img in live], device=self.device)
         free = torch.full((dec.cfg.num_tokens,), -1, dtype=torch.long)
         self.forced[cond] = torch.stack([free if img.forced is None else img.forced for img in live]).to(self.device)
-        # A kept token replaces the draw; the draw is still made, keyed as raster decoding keys it.
-        keep = self.forced[cond, 0]
-        tok = torch.where(keep >= 0, keep, tok)
-        uncond = torch.tensor([img.rows[-1] for img in live], device=self.device)
-        self.out[cond, 0] = tok
-        fed = tok.clamp_min(0)  # a row marked -1 (no finite logit) is fed 0; its -1 stays in ``out``
-        self.feed[cond] = fed
-        self.feed[uncond] = fed
+        self._record(tok, cond, uncond, torch.zeros_like(cond))
         self._active += live
         self._dirty = True
         self._advance(live)
@@ -316,13 +309,28 @@ class Scheduler:
         dev = self.device
         self.cond_rows = torch.tensor([i.rows[0] for i in act], device=dev)  # (B,)
         self.uncond_rows = torch.tensor([i.rows[-1] for i in act], device=dev)  # (B,) = cond for unguided
-        self.settings = K.SamplingParams.rows([i.params for i in act], dev)
-        self.seeds = torch.tensor([i.seed for i in act], device=dev)
+        self.settings, self.seeds = self._draws(act)
         self.steps = torch.tensor([i.step for i in act], device=dev)  # (B,) index of the token fed next
         held = [r for i in act for r in i.rows]
         self.held = torch.tensor(held, device=dev)
         self.hi = max(held) + 1 if held else 0
         self._dirty = False
+
+    def _draws(self, images: list[ImageRequest]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Each image's sampling settings (``[B]`` tensors by name) and seed ``[B]``."""
+        settings = K.SamplingParams.rows([i.params for i in images], self.device)
+        return settings, torch.tensor([i.seed for i in images], device=self.device)
+
+    def _record(self, tok: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, index: torch.Tensor) -> None:
+        """Token ``index [B]`` of the images whose rows are ``cond``/``uncond`` ``[B]`` is the draw
+        ``tok [B]``, or the kept token where image-conditioned generation keeps one (the draw is
+        still made, keyed as raster decoding keys it): stored, and fed to both rows next."""
+        keep = self.forced[cond, index]  # (B,)
+        tok = torch.where(keep >= 0, keep, tok)
+        self.out[cond, index] = tok
+        fed = tok.clamp_min(0)  # a row marked -1 (no finite logit) is fed 0; its -1 stays in ``out``
+        self.feed[cond] = fed
+        self.feed[uncond] = fed
 
     def _step(self) -> None:
         if self._dirty:
@@ -335,12 +343,7 @@ class Scheduler:
             logits = self.generator.step(_rows(self.state, b), self.feed[:b], self.pos[:b])  # (b, V)
         tok = K.cfg_sample(logits[self.cond_rows], logits[self.uncond_rows], seed=self.seeds, step=self.steps,
                            validate=False, **self.settings)  # (B,)
-        keep = self.forced[self.cond_rows, self.steps]  # (B,)
-        tok = torch.where(keep >= 0, keep, tok)
-        self.out[self.cond_rows, self.steps] = tok
-        fed = tok.clamp_min(0)
-        self.feed[self.cond_rows] = fed
-        self.feed[self.uncond_rows] = fed
+        self._record(tok, self.cond_rows, self.uncond_rows, self.steps)
         self.pos.index_add_(0, self.held, torch.ones_like(self.held))
         self.steps += 1
         self._advance(list(self._active))
