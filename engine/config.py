@@ -47,6 +47,7 @@ MAX_IMAGE_SIZE = 8192  # pixels a side (and patch_size)
 MAX_TEXT_LEN = 8192  # text positions
 MAX_GRID = 1024  # image tokens a side
 MAX_KERNEL = 2 * MAX_GRID + 1  # a window this wide already spans any grid
+MAX_SUPERRES_SCALE = 8  # pixel shuffle by more than 8 a side makes 192+ channels of one conv
 
 
 def short_repr(v: object, n: int = 80) -> str:
@@ -266,6 +267,22 @@ class ScorerConfig:
 
 
 @dataclass
+class SuperResConfig:
+    """The super-resolution module (seed §[0108]): stacked convolutional layers with residual
+    connections that map the tokenizer's reconstructions to ``scale`` times their size. A trunk of
+    ``blocks`` residual blocks of ``channels`` runs at the input's resolution; one pixel shuffle
+    upsamples its residual, which is added to the bicubic upsampling of the input."""
+
+    scale: int = 4
+    channels: int = 32
+    blocks: int = 4
+
+    def __post_init__(self) -> None:
+        _check_int(self, "scale", 2, MAX_SUPERRES_SCALE)
+        _check_sizes(self, channels=MAX_WIDTH, blocks=MAX_LAYERS)
+
+
+@dataclass
 class ModelConfig:
     """A whole generator: tokenizer + (text encoder) + AR decoder, in one dtype.
 
@@ -278,6 +295,8 @@ class ModelConfig:
     dtype: str = "float32"
     # The reranker (text models only); None: none.
     scorer: ScorerConfig | None = None
+    # The upsampler of decoded images; None: none.
+    superres: SuperResConfig | None = None
 
     def __post_init__(self) -> None:
         if self.scorer is not None:
@@ -288,6 +307,9 @@ class ModelConfig:
                                  f"{self.vqgan.image_size}")
         if not isinstance(self.name, str):
             raise ValueError(f"ModelConfig.name must be a string, got {short_repr(self.name)}")
+        if self.superres is not None and self.vqgan.image_size * self.superres.scale > MAX_IMAGE_SIZE:
+            raise ValueError(f"{self.name}: superres.scale {self.superres.scale} times the image size "
+                             f"{self.vqgan.image_size} must be at most {MAX_IMAGE_SIZE} pixels a side")
         _check_choice(self, "dtype", tuple(_DTYPES))
         d, v = self.decoder, self.vqgan
         if d is None:
@@ -330,6 +352,7 @@ class ModelConfig:
             {k: list(v) if isinstance(v, tuple) else v for k, v in plain(self.decoder).items()},
             "text": plain(self.text) if self.text is not None else None,
             **({"scorer": plain(self.scorer)} if self.scorer is not None else {}),
+            **({"superres": plain(self.superres)} if self.superres is not None else {}),
         }
 
     @classmethod
@@ -338,9 +361,9 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"not a vqim model config: must be a JSON object, got {type(d).__name__}")
         for key in d:
-            if key not in ("name", "dtype", "vqgan", "decoder", "text", "scorer"):
+            if key not in ("name", "dtype", "vqgan", "decoder", "text", "scorer", "superres"):
                 raise ValueError(f"unknown key {short_repr(key)} in the model config "
-                                 "(name, dtype, vqgan, decoder, text, scorer)")
+                                 "(name, dtype, vqgan, decoder, text, scorer, superres)")
         if "vqgan" not in d or "decoder" not in d:
             raise ValueError("not a vqim model config: needs a 'vqgan' section and a 'decoder' section "
                              "(null for a tokenizer-only model)")
@@ -351,6 +374,8 @@ class ModelConfig:
             decoder=None if d["decoder"] is None else _fields_from_dict(DecoderConfig, d["decoder"], "decoder"),
             text=None if d.get("text") is None else _fields_from_dict(TextEncoderConfig, d["text"], "text"),
             scorer=None if d.get("scorer") is None else _fields_from_dict(ScorerConfig, d["scorer"], "scorer"),
+            superres=None if d.get("superres") is None else _fields_from_dict(SuperResConfig, d["superres"],
+                                                                              "superres"),
         )
 
     @classmethod

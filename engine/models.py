@@ -27,6 +27,7 @@ from torch import nn
 from vqim import kernels as K
 
 from .config import DecoderConfig, ModelConfig, ScorerConfig, TextEncoderConfig, VQGANConfig
+from .superres import SuperResolution
 
 
 class MLP(nn.Module):
@@ -515,6 +516,7 @@ class VQIMModel(nn.Module):
         self.text = TextEncoder(cfg.text) if cfg.text is not None else None
         self.decoder = ARDecoder(cfg.decoder) if cfg.decoder is not None else None
         self.scorer = None if cfg.scorer is None else ContrastiveScorer(cfg.scorer, cfg.vqgan.image_size, cfg.text)
+        self.superres = SuperResolution(cfg.superres) if cfg.superres is not None else None
 
 
 @torch.no_grad()
