@@ -5,6 +5,7 @@
     vqim train stage1 CONFIG [--resume] [--steps N] [--out-dir DIR] [--device D]
     vqim train stage2 CONFIG [--resume] ...
     vqim train scorer CONFIG [--resume] ...     (init_from: the model directory the reranker joins)
+    vqim train superres CONFIG [--export MODEL_DIR] [--steps N] ...   (init_from: the model it joins)
     vqim train export CHECKPOINT -o MODEL_DIR [--text-tokenizer FILE] [--dtype bfloat16] [--temperature T ...]
 
 CONFIG is a JSON or TOML file of :class:`vqim.train.config.TrainConfig` fields. For several
@@ -49,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out-dir", default=None, help="override the config's out_dir")
         s.add_argument("--device", default=None, help="override the config's device")
 
+    r = sub.add_parser("superres", help="train the super-resolution module beside a trained model, on shapes "
+                                        "rendered on the fly")
+    r.add_argument("config", help="training config (.json or .toml)")
+    r.add_argument("--export", metavar="MODEL_DIR", default=None,
+                   help="then write init_from's model with the trained module to MODEL_DIR")
+    r.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    r.add_argument("--out-dir", default=None, help="override the config's out_dir")
+    r.add_argument("--device", default=None, help="override the config's device")
+
     e = sub.add_parser("export", help="checkpoint -> engine model directory")
     e.add_argument("checkpoint")
     e.add_argument("-o", "--output", required=True, help="model directory to write")
@@ -82,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             run = train(cfg, args.command, resume=args.resume)
             if run.dist.main:
                 print(run.ckpt_path)
+        elif args.command == "superres":
+            from .config import TrainConfig
+            from .superres import train_superres
+
+            cfg = TrainConfig.load(args.config, steps=args.steps, out_dir=args.out_dir, device=args.device)
+            run = train_superres(cfg, export_to=args.export)
+            if run.dist.main:
+                print(args.export or run.ckpt_path)
         else:
             from vqim.kernels import SamplingParams
 
