@@ -16,6 +16,7 @@ import random
 import shutil
 import time
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from vqim import kernels as K
 from .config import ModelConfig, dtype_from_name, dtype_name
 from .generate import Generator, Sampling, check_tokens, condition, tokenize
 from .models import VQIMModel, init_weights
+from .parallel import check_decoding, run_sjd, run_wavefront, wavefront_unsupported
 from .quantize import QUANTIZE_CHOICES, is_quantized, quantize_decoder
 from .serving import ImageRequest, QueueFullError, RequestHandle, Scheduler
 from .text import TextTokenizer
@@ -357,7 +359,7 @@ class Engine:
     def generate_codes(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None,
                        class_ids=None, negative_prompt=None, progress: bool | Callable[[int], None] = False,
                        timeout: float | None = None, image=None, keep=None, candidates: int = 1,
-                       return_scores: bool = False, **sampling):
+                       return_scores: bool = False, decoding: str = "raster", sjd_window: int = 16, **sampling):
         """Image tokens ``[len(prompts) * num_images, grid_h, grid_w]``, request-major.
 
         ``sampling``: settings by :class:`~vqim.kernels.SamplingParams` field name (``cfg_scale``,
@@ -384,6 +386,14 @@ class Engine:
         candidate 0 is the image ``candidates=1`` draws. ``return_scores=True`` returns
         ``(codes, scores [len(codes)])``.
 
+        ``decoding`` (:mod:`vqim.engine.parallel`): ``"raster"`` (one token per image per forward
+        pass), ``"wavefront"`` (rows advance as a staggered wavefront, several tokens per pass:
+        the same tokens as raster; needs every decoder layer conv-masked, else a warning says so
+        and the call decodes in raster order) or ``"sjd"`` (speculative Jacobi decoding with
+        ``sjd_window`` drafts per image: the same distribution as raster, other tokens; any
+        model). The parallel decodings run one batch per call, outside the continuous-batching
+        loop (no ``timeout``, ``image``/``keep`` or tensor parallelism).
+
         With continuous batching (the default) the call submits its images to the engine's
         decode loop (:meth:`submit`) and waits: calls from other threads share its steps.
         """
@@ -392,7 +402,15 @@ class Engine:
         if candidates > 1 or return_scores:
             return self._reranked(prompts, num_images, candidates, return_scores, seed=seed, class_ids=class_ids,
                                   negative_prompt=negative_prompt, progress=progress, timeout=timeout, image=image,
-                                  keep=keep, **sampling)
+                                  keep=keep, decoding=decoding, sjd_window=sjd_window, **sampling)
+        decoding = self._decoding(decoding, sjd_window)
+        if decoding != "raster":
+            for name, value in (("timeout", timeout), ("image", image), ("keep", keep)):
+                if value is not None:
+                    raise ValueError(f"{name} needs decoding='raster' (got decoding={decoding!r})")
+            request = self._check_request(prompts, num_images, sampling, seed, class_ids, negative_prompt)
+            with self._lock:
+                return self._generate_rows(*request, progress, decoding=decoding, sjd_window=sjd_window)
         if not self.continuous_batching:
             for name, value in (("timeout", timeout), ("image", image)):
                 if value is not None:
@@ -636,7 +654,27 @@ class Engine:
         rows = [(i, j) for i in range(n) for j in range(num_images)]
         return conds, rows, params, seeds, has_uncond, uncond
 
-    def _generate_rows(self, conds, rows, params, seeds, has_uncond, uncond, progress) -> torch.Tensor:
+    def _decoding(self, decoding: str, sjd_window: int) -> str:
+        """``decoding`` checked (and ``sjd_window`` for ``"sjd"``); ``"raster"`` for a wavefront the
+        model cannot run, with a warning saying why."""
+        check_decoding(decoding)
+        if decoding == "raster":
+            return decoding
+        self.cfg.require_decoder("generating images")
+        if self._tp_group is not None:
+            raise ValueError(f"decoding={decoding!r} is not supported with tensor parallelism (tp > 1); use 'raster'")
+        n = self.cfg.decoder.num_tokens
+        if decoding == "sjd" and (not isinstance(sjd_window, int) or isinstance(sjd_window, bool)
+                                  or not 1 <= sjd_window <= n):
+            raise ValueError(f"sjd_window must be an int in [1, {n}] (the image's tokens), got {sjd_window!r}")
+        why = wavefront_unsupported(self.model.decoder) if decoding == "wavefront" else None
+        if why is not None:
+            warnings.warn(f"{why}: decoding in raster order instead", stacklevel=3)
+            return "raster"
+        return decoding
+
+    def _generate_rows(self, conds, rows, params, seeds, has_uncond, uncond, progress, *, decoding: str = "raster",
+                       sjd_window: int = 16) -> torch.Tensor:
         """``conds``: one :func:`condition` request per prompt / class id."""
         cfg = self.cfg.decoder
         bar = None
@@ -655,14 +693,16 @@ class Engine:
                 elif callable(progress):
                     on_step = lambda b=b: progress(b)  # noqa: E731
                 with self._oom_names_batch("generating", b):
-                    outs.append(self._generate_chunk(conds, chunk, params, seeds, has_uncond, uncond, on_step))
+                    outs.append(self._generate_chunk(conds, chunk, params, seeds, has_uncond, uncond, on_step,
+                                                     decoding, sjd_window))
         finally:
             if bar is not None:
                 bar.close()
         return torch.cat(outs).view(len(rows), cfg.grid_h, cfg.grid_w)
 
     @torch.no_grad()
-    def _generate_chunk(self, conds, chunk, params, seeds, has_uncond, uncond, on_step) -> torch.Tensor:
+    def _generate_chunk(self, conds, chunk, params, seeds, has_uncond, uncond, on_step, decoding: str = "raster",
+                        sjd_window: int = 16) -> torch.Tensor:
         dev = self.device
         req = [i for i, _ in chunk]
         guided = has_uncond and any(params[i].cfg_scale != 1.0 for i in req)
@@ -673,7 +713,17 @@ class Engine:
         pad = self.cfg.text.max_len if self.cfg.is_text_to_image and dev.type == "cuda" else None
         rows = condition(self.model, self.tokenizer, [conds[i] for i in req], guided=guided, pad_to=pad,
                          uncond=[uncond[i] for i in req])
-        return check_tokens(self.generator.run(*rows, sampling, guided=guided, on_step=on_step))
+        if decoding == "raster":
+            return check_tokens(self.generator.run(*rows, sampling, guided=guided, on_step=on_step))
+        dec = self.model.decoder
+        if decoding == "wavefront":
+            tokens = run_wavefront(dec, rows, sampling, guided=guided)
+        else:
+            tokens = run_sjd(dec, rows, sampling, guided=guided, window=sjd_window)
+        if on_step is not None:
+            for _ in range(self.cfg.decoder.num_tokens):
+                on_step()
+        return check_tokens(tokens)
 
     def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, **kwargs):
         """Images for each prompt (``num_images`` each, request-major): see :meth:`generate_codes`

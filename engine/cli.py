@@ -31,6 +31,7 @@ from PIL import Image
 from vqim.kernels import SamplingParams
 
 from .config import PRESETS
+from .parallel import DECODINGS
 from .quantize import QUANTIZE_CHOICES
 from .weights import atomic_write, open_regular
 
@@ -178,7 +179,8 @@ def _generate(args: argparse.Namespace) -> None:
     if not text and args.prompt:
         raise ValueError(f"{eng.cfg.name} takes no text prompt (use --class-id for a class-conditional model)")
     imgs = eng.generate(args.prompt if text else None, num_images=args.n, seed=args.seed, class_ids=args.class_id,
-                        progress=not args.quiet, candidates=args.candidates, **SamplingParams.given(args))
+                        progress=not args.quiet, candidates=args.candidates, decoding=args.decoding,
+                        sjd_window=args.sjd_window, **SamplingParams.given(args))
     if not eng.is_main:
         return  # tensor parallel: every rank holds the same images, rank 0 writes them
     for img, path in zip(imgs, paths):
@@ -325,6 +327,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--class-id", type=int, nargs="+", default=None, help="class id(s) of a class-conditional model")
     g.add_argument("--candidates", type=int, default=1,
                    help="draw N images per image and keep the one the model's scorer rates best (needs a scorer)")
+    g.add_argument("--decoding", choices=list(DECODINGS), default="raster",
+                   help="raster: a token per pass; wavefront: the same tokens in fewer passes (models whose every "
+                        "decoder layer is conv-masked); sjd: speculative Jacobi decoding (same distribution)")
+    g.add_argument("--sjd-window", type=int, default=16, help="draft tokens per image for --decoding sjd (default 16)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_args(g)
     g.set_defaults(func=_generate)
@@ -379,7 +385,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            # The engine's warnings (a fallback, a truncated prompt) as one line each, no source.
+            warnings.showwarning = lambda message, *_: print(f"vqim: warning: {message}", file=sys.stderr)
+            args.func(args)
     except (ValueError, FileNotFoundError) as e:
         return _fail(e, 2)
     except (FloatingPointError, OSError, torch.OutOfMemoryError) as e:

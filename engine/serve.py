@@ -13,6 +13,9 @@ Endpoints (JSON; every error in OpenAI's shape ``{"error": {"message", "type", "
   drawn, then ``event: done`` with the response above, or ``event: error`` with the error body.
   A partial image is its grid decoded with token 0 in place of the tokens not drawn yet, and
   the pixel rows below the drawn grid rows then filled with gray (128, 128, 128).
+  ``"decoding": "raster" | "wavefront" | "sjd"`` (and ``"sjd_window"``) picks the engine's
+  decoding (``Engine.generate_codes``); the parallel ones run one batch per request outside the
+  decode loop and do not stream.
 - ``GET /v1/models``: the served model, in OpenAI's list shape.
 - ``GET /health``: 200 ``{"status": "ok"}`` once the model is loaded, 503 while it loads.
 
@@ -62,7 +65,8 @@ _PARTIALS = 8
 _GRAY = (128, 128, 128)
 # Request fields whose engine argument is named otherwise (engine errors are renamed for the client).
 _ENGINE_NAMES = {"cfg_scale": "guidance_scale", "num_images": "n", "prompts": "prompt"}
-_PARAMS = ("prompt", "n", "seed", "negative_prompt", "guidance_scale", "temperature", "top_k", "top_p", "min_p")
+_PARAMS = ("prompt", "n", "seed", "negative_prompt", "guidance_scale", "temperature", "top_k", "top_p", "min_p",
+           "decoding", "sjd_window")
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,8 @@ class ImageGenerationRequest(BaseModel):
     min_p: float | None = None
     model: str | None = None
     stream: bool = False
+    decoding: str = "raster"
+    sjd_window: int = 16
 
 
 class APIError(Exception):
@@ -208,6 +214,19 @@ def build_app(engine_factory: Callable[[], Any], *, limits: Limits,
         engine = slot.get()
         body = _parse(await _read_body(request, limits.max_body_bytes))
         kwargs = _engine_kwargs(body, engine, limits)
+        if body.decoding != "raster":
+            if body.stream:
+                raise APIError(400, f"stream needs decoding 'raster' (got {body.decoding!r}): a parallel decoding "
+                               "finishes no grid row before the last pass", param="stream", code="invalid_value")
+            try:
+                # One batch per call outside the decode loop (Engine.generate_codes): a client that
+                # goes away gets no answer, but its batch runs to the end.
+                codes = await _await_or_gone(request, asyncio.to_thread(_generate_parallel, engine, kwargs, body))
+                return JSONResponse(await asyncio.to_thread(_response, engine, codes))
+            except _ClientGone:
+                return Response(status_code=499)
+            except Exception as e:
+                raise _request_error(e) from e
         if not body.stream:
             handle = _submit(engine, kwargs)
             try:
@@ -328,9 +347,25 @@ def _submit(engine, kwargs: dict, **extra):
     except QueueFullError as e:
         raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from e
     except (ValueError, TypeError) as e:
-        message = _client_names(str(e))
-        named = [(message.find(p), p) for p in _PARAMS if re.search(rf"\b{p}\b", message)]
-        raise APIError(400, message, param=min(named)[1] if named else None, code="invalid_value") from e
+        raise _invalid(e) from e
+
+
+def _generate_parallel(engine, kwargs: dict, body: ImageGenerationRequest):
+    """``engine.generate_codes`` with the request's parallel decoding (in a worker thread)."""
+    kwargs = dict(kwargs)
+    prompt, n = kwargs.pop("prompts"), kwargs.pop("num_images")
+    kwargs.pop("timeout")
+    try:
+        return engine.generate_codes(prompt, n, decoding=body.decoding, sjd_window=body.sjd_window, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise _invalid(e) from e
+
+
+def _invalid(e: Exception) -> APIError:
+    """A refused argument as a 400 naming the request field."""
+    message = _client_names(str(e))
+    named = [(message.find(p), p) for p in _PARAMS if re.search(rf"\b{p}\b", message)]
+    return APIError(400, message, param=min(named)[1] if named else None, code="invalid_value")
 
 
 def _request_error(e: Exception) -> APIError:

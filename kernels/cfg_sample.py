@@ -56,6 +56,7 @@ once at the end.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _ext
 from ._registry import dispatch, register, resolve_backend
@@ -193,6 +194,24 @@ def cfg_sample_ref(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None
     if validate:
         _check_rows(tokens)
     return (tokens, logprob) if return_logprob else tokens
+
+
+def cfg_probs_ref(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, **sampling) -> torch.Tensor:
+    """The distribution ``[B, V]`` (fp32, rows sum to 1) that :func:`cfg_sample` draws each row's
+    token from: guided, temperature-scaled, top-k/top-p/min-p kept, renormalized; one-hot on the
+    argmax for ``temperature = 0``. A row with no finite guided logit is all zeros. What a
+    sampler that draws with other randomness (speculative decoding's acceptance test) needs."""
+    _check_logits(cond_logits, uncond_logits)
+    prm = _prepare(cond_logits, uncond_logits, False, sampling, 0, 0)
+    x = guided_logits_ref(cond_logits, uncond_logits, prm["cfg_scale"])  # (B, V)
+    greedy = prm["temperature"] == 0
+    z = x / torch.where(greedy, 1.0, prm["temperature"])[:, None]
+    keep = sampling_mask_ref(z, prm["top_k"], prm["top_p"], prm["min_p"])
+    w = torch.where(keep, torch.exp(z - z.max(dim=1, keepdim=True).values), 0.0)  # (B, V)
+    p = w / w.sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    top = F.one_hot(x.argmax(1), x.shape[1]).to(p.dtype)  # (B, V)
+    p = torch.where(greedy[:, None], top, p)
+    return torch.where(x.isfinite().any(1, keepdim=True), p, 0.0)
 
 
 def _cfg_sample_torch(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p, seed, step):

@@ -1,0 +1,382 @@
+"""Fewer forward passes than tokens: conv-wavefront decoding (exact) and speculative Jacobi decoding.
+
+Both feed several tokens per decoder row in one forward over the KV cache
+(:func:`forward_tokens`), where raster decoding (:meth:`Generator.run`) feeds one.
+
+**Wavefront** (every decoder layer conv-masked, kernel ``kh x kw``, ``h = kw // 2``). The
+output at the position of fed token ``(r, c)`` sees, per layer, row ``r`` up to ``c`` and the
+``kh // 2`` rows above up to column ``c + h``; stacked, row ``r - k`` up to ``c + k h`` (tested
+in ``tests/test_parallel_decoding.py``). So row ``r`` may feed column ``c`` as soon as row
+``r - 1`` has fed up to column ``c + h`` (in an earlier pass, or in the same one: a pass writes
+every new key of a layer before any of its queries attends). Rows advance as a staggered
+wavefront, one token each per pass: a ``16 x 16`` grid with a ``9 x 9`` kernel takes
+``1 + 15 * 4 + 15 = 76`` passes, a ``32 x 32`` one with ``11 x 11`` 187, instead of 256 / 1024.
+
+The first token of row ``r`` is the exception: raster order predicts it from the last position
+of row ``r - 1``. It is drafted as the token above it (``(r - 1, 0)``) when row ``r`` may start,
+and checked when row ``r - 1`` feeds its last token: the true distribution is sampled with the
+draw raster decoding makes for that token (``cfg_sample``'s key is ``(seed, token index)``). If
+the sample equals the draft the row goes on; otherwise row ``r`` restarts from the sampled token
+and every row below it from scratch. Every kept token is therefore drawn from the same logits
+with the same uniform as in raster decoding: the **same tokens**, not just the same distribution
+(up to float rounding of the logits, which differ in the last bits between a one-token and a
+many-token forward, as between batch sizes; see docs/design.md §5).
+
+**Speculative Jacobi decoding** (any decoder; Teng et al. 2024, "Accelerating Auto-regressive
+Text-to-Image Generation with Training-free Speculative Jacobi Decoding"). Each image keeps a
+window of ``window`` draft tokens after its accepted prefix, each with the distribution ``q``
+it was drawn from. One forward over the window gives the model's distribution ``p`` at each
+position given the drafts before it; drafts are accepted left to right with probability
+``min(1, p(x) / q(x))``; at the first rejection the token is drawn from ``max(0, p - q)``
+renormalized, and the rest of the window is redrawn from this pass's ``p`` (Jacobi), which
+becomes their ``q``. Positions newly in the window are drafted from the last position's ``p``.
+Rejected drafts' cache entries are overwritten when their positions are fed again and no query
+sees past itself, so nothing stale is read. Lossless in distribution (tested with chi-square
+tests against raster sampling); the tokens differ from raster's, since acceptance needs other
+randomness: a ``torch.Generator`` per image seeded with its seed, so a seed still fixes the image.
+
+Both keep per-image bookkeeping on the host (a sync per pass) and run eagerly (no CUDA graph:
+the number of tokens per pass changes), with the plain (not ring) KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vqim import kernels as K
+
+from .generate import Rows, Sampling
+from .models import ARDecoder, DecodeState
+
+DECODINGS = ("raster", "wavefront", "sjd")
+
+
+@dataclass
+class DecodeStats:
+    """What a parallel decode did, summed over the images of a batch."""
+
+    images: int = 0
+    tokens: int = 0
+    # Forward passes of the batch, prefill included (each feeds one or more tokens per image).
+    passes: int = 0
+    # Wavefront: first tokens of a row drafted and then checked, and how many matched.
+    row_starts: int = 0
+    row_starts_accepted: int = 0
+    # SJD: drafts verified and accepted.
+    drafts: int = 0
+    drafts_accepted: int = 0
+
+    @property
+    def passes_per_token(self) -> float:
+        """Forward passes per token of one image (the batch's passes over an image's tokens)."""
+        return self.passes * self.images / self.tokens if self.tokens else 0.0
+
+
+def check_decoding(decoding: str) -> str:
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {list(DECODINGS)}, got {decoding!r}")
+    return decoding
+
+
+def wavefront_unsupported(decoder: ARDecoder) -> str | None:
+    """Why ``decoder`` cannot decode as a wavefront (``None`` if it can): a fully causal layer
+    sees every earlier token, so no token may be computed before the whole raster prefix."""
+    causal = [i for i in range(decoder.cfg.layers) if not decoder.cfg.uses_conv(i)]
+    if causal:
+        return (f"wavefront decoding needs every decoder layer conv-masked; layers {causal} of this model are "
+                f"fully causal (DecoderConfig.conv_layers = {list(decoder.cfg.conv_layers)})")
+    return None
+
+
+def forward_tokens(dec: ARDecoder, state: DecodeState, tokens: torch.Tensor, pos: torch.Tensor,
+                   valid: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+    """Feed ``T`` image tokens per row at any positions in one forward over the KV cache.
+
+    ``tokens [R, T]`` at sequence positions ``pos [R, T]`` (>= prefix, each position at most once
+    per row); ``valid [R, T]`` is False on padding, whose K/V are never written and whose logits
+    mean nothing. At each layer every valid entry's K/V is written to the cache before any query
+    attends, so entries of one pass see each other as the mask allows: a prefill chunk at
+    scattered positions. ``known [R, S]`` (bool, optional) marks the cache slots that hold a
+    fed token's K/V after this pass's writes: an entry then sees only those (and itself), as a
+    speculative query over a partly written cache must. Returns logits ``[R, T, V]`` (float32)
+    for the token after each entry.
+    """
+    cfg = dec.cfg
+    if state.ring:
+        raise ValueError("forward_tokens needs the plain KV cache (kv_cache='plain'), not the ring")
+    grid = (cfg.grid_h, cfg.grid_w)
+    i = pos - cfg.prefix  # (R, T) grid index of each fed token
+    x = dec.tok_embed(tokens) + dec.row_embed(i // cfg.grid_w) + dec.col_embed(i % cfg.grid_w)  # (R, T, W)
+    r_idx, t_idx = valid.nonzero(as_tuple=True)  # (N,) each
+    p_idx = pos[r_idx, t_idx]  # (N,)
+    n_slots = state.k[0].shape[2]
+    conv_vis = K.conv_mask_ref(grid, cfg.conv_kernel, cfg.prefix, seq_len=n_slots, device=pos.device)[pos]  # (R, T, S)
+    slots = torch.arange(n_slots, device=pos.device)  # (S,)
+    causal_vis = slots <= pos[..., None]  # (R, T, S)
+    if known is not None:
+        seen = known[:, None, :] | (slots == pos[..., None])  # (R, T, S)
+        conv_vis, causal_vis = conv_vis & seen, causal_vis & seen
+    for li, blk in enumerate(dec.blocks):
+        q, k, v = blk.attn.qkv(blk.ln1(x))  # 3 x (R, H, T, Dh)
+        kc, vc = state.k[li], state.v[li]
+        kc[r_idx, :, p_idx] = k[r_idx, :, t_idx]  # (N, H, Dh) into each entry's slot
+        vc[r_idx, :, p_idx] = v[r_idx, :, t_idx]
+        vis = conv_vis if blk.conv else causal_vis
+        a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=vis[:, None])  # (R, H, T, Dh)
+        x = x + blk.attn.merge(a)
+        if cfg.cross_attention:
+            qx = blk.cross.split(blk.cross.wq(blk.ln_x(x)))  # (R, H, T, Dh)
+            a = F.scaled_dot_product_attention(qx, state.cross_k[li], state.cross_v[li], attn_mask=state.memory_bias)
+            x = x + blk.cross.merge(a)
+        x = x + blk.mlp(blk.ln2(x))
+    return dec.head(dec.norm(x)).float()  # (R, T, V)
+
+
+def _new_state(dec: ARDecoder, rows: Rows) -> tuple[DecodeState, torch.Tensor]:
+    """A plain cache for ``rows``, prefilled; returns it and the prefix's logits ``[R, V]``."""
+    state = dec.new_state(rows.prefix.shape[0], rows.memory, rows.memory_mask)
+    return state, dec.prefill(state, rows.prefix)
+
+
+def _entries(per_image: list[list[tuple[int, int]]], prefix: int, device: torch.device,
+             guided: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each image's ``(token, position)`` entries -> ``(tokens, pos, valid)`` ``[R, T]`` for
+    :func:`forward_tokens`; an image with fewer entries is padded (at the first image position)."""
+    b = len(per_image)
+    t = max(1, max(len(e) for e in per_image))
+    tok = torch.zeros(b, t, dtype=torch.long)
+    pos = torch.full((b, t), prefix, dtype=torch.long)
+    valid = torch.zeros(b, t, dtype=torch.bool)
+    for bi, ents in enumerate(per_image):
+        for j, (token, p) in enumerate(ents):
+            tok[bi, j], pos[bi, j], valid[bi, j] = token, p, True
+    if guided:  # the unconditional row of each image is fed the same tokens
+        tok, pos, valid = torch.cat([tok, tok]), torch.cat([pos, pos]), torch.cat([valid, valid])
+    return tok.to(device), pos.to(device), valid.to(device)
+
+
+@torch.no_grad()
+def run_wavefront(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: bool,
+                  stats: DecodeStats | None = None, refresh: bool = True) -> torch.Tensor:
+    """Image tokens ``[B, n]`` by wavefront decoding: the tokens raster decoding
+    (:meth:`Generator.run`) draws for the same rows and sampling. ``rows`` as :func:`condition`
+    lays them out (``R = 2B`` when ``guided``)."""
+    why = wavefront_unsupported(dec)
+    if why is not None:
+        raise ValueError(why)
+    cfg = dec.cfg
+    gh, gw = cfg.grid_h, cfg.grid_w
+    half = cfg.conv_kernel[1] // 2
+    dev = rows.prefix.device
+    r_all = rows.prefix.shape[0]
+    b = r_all // 2 if guided else r_all
+    state, first = _new_state(dec, rows)
+    n_slots = state.k[0].shape[2]
+    tokens = torch.full((b, gh * gw), -1, dtype=torch.long)
+    tokens[:, 0] = _draw(first[:b], first[b:] if guided else None, sampling, torch.arange(b), torch.zeros(b)).cpu()
+    # Per image and grid row: tokens known (sampled or drafted), tokens fed (in the cache), and a
+    # drafted first token waiting for the row to start.
+    have = [[1] + [0] * (gh - 1) for _ in range(b)]
+    fed = [[0] * gh for _ in range(b)]
+    ready: list[dict[int, int]] = [{} for _ in range(b)]
+    known = torch.zeros(b, n_slots, dtype=torch.bool)
+    known[:, :cfg.prefix] = True
+    passes = 1
+    starts = accepted = 0
+
+    def need(c: int) -> int:
+        """Tokens row r - 1 must have fed for row r to feed column c."""
+        return min(c + half + 1, gw)
+
+    def at(r: int, c: int) -> int:
+        return cfg.prefix + r * gw + c
+
+    def reset_below(bi: int, r: int) -> None:
+        for rr in range(r, gh):
+            have[bi][rr], fed[bi][rr] = 0, 0
+            ready[bi].pop(rr, None)
+            tokens[bi, rr * gw:(rr + 1) * gw] = -1
+            known[bi, at(rr, 0):at(rr, 0) + gw] = False
+
+    while True:
+        per_image: list[list[tuple[int, int]]] = []
+        cells: list[list[tuple[str, int, int]]] = []
+        for bi in range(b):
+            ents, cl = [], []
+            above = gw  # tokens the row above will have fed after this pass (none above row 0)
+            for r in range(gh):
+                if have[bi][r] == 0 and r in ready[bi] and above >= need(0):
+                    tokens[bi, r * gw] = ready[bi].pop(r)
+                    have[bi][r] = 1
+                # The first token of a row is drafted by a speculative query at the last position
+                # of the row above over what is cached there; redrafted each pass until the row
+                # above is complete (with refresh).
+                if r > 0 and above < gw and (have[bi][r] == 0 or refresh):
+                    latest = tokens[bi, (r - 1) * gw + have[bi][r - 1] - 1]
+                    ents.append((int(latest.clamp_min(0)), at(r - 1, gw - 1)))
+                    cl.append(("draft", r, 0))
+                if have[bi][r] == 0:
+                    break
+                c = fed[bi][r]
+                last = gw if r < gh - 1 else gw - 1  # the grid's last token is drawn, never fed
+                go = c < last and above >= need(c)
+                if go:
+                    ents.append((int(tokens[bi, r * gw + c].clamp_min(0)), at(r, c)))
+                    cl.append(("feed", r, c))
+                    known[bi, at(r, c)] = True
+                above = c + go
+            per_image.append(ents)
+            cells.append(cl)
+        if not any(per_image):
+            break
+        tok, pos, valid = _entries(per_image, cfg.prefix, dev, guided)
+        seen = (torch.cat([known, known]) if guided else known).to(dev)
+        logits = forward_tokens(dec, state, tok, pos, valid, seen)  # (R, T, V)
+        passes += 1
+        img = torch.tensor([bi for bi in range(b) for _ in cells[bi]], dtype=torch.long)
+        slot = torch.tensor([j for bi in range(b) for j in range(len(cells[bi]))], dtype=torch.long)
+        # A feed (r, c) predicts token (r, c + 1), or (r + 1, 0) after the last column; a draft
+        # query for row r predicts (r, 0) with the draw raster decoding makes for it.
+        target = torch.tensor([r * gw if kind == "draft" else r * gw + c + 1
+                               for bi in range(b) for kind, r, c in cells[bi]], dtype=torch.long)
+        sel = logits[img.to(dev), slot.to(dev)]  # (N, V)
+        unsel = logits[(img + b).to(dev), slot.to(dev)] if guided else None
+        drawn = _draw(sel, unsel, sampling, img, target).cpu().tolist()
+        k = 0
+        for bi in range(b):
+            stop = gh  # entries of rows below `stop` were fed on a first token just redrawn: discarded
+            for kind, r, c in cells[bi]:
+                t = drawn[k]
+                k += 1
+                if kind == "draft":
+                    if r - 1 > stop:
+                        continue
+                    if have[bi][r] == 0:
+                        ready[bi][r] = t
+                    elif int(tokens[bi, r * gw]) != t:  # a new draft: the row restarts on it
+                        reset_below(bi, r)
+                        ready[bi][r] = t
+                        stop = min(stop, r - 1)
+                    continue
+                if r > stop:
+                    continue
+                fed[bi][r] = c + 1
+                if c + 1 < gw:
+                    tokens[bi, r * gw + c + 1] = t
+                    have[bi][r] = c + 2
+                    continue
+                if have[bi][r + 1]:
+                    starts += 1
+                    if int(tokens[bi, (r + 1) * gw]) == t:
+                        accepted += 1
+                        continue
+                # The true first token of row r + 1: it restarts there, the rows below from nothing.
+                reset_below(bi, r + 1)
+                tokens[bi, (r + 1) * gw] = t
+                have[bi][r + 1] = 1
+                stop = min(stop, r)
+    if stats is not None:
+        stats.images += b
+        stats.tokens += b * gh * gw
+        stats.passes += passes
+        stats.row_starts += starts
+        stats.row_starts_accepted += accepted
+    return tokens.to(dev)
+
+
+@torch.no_grad()
+def run_sjd(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: bool, window: int = 16,
+            stats: DecodeStats | None = None) -> torch.Tensor:
+    """Image tokens ``[B, n]`` by speculative Jacobi decoding with ``window`` drafts per image:
+    distributed as raster decoding's, not the same tokens (see the module docstring)."""
+    if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= dec.cfg.num_tokens:
+        raise ValueError(f"window must be an int in [1, {dec.cfg.num_tokens}] (the image's tokens), got {window!r}")
+    cfg = dec.cfg
+    n = cfg.num_tokens
+    dev = rows.prefix.device
+    r_all = rows.prefix.shape[0]
+    b = r_all // 2 if guided else r_all
+    state, first = _new_state(dec, rows)
+    tokens = torch.full((b, n), -1, dtype=torch.long)
+    everyone = torch.arange(b)
+    tokens[:, 0] = _draw(first[:b], first[b:] if guided else None, sampling, everyone, torch.zeros(b)).cpu()
+    gens = [torch.Generator().manual_seed(int(s)) for s in sampling.seed.tolist()]
+    done = [1] * b  # tokens accepted per image
+    # Each image's drafts for tokens done .. done + len - 1, and the distribution q each was drawn from.
+    q0 = _probs(first[:b], first[b:] if guided else None, sampling, everyone).cpu()  # (B, V)
+    q = [q0[bi].expand(min(window, n - 1), -1) for bi in range(b)]
+    drafts = [torch.multinomial(q[bi], 1, generator=gens[bi])[:, 0] for bi in range(b)]
+    passes = 1
+    proposed = accepted = 0
+    while any(d < n for d in done):
+        live = [bi for bi in range(b) if done[bi] < n]
+        per_image = [[] for _ in range(b)]
+        for bi in live:
+            fed = [int(tokens[bi, done[bi] - 1])] + drafts[bi][:len(drafts[bi]) - 1].tolist()
+            per_image[bi] = [(max(t, 0), cfg.prefix + done[bi] - 1 + j) for j, t in enumerate(fed)]
+        tok, pos, valid = _entries(per_image, cfg.prefix, dev, guided)
+        logits = forward_tokens(dec, state, tok, pos, valid)  # (R, T, V)
+        passes += 1
+        img = torch.tensor([bi for bi in live for _ in per_image[bi]], dtype=torch.long)
+        slot = torch.tensor([j for bi in live for j in range(len(per_image[bi]))], dtype=torch.long)
+        sel = logits[img.to(dev), slot.to(dev)]  # (N, V)
+        p_all = _probs(sel, logits[(img + b).to(dev), slot.to(dev)] if guided else None, sampling, img).cpu()
+        k0 = 0
+        for bi in live:
+            length = len(per_image[bi])
+            p = p_all[k0:k0 + length]  # (L, V): the model's distribution of tokens done .. done + L - 1
+            k0 += length
+            d, qd = drafts[bi], q[bi]
+            u = torch.rand(length, generator=gens[bi])
+            rows_ = torch.arange(length)
+            ok = u * qd[rows_, d] < p[rows_, d]  # accept with probability min(1, p / q)
+            take = int(ok.long().cumprod(0).sum())
+            proposed += length
+            accepted += take
+            start = done[bi]
+            dead = (p.sum(1) <= 0).nonzero()
+            if dead.numel() and int(dead[0]) <= min(take, length - 1):
+                # No finite guided logit: the image is marked (-1) and stops; check_tokens raises.
+                tokens[bi, start + int(dead[0]):] = -1
+                done[bi] = n
+                continue
+            tokens[bi, start:start + take] = d[:take]
+            rest = p[take + 1:]  # (., V) Jacobi: later positions redrawn from this pass's p
+            if take < length:
+                residual = (p[take] - qd[take]).clamp_min(0)
+                residual = residual if residual.sum() > 0 else p[take]
+                tokens[bi, start + take] = torch.multinomial(residual, 1, generator=gens[bi])
+                done[bi] = start + take + 1
+            else:
+                done[bi] = start + length
+            more = min(window, n - done[bi]) - rest.shape[0]
+            q[bi] = torch.cat([rest, p[-1].expand(max(more, 0), -1)])[:min(window, n - done[bi])]
+            drafts[bi] = (torch.multinomial(q[bi], 1, generator=gens[bi])[:, 0] if q[bi].shape[0]
+                          else torch.zeros(0, dtype=torch.long))
+    if stats is not None:
+        stats.images += b
+        stats.tokens += b * n
+        stats.passes += passes
+        stats.drafts += proposed
+        stats.drafts_accepted += accepted
+    return tokens.to(dev)
+
+
+def _probs(cond: torch.Tensor, uncond: torch.Tensor | None, sampling: Sampling, image: torch.Tensor) -> torch.Tensor:
+    """What ``cfg_sample`` draws from for logits ``[N, V]``, entry ``j`` with image ``image[j]``'s settings."""
+    image = image.to(cond.device)
+    return K.cfg_probs_ref(cond, uncond, **{name: v[image] for name, v in sampling.settings.items()})  # (N, V)
+
+
+def _draw(cond: torch.Tensor, uncond: torch.Tensor | None, sampling: Sampling, image: torch.Tensor,
+          target: torch.Tensor) -> torch.Tensor:
+    """``cfg_sample`` of logits ``[N, V]``, entry ``j`` for image ``image[j]`` (its settings and
+    seed) and token index ``target[j]`` (the step raster decoding draws that token at)."""
+    dev = cond.device
+    image = image.to(dev)
+    settings = {name: v[image] for name, v in sampling.settings.items()}
+    return K.cfg_sample(cond, uncond, seed=sampling.seed[image], step=target.to(dev, torch.long), validate=False,
+                        **settings)  # (N,)
