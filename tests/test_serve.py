@@ -172,6 +172,20 @@ def test_generation_matches_the_engine(server, generated, one_torch_thread):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(exp))
 
 
+def test_parallel_decodings(server, generated):
+    # The bundled model has fully causal layers: a wavefront request decodes in raster order (the
+    # server logs why) and gets the raster images.
+    status, _, body = server.generate(prompt=PROMPT, n=2, seed=SEED, decoding="wavefront")
+    assert status == 200, body
+    assert json.loads(body)["data"] == generated["data"]
+    status, _, body = server.generate(prompt=PROMPT, n=2, seed=SEED, decoding="sjd", sjd_window=8)
+    assert status == 200, body
+    sjd = json.loads(body)["data"]
+    assert len(sjd) == 2 and all(_png(d["b64_json"]).size == (64, 64) for d in sjd)
+    status, _, again = server.generate(prompt=PROMPT, n=2, seed=SEED, decoding="sjd", sjd_window=8)
+    assert json.loads(again)["data"] == sjd  # the same seed: the same images
+
+
 def _events(raw: bytes) -> list[tuple[str, dict]]:
     out = []
     for block in raw.decode().split("\n\n"):
@@ -230,6 +244,10 @@ BAD = [
     ({"prompt": PROMPT, "guidance_scale": 1e39}, "guidance_scale"),
     ({"prompt": PROMPT, "guidance_scale": [1]}, "guidance_scale"),
     ({"prompt": PROMPT, "model": "dall-e-3"}, "model"),
+    ({"prompt": PROMPT, "decoding": "jacobi"}, "decoding"),
+    ({"prompt": PROMPT, "decoding": "sjd", "sjd_window": 0}, "sjd_window"),
+    ({"prompt": PROMPT, "decoding": "sjd", "sjd_window": "4"}, "sjd_window"),
+    ({"prompt": PROMPT, "decoding": "sjd", "stream": True}, "stream"),
 ]
 
 
