@@ -725,14 +725,24 @@ class Engine:
                 on_step()
         return check_tokens(tokens)
 
-    def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, **kwargs):
+    def generate(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, upscale: bool = False,
+                 **kwargs):
         """Images for each prompt (``num_images`` each, request-major): see :meth:`generate_codes`
-        (with ``return_scores=True``: ``(images, scores)``)."""
+        (with ``return_scores=True``: ``(images, scores)``). ``upscale=True`` passes them through
+        the model's super-resolution module (:meth:`decode_codes`)."""
+        self._check_upscale(upscale)
         if kwargs.get("return_scores"):
             codes, scores = self.generate_codes(prompts, num_images, **kwargs)
-            return self.decode_codes(codes), scores
+            return self.decode_codes(codes, upscale=upscale), scores
         codes = self.generate_codes(prompts, num_images, **kwargs)
-        return self.decode_codes(codes)
+        return self.decode_codes(codes, upscale=upscale)
+
+    def _check_upscale(self, upscale: bool) -> None:
+        if not isinstance(upscale, bool):
+            raise ValueError(f"upscale must be true or false, got {upscale!r}")
+        if upscale and self.model.superres is None:
+            raise ValueError(f"upscale needs a model with a super-resolution module (config 'superres'); "
+                             f"{self.cfg.name} has none")
 
     # ------------------------------------------------------------------ tokenizer
 
@@ -864,16 +874,21 @@ class Engine:
             yield pixels.clamp_(0, 1)
 
     @torch.no_grad()
-    def decode_codes(self, codes, *, output_type: str = "pil"):
+    def decode_codes(self, codes, *, output_type: str = "pil", upscale: bool = False):
         """Tokens ``[B, g, g]`` (any integer dtype) -> PIL images (``output_type="pil"``) or float
         pixels ``[B, 3, H, W]`` in [0, 1] (``"pt"``; raw-output tokenizers are clamped to [0, 1]).
-        Non-finite pixels raise FloatingPointError."""
+        Non-finite pixels raise FloatingPointError. ``upscale=True``: the tokenizer's images
+        through the model's super-resolution module (seed §[0108]; ``superres.scale`` times
+        larger, 256 x 256 for the bundled model)."""
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        self._check_upscale(upscale)
         c = self._codes(codes)
         out = []
         with self._lock:
             for pixels in self._decode_chunks(c):
+                if upscale:
+                    pixels = self.model.superres(pixels)  # (b, 3, sH, sW)
                 if output_type == "pt":
                     out.append(pixels)
                     continue

@@ -180,7 +180,7 @@ def _generate(args: argparse.Namespace) -> None:
         raise ValueError(f"{eng.cfg.name} takes no text prompt (use --class-id for a class-conditional model)")
     imgs = eng.generate(args.prompt if text else None, num_images=args.n, seed=args.seed, class_ids=args.class_id,
                         progress=not args.quiet, candidates=args.candidates, decoding=args.decoding,
-                        sjd_window=args.sjd_window, **SamplingParams.given(args))
+                        sjd_window=args.sjd_window, upscale=args.upscale, **SamplingParams.given(args))
     if not eng.is_main:
         return  # tensor parallel: every rank holds the same images, rank 0 writes them
     for img, path in zip(imgs, paths):
@@ -219,7 +219,7 @@ def _edit(args: argparse.Namespace) -> None:
     v = eng.cfg.vqgan
     keep = args.keep_rows if args.mask is None else _edit_mask(args.mask, v.grid, v.image_size)
     imgs = eng.generate([args.prompt], num_images=args.n, seed=args.seed, image=image, keep=keep,
-                        progress=not args.quiet, **SamplingParams.given(args))
+                        progress=not args.quiet, upscale=args.upscale, **SamplingParams.given(args))
     for img, path in zip(imgs, paths):
         _write(path, lambda p, img=img: img.save(p, format=fmt))
         print(path)
@@ -244,7 +244,7 @@ def _decode(args: argparse.Namespace) -> None:
     fmt = _image_format(paths[0])
     _check_outputs(paths)
     eng = engine_from_args(args)
-    imgs = eng.decode_codes(codes)
+    imgs = eng.decode_codes(codes, upscale=args.upscale)
     for img, path in zip(imgs, paths):
         _write(path, lambda p, img=img: img.save(p, format=fmt))
         print(path)
@@ -309,6 +309,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a request may take before it fails with 504 (default 300)")
 
 
+UPSCALE_HELP = "pass the images through the model's super-resolution module (64 -> 256 px for the bundled model)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vqim", description="Vector-quantized image generation and tokenization.")
     add_commands(ap.add_subparsers(dest="command", required=True))
@@ -331,6 +334,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="raster: a token per pass; wavefront: the same tokens in fewer passes (models whose every "
                         "decoder layer is conv-masked); sjd: speculative Jacobi decoding (same distribution)")
     g.add_argument("--sjd-window", type=int, default=16, help="draft tokens per image for --decoding sjd (default 16)")
+    g.add_argument("--upscale", action="store_true", help=UPSCALE_HELP)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_args(g)
     g.set_defaults(func=_generate)
@@ -346,6 +350,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("-n", type=int, default=1, help="images")
     SamplingParams.add_arguments(ed, "default: the model's recommendation (generation.json), else {default}")
     ed.add_argument("--seed", type=int, default=None)
+    ed.add_argument("--upscale", action="store_true", help=UPSCALE_HELP)
     ed.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_args(ed)
     ed.set_defaults(func=_edit)
@@ -359,6 +364,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("decode", help="codes (.npy) -> images")
     d.add_argument("codes")
     d.add_argument("-o", "--output", default="out.png")
+    d.add_argument("--upscale", action="store_true", help=UPSCALE_HELP)
     add_model_args(d)
     d.set_defaults(func=_decode)
 

@@ -6,7 +6,8 @@ Endpoints (JSON; every error in OpenAI's shape ``{"error": {"message", "type", "
   "b64_json", "seed", "guidance_scale", "negative_prompt", "temperature", "top_k", "top_p",
   "min_p", "model", "stream": false}`` -> ``{"created": unix time, "data": [{"b64_json": PNG}, ...]}``.
   Only ``prompt`` is required; ``size`` may only be the model's own (``"64x64"`` for the demo
-  model), ``response_format`` only ``"b64_json"`` (no files are hosted), ``model`` only the
+  model) or, for a model with a super-resolution module, its upscaled size (``"256x256"``:
+  the images pass through it), ``response_format`` only ``"b64_json"`` (no files are hosted), ``model`` only the
   served model's name, ``guidance_scale`` is the engine's ``cfg_scale``; a setting left out takes
   the model's recommendation (``generation.json``). ``"stream": true`` answers with server-sent
   events instead: ``event: partial_image`` with ``{"index", "rows", "b64_json"}`` as grid rows are
@@ -214,6 +215,7 @@ def build_app(engine_factory: Callable[[], Any], *, limits: Limits,
         engine = slot.get()
         body = _parse(await _read_body(request, limits.max_body_bytes))
         kwargs = _engine_kwargs(body, engine, limits)
+        upscale = _upscale(body, engine)
         if body.decoding != "raster":
             if body.stream:
                 raise APIError(400, f"stream needs decoding 'raster' (got {body.decoding!r}): a parallel decoding "
@@ -222,7 +224,7 @@ def build_app(engine_factory: Callable[[], Any], *, limits: Limits,
                 # One batch per call outside the decode loop (Engine.generate_codes): a client that
                 # goes away gets no answer, but its batch runs to the end.
                 codes = await _await_or_gone(request, asyncio.to_thread(_generate_parallel, engine, kwargs, body))
-                return JSONResponse(await asyncio.to_thread(_response, engine, codes))
+                return JSONResponse(await asyncio.to_thread(_response, engine, codes, upscale))
             except _ClientGone:
                 return Response(status_code=499)
             except Exception as e:
@@ -231,12 +233,12 @@ def build_app(engine_factory: Callable[[], Any], *, limits: Limits,
             handle = _submit(engine, kwargs)
             try:
                 codes = await _await_or_gone(request, _wait(handle))
-                return JSONResponse(await asyncio.to_thread(_response, engine, codes))
+                return JSONResponse(await asyncio.to_thread(_response, engine, codes, upscale))
             except _ClientGone:
                 return Response(status_code=499)  # nginx's "client closed request": no one reads it
             except Exception as e:
                 raise _request_error(e) from e
-        return _stream(request, engine, kwargs)
+        return _stream(request, engine, kwargs, upscale)
 
     return app
 
@@ -306,10 +308,10 @@ def _validation_api_error(errors: list) -> APIError:
 def _engine_kwargs(body: ImageGenerationRequest, engine, limits: Limits) -> dict:
     """``Engine.submit``'s arguments of a request; the limits and the fields the engine does not
     know (size, response_format, model) are checked here."""
-    side = engine.cfg.vqgan.image_size
-    if body.size is not None and body.size != f"{side}x{side}":
-        raise APIError(400, f"size must be {side}x{side} (the model draws only that size), got {body.size!r}",
-                       param="size", code="invalid_value")
+    sizes = list(_sizes(engine))
+    if body.size is not None and body.size not in sizes:
+        raise APIError(400, f"size must be one of {sizes} (the model's own, and upscaled where the model has a "
+                       f"super-resolution module), got {body.size!r}", param="size", code="invalid_value")
     if body.response_format != "b64_json":
         raise APIError(400, f"response_format must be 'b64_json' (images are returned inline; none are hosted), "
                        f"got {body.response_format!r}", param="response_format", code="invalid_value")
@@ -331,6 +333,20 @@ def _engine_kwargs(body: ImageGenerationRequest, engine, limits: Limits) -> dict
                 "top_p": body.top_p, "min_p": body.min_p}
     return {"prompts": body.prompt, "num_images": body.n, "seed": body.seed, "negative_prompt": body.negative_prompt,
             "timeout": limits.timeout, **{k: v for k, v in sampling.items() if v is not None}}
+
+
+def _sizes(engine) -> dict[str, bool]:
+    """The sizes a request may ask for, each with whether it is upscaled (``Engine.decode_codes``)."""
+    side = engine.cfg.vqgan.image_size
+    sizes = {f"{side}x{side}": False}
+    if engine.model.superres is not None:
+        big = side * engine.model.superres.cfg.scale
+        sizes[f"{big}x{big}"] = True
+    return sizes
+
+
+def _upscale(body: ImageGenerationRequest, engine) -> bool:
+    return body.size is not None and _sizes(engine)[body.size]
 
 
 def _client_names(message: str) -> str:
@@ -410,16 +426,17 @@ def _png_b64(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _response(engine, codes) -> dict:
+def _response(engine, codes, upscale: bool) -> dict:
     """The JSON answer of finished codes ``[n, h, w]`` (decoded and PNG-encoded: run in a thread)."""
-    return {"created": int(time.time()), "data": [{"b64_json": _png_b64(im)} for im in engine.decode_codes(codes)]}
+    images = engine.decode_codes(codes, upscale=upscale)
+    return {"created": int(time.time()), "data": [{"b64_json": _png_b64(im)} for im in images]}
 
 
-def _partial_png(engine, grid, rows: int) -> str:
+def _partial_png(engine, grid, rows: int, upscale: bool) -> str:
     """A partial image: the grid ``[h, w]`` (-1 where not drawn yet) decoded with token 0 in
     place of the tokens still to come, then the pixel rows of the grid rows not drawn yet filled
     with gray, so the client sees the drawn rows and nothing it could mistake for content below."""
-    image = engine.decode_codes(grid.clamp(min=0)[None])[0]
+    image = engine.decode_codes(grid.clamp(min=0)[None], upscale=upscale)[0]
     top = rows * image.height // grid.shape[0]
     if top < image.height:
         image.paste(_GRAY, (0, top, image.width, image.height))
@@ -430,7 +447,7 @@ def _event(name: str, data: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
-def _stream(request: Request, engine, kwargs: dict) -> StreamingResponse:
+def _stream(request: Request, engine, kwargs: dict, upscale: bool) -> StreamingResponse:
     """The server-sent events of one request; it is submitted here, so that a refusal (400, 429)
     is an HTTP status, not an event."""
     loop = asyncio.get_running_loop()
@@ -458,11 +475,11 @@ def _stream(request: Request, engine, kwargs: dict) -> StreamingResponse:
                 latest = {item[0]: item for item in got if item is not finished}
                 for index, grid, rows in latest.values():
                     if rows < grid_h:  # the whole image comes with `done`
-                        b64 = await asyncio.to_thread(_partial_png, engine, grid, rows)
+                        b64 = await asyncio.to_thread(_partial_png, engine, grid, rows, upscale)
                         yield _event("partial_image", {"index": index, "rows": rows, "b64_json": b64})
                 if finished in got:
                     break
-            yield _event("done", await asyncio.to_thread(_response, engine, result.result()))
+            yield _event("done", await asyncio.to_thread(_response, engine, result.result(), upscale))
         except _ClientGone:
             return
         except Exception as e:  # noqa: BLE001 (told to the client as an event: the status is already sent)

@@ -186,6 +186,28 @@ def test_parallel_decodings(server, generated):
     assert json.loads(again)["data"] == sjd  # the same seed: the same images
 
 
+def test_upscaled_size(server, one_torch_thread):
+    """size 256x256: the bundled model's images through its super-resolution module, as
+    ``Engine.generate(upscale=True)`` draws them in-process."""
+    from vqim.engine import Engine
+
+    status, _, body = server.generate(prompt=PROMPT, n=2, seed=SEED, size="256x256")
+    assert status == 200, body
+    images = [_png(d["b64_json"]) for d in json.loads(body)["data"]]
+    assert all(im.size == (256, 256) for im in images)
+    eng = Engine.from_pretrained(device="cpu", max_batch_size=2)
+    try:
+        want = eng.generate(PROMPT, 2, seed=SEED, upscale=True)
+    finally:
+        eng.close()
+    for got, exp in zip(images, want):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(exp))
+    status, _, raw = server.generate(prompt=PROMPT, seed=SEED, size="256x256", stream=True)
+    events = _events(raw)
+    assert events[-1][0] == "done"
+    assert all(_png(data["b64_json"]).size == (256, 256) for name, data in events if name == "partial_image")
+
+
 def _events(raw: bytes) -> list[tuple[str, dict]]:
     out = []
     for block in raw.decode().split("\n\n"):
@@ -450,6 +472,7 @@ class _FailingEngine:
 
     cfg = types.SimpleNamespace(name="stub", vqgan=types.SimpleNamespace(image_size=64),
                                 decoder=types.SimpleNamespace(grid_h=16))
+    model = types.SimpleNamespace(superres=None)
     max_queue = 8
 
     def __init__(self, error: Exception):
