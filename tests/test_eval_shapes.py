@@ -96,6 +96,21 @@ def test_prompt_grid_pastes_each_image_over_its_prompt():
         eval_shapes.prompt_grid(OracleEngine(), [])
 
 
+def test_prompt_grid_of_reranked_images():
+    """``candidates=N``: the grid shows what ``generate(..., candidates=N)`` returns."""
+    asked = []
+
+    class Reranking(OracleEngine):
+        def generate(self, prompts, num_images, cfg_scale, seed, candidates=1):
+            asked.append(candidates)
+            return super().generate(prompts, num_images, cfg_scale, seed)
+
+    prompts = ["a large red circle in the center"]
+    plain = eval_shapes.prompt_grid(Reranking(), prompts, cfg_scale=3.0, cols=1, scale=1)
+    best = eval_shapes.prompt_grid(Reranking(), prompts, cfg_scale=3.0, cols=1, scale=1, candidates=8)
+    assert asked == [1, 8] and best.size == plain.size
+
+
 def test_cli_eval_shapes_writes_json(tmp_path, capsys):
     import json
 

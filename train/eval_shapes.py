@@ -109,16 +109,18 @@ def evaluate(engine, *, num_prompts: int = 100, cfg_scales: Sequence[float] = DE
 
 
 def prompt_grid(engine, prompts: Sequence[str], *, cfg_scale: float = SamplingParams.cfg_scale, seed: int = 0,
-                cols: int = 4, scale: int = 3) -> "Image.Image":
+                cols: int = 4, scale: int = 3, candidates: int = 1) -> "Image.Image":
     """One image per prompt, upscaled ``scale`` times (nearest), each over its prompt and a
-    check mark or cross from :func:`vqim.train.shapes.score`: the README's picture."""
+    check mark or cross from :func:`vqim.train.shapes.score`: the README's picture. With
+    ``candidates > 1`` each image is the reranker's best of that many draws."""
     from PIL import Image, ImageDraw, ImageFont
 
     if not prompts:
         raise ValueError("prompts must be a non-empty list")
     if cols < 1 or scale < 1:
         raise ValueError(f"cols and scale must be >= 1, got cols={cols}, scale={scale}")
-    images = engine.generate(list(prompts), num_images=1, cfg_scale=cfg_scale, seed=seed)
+    extra = {"candidates": candidates} if candidates != 1 else {}
+    images = engine.generate(list(prompts), num_images=1, cfg_scale=cfg_scale, seed=seed, **extra)
     font = ImageFont.load_default()
     side = images[0].size[0] * scale
     chars = max(8, side // 6)  # the default bitmap font is ~6 px a character

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recon-images", type=int, default=256, help="validation images for the tokenizer's PSNR")
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ev.add_argument("--grid", metavar="PNG", help="also draw a grid of images for --grid-prompts (or fixed "
-                    "prompts of the grammar) at the last --cfg scale")
+                    "prompts of the grammar) at the last --cfg scale and the last --candidates")
     ev.add_argument("--grid-prompts", nargs="+", default=None, metavar="PROMPT")
     engine_cli.add_model_args(ev)
     ev.set_defaults(func=_eval)
@@ -59,7 +59,7 @@ def _eval(args: argparse.Namespace) -> None:
     print(eval_shapes.format_report(results))
     if args.grid:
         grid = eval_shapes.prompt_grid(eng, args.grid_prompts or eval_shapes.GRID_PROMPTS, cfg_scale=args.cfg[-1],
-                                       seed=args.seed)
+                                       seed=args.seed, candidates=args.candidates[-1])
         # The temporary name ends in .tmp, so the format comes from the real name's suffix.
         fmt = Image.registered_extensions().get(Path(args.grid).suffix.lower(), "PNG")
         print(atomic_write(args.grid, lambda p: grid.save(p, format=fmt)))
