@@ -13,16 +13,23 @@ wavefront, one token each per pass: a ``16 x 16`` grid with a ``9 x 9`` kernel t
 ``1 + 15 * 4 + 15 = 76`` passes, a ``32 x 32`` one with ``11 x 11`` 187, instead of 256 / 1024.
 
 The first token of row ``r`` is the exception: raster order predicts it from the last position
-of row ``r - 1``. It is drafted by a speculative query at that position, fed row ``r - 1``'s
-latest token and seeing only the cache slots already written, sampled with the draw raster
-decoding makes for that token (``cfg_sample``'s key is ``(seed, token index)``, so a draft from a
-close distribution lands on the same token). The speculative query writes its K/V into a slot
-no query reads before the real token overwrites it. The draft is checked when row ``r - 1`` feeds
-its last token: if the true sample equals it the row goes on; otherwise row ``r`` restarts from
-the sampled token and every row below it from scratch. (The token above, ``(r - 1, 0)``, was
-tried as the draft first: the tokenizer's codes of a plain background differ by position, and
-it was never right on the shapes model.) Every kept token is therefore drawn from the same logits
-with the same uniform as in raster decoding: the **same tokens**, not just the same distribution
+of row ``r - 1``. Each pass also feeds every started row's cells not fed yet as a *speculative
+tail*: each cell its guess (the token the tail's previous pass drew for it, with the draw raster
+decoding makes for that token: ``cfg_sample``'s key is ``(seed, token index)``, so close
+distributions land on the same token), one Jacobi step per pass. The tail's last cell drafts the
+next row's first token; a started row whose draft changes restarts on the new one at once. The
+draft is checked when row ``r - 1`` feeds its last token: if the true sample equals it the row
+goes on; otherwise row ``r`` restarts from the sampled token and every row below it from
+scratch. Tail entries see only cache slots written (fed, or by this pass); their K/V land in
+slots that no fed query reads before the real token overwrites them (a fed query at column ``c``
+sees the row above up to ``c + h``, fed by then). Measured on the all-conv shapes model (6
+held-out prompts, cfg 1.5, temperature 0.5, batch 1): drafting once from a single speculative
+query at the last cell, fed the row's latest token, kept 59 of 90 first tokens (0.54 passes per
+token); the tail keeps 90 of 90 (0.34). The token above, ``(r - 1, 0)``, was never right: the
+tokenizer's codes of a plain background differ by position.
+
+Every kept token is therefore drawn from the same logits with the same uniform as in raster
+decoding: the **same tokens**, not just the same distribution
 (up to float rounding of the logits, which differ in the last bits between a one-token and a
 many-token forward, as between batch sizes; see docs/design.md §5).
 
@@ -182,11 +189,13 @@ def run_wavefront(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: boo
     n_slots = state.k[0].shape[2]
     tokens = torch.full((b, gh * gw), -1, dtype=torch.long)
     tokens[:, 0] = _draw(first[:b], first[b:] if guided else None, sampling, torch.arange(b), torch.zeros(b)).cpu()
-    # Per image and grid row: tokens known (sampled or drafted), tokens fed (in the cache), and a
-    # drafted first token waiting for the row to start.
+    # Per image and grid row: tokens known (sampled, or a first token drafted), tokens fed (in
+    # the cache), a drafted first token waiting for the row to start; per image and cell, the
+    # speculative tail's guess of a token not known yet.
     have = [[1] + [0] * (gh - 1) for _ in range(b)]
     fed = [[0] * gh for _ in range(b)]
     ready: list[dict[int, int]] = [{} for _ in range(b)]
+    guess: list[dict[tuple[int, int], int]] = [{} for _ in range(b)]
     known = torch.zeros(b, n_slots, dtype=torch.bool)
     known[:, :cfg.prefix] = True
     passes = 1
@@ -203,12 +212,15 @@ def run_wavefront(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: boo
         for rr in range(r, gh):
             have[bi][rr], fed[bi][rr] = 0, 0
             ready[bi].pop(rr, None)
+            for c in range(gw):
+                guess[bi].pop((rr, c), None)
             tokens[bi, rr * gw:(rr + 1) * gw] = -1
             known[bi, at(rr, 0):at(rr, 0) + gw] = False
 
     while True:
         per_image: list[list[tuple[int, int]]] = []
         cells: list[list[tuple[str, int, int]]] = []
+        written = known.clone()
         for bi in range(b):
             ents, cl = [], []
             above = gw  # tokens the row above will have fed after this pass (none above row 0)
@@ -216,15 +228,6 @@ def run_wavefront(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: boo
                 if have[bi][r] == 0 and r in ready[bi] and above >= need(0):
                     tokens[bi, r * gw] = ready[bi].pop(r)
                     have[bi][r] = 1
-                # The first token of a row is drafted by a speculative query at the last position
-                # of the row above over what is cached there, fed the row's latest token; the
-                # newest draft is taken when the row starts. (Redrafting a started row as the
-                # row above fills, and restarting it when the draft changes, cost more passes
-                # than it saved: 0.80 passes per token against 0.54 on the all-conv shapes model.)
-                if r > 0 and above < gw and have[bi][r] == 0:
-                    latest = tokens[bi, (r - 1) * gw + have[bi][r - 1] - 1]
-                    ents.append((int(latest.clamp_min(0)), at(r - 1, gw - 1)))
-                    cl.append(("draft", r, 0))
                 if have[bi][r] == 0:
                     break
                 c = fed[bi][r]
@@ -234,21 +237,30 @@ def run_wavefront(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: boo
                     ents.append((int(tokens[bi, r * gw + c].clamp_min(0)), at(r, c)))
                     cl.append(("feed", r, c))
                     known[bi, at(r, c)] = True
+                    written[bi, at(r, c)] = True
+                # The speculative tail: the row's cells not fed yet, fed their guesses, one
+                # Jacobi step a pass; its last cell drafts the next row's first token.
+                if r < gh - 1 and c + go < gw:
+                    latest = int(tokens[bi, r * gw + have[bi][r] - 1].clamp_min(0))
+                    for cc in range(c + go, gw):
+                        t = int(tokens[bi, r * gw + cc]) if cc < have[bi][r] else guess[bi].get((r, cc), latest)
+                        ents.append((max(t, 0), at(r, cc)))
+                        cl.append(("tail", r, cc))
+                        written[bi, at(r, cc)] = True
                 above = c + go
             per_image.append(ents)
             cells.append(cl)
         if not any(per_image):
             break
         tok, pos, valid = _entries(per_image, cfg.prefix, dev, guided)
-        seen = (torch.cat([known, known]) if guided else known).to(dev)
+        seen = (torch.cat([written, written]) if guided else written).to(dev)
         logits = forward_tokens(dec, state, tok, pos, valid, seen)  # (R, T, V)
         passes += 1
         img = torch.tensor([bi for bi in range(b) for _ in cells[bi]], dtype=torch.long)
         slot = torch.tensor([j for bi in range(b) for j in range(len(cells[bi]))], dtype=torch.long)
-        # A feed (r, c) predicts token (r, c + 1), or (r + 1, 0) after the last column; a draft
-        # query for row r predicts (r, 0) with the draw raster decoding makes for it.
-        target = torch.tensor([r * gw if kind == "draft" else r * gw + c + 1
-                               for bi in range(b) for kind, r, c in cells[bi]], dtype=torch.long)
+        # An entry at (r, c), fed or speculative, predicts token (r, c + 1), or (r + 1, 0) after the
+        # last column, drawn as raster decoding draws that token.
+        target = torch.tensor([r * gw + c + 1 for bi in range(b) for _, r, c in cells[bi]], dtype=torch.long)
         sel = logits[img.to(dev), slot.to(dev)]  # (N, V)
         unsel = logits[(img + b).to(dev), slot.to(dev)] if guided else None
         drawn = _draw(sel, unsel, sampling, img, target).cpu().tolist()
@@ -258,9 +270,19 @@ def run_wavefront(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: boo
             for kind, r, c in cells[bi]:
                 t = drawn[k]
                 k += 1
-                if kind == "draft":
-                    if r - 1 <= stop:  # else drafted over a row just restarted: discarded
-                        ready[bi][r] = t
+                if kind == "tail":
+                    if r > stop:
+                        continue
+                    if c + 1 < gw:
+                        guess[bi][(r, c + 1)] = t
+                    elif have[bi][r + 1] == 0:
+                        ready[bi][r + 1] = t
+                    elif int(tokens[bi, (r + 1) * gw]) != t:
+                        # A new draft of a started row's first token: it restarts on it now,
+                        # cheaper than finding out when the row above completes.
+                        reset_below(bi, r + 1)
+                        ready[bi][r + 1] = t
+                        stop = min(stop, r)
                     continue
                 if r > stop:
                     continue
