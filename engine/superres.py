@@ -19,6 +19,12 @@ from torch import nn
 from .config import SuperResConfig
 
 
+def bicubic(pixels: torch.Tensor, scale: int) -> torch.Tensor:
+    """Bicubic upsampling of ``pixels`` ``[B, 3, h, w]`` by ``scale``, clamped to [0, 1] (float32):
+    the module's base image, and the baseline it is measured against."""
+    return F.interpolate(pixels.float(), scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
 class _ResBlock(nn.Module):
     """conv 3x3 -> ReLU -> conv 3x3, added to its input (EDSR's block, no batch norm)."""
 
@@ -54,13 +60,17 @@ class SuperResolution(nn.Module):
         self.tail.bias.zero_()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Upsample ``pixels`` ``[B, 3, h, w]`` in [0, 1] (the tokenizer's decoded images; the
-        bundled model's are 64 x 64) by ``cfg.scale``: ``[B, 3, h * scale, w * scale]`` float32
-        in [0, 1], the bicubic upsampling plus the learned residual, clamped."""
+        """Upsample ``pixels`` ``[B, 3, h, w]`` in [0, 1] by ``cfg.scale``: ``[B, 3, h * scale,
+        w * scale]`` float32 in [0, 1], the bicubic upsampling plus the learned residual, clamped.
+
+        ``pixels`` are the tokenizer's decoded images, e.g. ``Engine.decode_codes(codes,
+        output_type="pt")`` (64 x 64 for the bundled model, trained on exactly those), on the
+        module's device; any size works, as the module is convolutional. Gradients are the
+        caller's to switch off (``torch.no_grad()``)."""
         if pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be [B, 3, h, w], got shape {list(pixels.shape)}")
         x = pixels.to(self.head.weight.dtype)
-        up = F.interpolate(x.float(), scale_factor=self.cfg.scale, mode="bicubic", align_corners=False)  # (B, 3, sh, sw)
+        up = bicubic(pixels, self.cfg.scale)  # (B, 3, sh, sw)
         h = self.head(x * 2 - 1)  # (B, C, h, w)
         y = h
         for blk in self.blocks:

@@ -29,3 +29,10 @@ vqim train shapes data/shapes/train100k -n 100000 --split train --seed 1
 vqim train scorer train/configs/shapes_scorer.json
 vqim train export runs/shapes/scorer/checkpoint.pt -o engine/assets/demo --dtype float32 --cfg-scale 1.5 --temperature 0.5
 vqim eval shapes --model engine/assets/demo --device cpu -n 100 --cfg 1.5 --candidates 1 4 8
+
+# 7. The super-resolution module (64 -> 256 px) beside the exported model, on pairs rendered on
+#    the fly (training split; the tokenizer's reconstruction -> the 256 px render): 900 steps of
+#    16, L2 only, one thread (about 20 min on the 2 shared cores), written over the model (its
+#    other weights unchanged); then PSNR/SSIM against bicubic on held-out scenes and docs/upscaled.png.
+OMP_NUM_THREADS=1 vqim train superres train/configs/shapes_superres.json --export engine/assets/demo
+python benchmarks/bench_superres.py -n 100 --save --image docs/upscaled.png
