@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -86,7 +87,7 @@ def run(models: list[str], images: int, window: int, device: torch.device) -> li
     rows = []
     for name in models:
         eng = _engine(name, device)
-        label = eng.cfg.name if name != "bundled" else "bundled"
+        label = name if name == "bundled" or name in PRESETS else Path(name).name  # a directory: its name
         requests = _requests(eng, images)
         _decode(eng, "raster", requests[0], 0, window)  # warm-up
         raster_tokens, raster_ms = [], 0.0
