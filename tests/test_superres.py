@@ -191,6 +191,37 @@ def test_training_with_the_adversarial_loss_runs(tmp_path):
     assert all("adv" in h and "d_loss" in h for h in run.history)
 
 
+def test_resume_is_bit_exact_and_the_checkpoint_exports(tmp_path, capsys):
+    """A run stopped after step 3 (checkpoint at 2) and resumed trains what the uninterrupted run
+    trains, the discriminator included; ``vqim train export`` writes the checkpoint's model."""
+    from vqim.train import train
+    from vqim.train.run import CHECKPOINT
+
+    model_json = _bundled_with(dict(scale=2, channels=4, blocks=1), tmp_path)
+
+    def cfg(out: str) -> TrainConfig:
+        return TrainConfig(data="shapes", out_dir=str(tmp_path / out), model=str(model_json), steps=4, batch_size=2,
+                           log_every=1, ckpt_every=2, progress=False, val_images=2, init_from=str(BUNDLED_MODEL),
+                           w_adv=0.1, w_perceptual=0.0, disc_channels=4, disc_max_channels=8)
+
+    full = train(cfg("a"), "superres")
+    train(cfg("b"), "superres", stop_after=3)
+    resumed = train(cfg("b"), "superres", resume=True)
+    assert [h["step"] for h in resumed.history] == [3, 4]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[2:]]
+    a = torch.load(tmp_path / "a" / CHECKPOINT, map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "b" / CHECKPOINT, map_location="cpu", weights_only=False)
+    for part in ("model", "disc"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+    assert train_cli(["export", str(tmp_path / "b" / CHECKPOINT), "-o", str(tmp_path / "out")]) == 0
+    out = load_model(tmp_path / "out").state_dict()
+    for k, v in b["model"].items():
+        assert_equal(out[k], v, k)
+    # The run joined the bundled model: its sentencepiece model goes with the export.
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (BUNDLED_MODEL / "tokenizer.model").read_bytes()
+
+
 def test_bad_superres_runs_are_named(tmp_path, capsys):
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({k: v for k, v in json.loads((BUNDLED_MODEL / "config.json").read_text()).items()

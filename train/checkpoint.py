@@ -18,7 +18,7 @@ import torch
 
 from vqim.engine.weights import atomic_write
 
-STAGES = ("stage1", "stage2", "scorer")
+STAGES = ("stage1", "stage2", "scorer", "superres")
 # Key -> type every checkpoint holds; the rest (optimizers, rng, ...) is the stage's own.
 _REQUIRED = {"stage": str, "step": int, "model_config": dict, "train_config": dict, "model": dict}
 

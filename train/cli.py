@@ -5,7 +5,7 @@
     vqim train stage1 CONFIG [--resume] [--steps N] [--out-dir DIR] [--device D]
     vqim train stage2 CONFIG [--resume] ...
     vqim train scorer CONFIG [--resume] ...     (init_from: the model directory the reranker joins)
-    vqim train superres CONFIG [--export MODEL_DIR] [--steps N] ...   (init_from: the model it joins)
+    vqim train superres CONFIG [--export MODEL_DIR] [--resume] [--steps N] ...   (init_from: the model it joins)
     vqim train export CHECKPOINT -o MODEL_DIR [--text-tokenizer FILE] [--dtype bfloat16] [--temperature T ...]
 
 CONFIG is a JSON or TOML file of :class:`vqim.train.config.TrainConfig` fields. For several
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="training config (.json or .toml)")
     r.add_argument("--export", metavar="MODEL_DIR", default=None,
                    help="then write init_from's model with the trained module to MODEL_DIR")
+    r.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
     r.add_argument("--steps", type=int, default=None, help="override the config's steps")
     r.add_argument("--out-dir", default=None, help="override the config's out_dir")
     r.add_argument("--device", default=None, help="override the config's device")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             from .superres import train_superres
 
             cfg = TrainConfig.load(args.config, steps=args.steps, out_dir=args.out_dir, device=args.device)
-            run = train_superres(cfg, export_to=args.export)
+            run = train_superres(cfg, export_to=args.export, resume=args.resume)
             if run.dist.main:
                 print(args.export or run.ckpt_path)
         else:

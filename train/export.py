@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vqim.engine.config import ModelConfig, dtype_from_name
 from vqim.engine.models import VQIMModel, init_weights
-from vqim.engine.weights import save_pretrained
+from vqim.engine.weights import TOKENIZER_NAME, save_pretrained
 
 from .checkpoint import blame, read_checkpoint
 
@@ -25,7 +25,7 @@ def model_from_checkpoint(checkpoint: str | Path) -> tuple[VQIMModel, dict]:
     with blame("checkpoint", p):
         cfg = ModelConfig.from_dict(ckpt["model_config"])
         model = VQIMModel(cfg)
-        if ckpt["stage"] in ("stage2", "scorer"):  # the whole model
+        if ckpt["stage"] in ("stage2", "scorer", "superres"):  # the whole model
             model.load_state_dict(ckpt["model"])
         else:
             init_weights(model, int(ckpt["train_config"]["seed"]))
@@ -36,11 +36,14 @@ def model_from_checkpoint(checkpoint: str | Path) -> tuple[VQIMModel, dict]:
 def export(checkpoint: str | Path, out_dir: str | Path, *, text_tokenizer: str | Path | None = None,
            dtype: str | None = None, generation: dict | None = None) -> Path:
     """Write ``out_dir`` for the engine. ``text_tokenizer`` defaults to the run's sentencepiece
-    model (``train_config.text_tokenizer``); ``dtype`` to the model config's dtype;
+    model (``train_config.text_tokenizer``, else ``init_from``'s ``tokenizer.model``); ``dtype`` to the model config's dtype;
     ``generation`` (any :class:`~vqim.kernels.SamplingParams` settings) becomes the directory's
     ``generation.json``, the settings ``Engine.generate`` uses when the caller gives none."""
     model, ckpt = model_from_checkpoint(checkpoint)
     tok = text_tokenizer or ckpt["train_config"].get("text_tokenizer")
+    init_from = ckpt["train_config"].get("init_from")
+    if tok is None and isinstance(init_from, str) and (Path(init_from) / TOKENIZER_NAME).is_file():
+        tok = Path(init_from) / TOKENIZER_NAME  # a run that joined a model directory: its tokenizer
     if tok is not None and not isinstance(tok, str | Path):
         raise ValueError(f"checkpoint: {checkpoint}: train_config.text_tokenizer must be a path, got {tok!r}")
     if tok is not None and not Path(tok).is_file():

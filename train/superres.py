@@ -11,9 +11,10 @@ names a feature network, and StyleGAN's adversarial loss against a discriminator
 images when ``w_adv > 0``. ``data`` must be ``"shapes"``: there is no dataset on disk.
 
 ``vqim train superres CONFIG --export MODEL_DIR`` writes ``init_from``'s model, its tokenizer.model
-and generation.json included, with the trained module into ``MODEL_DIR`` once training ends. A
-run is short (the bundled module: 900 steps, about 20 minutes on two CPU cores) and starts over
-when run again; ``checkpoint.pt`` is written as by the other stages, but there is no ``--resume``.
+and generation.json included, with the trained module into ``MODEL_DIR`` once training ends;
+``--resume`` continues from ``checkpoint.pt`` (a step's pairs are a function of the seed and the
+step, so a resumed run trains on what the uninterrupted one would have), and ``vqim train export``
+exports the checkpoint like the other stages'.
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ class SuperResRun(ModelRun):
             s.update(disc=self.disc_module.state_dict(), disc_optimizer=self.opt_d.state_dict())
         return s
 
+    def load_state(self, s: dict) -> None:
+        super().load_state(s)
+        if self.use_adv:
+            self.disc_module.load_state_dict(s["disc"])
+            self.opt_d.load_state_dict(s["disc_optimizer"])
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's pairs of ``step`` (a function of the seed and the step): the tokenizer's
         reconstructions ``(b, 3, h, w)`` and the large renders ``(b, 3, h * scale, w * scale)``."""
@@ -177,10 +184,11 @@ class SuperResRun(ModelRun):
                                generation=load_generation_defaults(src) or None)
 
 
-def train_superres(cfg: TrainConfig, *, export_to: str | Path | None = None) -> SuperResRun:
-    """Train ``cfg``'s super-resolution module; with ``export_to``, then write the model there."""
+def train_superres(cfg: TrainConfig, *, export_to: str | Path | None = None, resume: bool = False) -> SuperResRun:
+    """Train ``cfg``'s super-resolution module (``resume``: from its checkpoint); with
+    ``export_to``, then write the model there."""
     run = SuperResRun(cfg)
-    run.run()
+    run.run(resume=resume)
     if export_to is not None and run.dist.main:
         say(f"superres: writing {export_to}")
         run.export(export_to)
