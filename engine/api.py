@@ -111,6 +111,11 @@ def _check_compile(device: torch.device) -> None:
                          "(g++, c++ or clang++ on PATH); none was found: install one or use compile=False")
 
 
+def _check_candidates(candidates) -> None:
+    if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
+        raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
+
+
 def _chunks(n: int, size: int) -> list[slice]:
     """``[0, n)`` in slices of at most ``size``."""
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
@@ -397,12 +402,13 @@ class Engine:
         With continuous batching (the default) the call submits its images to the engine's
         decode loop (:meth:`submit`) and waits: calls from other threads share its steps.
         """
-        if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
-            raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
+        _check_candidates(candidates)
         if candidates > 1 or return_scores:
-            return self._reranked(prompts, num_images, candidates, return_scores, seed=seed, class_ids=class_ids,
-                                  negative_prompt=negative_prompt, progress=progress, timeout=timeout, image=image,
-                                  keep=keep, decoding=decoding, sjd_window=sjd_window, **sampling)
+            codes, scores, _ = self._reranked(prompts, num_images, candidates, seed=seed, class_ids=class_ids,
+                                              negative_prompt=negative_prompt, progress=progress, timeout=timeout,
+                                              image=image, keep=keep, decoding=decoding, sjd_window=sjd_window,
+                                              **sampling)
+            return (codes, scores) if return_scores else codes
         decoding = self._decoding(decoding, sjd_window)
         if decoding != "raster":
             for name, value in (("timeout", timeout), ("image", image), ("keep", keep)):
@@ -488,8 +494,9 @@ class Engine:
         self._get_scheduler().submit(images)
         return handle
 
-    def _reranked(self, prompts, num_images: int, candidates: int, return_scores: bool, **kwargs):
-        """``generate_codes`` with ``candidates`` per image, the best by :meth:`score`."""
+    def _reranked(self, prompts, num_images: int, candidates: int, **kwargs):
+        """``generate_codes`` with ``candidates`` per image, the best by :meth:`score`: its codes
+        ``[P * n, g, g]``, scores ``[P * n]`` and decoded pixels ``[P * n, 3, H, W]``."""
         self._require_scorer("candidates > 1 / return_scores")
         if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
             raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
@@ -498,16 +505,17 @@ class Engine:
         codes = self.generate_codes(prompts, num_images * candidates, **kwargs)  # (P * N * n, g, g)
         p = len(prompts)
         per_image = [q for q in prompts for _ in range(num_images * candidates)]
-        scores = self.score(self.decode_codes(codes, output_type="pt"), per_image)  # (P * N * n,)
-        scores = scores.view(p, candidates, num_images)
+        pixels = self.decode_codes(codes, output_type="pt")  # (P * N * n, 3, H, W)
+        scores = self.score(pixels, per_image).view(p, candidates, num_images)
         best = scores.argmax(1)  # (P, n): the first best candidate
-        grid = codes.view(p, candidates, num_images, *codes.shape[1:])
         rows = torch.arange(p)[:, None]
         cols = torch.arange(num_images)[None, :]
-        picked = grid[rows, best.to(grid.device), cols].reshape(p * num_images, *codes.shape[1:])
-        if return_scores:
-            return picked, scores.max(1).values.reshape(-1)
-        return picked
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            grid = t.view(p, candidates, num_images, *t.shape[1:])
+            return grid[rows, best.to(grid.device), cols].reshape(p * num_images, *t.shape[1:])
+
+        return pick(codes), scores.max(1).values.reshape(-1), pick(pixels)
 
     def _require_scorer(self, what: str) -> None:
         if self.model.scorer is None:
@@ -731,11 +739,16 @@ class Engine:
         (with ``return_scores=True``: ``(images, scores)``). ``upscale=True`` passes them through
         the model's super-resolution module (:meth:`decode_codes`)."""
         self._check_upscale(upscale)
-        if kwargs.get("return_scores"):
-            codes, scores = self.generate_codes(prompts, num_images, **kwargs)
-            return self.decode_codes(codes, upscale=upscale), scores
-        codes = self.generate_codes(prompts, num_images, **kwargs)
-        return self.decode_codes(codes, upscale=upscale)
+        candidates = kwargs.pop("candidates", 1)
+        return_scores = kwargs.pop("return_scores", False)
+        _check_candidates(candidates)
+        if candidates > 1 or return_scores:
+            # The reranker decoded every candidate to score it: the chosen ones' pixels are reused.
+            _, scores, pixels = self._reranked(prompts, num_images, candidates, **kwargs)
+            with torch.no_grad(), self._lock:
+                images = self._output(pixels.split(self.max_batch_size), "pil", upscale)
+            return (images, scores) if return_scores else images
+        return self.decode_codes(self.generate_codes(prompts, num_images, **kwargs), upscale=upscale)
 
     def _check_upscale(self, upscale: bool) -> None:
         if not isinstance(upscale, bool):
@@ -884,16 +897,20 @@ class Engine:
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         self._check_upscale(upscale)
         c = self._codes(codes)
-        out = []
         with self._lock:
-            for pixels in self._decode_chunks(c):
-                if upscale:
-                    pixels = self.model.superres(pixels)  # (b, 3, sH, sW)
-                if output_type == "pt":
-                    out.append(pixels)
-                    continue
-                arr = (pixels * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (b, H, W, 3)
-                out += [Image.fromarray(a, mode="RGB") for a in arr]
+            return self._output(self._decode_chunks(c), output_type, upscale)
+
+    def _output(self, chunks, output_type: str, upscale: bool):
+        """Pixel chunks ``[b, 3, H, W]`` in [0, 1] -> what :meth:`decode_codes` returns. Call under the lock."""
+        out = []
+        for pixels in chunks:
+            if upscale:
+                pixels = self.model.superres(pixels)  # (b, 3, sH, sW)
+            if output_type == "pt":
+                out.append(pixels)
+                continue
+            arr = (pixels * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (b, H, W, 3)
+            out += [Image.fromarray(a, mode="RGB") for a in arr]
         return torch.cat(out) if output_type == "pt" else out
 
     @torch.no_grad()

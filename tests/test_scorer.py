@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,8 +89,17 @@ def test_candidates_keep_the_best_scoring_draw(scored):
             assert float(got_scores[r * 2 + j]) == pytest.approx(float(scores[best]))
     again = eng.generate_codes(prompts, num_images=2, seed=[4, 9], candidates=3)
     assert_equal(again, got)
-    images, s = eng.generate(prompts[0], seed=1, candidates=2, return_scores=True)
+    decodes = []
+    decode = eng.model.vqgan.decode
+    eng.model.vqgan.decode = lambda c: decodes.append(c.shape[0]) or decode(c)
+    try:
+        images, s = eng.generate(prompts[0], seed=1, candidates=2, return_scores=True)
+    finally:
+        eng.model.vqgan.decode = decode
     assert len(images) == 1 and s.shape == (1,)
+    assert decodes == [2]  # the candidates, once: the chosen image's pixels are the scored ones
+    want = eng.decode_codes(eng.generate_codes(prompts[0], seed=1, candidates=2))
+    np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(want[0]))
 
 
 def test_score_is_a_cosine_and_bad_calls_are_named(scored):
@@ -112,7 +122,6 @@ def test_score_is_a_cosine_and_bad_calls_are_named(scored):
 
 
 def test_eval_and_cli_take_candidates(scored, tmp_path):
-    import numpy as np
     from PIL import Image
 
     from vqim.train import eval_shapes
