@@ -48,6 +48,7 @@ from vqim.engine.weights import atomic_write
 
 from .checkpoint import blame, read_checkpoint, stale_temp_files, write_checkpoint
 from .config import TrainConfig
+from .losses import discriminator_loss, r1_penalty
 from .optim import Adafactor
 
 CHECKPOINT = "checkpoint.pt"
@@ -329,6 +330,20 @@ class Run:
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(norm)
+
+    def discriminator_step(self, step: int, real: torch.Tensor, fake: torch.Tensor) -> float:
+        """One step of the adversarial discriminator (a run with ``disc``, ``disc_module`` and
+        ``opt_d``) on ``real`` and detached ``fake`` images ``[b, 3, H, W]``, with the R1 penalty
+        when ``r1_gamma > 0``; returns its loss, the mean over ranks."""
+        with self.autocast():
+            logits = self.disc(torch.cat([real, fake.detach()]))  # (2b,)
+            d_loss = discriminator_loss(logits[: real.shape[0]], logits[real.shape[0]:])
+            if self.cfg.r1_gamma > 0:
+                d_loss = d_loss + 0.5 * self.cfg.r1_gamma * r1_penalty(self.disc_module, real)
+        d_loss.backward()
+        self.check_finite(step, "the discriminator loss", d_loss)
+        self.clip_and_step(step, self.disc_module.parameters(), self.opt_d, "discriminator")
+        return self.dist.all_mean(d_loss.detach()).item()
 
 
 class ModelRun(Run):

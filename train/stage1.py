@@ -15,8 +15,8 @@ from vqim.engine.models import ViTVQGAN, init_weights
 from .checkpoint import blame
 from .config import TrainConfig
 from .data import ImageDataset, batch_indices
-from .losses import (Discriminator, PerceptualLoss, discriminator_loss, generator_adv_loss, l2_loss,
-                     logit_laplace_loss, psnr, r1_penalty, straight_through, vq_loss)
+from .losses import (Discriminator, PerceptualLoss, generator_adv_loss, l2_loss, logit_laplace_loss, psnr,
+                     straight_through, vq_loss)
 from .precision import fp32_layer_norms
 from .run import Run, build_optimizer, say
 from .stage2 import read_tokenizer
@@ -166,15 +166,7 @@ class Stage1(Run):
             if (step + 1) % cfg.code_restart_every == 0:
                 rec["codes_restarted"] = self.restart_dead_codes(step, z.detach(), codes.detach())
         if adv:
-            with self.autocast():
-                logits = self.disc(torch.cat([x, recon.detach()]))  # (2b,)
-                d_loss = discriminator_loss(logits[: x.shape[0]], logits[x.shape[0]:])
-                if cfg.r1_gamma > 0:
-                    d_loss = d_loss + 0.5 * cfg.r1_gamma * r1_penalty(self.disc_module, x)
-            d_loss.backward()
-            self.check_finite(step, "the discriminator loss", d_loss)
-            rec["d_loss"] = self.dist.all_mean(d_loss.detach()).item()
-            self.clip_and_step(step, self.disc_module.parameters(), self.opt_d, "discriminator")
+            rec["d_loss"] = self.discriminator_step(step, x, recon)
         return rec
 
     @torch.no_grad()

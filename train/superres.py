@@ -31,8 +31,7 @@ from vqim.engine.weights import TOKENIZER_NAME, load_generation_defaults, save_p
 
 from . import shapes as S
 from .config import TrainConfig
-from .losses import (Discriminator, PerceptualLoss, discriminator_loss, generator_adv_loss, l2_loss, psnr,
-                     r1_penalty)
+from .losses import Discriminator, PerceptualLoss, generator_adv_loss, l2_loss, psnr
 from .run import ModelRun, build_optimizer, say
 from .stage2 import load_weights_from
 
@@ -150,15 +149,7 @@ class SuperResRun(ModelRun):
                **{k: self.dist.all_mean(v.detach()).item() for k, v in parts.items()}}
         rec["grad_norm"] = self.clip_and_step(step, self.model.superres.parameters(), self.opt, "superres")
         if adv:
-            with self.autocast():
-                logits = self.disc(torch.cat([target, out.detach()]))  # (2b,)
-                d_loss = discriminator_loss(logits[: target.shape[0]], logits[target.shape[0]:])
-                if cfg.r1_gamma > 0:
-                    d_loss = d_loss + 0.5 * cfg.r1_gamma * r1_penalty(self.disc_module, target)
-            d_loss.backward()
-            self.check_finite(step, "the discriminator loss", d_loss)
-            rec["d_loss"] = self.dist.all_mean(d_loss.detach()).item()
-            self.clip_and_step(step, self.disc_module.parameters(), self.opt_d, "discriminator")
+            rec["d_loss"] = self.discriminator_step(step, target, out)
         return rec
 
     @torch.no_grad()
