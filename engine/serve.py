@@ -15,8 +15,9 @@ Endpoints (JSON; every error in OpenAI's shape ``{"error": {"message", "type", "
   A partial image is its grid decoded with token 0 in place of the tokens not drawn yet, and
   the pixel rows below the drawn grid rows then filled with gray (128, 128, 128).
   ``"decoding": "raster" | "wavefront" | "sjd"`` (and ``"sjd_window"``) picks the engine's
-  decoding (``Engine.generate_codes``); the parallel ones run one batch per request outside the
-  decode loop and do not stream.
+  decoding, ``"candidates": N`` draws N images per image and returns the reranker's best
+  (``Engine.generate_codes``); either runs one batch per request outside the decode loop and
+  does not stream.
 - ``GET /v1/models``: the served model, in OpenAI's list shape.
 - ``GET /health``: 200 ``{"status": "ok"}`` once the model is loaded, 503 while it loads.
 
@@ -67,7 +68,7 @@ _GRAY = (128, 128, 128)
 # Request fields whose engine argument is named otherwise (engine errors are renamed for the client).
 _ENGINE_NAMES = {"cfg_scale": "guidance_scale", "num_images": "n", "prompts": "prompt"}
 _PARAMS = ("prompt", "n", "seed", "negative_prompt", "guidance_scale", "temperature", "top_k", "top_p", "min_p",
-           "decoding", "sjd_window")
+           "decoding", "sjd_window", "candidates")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class ImageGenerationRequest(BaseModel):
     stream: bool = False
     decoding: str = "raster"
     sjd_window: int = 16
+    candidates: int = 1
 
 
 class APIError(Exception):
@@ -216,14 +218,15 @@ def build_app(engine_factory: Callable[[], Any], *, limits: Limits,
         body = _parse(await _read_body(request, limits.max_body_bytes))
         kwargs = _engine_kwargs(body, engine, limits)
         upscale = _upscale(body, engine)
-        if body.decoding != "raster":
+        if body.decoding != "raster" or body.candidates != 1:
             if body.stream:
-                raise APIError(400, f"stream needs decoding 'raster' (got {body.decoding!r}): a parallel decoding "
-                               "finishes no grid row before the last pass", param="stream", code="invalid_value")
+                raise APIError(400, f"stream needs decoding 'raster' and candidates 1 (got {body.decoding!r}, "
+                               f"{body.candidates}): no image is final before the last pass or the reranking",
+                               param="stream", code="invalid_value")
             try:
                 # One batch per call outside the decode loop (Engine.generate_codes): a client that
                 # goes away gets no answer, but its batch runs to the end.
-                codes = await _await_or_gone(request, asyncio.to_thread(_generate_parallel, engine, kwargs, body))
+                codes = await _await_or_gone(request, asyncio.to_thread(_generate_whole, engine, kwargs, body))
                 return JSONResponse(await asyncio.to_thread(_response, engine, codes, upscale))
             except _ClientGone:
                 return Response(status_code=499)
@@ -366,13 +369,14 @@ def _submit(engine, kwargs: dict, **extra):
         raise _invalid(e) from e
 
 
-def _generate_parallel(engine, kwargs: dict, body: ImageGenerationRequest):
-    """``engine.generate_codes`` with the request's parallel decoding (in a worker thread)."""
+def _generate_whole(engine, kwargs: dict, body: ImageGenerationRequest):
+    """``engine.generate_codes`` with the request's decoding and reranked candidates (in a worker thread)."""
     kwargs = dict(kwargs)
     prompt, n = kwargs.pop("prompts"), kwargs.pop("num_images")
     kwargs.pop("timeout")
     try:
-        return engine.generate_codes(prompt, n, decoding=body.decoding, sjd_window=body.sjd_window, **kwargs)
+        return engine.generate_codes(prompt, n, decoding=body.decoding, sjd_window=body.sjd_window,
+                                     candidates=body.candidates, **kwargs)
     except (ValueError, TypeError) as e:
         raise _invalid(e) from e
 

@@ -186,6 +186,23 @@ def test_parallel_decodings(server, generated):
     assert json.loads(again)["data"] == sjd  # the same seed: the same images
 
 
+def test_reranked_candidates(server, one_torch_thread):
+    """candidates: the reranker's best of N, as ``Engine.generate(..., candidates=N)`` picks it."""
+    from vqim.engine import Engine
+
+    status, _, body = server.generate(prompt=PROMPT, n=2, seed=SEED, candidates=3)
+    assert status == 200, body
+    got = [np.asarray(_png(d["b64_json"])) for d in json.loads(body)["data"]]
+    eng = Engine.from_pretrained(device="cpu", max_batch_size=2)
+    try:
+        want = eng.generate(PROMPT, 2, seed=SEED, candidates=3)
+    finally:
+        eng.close()
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, np.asarray(w))
+
+
 def test_upscaled_size(server, one_torch_thread):
     """size 256x256: the bundled model's images through its super-resolution module, as
     ``Engine.generate(upscale=True)`` draws them in-process."""
@@ -270,6 +287,8 @@ BAD = [
     ({"prompt": PROMPT, "decoding": "sjd", "sjd_window": 0}, "sjd_window"),
     ({"prompt": PROMPT, "decoding": "sjd", "sjd_window": "4"}, "sjd_window"),
     ({"prompt": PROMPT, "decoding": "sjd", "stream": True}, "stream"),
+    ({"prompt": PROMPT, "candidates": 0}, "candidates"),
+    ({"prompt": PROMPT, "candidates": 2, "stream": True}, "stream"),
 ]
 
 
