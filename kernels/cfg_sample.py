@@ -203,26 +203,29 @@ def cfg_probs_ref(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None,
     sampler that draws with other randomness (speculative decoding's acceptance test) needs."""
     _check_logits(cond_logits, uncond_logits)
     prm = _prepare(cond_logits, uncond_logits, False, sampling, 0, 0)
-    x = guided_logits_ref(cond_logits, uncond_logits, prm["cfg_scale"])  # (B, V)
-    greedy = prm["temperature"] == 0
-    z = x / torch.where(greedy, 1.0, prm["temperature"])[:, None]
-    keep = sampling_mask_ref(z, prm["top_k"], prm["top_p"], prm["min_p"])
-    w = torch.where(keep, torch.exp(z - z.max(dim=1, keepdim=True).values), 0.0)  # (B, V)
+    x, _, greedy, _, _, w = _kept_weights(cond_logits, uncond_logits, prm["cfg_scale"], prm["temperature"],
+                                          prm["top_k"], prm["top_p"], prm["min_p"])
     p = w / w.sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     top = F.one_hot(x.argmax(1), x.shape[1]).to(p.dtype)  # (B, V)
     p = torch.where(greedy[:, None], top, p)
     return torch.where(x.isfinite().any(1, keepdim=True), p, 0.0)
 
 
-def _cfg_sample_torch(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p, seed, step):
+def _kept_weights(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p):
+    """The definition's steps up to the draw: guided logits ``x``, temperature-scaled ``z`` (``x``
+    itself on greedy rows), ``greedy [B]``, the kept mask, ``m = max z [B, 1]`` and the kept
+    tokens' weights ``w = exp(z - m)`` (0 elsewhere), each ``[B, V]``."""
     x = guided_logits_ref(cond, uncond, cfg_scale)  # (B, V)
-    b, v = x.shape
-    t = temperature[:, None]
     greedy = temperature == 0
-    z = torch.where(greedy[:, None], x, x / torch.where(greedy[:, None], 1.0, t))  # (B, V)
+    z = torch.where(greedy[:, None], x, x / torch.where(greedy[:, None], 1.0, temperature[:, None]))  # (B, V)
     keep = sampling_mask_ref(z, top_k, top_p, min_p)
     m = z.max(dim=1, keepdim=True).values
-    w = torch.where(keep, torch.exp(z - m), 0.0)  # (B, V)
+    return x, z, greedy, keep, m, torch.where(keep, torch.exp(z - m), 0.0)
+
+
+def _cfg_sample_torch(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p, seed, step):
+    x, z, greedy, keep, m, w = _kept_weights(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p)  # (B, V)
+    v = x.shape[1]
     total = w.sum(1)  # (B,)
     u = philox_uniform(seed, step)  # (B,)
     cum = w.cumsum(1)
