@@ -30,7 +30,7 @@ from vqim import kernels as K
 from .config import ModelConfig, dtype_from_name, dtype_name
 from .generate import Generator, Sampling, check_tokens, condition, tokenize
 from .models import VQIMModel, init_weights
-from .parallel import check_decoding, run_sjd, run_wavefront, wavefront_unsupported
+from .parallel import check_decoding, check_window, run_sjd, run_wavefront, wavefront_unsupported
 from .quantize import QUANTIZE_CHOICES, is_quantized, quantize_decoder
 from .serving import ImageRequest, QueueFullError, RequestHandle, Scheduler
 from .text import TextTokenizer
@@ -671,10 +671,8 @@ class Engine:
         self.cfg.require_decoder("generating images")
         if self._tp_group is not None:
             raise ValueError(f"decoding={decoding!r} is not supported with tensor parallelism (tp > 1); use 'raster'")
-        n = self.cfg.decoder.num_tokens
-        if decoding == "sjd" and (not isinstance(sjd_window, int) or isinstance(sjd_window, bool)
-                                  or not 1 <= sjd_window <= n):
-            raise ValueError(f"sjd_window must be an int in [1, {n}] (the image's tokens), got {sjd_window!r}")
+        if decoding == "sjd":
+            check_window("sjd_window", sjd_window, self.cfg.decoder.num_tokens)
         why = wavefront_unsupported(self.model.decoder) if decoding == "wavefront" else None
         if why is not None:
             warnings.warn(f"{why}: decoding in raster order instead", stacklevel=3)

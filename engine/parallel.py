@@ -56,6 +56,7 @@ the number of tokens per pass changes), with the plain (not ring) KV cache.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,13 @@ def check_decoding(decoding: str) -> str:
     return decoding
 
 
+def check_window(name: str, window, num_tokens: int) -> int:
+    """An SJD window: an int in ``[1, num_tokens]``; ``name`` is what the caller calls it."""
+    if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= num_tokens:
+        raise ValueError(f"{name} must be an int in [1, {num_tokens}] (the image's tokens), got {window!r}")
+    return window
+
+
 def wavefront_unsupported(decoder: ARDecoder) -> str | None:
     """Why ``decoder`` cannot decode as a wavefront (``None`` if it can): a fully causal layer
     sees every earlier token, so no token may be computed before the whole raster prefix."""
@@ -129,7 +137,7 @@ def forward_tokens(dec: ARDecoder, state: DecodeState, tokens: torch.Tensor, pos
     r_idx, t_idx = valid.nonzero(as_tuple=True)  # (N,) each
     p_idx = pos[r_idx, t_idx]  # (N,)
     n_slots = state.k[0].shape[2]
-    conv_vis = K.conv_mask_ref(grid, cfg.conv_kernel, cfg.prefix, seq_len=n_slots, device=pos.device)[pos]  # (R, T, S)
+    conv_vis = _conv_mask(grid, tuple(cfg.conv_kernel), cfg.prefix, n_slots, pos.device)[pos]  # (R, T, S)
     slots = torch.arange(n_slots, device=pos.device)  # (S,)
     causal_vis = slots <= pos[..., None]  # (R, T, S)
     if known is not None:
@@ -149,6 +157,13 @@ def forward_tokens(dec: ARDecoder, state: DecodeState, tokens: torch.Tensor, pos
             x = x + blk.cross.merge(a)
         x = x + blk.mlp(blk.ln2(x))
     return dec.head(dec.norm(x)).float()  # (R, T, V)
+
+
+@functools.lru_cache(maxsize=8)
+def _conv_mask(grid: tuple[int, int], kernel: tuple[int, int], prefix: int, n_slots: int,
+               device: torch.device) -> torch.Tensor:
+    """``conv_mask_ref`` ``[S, S]`` of a decoder's geometry, built once, not every pass."""
+    return K.conv_mask_ref(grid, kernel, prefix, seq_len=n_slots, device=device)
 
 
 def _new_state(dec: ARDecoder, rows: Rows) -> tuple[DecodeState, torch.Tensor]:
@@ -200,8 +215,6 @@ def run_wavefront(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: boo
     fed = [[0] * gh for _ in range(b)]
     ready: list[dict[int, int]] = [{} for _ in range(b)]
     guess: list[dict[tuple[int, int], int]] = [{} for _ in range(b)]
-    known = torch.zeros(b, n_slots, dtype=torch.bool)
-    known[:, :cfg.prefix] = True
     passes = 1
     starts = accepted = 0
 
@@ -219,12 +232,14 @@ def run_wavefront(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: boo
             for c in range(gw):
                 guess[bi].pop((rr, c), None)
             tokens[bi, rr * gw:(rr + 1) * gw] = -1
-            known[bi, at(rr, 0):at(rr, 0) + gw] = False
 
     while True:
         per_image: list[list[tuple[int, int]]] = []
         cells: list[list[tuple[str, int, int]]] = []
-        written = known.clone()
+        # The cache slots holding a token's K/V once this pass has written: the prefix, every
+        # row's fed cells and this pass's entries (what a speculative entry may see).
+        written = torch.zeros(b, n_slots, dtype=torch.bool)
+        written[:, :cfg.prefix] = True
         for bi in range(b):
             ents, cl = [], []
             above = gw  # tokens the row above will have fed after this pass (none above row 0)
@@ -235,12 +250,12 @@ def run_wavefront(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: boo
                 if have[bi][r] == 0:
                     break
                 c = fed[bi][r]
+                written[bi, at(r, 0):at(r, c)] = True
                 last = gw if r < gh - 1 else gw - 1  # the grid's last token is drawn, never fed
                 go = c < last and above >= need(c)
                 if go:
                     ents.append((int(tokens[bi, r * gw + c].clamp_min(0)), at(r, c)))
                     cl.append(("feed", r, c))
-                    known[bi, at(r, c)] = True
                     written[bi, at(r, c)] = True
                 # The speculative tail: the row's cells not fed yet, fed their guesses, one
                 # Jacobi step a pass; its last cell drafts the next row's first token.
@@ -319,8 +334,7 @@ def run_sjd(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: bool, win
             stats: DecodeStats | None = None) -> torch.Tensor:
     """Image tokens ``[B, n]`` by speculative Jacobi decoding with ``window`` drafts per image:
     distributed as raster decoding's, not the same tokens (see the module docstring)."""
-    if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= dec.cfg.num_tokens:
-        raise ValueError(f"window must be an int in [1, {dec.cfg.num_tokens}] (the image's tokens), got {window!r}")
+    check_window("window", window, dec.cfg.num_tokens)
     cfg = dec.cfg
     n = cfg.num_tokens
     dev = rows.prefix.device
@@ -392,10 +406,14 @@ def run_sjd(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: bool, win
     return tokens.to(dev)
 
 
+def _settings(sampling: Sampling, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each entry's sampling settings ``[N]``, entry ``j`` from image ``image[j]`` (on their device)."""
+    return {name: v[image.to(v.device)] for name, v in sampling.settings.items()}
+
+
 def _probs(cond: torch.Tensor, uncond: torch.Tensor | None, sampling: Sampling, image: torch.Tensor) -> torch.Tensor:
     """What ``cfg_sample`` draws from for logits ``[N, V]``, entry ``j`` with image ``image[j]``'s settings."""
-    image = image.to(cond.device)
-    return K.cfg_probs_ref(cond, uncond, **{name: v[image] for name, v in sampling.settings.items()})  # (N, V)
+    return K.cfg_probs_ref(cond, uncond, **_settings(sampling, image))  # (N, V)
 
 
 def _draw(cond: torch.Tensor, uncond: torch.Tensor | None, sampling: Sampling, image: torch.Tensor,
@@ -403,7 +421,5 @@ def _draw(cond: torch.Tensor, uncond: torch.Tensor | None, sampling: Sampling, i
     """``cfg_sample`` of logits ``[N, V]``, entry ``j`` for image ``image[j]`` (its settings and
     seed) and token index ``target[j]`` (the step raster decoding draws that token at)."""
     dev = cond.device
-    image = image.to(dev)
-    settings = {name: v[image] for name, v in sampling.settings.items()}
-    return K.cfg_sample(cond, uncond, seed=sampling.seed[image], step=target.to(dev, torch.long), validate=False,
-                        **settings)  # (N,)
+    return K.cfg_sample(cond, uncond, seed=sampling.seed[image.to(dev)], step=target.to(dev, torch.long),
+                        validate=False, **_settings(sampling, image))  # (N,)
