@@ -47,6 +47,12 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W)
 
 
+def to_pixels(images) -> torch.Tensor:
+    """PIL RGB images of one size -> ``[N, 3, H, W]`` float32 in [0, 1]."""
+    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images]))  # (N, H, W, 3)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
 @dataclass
 class Example:
     file: Path

@@ -13,12 +13,12 @@ import math
 import random
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from vqim.kernels import SamplingParams
 
 from . import shapes as S
+from .data import to_pixels
 
 DEFAULT_CFG_SCALES = (1.0, 3.0)
 # README's grid: held-out prompts only (no scene the model trained on), four of each kind.
@@ -67,7 +67,7 @@ def _tokenizer_quality(engine, *, num_images: int, seed: int, batch_size: int) -
         codes = engine.encode_images(imgs)  # (B, g, g)
         used.update(codes.unique().tolist())
         recon = engine.decode_codes(codes, output_type="pt").float().cpu()  # (B, 3, H, W) in [0, 1]
-        target = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in imgs])).permute(0, 3, 1, 2)
+        target = to_pixels(imgs)  # (B, 3, H, W)
         sq_err += float(((recon - target) ** 2).sum())
         pixels += target.numel()
     mse = sq_err / pixels

@@ -21,7 +21,7 @@ from vqim.engine.models import VQIMModel, init_weights
 
 from . import shapes as S
 from .config import TrainConfig
-from .data import ImageDataset, batch_indices
+from .data import ImageDataset, batch_indices, to_pixels
 from .run import ModelRun, build_optimizer
 from .stage2 import load_weights_from, text_tokenizer
 
@@ -150,11 +150,8 @@ class _RenderedScenes:
     """The two things :func:`retrieval_accuracy` reads of a dataset, for images in memory."""
 
     def __init__(self, images, captions: list[str]):
-        import numpy as np
-
         self.captions = captions
-        self._x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images]))
-        self._x = self._x.permute(0, 3, 1, 2)  # (N, 3, H, W)
+        self._x = to_pixels(images)  # (N, 3, H, W)
 
     def __len__(self) -> int:
         return len(self.captions)

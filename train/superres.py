@@ -22,7 +22,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vqim.engine.models import VQIMModel
@@ -31,17 +30,12 @@ from vqim.engine.weights import TOKENIZER_NAME, load_generation_defaults, save_p
 
 from . import shapes as S
 from .config import TrainConfig
+from .data import to_pixels
 from .losses import Discriminator, PerceptualLoss, generator_adv_loss, l2_loss, psnr
 from .run import ModelRun, build_optimizer, say
 from .stage2 import load_weights_from
 
 DATA = "shapes"
-
-
-def to_pixels(images) -> torch.Tensor:
-    """PIL RGB images of one size -> ``[N, 3, H, W]`` float32 in [0, 1]."""
-    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images]))  # (N, H, W, 3)
-    return x.permute(0, 3, 1, 2).contiguous()
 
 
 def render_pairs(rng: random.Random, n: int, size: int, scale: int, *, split: str = "train"
