@@ -104,7 +104,7 @@ setup(
     version="0.1.0",
     description="Kernel-optimized inference engine for vector-quantized image modeling",
     python_requires=">=3.10",
-    packages=list(PACKAGES),
+    packages=[*PACKAGES, "vqim.engine.entrypoints", "vqim.engine.profiling"],
     package_dir=PACKAGES,
     package_data={"vqim.engine": ["assets/*", "assets/**/*"]},
     include_package_data=True,

@@ -1,4 +1,4 @@
-"""Result files of the benchmark scripts; timing, roofline and tables are ``vqim.engine.timing``.
+"""Result files of the benchmark scripts; timing, roofline and tables are ``vqim.engine.profiling.timing``.
 
 GPU results are appended to benchmarks/results/<name>.csv with the device, date and commit so
 tables from different runs stay comparable. The scripts import this as ``_common``: Python puts
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vqim.engine.timing import device_name, format_value
+from vqim.engine.profiling.timing import device_name, format_value
 from vqim.engine.weights import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"

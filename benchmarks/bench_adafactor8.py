@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from vqim.engine import ModelConfig
-from vqim.engine.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit
+from vqim.engine.profiling.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit
 from vqim.engine.weights import build_model
 from vqim.kernels import _ext
 from vqim.kernels.adafactor8 import QBLOCK, Adafactor8bit, dequantize_blockwise

@@ -18,7 +18,7 @@ import argparse
 import pytest
 import torch
 
-from vqim.engine.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit
+from vqim.engine.profiling.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit
 from vqim.kernels import _ext, cfg_sample
 
 from _common import append_results

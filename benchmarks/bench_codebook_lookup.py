@@ -16,7 +16,7 @@ import argparse
 import pytest
 import torch
 
-from vqim.engine.timing import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, device_name, print_table, timeit
+from vqim.engine.profiling.timing import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, device_name, print_table, timeit
 from vqim.kernels import _ext, codebook_lookup, codebook_lookup_ref
 
 from _common import append_results

@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vqim.engine.timing import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, device_name, print_table, timeit  # noqa: E402
+from vqim.engine.profiling.timing import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, device_name, print_table, timeit  # noqa: E402
 from vqim.kernels import (conv_attention, conv_attention_ref, conv_cache_len, conv_decode_attention,  # noqa: E402
                           conv_mask_ref)
 from vqim.kernels import _ext  # noqa: E402

@@ -3,8 +3,8 @@
     python benchmarks/bench_decode_step.py [--save] [--models tiny-t2i tiny-vim bundled]
     python benchmarks/bench_decode_step.py --presets parti-350m parti-750m --batch 1 4 16   (CUDA)
 
-One step is ``decode_step`` + ``cfg_sample`` (guidance on: 2B decoder rows for B images) at a
-mid-grid position. Launches are counted as :mod:`vqim.engine.launches` says: ``eager`` by a
+One step is the decode loop's step (the runner's raster step: ``decode_step``, ``cfg_sample`` and
+recording each token; guidance on: 2B decoder rows for B images) from a mid-grid position. Launches are counted as :mod:`vqim.engine.profiling.launches` says: ``eager`` by a
 dispatch counter (each ATen or ``vqim::`` op that runs a kernel, views excluded),
 ``compiled`` from the kernels Inductor generated; on CUDA also ``cuda_kernels``, the kernels
 the profiler saw in one step. Per layer: block 0's step alone.
@@ -13,14 +13,14 @@ Modes (every row of one table is measured in the same run):
 
 * ``eager``: vqim's kernels, launched from Python; ``compiled``: ``Engine(compile=True)``;
   ``int8``: ``Engine(quantize="int8")``, eager;
-* on CUDA, each of those replayed from the CUDA graph the engine captures (``+graph``), and
+* on CUDA, each of those replayed from the CUDA graph the engine's runner captures (``+graph``), and
   the peers: ``torch`` (every vqim op on its plain-PyTorch reference, eager) and
   ``torch-compile`` (``torch.compile`` of that reference).
 
 CPU (the tiny presets and the bundled model; ``bundled`` is the model README's main command
 runs): launches and ms per step. CUDA (random-weight parti presets in bf16): ms per step, GB/s
 and the share of the HBM roofline, ``(decoder weight bytes + K/V read) / 3.0 TB/s`` (one H100:
-``vqim.engine.timing``; an H200's HBM is faster, so its share reads high). ``--budget-s`` stops
+``vqim.engine.profiling.timing``; an H200's HBM is faster, so its share reads high). ``--budget-s`` stops
 starting new cases once spent, so a lent GPU's time bound holds; a skipped case is printed.
 """
 
@@ -34,11 +34,10 @@ import torch
 
 from vqim import kernels as K
 from vqim.engine import Engine
-from vqim.engine.bench import step_bytes
-from vqim.engine.generate import CapturedStep, condition
-from vqim.engine.launches import step_launches
+from vqim.engine.profiling.bench import prepared_runner, step_bytes
+from vqim.engine.profiling.launches import step_launches
 from vqim.engine.quantize import decoder_step_weight_bytes
-from vqim.engine.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit
+from vqim.engine.profiling.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit
 
 from _common import append_results
 
@@ -57,42 +56,27 @@ def make_engine(model: str, device: torch.device, dtype: str | None, **opts) -> 
 
 
 class _Case:
-    """One engine's step at a fixed mid-grid position, on its own static state."""
+    """One engine's loop step from a mid-grid position, on a runner of its own (prefilled rows)."""
 
-    def __init__(self, engine: Engine, batch: int, *, graph: bool):
-        dec = engine.model.decoder
-        cfg = dec.cfg
+    def __init__(self, engine: Engine, batch: int, *, graph: bool, steps: int):
+        cfg = engine.model.decoder.cfg
         self.engine, self.batch = engine, batch
-        self.guided = engine.cfg.is_text_to_image or cfg.num_classes > 0
-        self.rows = 2 * batch if self.guided else batch
-        dev = engine.device
-        prompts = ["a red circle above a blue square"] * batch if engine.cfg.is_text_to_image else None
-        requests = prompts or ([1] * batch if cfg.num_classes > 0 else [dec.null_prefix] * batch)
-        pad = engine.cfg.text.max_len if prompts and dev.type == "cuda" else None
-        self.cond = condition(engine.model, engine.tokenizer, requests, guided=self.guided, pad_to=pad)
-        self.pos_int = cfg.prefix + cfg.num_tokens // 2  # mid-grid: a full conv window
-        self.pos = torch.full((self.rows,), self.pos_int, dtype=torch.long, device=dev)  # (R,)
-        self.tok = torch.zeros(self.rows, dtype=torch.long, device=dev)
-        gen = engine.generator
-        if graph:
-            captured = CapturedStep(dec, dec.new_state(self.rows, self.cond.memory, self.cond.memory_mask,
-                                                       ring=gen.ring_cache), gen.step)
-            self.state = captured.state
-            self.run_step = lambda: captured(self.tok, self.pos)
-        else:
-            self.state = dec.new_state(self.rows, self.cond.memory, self.cond.memory_mask, ring=gen.ring_cache)
-            step = gen.step
-            self.run_step = lambda: step(self.state, self.tok, self.pos)
-        dec.prefill(self.state, self.cond.prefix)
-        self.seed = torch.arange(batch, device=dev)
+        # Mid-grid (a full conv window), with room for every step the case runs after it.
+        start = max(1, min(cfg.num_tokens // 2, cfg.num_tokens - steps - 1))
+        self.runner, self.rows = prepared_runner(engine, batch, cfg_scale=3.0, step=start, use_cuda_graph=graph)
+        self.pos_int = cfg.prefix + start
 
-    def step(self) -> torch.Tensor:
-        logits = self.run_step()  # (R, V)
-        uncond = logits[self.batch:] if self.guided else None
-        return K.cfg_sample(logits[:self.batch], uncond, cfg_scale=3.0, seed=self.seed, step=7, validate=False)
+    def step(self) -> None:
+        self.runner.raster_step(self.rows)
+
+    def bare(self) -> tuple:
+        """``decode_step``'s arguments over the case's rows (the launch counters run the step alone)."""
+        r = self.runner
+        return r.view(self.rows), r.feed[:self.rows].clone(), r.pos[:self.rows].clone()
 
     def text_len(self) -> int:
-        return 0 if self.cond.memory is None else self.cond.memory.shape[1]
+        cfg = self.engine.cfg
+        return 0 if cfg.text is None else cfg.text.max_len
 
 
 def _cuda_kernels(fn) -> int:
@@ -144,8 +128,8 @@ def run_cpu(models, batches, *, iters: int = 20) -> list[dict]:
         for mode, opts in _MODE_OPTS.items():
             eng = _engine_for(base, dev, opts, False)
             for b in batches:
-                case = _Case(eng, b, graph=False)
-                launches = step_launches(eng.model.decoder, case.state, case.tok, case.pos, compiled=mode == "compiled")
+                case = _Case(eng, b, graph=False, steps=iters + 4)
+                launches = step_launches(eng.model.decoder, *case.bare(), compiled=mode == "compiled")
                 t = timeit(case.step, device=dev, warmup=3, iters=iters)
                 rows.append(_row(model, eng, case, mode, t, launches, ""))
             torch._dynamo.reset()
@@ -175,13 +159,13 @@ def run_cuda(presets, batches, *, budget_s: float, iters: int = 50) -> list[dict
             with K.use_backend(backend):
                 eng = _engine_for(base, dev, opts, graph)
                 for b in batches:
-                    case = _Case(eng, b, graph=graph)
+                    case = _Case(eng, b, graph=graph, steps=iters + 5)
                     t = timeit(case.step, device=dev, warmup=3, iters=iters)
                     launches = None
                     if mode in ("torch", "eager"):
-                        launches = step_launches(eng.model.decoder, case.state, case.tok, case.pos)
+                        launches = step_launches(eng.model.decoder, *case.bare())
                     rows.append(_row(preset, eng, case, mode, t, launches, _cuda_kernels(case.step)))
-            del eng
+            eng.close()
             torch._dynamo.reset()
             torch.cuda.empty_cache()
         del base

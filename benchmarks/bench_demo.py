@@ -24,8 +24,8 @@ import torch
 
 from vqim import kernels as K
 from vqim.engine import Engine
-from vqim.engine.generate import condition
-from vqim.engine.timing import device_name, print_table, timeit
+from vqim.engine.requests import condition
+from vqim.engine.profiling.timing import device_name, print_table, timeit
 from vqim.train.eval_shapes import GRID_PROMPTS
 
 from _common import append_results
@@ -39,7 +39,7 @@ def generate_without_cache(engine: Engine, prompts: list[str], *, seed: int) -> 
     the engine's default settings (the model's generation.json)."""
     model, dec = engine.model, engine.model.decoder
     b = len(prompts)
-    prefix, memory, mask = condition(model, engine.tokenizer, prompts, guided=True)  # (2B, 1), (2B, L, W), (2B, L)
+    prefix, memory, mask = condition(model, engine.tokenizer, prompts + [""] * b)  # (2B, 1), (2B, L, W), (2B, L)
     tokens = torch.empty(2 * b, 0, dtype=torch.long, device=engine.device)
     seeds = torch.arange(seed, seed + b, device=engine.device)
     for step in range(dec.cfg.num_tokens):

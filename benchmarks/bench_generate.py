@@ -6,7 +6,7 @@
 
 Random weights in the preset's dtype (bf16 for parti-*), CFG on (2B decoder rows per B images).
 Modes: ``torch`` (every vqim op on its plain-PyTorch reference, eager: the peer), ``eager``
-(our kernels, launched from Python) and ``graph`` (the decode step replayed from a CUDA graph).
+(our kernels, launched from Python) and ``graph`` (the loop's step replayed from a CUDA graph).
 The roofline of a step is (decoder weight bytes + K/V bytes the step reads) / 3.0 TB/s; a
 conv-masked layer reads the prefix and at most 61 keys per row, cross-attention reads the text.
 On CPU the tiny presets run so the script is known to work; those numbers are not the target.
@@ -20,9 +20,8 @@ import pytest
 import torch
 
 from vqim.engine import Engine
-from vqim.engine.bench import COLUMNS, bench_engine
-from vqim.engine.generate import condition
-from vqim.engine.timing import device_name, print_table
+from vqim.engine.profiling.bench import COLUMNS, bench_engine, prepared_runner
+from vqim.engine.profiling.timing import device_name, print_table
 
 from _common import append_results
 
@@ -37,7 +36,7 @@ def run(device: torch.device, presets, batches, *, cfg_scale: float = 3.0) -> li
         eng = Engine.from_preset(name, device=device)
         for b in batches:
             rows += bench_engine(eng, b, cfg_scale=cfg_scale, image_iters=2 if device.type == "cuda" else 1)
-        del eng
+        eng.close()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -54,25 +53,16 @@ def _needs_cuda(request):
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("batch", BATCHES)
 def test_bench_generate_step(benchmark, batch, graph):
-    """One decode step of parti-350m (decoder step + cfg_sample) at a mid-grid position."""
-    from vqim import kernels as K
-
+    """One step of the decode loop on parti-350m (decoder step + cfg_sample + record) from a mid-grid position."""
     eng = Engine.from_preset("parti-350m", device="cuda")
-    dec = eng.model.decoder
-    prefix, memory, mask = condition(eng.model, eng.tokenizer, ["a red circle"] * batch, guided=True, pad_to=128)
     with torch.no_grad():
-        captured = eng.generator.capture(2 * batch, memory, mask) if graph else None
-        state = captured.state if graph else dec.new_state(2 * batch, memory, mask)
-        dec.prefill(state, prefix)
-        tok = torch.zeros(2 * batch, dtype=torch.long, device="cuda")
-        pos = torch.tensor([513], device="cuda")
+        runner, rows = prepared_runner(eng, batch, cfg_scale=3.0, step=400, use_cuda_graph=graph)
 
         def step():
-            logits = captured(tok, pos) if graph else dec.decode_step(state, tok, pos)
-            K.cfg_sample(logits[:batch], logits[batch:], cfg_scale=3.0, seed=0, step=1, validate=False)
+            runner.raster_step(rows)
             torch.cuda.synchronize()
 
-        benchmark(step)
+        benchmark.pedantic(step, rounds=100, warmup_rounds=3)
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
     python benchmarks/bench_parallel_decoding.py [--models bundled tiny-t2i tiny-vim] [--model-dir DIR ...]
         [--images 8] [--sjd-window 16] [--device cpu] [--save]
 
-Each image is decoded alone (batch 1, so passes are the image's own), with the model's default
+Each image is decoded alone (batch 1, so passes are the image's own) through the engine's decode
+loop (``Engine.submit(..., decoding=...)``; ``RequestHandle.stats`` counts its passes), with the
+model's default
 sampling settings (the bundled model's generation.json: guidance 1.5, temperature 0.5; SamplingParams'
 defaults for a preset, whose weights are random), prompts from the held-out shapes split (text
 models) or class ids. Per model and method:
@@ -31,12 +33,10 @@ from pathlib import Path
 
 import torch
 
-from vqim import kernels as K
 from vqim.engine import Engine
 from vqim.engine.config import PRESETS
-from vqim.engine.generate import Sampling, condition
-from vqim.engine.parallel import DecodeStats, run_sjd, run_wavefront, wavefront_unsupported
-from vqim.engine.timing import device_name, print_table
+from vqim.engine.parallel import DecodeStats, wavefront_unsupported
+from vqim.engine.profiling.timing import device_name, print_table
 from vqim.train.shapes import held_out_prompts
 
 from _common import append_results
@@ -48,10 +48,10 @@ COLUMNS = ["device", "model", "method", "images", "passes_per_image", "passes_pe
 def _engine(name: str, device: torch.device) -> Engine:
     """``bundled``, a preset (random weights) or a model directory."""
     if name == "bundled":
-        return Engine.from_pretrained(device=device, continuous_batching=False)
+        return Engine.from_pretrained(device=device, max_batch_size=1)
     if name in PRESETS:
-        return Engine.from_preset(name, device=device, continuous_batching=False)
-    return Engine.from_pretrained(name, device=device, continuous_batching=False)
+        return Engine.from_preset(name, device=device, max_batch_size=1)
+    return Engine.from_pretrained(name, device=device, max_batch_size=1)
 
 
 def _requests(eng: Engine, n: int) -> list:
@@ -62,25 +62,16 @@ def _requests(eng: Engine, n: int) -> list:
 
 
 def _decode(eng: Engine, method: str, request, seed: int, window: int) -> tuple[torch.Tensor, DecodeStats, float]:
-    params = K.SamplingParams(**eng.sampling_defaults)
-    guided = params.cfg_scale != 1.0
-    sampling = Sampling(K.SamplingParams.rows([params], eng.device),
-                        seed=torch.tensor([seed], dtype=torch.long, device=eng.device))
-    rows = condition(eng.model, eng.tokenizer, [request], guided=guided)
-    stats = DecodeStats(images=1, tokens=eng.cfg.decoder.num_tokens, passes=eng.cfg.decoder.num_tokens)
+    kw = {"prompts": [request]} if eng.cfg.is_text_to_image else {"class_ids": [request]}
+    if not eng.cfg.is_text_to_image and not eng.cfg.decoder.num_classes:
+        kw = {}
     sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    if method == "raster":
-        tokens = eng.generator.run(*rows, sampling, guided=guided)
-    elif method == "wavefront":
-        stats = DecodeStats()
-        tokens = run_wavefront(eng.model.decoder, rows, sampling, guided=guided, stats=stats)
-    else:
-        stats = DecodeStats()
-        tokens = run_sjd(eng.model.decoder, rows, sampling, guided=guided, window=window, stats=stats)
+    handle = eng.submit(**kw, seed=seed, decoding=method, sjd_window=window)
+    tokens = handle.result()
     sync()
-    return tokens.cpu(), stats, (time.perf_counter() - t0) * 1e3
+    return tokens.view(1, -1).cpu(), handle.stats, (time.perf_counter() - t0) * 1e3
 
 
 def run(models: list[str], images: int, window: int, device: torch.device) -> list[dict]:
@@ -100,9 +91,7 @@ def run(models: list[str], images: int, window: int, device: torch.device) -> li
             total, ms, same = DecodeStats(), 0.0, 0
             for i, req in enumerate(requests):
                 tokens, stats, t = _decode(eng, method, req, i, window)
-                for f in ("images", "tokens", "passes", "row_starts", "row_starts_accepted", "drafts",
-                          "drafts_accepted"):
-                    setattr(total, f, getattr(total, f) + getattr(stats, f))
+                total.add(stats)
                 ms += t
                 if method == "raster":
                     raster_tokens.append(tokens)

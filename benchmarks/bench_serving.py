@@ -9,7 +9,7 @@ one :class:`Engine`. Modes:
 * ``continuous``: the engine's decode loop admits every waiting image at a step boundary and
   runs them in one batch (``Engine.generate`` submits and waits);
 * ``serial`` (the peer: what an engine with one lock per call does): the same requests, one
-  ``generate`` call after another on an engine without continuous batching.
+  ``generate`` call after another (each alone in the loop).
 
 Both draw the same tokens (checked once per client count), so the ratio compares equal work.
 Reported: wall time for all clients, ms and images/s per image, the median per-client latency,
@@ -26,7 +26,7 @@ import time
 import torch
 
 from vqim.engine import Engine
-from vqim.engine.timing import device_name, print_table
+from vqim.engine.profiling.timing import device_name, print_table
 from vqim.train.eval_shapes import GRID_PROMPTS
 
 from _common import append_results
@@ -68,13 +68,11 @@ def _serial(engine: Engine, prompts: list[str]) -> tuple[float, list[float], lis
 
 def run(device: torch.device, clients: list[int]) -> list[dict]:
     continuous = Engine.from_pretrained(device=device, max_batch_size=max(clients))
-    serial = Engine(continuous.model, continuous.tokenizer, device=device, continuous_batching=False,
-                    generation=continuous.generation)
     _concurrent(continuous, GRID_PROMPTS[:2])  # warm-up: the loop thread, first allocations
     rows = []
     for n in clients:
         prompts = [GRID_PROMPTS[i % len(GRID_PROMPTS)] for i in range(n)]
-        results = {"continuous": _concurrent(continuous, prompts), "serial": _serial(serial, prompts)}
+        results = {"continuous": _concurrent(continuous, prompts), "serial": _serial(continuous, prompts)}
         for a, b in zip(results["continuous"][2], results["serial"][2]):
             if not torch.equal(a, b):
                 raise AssertionError("continuous batching drew other tokens than serial calls: the comparison is void")

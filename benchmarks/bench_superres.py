@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from vqim.engine.api import BUNDLED_MODEL
 from vqim.engine.superres import bicubic
-from vqim.engine.timing import device_name, print_table, timeit
+from vqim.engine.profiling.timing import device_name, print_table, timeit
 from vqim.engine.weights import atomic_write, load_model
 from vqim.train.superres import reconstruct, render_pairs
 

@@ -29,9 +29,10 @@ import torch
 
 from vqim.engine import Engine, ModelConfig
 from vqim.engine.config import dtype_from_name
-from vqim.engine.generate import condition
 from vqim.engine import tp as TP
-from vqim.engine.timing import device_name, print_table, timeit
+from vqim.engine.profiling.ranks import run_ranks
+from vqim.engine.requests import condition
+from vqim.engine.profiling.timing import device_name, print_table, timeit
 
 from _common import append_results
 
@@ -87,7 +88,8 @@ def _memory(eng: Engine, batch: int) -> tuple[torch.Tensor | None, torch.Tensor 
     """Text memory and mask of ``batch`` CFG pairs (``2 * batch`` rows; ``None`` without text)."""
     inp = _inputs(eng, batch)
     conds = inp.get("prompts") or inp.get("class_ids") or [eng.model.decoder.null_prefix] * batch
-    _, memory, mask = condition(eng.model, eng.tokenizer, conds, guided=True)
+    null = "" if eng.cfg.is_text_to_image else eng.model.decoder.null_prefix
+    _, memory, mask = condition(eng.model, eng.tokenizer, conds + [null] * batch)
     return memory, mask
 
 
@@ -102,6 +104,7 @@ def _count_worker(rank: int, world: int, presets: list[str], out: str) -> None:
             with TP.count_collectives() as st:
                 dec.decode_step(state, torch.zeros(rows, dtype=torch.long), torch.tensor([dec.cfg.prefix]))
         res[name] = (dict(st.counts), dict(st.bytes))
+        eng.close()
     if rank == 0:
         torch.save(res, f"{out}/counts.pt")
 
@@ -133,13 +136,14 @@ def _time_worker(rank: int, world: int, presets: list[str], batches: list[int], 
             rows.append({"preset": name, "tp": world, "batch": b, "dtype": str(dec.head.weight.dtype)[6:],
                          "step_ms": t_step["ms"], "step_p20": t_step["p20"], "step_p80": t_step["p80"],
                          "image_ms": t_img["ms"] / b, "image_p20": t_img["p20"] / b, "image_p80": t_img["p80"] / b})
+        eng.close()
     if rank == 0:
         torch.save(rows, f"{out}/times.pt")
 
 
 def measured_counts(presets) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        TP.run_ranks(_count_worker, 2, list(presets), tmp)
+        run_ranks(_count_worker, 2, list(presets), tmp)
         got = torch.load(f"{tmp}/counts.pt")
     rows = []
     for name in presets:
@@ -170,7 +174,7 @@ def timings(presets, tps, batches, device_type: str) -> list[dict]:
         if not runnable:
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            TP.run_ranks(_time_worker, tp, runnable, list(batches), device_type, tmp, device_type=device_type,
+            run_ranks(_time_worker, tp, runnable, list(batches), device_type, tmp, device_type=device_type,
                          timeout_s=1200.0)
             rows += torch.load(f"{tmp}/times.pt")
     base = {(r["preset"], r["batch"]): r["image_ms"] for r in rows if r["tp"] == 1}

@@ -17,6 +17,7 @@ host synchronization, so a CUDA graph can capture ``decode_step``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -343,6 +344,23 @@ class DecoderBlock(nn.Module):
         return _add_norm(x, self.mlp(h), next_norm)
 
 
+    def step_tokens(self, x: torch.Tensor, state: DecodeState, layer: int, rows: torch.Tensor, entries: torch.Tensor,
+                    slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """``T`` tokens per row at once. ``x [R, T, W]`` is the residual stream; the ``N`` valid
+        entries ``(rows[i], entries[i])`` write their K/V into slot ``slots[i]`` of their row before
+        any query attends, so entries of one pass see each other; ``visible [R, T, S]`` is what each
+        entry may attend to (its mask, and the slots written). Returns the block's output."""
+        q, k, v = self.attn.qkv(self.ln1(x))  # 3 x (R, H, T, Dh)
+        kc, vc = state.k[layer], state.v[layer]
+        kc[rows, :, slots] = k[rows, :, entries]  # (N, H, Dh) into each entry's slot
+        vc[rows, :, slots] = v[rows, :, entries]
+        a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=visible[:, None])  # (R, H, T, Dh)
+        x = x + self.attn.merge(a)
+        if self.cfg.cross_attention:
+            x = self._cross(x, state.cross_k[layer], state.cross_v[layer], state.memory_bias)
+        return x + self.mlp(self.ln2(x))
+
+
 def _add_norm(x: torch.Tensor, delta: torch.Tensor, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + delta, norm(x + delta))`` in one kernel."""
     return K.add_layer_norm(x, delta, norm.weight, norm.bias, eps=norm.eps)
@@ -441,12 +459,52 @@ class ARDecoder(nn.Module):
             x, h = blk.step(x, h, pos, state, li, norm)
         return self.head(h[:, 0]).float()
 
+    def forward_tokens(self, state: DecodeState, tokens: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+                       known: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ``T`` image tokens per row at any positions in one forward over the KV cache.
+
+        ``tokens [R, T]`` at sequence positions ``pos [R, T]`` (>= prefix, each position at most
+        once per row); ``valid [R, T]`` is False on padding, whose K/V are never written and whose
+        logits mean nothing. At each layer every valid entry's K/V is written to the cache before
+        any query attends, so entries of one pass see each other as the mask allows: a prefill
+        chunk at scattered positions. ``known [R, S]`` (bool, optional) marks the cache slots that
+        hold a fed token's K/V after this pass's writes: an entry then sees only those (and
+        itself), as a speculative query over a partly written cache must. Returns logits
+        ``[R, T, V]`` (float32) for the token after each entry. Needs the plain cache (slot =
+        position): the ring reuses slots that other entries of the pass may still read.
+        """
+        cfg = self.cfg
+        if state.ring:
+            raise ValueError("forward_tokens needs the plain KV cache (kv_cache='plain'), not the ring")
+        i = pos - cfg.prefix  # (R, T) grid index of each fed token
+        x = self.tok_embed(tokens) + self.row_embed(i // cfg.grid_w) + self.col_embed(i % cfg.grid_w)  # (R, T, W)
+        rows, entries = valid.nonzero(as_tuple=True)  # (N,) each
+        slots = pos[rows, entries]  # (N,)
+        n_slots = state.k[0].shape[2]
+        conv_vis = _conv_mask((cfg.grid_h, cfg.grid_w), tuple(cfg.conv_kernel), cfg.prefix, n_slots,
+                              pos.device)[pos]  # (R, T, S)
+        every = torch.arange(n_slots, device=pos.device)  # (S,)
+        causal_vis = every <= pos[..., None]  # (R, T, S)
+        if known is not None:
+            seen = known[:, None, :] | (every == pos[..., None])  # (R, T, S)
+            conv_vis, causal_vis = conv_vis & seen, causal_vis & seen
+        for li, blk in enumerate(self.blocks):
+            x = blk.step_tokens(x, state, li, rows, entries, slots, conv_vis if blk.conv else causal_vis)
+        return self.head(self.norm(x)).float()  # (R, T, V)
+
     def fuse(self) -> None:
         """Fused input projections in every block (:meth:`Attention.fuse`), for inference."""
         for blk in self.blocks:
             blk.attn.fuse()
             if self.cfg.cross_attention:
                 blk.cross.fuse()
+
+
+@functools.lru_cache(maxsize=8)
+def _conv_mask(grid: tuple[int, int], kernel: tuple[int, int], prefix: int, n_slots: int,
+               device: torch.device) -> torch.Tensor:
+    """``conv_mask_ref`` ``[S, S]`` of a decoder's geometry, built once, not every pass."""
+    return K.conv_mask_ref(grid, kernel, prefix, seq_len=n_slots, device=device)
 
 
 def memory_bias(memory_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

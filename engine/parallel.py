@@ -1,7 +1,10 @@
 """Fewer forward passes than tokens: conv-wavefront decoding (exact) and speculative Jacobi decoding.
 
-Both feed several tokens per decoder row in one forward over the KV cache
-(:func:`forward_tokens`), where raster decoding (:meth:`Generator.run`) feeds one.
+Both are per-image decode policies of the one scheduler loop (``engine/scheduler.py``): each
+step, an image decoded this way feeds several tokens per decoder row through the runner's
+multi-token forward (``ARDecoder.forward_tokens``) in the same pass as the raster images beside it,
+which feed one. This module is their bookkeeping only: which cells to feed, which tokens the
+pass's logits draw, and what is accepted.
 
 **Wavefront** (every decoder layer conv-masked, kernel ``kh x kw``, ``h = kw // 2``). The
 output at the position of fed token ``(r, c)`` sees, per layer, row ``r`` up to ``c`` and the
@@ -51,33 +54,31 @@ tests against raster sampling); the tokens differ from raster's, since acceptanc
 randomness: a ``torch.Generator`` per image seeded with its seed, so a seed still fixes the image.
 
 Both keep per-image bookkeeping on the host (a sync per pass) and run eagerly (no CUDA graph:
-the number of tokens per pass changes), with the plain (not ring) KV cache.
+the number of tokens per pass changes), with the plain (not ring) KV cache. Kept tokens
+(image-conditioned generation) take the place of the draws at their cells, as in raster order:
+the wavefront assigns them wherever it would assign a draw, SJD accepts them unconditionally.
 """
+
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from vqim import kernels as K
-
-from .generate import Rows, Sampling
-from .models import ARDecoder, DecodeState
+from .config import DecoderConfig
+from .models import ARDecoder
 
 DECODINGS = ("raster", "wavefront", "sjd")
 
 
 @dataclass
 class DecodeStats:
-    """What a parallel decode did, summed over the images of a batch."""
+    """What decoding did, summed over images (a request's: ``RequestHandle.stats``)."""
 
     images: int = 0
     tokens: int = 0
-    # Forward passes each image took part in, prefill included, summed over the images (a batch's
-    # passes times its images: each pass feeds one or more tokens of every image in it).
+    # Forward passes each image took part in, prefill included, summed over the images.
     passes: int = 0
     # Wavefront: first tokens of a row drafted and then checked, and how many matched.
     row_starts: int = 0
@@ -90,6 +91,10 @@ class DecodeStats:
     def passes_per_token(self) -> float:
         """Forward passes per token (raster decoding: 1)."""
         return self.passes / self.tokens if self.tokens else 0.0
+
+    def add(self, other: DecodeStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 def check_decoding(decoding: str) -> str:
@@ -115,311 +120,257 @@ def wavefront_unsupported(decoder: ARDecoder) -> str | None:
     return None
 
 
-def forward_tokens(dec: ARDecoder, state: DecodeState, tokens: torch.Tensor, pos: torch.Tensor,
-                   valid: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
-    """Feed ``T`` image tokens per row at any positions in one forward over the KV cache.
+class ParallelDecode:
+    """One image's multi-token decoding: each pass, :meth:`entries` says what to feed; the
+    scheduler runs the forward and hands back what the pass's logits give (:meth:`update`).
 
-    ``tokens [R, T]`` at sequence positions ``pos [R, T]`` (>= prefix, each position at most once
-    per row); ``valid [R, T]`` is False on padding, whose K/V are never written and whose logits
-    mean nothing. At each layer every valid entry's K/V is written to the cache before any query
-    attends, so entries of one pass see each other as the mask allows: a prefill chunk at
-    scattered positions. ``known [R, S]`` (bool, optional) marks the cache slots that hold a
-    fed token's K/V after this pass's writes: an entry then sees only those (and itself), as a
-    speculative query over a partly written cache must. Returns logits ``[R, T, V]`` (float32)
-    for the token after each entry.
+    ``tokens [n]`` (CPU, -1 where not known yet) is the image's result once :attr:`done`;
+    ``token0`` is its first token, drawn from the prefill logits as raster order draws it.
     """
-    cfg = dec.cfg
-    if state.ring:
-        raise ValueError("forward_tokens needs the plain KV cache (kv_cache='plain'), not the ring")
-    grid = (cfg.grid_h, cfg.grid_w)
-    i = pos - cfg.prefix  # (R, T) grid index of each fed token
-    x = dec.tok_embed(tokens) + dec.row_embed(i // cfg.grid_w) + dec.col_embed(i % cfg.grid_w)  # (R, T, W)
-    r_idx, t_idx = valid.nonzero(as_tuple=True)  # (N,) each
-    p_idx = pos[r_idx, t_idx]  # (N,)
-    n_slots = state.k[0].shape[2]
-    conv_vis = _conv_mask(grid, tuple(cfg.conv_kernel), cfg.prefix, n_slots, pos.device)[pos]  # (R, T, S)
-    slots = torch.arange(n_slots, device=pos.device)  # (S,)
-    causal_vis = slots <= pos[..., None]  # (R, T, S)
-    if known is not None:
-        seen = known[:, None, :] | (slots == pos[..., None])  # (R, T, S)
-        conv_vis, causal_vis = conv_vis & seen, causal_vis & seen
-    for li, blk in enumerate(dec.blocks):
-        q, k, v = blk.attn.qkv(blk.ln1(x))  # 3 x (R, H, T, Dh)
-        kc, vc = state.k[li], state.v[li]
-        kc[r_idx, :, p_idx] = k[r_idx, :, t_idx]  # (N, H, Dh) into each entry's slot
-        vc[r_idx, :, p_idx] = v[r_idx, :, t_idx]
-        vis = conv_vis if blk.conv else causal_vis
-        a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=vis[:, None])  # (R, H, T, Dh)
-        x = x + blk.attn.merge(a)
-        if cfg.cross_attention:
-            qx = blk.cross.split(blk.cross.wq(blk.ln_x(x)))  # (R, H, T, Dh)
-            a = F.scaled_dot_product_attention(qx, state.cross_k[li], state.cross_v[li], attn_mask=state.memory_bias)
-            x = x + blk.cross.merge(a)
-        x = x + blk.mlp(blk.ln2(x))
-    return dec.head(dec.norm(x)).float()  # (R, T, V)
+
+    #: What :meth:`update` takes: ``"draws"`` (one ``cfg_sample`` token per entry, keyed by the
+    #: token index of :meth:`targets`) or ``"probs"`` (the distribution ``[L, V]`` at each entry).
+    needs = ""
+
+    def __init__(self, cfg: DecoderConfig, token0: int, forced: torch.Tensor | None):
+        self.cfg = cfg
+        self.forced = forced
+        self.tokens = torch.full((cfg.num_tokens,), -1, dtype=torch.long)
+        self.tokens[0] = token0
+        self.stats = DecodeStats(images=1, tokens=cfg.num_tokens, passes=1)
+
+    def kept(self, index: int, drawn: int) -> int:
+        """Token ``index``'s value when the draw is ``drawn``: the kept token where there is one."""
+        if self.forced is not None and int(self.forced[index]) >= 0:
+            return int(self.forced[index])
+        return drawn
+
+    @property
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def final(self) -> int:
+        """How many leading tokens are final (no later pass changes them): partial images show these."""
+        raise NotImplementedError
+
+    def entries(self, n_slots: int) -> tuple[list[tuple[int, int]], torch.Tensor | None]:
+        """This pass's ``(token, position)`` entries and the cache slots ``[n_slots]`` (bool) an
+        entry may see once the pass has written (None: every slot the mask allows)."""
+        raise NotImplementedError
 
 
-@functools.lru_cache(maxsize=8)
-def _conv_mask(grid: tuple[int, int], kernel: tuple[int, int], prefix: int, n_slots: int,
-               device: torch.device) -> torch.Tensor:
-    """``conv_mask_ref`` ``[S, S]`` of a decoder's geometry, built once, not every pass."""
-    return K.conv_mask_ref(grid, kernel, prefix, seq_len=n_slots, device=device)
+class Wavefront(ParallelDecode):
+    """Conv-wavefront decoding of one image (module docstring): the raster tokens, in about
+    ``(grid_h - 1) * (kw // 2) + grid_w`` passes."""
 
+    needs = "draws"
 
-def _new_state(dec: ARDecoder, rows: Rows) -> tuple[DecodeState, torch.Tensor]:
-    """A plain cache for ``rows``, prefilled; returns it and the prefix's logits ``[R, V]``."""
-    state = dec.new_state(rows.prefix.shape[0], rows.memory, rows.memory_mask)
-    return state, dec.prefill(state, rows.prefix)
+    def __init__(self, cfg: DecoderConfig, token0: int, forced: torch.Tensor | None):
+        super().__init__(cfg, token0, forced)
+        gh = cfg.grid_h
+        self.half = cfg.conv_kernel[1] // 2
+        # Per grid row: tokens known (sampled, or a first token drafted), tokens fed (in the
+        # cache), a drafted first token waiting for the row to start; per cell, the speculative
+        # tail's guess of a token not known yet.
+        self.have = [1] + [0] * (gh - 1)
+        self.fed = [0] * gh
+        self.ready: dict[int, int] = {}
+        self.guess: dict[tuple[int, int], int] = {}
+        self.cells: list[tuple[str, int, int]] = []
 
+    @property
+    def done(self) -> bool:
+        return self.fed[-1] >= self.cfg.grid_w - 1 and self.have[-1] == self.cfg.grid_w
 
-def _entries(per_image: list[list[tuple[int, int]]], prefix: int, device: torch.device,
-             guided: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each image's ``(token, position)`` entries -> ``(tokens, pos, valid)`` ``[R, T]`` for
-    :func:`forward_tokens`; an image with fewer entries is padded (at the first image position)."""
-    b = len(per_image)
-    t = max(1, max(len(e) for e in per_image))
-    tok = torch.zeros(b, t, dtype=torch.long)
-    pos = torch.full((b, t), prefix, dtype=torch.long)
-    valid = torch.zeros(b, t, dtype=torch.bool)
-    for bi, ents in enumerate(per_image):
-        for j, (token, p) in enumerate(ents):
-            tok[bi, j], pos[bi, j], valid[bi, j] = token, p, True
-    if guided:  # the unconditional row of each image is fed the same tokens
-        tok, pos, valid = torch.cat([tok, tok]), torch.cat([pos, pos]), torch.cat([valid, valid])
-    return tok.to(device), pos.to(device), valid.to(device)
+    def final(self) -> int:
+        # Row r's tokens are final once its first token was checked: row r - 1 fed its last cell.
+        gw = self.cfg.grid_w
+        count = 0
+        for r in range(self.cfg.grid_h):
+            if r > 0 and self.fed[r - 1] < gw:
+                break
+            count = r * gw + self.have[r]
+            if self.have[r] < gw:
+                break
+        return count
 
-
-@torch.no_grad()
-def run_wavefront(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: bool,
-                  stats: DecodeStats | None = None) -> torch.Tensor:
-    """Image tokens ``[B, n]`` by wavefront decoding: the tokens raster decoding
-    (:meth:`Generator.run`) draws for the same rows and sampling. ``rows`` as :func:`condition`
-    lays them out (``R = 2B`` when ``guided``)."""
-    why = wavefront_unsupported(dec)
-    if why is not None:
-        raise ValueError(why)
-    cfg = dec.cfg
-    gh, gw = cfg.grid_h, cfg.grid_w
-    half = cfg.conv_kernel[1] // 2
-    dev = rows.prefix.device
-    r_all = rows.prefix.shape[0]
-    b = r_all // 2 if guided else r_all
-    state, first = _new_state(dec, rows)
-    n_slots = state.k[0].shape[2]
-    tokens = torch.full((b, gh * gw), -1, dtype=torch.long)
-    tokens[:, 0] = _draw(first[:b], first[b:] if guided else None, sampling, torch.arange(b), torch.zeros(b)).cpu()
-    # Per image and grid row: tokens known (sampled, or a first token drafted), tokens fed (in
-    # the cache), a drafted first token waiting for the row to start; per image and cell, the
-    # speculative tail's guess of a token not known yet.
-    have = [[1] + [0] * (gh - 1) for _ in range(b)]
-    fed = [[0] * gh for _ in range(b)]
-    ready: list[dict[int, int]] = [{} for _ in range(b)]
-    guess: list[dict[tuple[int, int], int]] = [{} for _ in range(b)]
-    passes = 1
-    starts = accepted = 0
-
-    def need(c: int) -> int:
+    def _need(self, c: int) -> int:
         """Tokens row r - 1 must have fed for row r to feed column c."""
-        return min(c + half + 1, gw)
+        return min(c + self.half + 1, self.cfg.grid_w)
 
-    def at(r: int, c: int) -> int:
-        return cfg.prefix + r * gw + c
+    def _at(self, r: int, c: int) -> int:
+        return self.cfg.prefix + r * self.cfg.grid_w + c
 
-    def reset_below(bi: int, r: int) -> None:
+    def _reset_below(self, r: int) -> None:
+        gh, gw = self.cfg.grid_h, self.cfg.grid_w
         for rr in range(r, gh):
-            have[bi][rr], fed[bi][rr] = 0, 0
-            ready[bi].pop(rr, None)
+            self.have[rr], self.fed[rr] = 0, 0
+            self.ready.pop(rr, None)
             for c in range(gw):
-                guess[bi].pop((rr, c), None)
-            tokens[bi, rr * gw:(rr + 1) * gw] = -1
+                self.guess.pop((rr, c), None)
+            self.tokens[rr * gw:(rr + 1) * gw] = -1
 
-    while True:
-        per_image: list[list[tuple[int, int]]] = []
-        cells: list[list[tuple[str, int, int]]] = []
+    def entries(self, n_slots: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        cfg = self.cfg
+        gh, gw = cfg.grid_h, cfg.grid_w
+        tokens, have, fed = self.tokens, self.have, self.fed
+        ents: list[tuple[int, int]] = []
+        self.cells = []
         # The cache slots holding a token's K/V once this pass has written: the prefix, every
         # row's fed cells and this pass's entries (what a speculative entry may see).
-        written = torch.zeros(b, n_slots, dtype=torch.bool)
-        written[:, :cfg.prefix] = True
-        for bi in range(b):
-            ents, cl = [], []
-            above = gw  # tokens the row above will have fed after this pass (none above row 0)
-            for r in range(gh):
-                if have[bi][r] == 0 and r in ready[bi] and above >= need(0):
-                    tokens[bi, r * gw] = ready[bi].pop(r)
-                    have[bi][r] = 1
-                if have[bi][r] == 0:
-                    break
-                c = fed[bi][r]
-                written[bi, at(r, 0):at(r, c)] = True
-                last = gw if r < gh - 1 else gw - 1  # the grid's last token is drawn, never fed
-                go = c < last and above >= need(c)
-                if go:
-                    ents.append((int(tokens[bi, r * gw + c].clamp_min(0)), at(r, c)))
-                    cl.append(("feed", r, c))
-                    written[bi, at(r, c)] = True
-                # The speculative tail: the row's cells not fed yet, fed their guesses, one
-                # Jacobi step a pass; its last cell drafts the next row's first token.
-                if r < gh - 1 and c + go < gw:
-                    latest = int(tokens[bi, r * gw + have[bi][r] - 1].clamp_min(0))
-                    for cc in range(c + go, gw):
-                        t = int(tokens[bi, r * gw + cc]) if cc < have[bi][r] else guess[bi].get((r, cc), latest)
-                        ents.append((max(t, 0), at(r, cc)))
-                        cl.append(("tail", r, cc))
-                        written[bi, at(r, cc)] = True
-                above = c + go
-            per_image.append(ents)
-            cells.append(cl)
-        if not any(per_image):
-            break
-        tok, pos, valid = _entries(per_image, cfg.prefix, dev, guided)
-        seen = (torch.cat([written, written]) if guided else written).to(dev)
-        logits = forward_tokens(dec, state, tok, pos, valid, seen)  # (R, T, V)
-        passes += 1
-        img = torch.tensor([bi for bi in range(b) for _ in cells[bi]], dtype=torch.long)
-        slot = torch.tensor([j for bi in range(b) for j in range(len(cells[bi]))], dtype=torch.long)
-        # An entry at (r, c), fed or speculative, predicts token (r, c + 1), or (r + 1, 0) after the
-        # last column, drawn as raster decoding draws that token.
-        target = torch.tensor([r * gw + c + 1 for bi in range(b) for _, r, c in cells[bi]], dtype=torch.long)
-        sel = logits[img.to(dev), slot.to(dev)]  # (N, V)
-        unsel = logits[(img + b).to(dev), slot.to(dev)] if guided else None
-        drawn = _draw(sel, unsel, sampling, img, target).cpu().tolist()
-        k = 0
-        for bi in range(b):
-            stop = gh  # entries of rows below `stop` were fed on a first token just redrawn: discarded
-            for kind, r, c in cells[bi]:
-                t = drawn[k]
-                k += 1
-                if kind == "tail":
-                    if r > stop:
-                        continue
-                    if c + 1 < gw:
-                        guess[bi][(r, c + 1)] = t
-                    elif have[bi][r + 1] == 0:
-                        ready[bi][r + 1] = t
-                    elif int(tokens[bi, (r + 1) * gw]) != t:
-                        # A new draft of a started row's first token: it restarts on it now,
-                        # cheaper than finding out when the row above completes.
-                        reset_below(bi, r + 1)
-                        ready[bi][r + 1] = t
-                        stop = min(stop, r)
-                    continue
+        written = torch.zeros(n_slots, dtype=torch.bool)
+        written[:cfg.prefix] = True
+        above = gw  # tokens the row above will have fed after this pass (none above row 0)
+        for r in range(gh):
+            if have[r] == 0 and r in self.ready and above >= self._need(0):
+                tokens[r * gw] = self.ready.pop(r)
+                have[r] = 1
+            if have[r] == 0:
+                break
+            c = fed[r]
+            written[self._at(r, 0):self._at(r, c)] = True
+            last = gw if r < gh - 1 else gw - 1  # the grid's last token is drawn, never fed
+            go = c < last and above >= self._need(c)
+            if go:
+                ents.append((int(tokens[r * gw + c].clamp_min(0)), self._at(r, c)))
+                self.cells.append(("feed", r, c))
+                written[self._at(r, c)] = True
+            # The speculative tail: the row's cells not fed yet, fed their guesses, one Jacobi
+            # step a pass; its last cell drafts the next row's first token.
+            if r < gh - 1 and c + go < gw:
+                latest = int(tokens[r * gw + have[r] - 1].clamp_min(0))
+                for cc in range(c + go, gw):
+                    t = int(tokens[r * gw + cc]) if cc < have[r] else self.guess.get((r, cc), latest)
+                    ents.append((max(t, 0), self._at(r, cc)))
+                    self.cells.append(("tail", r, cc))
+                    written[self._at(r, cc)] = True
+            above = c + go
+        return ents, written
+
+    def targets(self) -> list[int]:
+        """The token index each entry of this pass draws: an entry at ``(r, c)``, fed or
+        speculative, predicts token ``(r, c + 1)`` (``(r + 1, 0)`` after the last column), drawn
+        as raster decoding draws that token."""
+        gw = self.cfg.grid_w
+        return [r * gw + c + 1 for _, r, c in self.cells]
+
+    def update(self, drawn: list[int]) -> None:
+        """This pass's draws, one per entry, in :meth:`entries`' order."""
+        gh, gw = self.cfg.grid_h, self.cfg.grid_w
+        tokens, have = self.tokens, self.have
+        self.stats.passes += 1
+        stop = gh  # entries of rows below `stop` were fed on a first token just redrawn: discarded
+        for (kind, r, c), t in zip(self.cells, drawn):
+            t = self.kept(r * gw + c + 1, t)
+            if kind == "tail":
                 if r > stop:
                     continue
-                fed[bi][r] = c + 1
                 if c + 1 < gw:
-                    tokens[bi, r * gw + c + 1] = t
-                    have[bi][r] = c + 2
-                    continue
-                if have[bi][r + 1]:
-                    starts += 1
-                    if int(tokens[bi, (r + 1) * gw]) == t:
-                        accepted += 1
-                        continue
-                # The true first token of row r + 1: it restarts there, the rows below from nothing.
-                reset_below(bi, r + 1)
-                tokens[bi, (r + 1) * gw] = t
-                have[bi][r + 1] = 1
-                stop = min(stop, r)
-    if stats is not None:
-        stats.images += b
-        stats.tokens += b * gh * gw
-        stats.passes += passes * b
-        stats.row_starts += starts
-        stats.row_starts_accepted += accepted
-    return tokens.to(dev)
-
-
-@torch.no_grad()
-def run_sjd(dec: ARDecoder, rows: Rows, sampling: Sampling, *, guided: bool, window: int = 16,
-            stats: DecodeStats | None = None) -> torch.Tensor:
-    """Image tokens ``[B, n]`` by speculative Jacobi decoding with ``window`` drafts per image:
-    distributed as raster decoding's, not the same tokens (see the module docstring)."""
-    check_window("window", window, dec.cfg.num_tokens)
-    cfg = dec.cfg
-    n = cfg.num_tokens
-    dev = rows.prefix.device
-    r_all = rows.prefix.shape[0]
-    b = r_all // 2 if guided else r_all
-    state, first = _new_state(dec, rows)
-    tokens = torch.full((b, n), -1, dtype=torch.long)
-    everyone = torch.arange(b)
-    tokens[:, 0] = _draw(first[:b], first[b:] if guided else None, sampling, everyone, torch.zeros(b)).cpu()
-    gens = [torch.Generator().manual_seed(int(s)) for s in sampling.seed.tolist()]
-    done = [1] * b  # tokens accepted per image
-    # Each image's drafts for tokens done .. done + len - 1, and the distribution q each was drawn from.
-    q0 = _probs(first[:b], first[b:] if guided else None, sampling, everyone).cpu()  # (B, V)
-    q = [q0[bi].expand(min(window, n - 1), -1) for bi in range(b)]
-    drafts = [torch.multinomial(q[bi], 1, generator=gens[bi])[:, 0] for bi in range(b)]
-    passes = 1
-    proposed = accepted = 0
-    while any(d < n for d in done):
-        live = [bi for bi in range(b) if done[bi] < n]
-        per_image = [[] for _ in range(b)]
-        for bi in live:
-            fed = [int(tokens[bi, done[bi] - 1])] + drafts[bi][:len(drafts[bi]) - 1].tolist()
-            per_image[bi] = [(max(t, 0), cfg.prefix + done[bi] - 1 + j) for j, t in enumerate(fed)]
-        tok, pos, valid = _entries(per_image, cfg.prefix, dev, guided)
-        logits = forward_tokens(dec, state, tok, pos, valid)  # (R, T, V)
-        passes += 1
-        img = torch.tensor([bi for bi in live for _ in per_image[bi]], dtype=torch.long)
-        slot = torch.tensor([j for bi in live for j in range(len(per_image[bi]))], dtype=torch.long)
-        sel = logits[img.to(dev), slot.to(dev)]  # (N, V)
-        p_all = _probs(sel, logits[(img + b).to(dev), slot.to(dev)] if guided else None, sampling, img).cpu()
-        k0 = 0
-        for bi in live:
-            length = len(per_image[bi])
-            p = p_all[k0:k0 + length]  # (L, V): the model's distribution of tokens done .. done + L - 1
-            k0 += length
-            d, qd = drafts[bi], q[bi]
-            u = torch.rand(length, generator=gens[bi])
-            rows_ = torch.arange(length)
-            ok = u * qd[rows_, d] < p[rows_, d]  # accept with probability min(1, p / q)
-            take = int(ok.long().cumprod(0).sum())
-            proposed += length
-            accepted += take
-            start = done[bi]
-            dead = (p.sum(1) <= 0).nonzero()
-            if dead.numel() and int(dead[0]) <= min(take, length - 1):
-                # No finite guided logit: the image is marked (-1) and stops; check_tokens raises.
-                tokens[bi, start + int(dead[0]):] = -1
-                done[bi] = n
+                    self.guess[(r, c + 1)] = t
+                elif have[r + 1] == 0:
+                    self.ready[r + 1] = t
+                elif int(tokens[(r + 1) * gw]) != t:
+                    # A new draft of a started row's first token: it restarts on it now,
+                    # cheaper than finding out when the row above completes.
+                    self._reset_below(r + 1)
+                    self.ready[r + 1] = t
+                    stop = min(stop, r)
                 continue
-            tokens[bi, start:start + take] = d[:take]
-            rest = p[take + 1:]  # (., V) Jacobi: later positions redrawn from this pass's p
-            if take < length:
-                residual = (p[take] - qd[take]).clamp_min(0)
-                residual = residual if residual.sum() > 0 else p[take]
-                tokens[bi, start + take] = torch.multinomial(residual, 1, generator=gens[bi])
-                done[bi] = start + take + 1
-            else:
-                done[bi] = start + length
-            more = min(window, n - done[bi]) - rest.shape[0]
-            q[bi] = torch.cat([rest, p[-1].expand(max(more, 0), -1)])[:min(window, n - done[bi])]
-            drafts[bi] = (torch.multinomial(q[bi], 1, generator=gens[bi])[:, 0] if q[bi].shape[0]
-                          else torch.zeros(0, dtype=torch.long))
-    if stats is not None:
-        stats.images += b
-        stats.tokens += b * n
-        stats.passes += passes * b
-        stats.drafts += proposed
-        stats.drafts_accepted += accepted
-    return tokens.to(dev)
+            if r > stop:
+                continue
+            self.fed[r] = c + 1
+            if c + 1 < gw:
+                tokens[r * gw + c + 1] = t
+                have[r] = c + 2
+                continue
+            if have[r + 1]:
+                self.stats.row_starts += 1
+                if int(tokens[(r + 1) * gw]) == t:
+                    self.stats.row_starts_accepted += 1
+                    continue
+            # The true first token of row r + 1: it restarts there, the rows below from nothing.
+            self._reset_below(r + 1)
+            tokens[(r + 1) * gw] = t
+            have[r + 1] = 1
+            stop = min(stop, r)
 
 
-def _settings(sampling: Sampling, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each entry's sampling settings ``[N]``, entry ``j`` from image ``image[j]`` (on their device)."""
-    return {name: v[image.to(v.device)] for name, v in sampling.settings.items()}
+class SpeculativeJacobi(ParallelDecode):
+    """Speculative Jacobi decoding of one image (module docstring): raster's distribution with
+    ``window`` drafts per pass; ``q0 [V]`` is the distribution token 0 was drawn from and
+    ``seed`` keys the image's acceptance randomness."""
 
+    needs = "probs"
 
-def _probs(cond: torch.Tensor, uncond: torch.Tensor | None, sampling: Sampling, image: torch.Tensor) -> torch.Tensor:
-    """What ``cfg_sample`` draws from for logits ``[N, V]``, entry ``j`` with image ``image[j]``'s settings."""
-    return K.cfg_probs_ref(cond, uncond, **_settings(sampling, image))  # (N, V)
+    def __init__(self, cfg: DecoderConfig, token0: int, forced: torch.Tensor | None, *, window: int, seed: int,
+                 q0: torch.Tensor):
+        super().__init__(cfg, token0, forced)
+        check_window("window", window, cfg.num_tokens)
+        self.window = window
+        self.gen = torch.Generator().manual_seed(seed)
+        self.accepted = 1  # tokens accepted
+        if token0 < 0:
+            # No finite logit at the prefill: nothing to draft from; the scheduler fails the image.
+            self.tokens[:] = -1
+            self.accepted = cfg.num_tokens
+            return
+        # Drafts for tokens accepted .. accepted + len - 1, and the distribution q each was drawn from.
+        self._redraft(q0.expand(min(window, cfg.num_tokens - 1), -1))
 
+    @property
+    def done(self) -> bool:
+        return self.accepted >= self.cfg.num_tokens
 
-def _draw(cond: torch.Tensor, uncond: torch.Tensor | None, sampling: Sampling, image: torch.Tensor,
-          target: torch.Tensor) -> torch.Tensor:
-    """``cfg_sample`` of logits ``[N, V]``, entry ``j`` for image ``image[j]`` (its settings and
-    seed) and token index ``target[j]`` (the step raster decoding draws that token at)."""
-    dev = cond.device
-    return K.cfg_sample(cond, uncond, seed=sampling.seed[image.to(dev)], step=target.to(dev, torch.long),
-                        validate=False, **_settings(sampling, image))  # (N,)
+    def final(self) -> int:
+        return min(self.accepted, self.cfg.num_tokens)
+
+    def _redraft(self, q: torch.Tensor) -> None:
+        """New drafts ``[len(q)]`` drawn from ``q [len, V]``, kept tokens in place of their draws."""
+        self.q = q
+        # A row with no mass (no finite logit there) drafts anything: its p is zero too, which
+        # update() finds before the draft could be kept.
+        some = torch.where(q.sum(1, keepdim=True) > 0, q, 1.0)  # (len, V)
+        self.drafts = (torch.multinomial(some, 1, generator=self.gen)[:, 0] if q.shape[0]
+                       else torch.zeros(0, dtype=torch.long))
+        for j in range(self.drafts.shape[0]):
+            self.drafts[j] = self.kept(self.accepted + j, int(self.drafts[j]))
+
+    def entries(self, n_slots: int) -> tuple[list[tuple[int, int]], None]:
+        done = self.accepted
+        fed = [int(self.tokens[done - 1])] + self.drafts[:len(self.drafts) - 1].tolist()
+        return [(max(t, 0), self.cfg.prefix + done - 1 + j) for j, t in enumerate(fed)], None
+
+    def update(self, p: torch.Tensor) -> None:
+        """The model's distribution ``p [L, V]`` (CPU) of tokens ``accepted .. accepted + L - 1``
+        given the drafts before each."""
+        n = self.cfg.num_tokens
+        length = p.shape[0]
+        self.stats.passes += 1
+        d, qd = self.drafts, self.q
+        u = torch.rand(length, generator=self.gen)
+        rows = torch.arange(length)
+        start = self.accepted
+        ok = u * qd[rows, d] < p[rows, d]  # accept with probability min(1, p / q)
+        if self.forced is not None:
+            ok |= self.forced[start:start + length] >= 0  # kept tokens are given, never rejected
+        take = int(ok.long().cumprod(0).sum())
+        self.stats.drafts += length
+        self.stats.drafts_accepted += take
+        dead = (p.sum(1) <= 0).nonzero()
+        if dead.numel() and int(dead[0]) <= min(take, length - 1):
+            # No finite guided logit: the image is marked (-1) and stops; the scheduler fails it.
+            self.tokens[start + int(dead[0]):] = -1
+            self.accepted = n
+            return
+        self.tokens[start:start + take] = d[:take]
+        rest = p[take + 1:]  # (., V) Jacobi: later positions redrawn from this pass's p
+        if take < length:
+            residual = (p[take] - qd[take]).clamp_min(0)
+            residual = residual if residual.sum() > 0 else p[take]
+            self.tokens[start + take] = torch.multinomial(residual, 1, generator=self.gen)
+            self.accepted = start + take + 1
+        else:
+            self.accepted = start + length
+        window = min(self.window, n - self.accepted)
+        more = window - rest.shape[0]
+        self._redraft(torch.cat([rest, p[-1].expand(max(more, 0), -1)])[:window])

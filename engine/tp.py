@@ -44,7 +44,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -320,6 +320,40 @@ def from_rank0(value: object, group: dist.ProcessGroup | None = None) -> object:
     return box[0]
 
 
+class Control:
+    """The decode loop's messages between ranks (``engine/scheduler.py``): rank 0's plan each
+    iteration and, at an admission, the ranks' local failures. A gloo group of its own, created
+    when the engine is made (collectively, by every rank), so the messages are CPU objects
+    whatever the model's backend and never interleave with the model's collectives."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.group = dist.new_group(ranks=dist.get_process_group_ranks(group or dist.group.WORLD), backend="gloo")
+        self._src = dist.get_global_rank(self.group, 0)
+
+    def broadcast(self, obj: object | None) -> object | None:
+        """Rank 0's ``obj`` on every rank; ``None`` costs one flag."""
+        flag = torch.tensor([0 if obj is None else 1], dtype=torch.int64)
+        dist.broadcast(flag, src=self._src, group=self.group)
+        if not int(flag):
+            return None
+        box = [obj]
+        dist.broadcast_object_list(box, src=self._src, group=self.group)
+        return box[0]
+
+    def agree(self, failed: dict) -> dict:
+        """Every rank's ``{key: error}``, merged: a key failed on another rank carries a
+        ``RuntimeError`` naming it (a rank's own error stays as it is)."""
+        msgs: list[dict | None] = [None] * self.world
+        dist.all_gather_object(msgs, {k: f"{type(e).__name__}: {e}" for k, e in failed.items()}, group=self.group)
+        merged = dict(failed)
+        for r, m in enumerate(msgs):
+            for k, text in (m or {}).items():
+                merged.setdefault(k, RuntimeError(f"tensor-parallel rank {r} failed: {text}"))
+        return merged
+
+
 def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -366,7 +400,8 @@ def load_tp_state_dict(model_dir: str | Path, cfg: ModelConfig, model: VQIMModel
     def read(name: str, sl, shape: tuple[int, ...]) -> torch.Tensor:
         dim = dims.get(name)
         if dim is None:
-            return sl[:]
+            # Replicated, read whole; ``[:]`` cannot index a 0-dim tensor (the scorer's temperature).
+            return sl[()] if len(shape) == 0 else sl[:]
         n = shape[dim] // world
         index = [slice(None)] * len(shape)
         index[dim] = slice(rank * n, (rank + 1) * n)
@@ -411,37 +446,3 @@ def collectives_per_step(cfg: ModelConfig, rows: int, tp: int, dtype: torch.dtyp
         return {"all_reduce": 0, "all_reduce_bytes": 0, "all_gather": 0, "all_gather_bytes": 0}
     return {"all_reduce": n_reduce, "all_reduce_bytes": n_reduce * rows * d.width * elt,
             "all_gather": 1, "all_gather_bytes": rows * d.vocab_size * elt}
-
-
-def run_ranks(fn: Callable[..., object], world: int, *args, device_type: str = "cpu",
-              timeout_s: float = 120.0) -> None:
-    """Spawn ``world`` processes that join a process group over 127.0.0.1 and run
-    ``fn(rank, world, *args)`` (tests and benchmarks). ``device_type="cpu"``: gloo, one thread
-    per rank; ``"cuda"``: NCCL, rank ``r`` on ``cuda:r``."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_rank_main, args=(world, port, device_type, timeout_s, fn, args), nprocs=world, join=True)
-
-
-def _rank_main(rank: int, world: int, port: int, device_type: str, timeout_s: float, fn: Callable[..., object],
-               args: tuple) -> None:
-    device = None
-    if device_type == "cuda":
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(1)  # ranks share the cores; oversubscribed threads are far slower
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), device_id=device)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()

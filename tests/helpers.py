@@ -80,3 +80,28 @@ def sharpen(engine, std: float = 0.3):
         for p in engine.model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return engine
+
+
+@torch.no_grad()
+def raster_reference(dec, rows, guided: bool, seeds: torch.Tensor, **settings) -> torch.Tensor:
+    """Raster decoding by a plain loop over ``ARDecoder.prefill`` / ``decode_step`` and the
+    sampler's reference: tokens ``[B, n]`` of ``rows`` (``requests.Rows``: ``R = 2B`` rows,
+    conditional then unconditional, when ``guided``), image ``i`` drawn with ``seeds[i]``. The
+    oracle the engine's decode loop is checked against; it shares none of the loop's code."""
+    from vqim import kernels as K
+
+    prefix, memory, mask = rows
+    r = prefix.shape[0]
+    b = r // 2 if guided else r
+    cfg = dec.cfg
+    state = dec.new_state(r, memory, mask)
+    logits = dec.prefill(state, prefix)  # (R, V)
+    out = []
+    for i in range(cfg.num_tokens):
+        if i:
+            fed = out[-1].clamp_min(0)
+            logits = dec.decode_step(state, torch.cat([fed, fed]) if guided else fed,
+                                     torch.full((r,), cfg.prefix + i - 1, dtype=torch.long))
+        out.append(K.cfg_sample_ref(logits[:b], logits[b:] if guided else None, seed=seeds, step=i, validate=False,
+                                    **settings))
+    return torch.stack(out, 1)  # (B, n)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vqim.engine.api import BUNDLED_MODEL
-from vqim.engine.cli import main
-from vqim.engine.timing import print_table, timeit
+from vqim.engine.entrypoints.cli import main
+from vqim.engine.profiling.timing import print_table, timeit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from vqim.engine import Engine, api
-from vqim.engine.cli import main
+from vqim.engine.entrypoints.cli import main
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,8 +14,8 @@ from tests.test_models import randomize
 from vqim import kernels as K
 from vqim.engine import Engine
 from vqim.engine.config import ModelConfig
-from vqim.engine.generate import condition
-from vqim.engine.launches import LaunchCounter, step_launches
+from vqim.engine.requests import condition
+from vqim.engine.profiling.launches import LaunchCounter, step_launches
 from vqim.engine.quantize import Int8Linear, decoder_step_weight_bytes
 from vqim.engine.weights import build_model
 
@@ -255,9 +255,9 @@ def test_int8_engine_halves_the_weight_bytes_and_keeps_the_tokens():
     tokens = full.generate_codes(prompts, seed=0, top_k=1, cfg_scale=1.0).view(len(prompts), -1)  # (8, n)
     agree = total = 0
     for eng_q, eng_f in ((q8, full),):
-        prefix, memory, mask = condition(eng_f.model, eng_f.tokenizer, prompts, guided=False)
+        prefix, memory, mask = condition(eng_f.model, eng_f.tokenizer, prompts)
         want = eng_f.model.decoder(prefix, tokens[:, :-1], memory, mask).argmax(-1)  # (8, n)
-        prefix, memory, mask = condition(eng_q.model, eng_q.tokenizer, prompts, guided=False)
+        prefix, memory, mask = condition(eng_q.model, eng_q.tokenizer, prompts)
         got = eng_q.model.decoder(prefix, tokens[:, :-1], memory, mask).argmax(-1)
         agree += int((got == want).sum())
         total += want.numel()

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import assert_close, assert_equal, sharpen
+from tests.helpers import assert_close, assert_equal, raster_reference, sharpen
 from vqim.engine import Engine
-from vqim.engine.generate import Sampling, condition
+from vqim.engine.requests import condition
 from vqim.kernels import SamplingParams
 
 
@@ -70,12 +70,15 @@ def test_guidance_changes_tokens_and_scale_one_is_conditional_only(t2i):
 
 
 def test_cfg_batch_layout_scale_one_equals_unguided_loop(vim):
-    """The decoder loop itself: 2B rows with scale 1 == B rows without the unconditional half."""
-    s = Sampling(SamplingParams.rows([SamplingParams(cfg_scale=1.0)] * 2, torch.device("cpu")),
-                 seed=torch.tensor([0, 1]))
-    plain = vim.generator.run(*condition(vim.model, vim.tokenizer, [2, 7], guided=False), s, guided=False)
-    paired = vim.generator.run(*condition(vim.model, vim.tokenizer, [2, 7], guided=True), s, guided=True)
+    """2B rows with scale 1 == B rows without the unconditional half (a plain reference loop), and
+    the engine's loop, where a scale-1 image holds one row, draws those tokens."""
+    dec = vim.model.decoder
+    seeds = torch.tensor([0, 1])
+    plain = raster_reference(dec, condition(vim.model, None, [2, 7]), False, seeds, cfg_scale=1.0)
+    null = dec.null_prefix
+    paired = raster_reference(dec, condition(vim.model, None, [2, 7, null, null]), True, seeds, cfg_scale=1.0)
     assert_equal(paired, plain)
+    assert_equal(vim.generate_codes(class_ids=[2, 7], seed=[0, 1], cfg_scale=1.0).view(2, -1), plain)
 
 
 def test_class_conditional_and_unconditional(vim):
@@ -204,7 +207,7 @@ def test_threads_share_an_engine_and_a_failure_stays_in_its_caller(vim):
 
 def test_out_of_memory_names_the_batch_size_and_the_engine_survives(vim, monkeypatch):
     """In the decode loop: the error names the row budget and the option that sets it, and the
-    loop goes on. Without continuous batching: it names the batch that failed."""
+    loop goes on. In the tokenizer: it names the batch that failed."""
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -213,11 +216,12 @@ def test_out_of_memory_names_the_batch_size_and_the_engine_survives(vim, monkeyp
         with pytest.raises(torch.OutOfMemoryError, match=r"32 decoder rows.*max_batch_size \(now 16\)"):
             vim.generate_codes(class_ids=[1, 2, 3], num_images=2, seed=0)
     assert vim.generate_codes(class_ids=[1], seed=0).shape == (1, 8, 8)
-    single = Engine(vim.model, None, device="cpu", continuous_batching=False)
+    codes = torch.zeros(6, 8, 8, dtype=torch.long)
     with monkeypatch.context() as m:
-        m.setattr(single.generator, "run", oom)
-        with pytest.raises(torch.OutOfMemoryError, match="batch of 6 images"):
-            single.generate_codes(class_ids=[1, 2, 3], num_images=2, seed=0)
+        m.setattr(vim.model.vqgan, "decode", oom)
+        with pytest.raises(torch.OutOfMemoryError, match=r"decoding a batch of 6 images.*max_batch_size is 16"):
+            vim.decode_codes(codes)
+    assert len(vim.decode_codes(codes)) == 6
 
 
 def test_from_pretrained_without_a_bundled_model_points_to_from_preset(monkeypatch, tmp_path):
@@ -307,8 +311,8 @@ def test_cuda_graph_replay_equals_eager_decoding():
     eng = sharpen(Engine.from_preset("tiny-t2i", device="cuda", dtype=torch.float32))
     prompts = ["a red circle", "a much longer prompt about a blue square"]
     graph = [eng.generate_codes(prompts, num_images=2, seed=s) for s in (0, 1)]  # the second call reuses the graph
-    eng.generator.use_cuda_graph = False
-    eager = [eng.generate_codes(prompts, num_images=2, seed=s) for s in (0, 1)]
+    no_graphs = Engine(eng.model, eng.tokenizer, device="cuda", use_cuda_graph=False)
+    eager = [no_graphs.generate_codes(prompts, num_images=2, seed=s) for s in (0, 1)]
     for g, e in zip(graph, eager):
         assert_equal(g, e)
 
@@ -316,20 +320,21 @@ def test_cuda_graph_replay_equals_eager_decoding():
 @pytest.mark.gpu
 @pytest.mark.parametrize("graph", [False, True])
 def test_decode_loop_never_syncs_with_the_host(graph):
+    """The decode loop's step (decode, sampling, recording, advancing: the runner's raster step)
+    runs with no host sync, eager or replayed."""
+    from vqim.engine.profiling.bench import prepared_runner
+
     eng = Engine.from_preset("tiny-t2i", device="cuda")
-    eng.generator.use_cuda_graph = graph
-    b = 2
-    rows = condition(eng.model, eng.tokenizer, ["a red circle"] * b, guided=True, pad_to=128)
-    s = Sampling(SamplingParams.rows([SamplingParams()] * b, torch.device("cuda")), seed=torch.arange(b, device="cuda"))
-    with torch.no_grad():
-        eng.generator.run(*rows, s, guided=True)  # warm-up (kernel compilation, graph capture)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            out = eng.generator.run(*rows, s, guided=True)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    assert out.shape == (b, 64)
+    runner, rows = prepared_runner(eng, 2, cfg_scale=3.0, step=8, use_cuda_graph=graph)
+    runner.raster_step(rows)  # warm-up (kernel compilation)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            runner.raster_step(rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(runner.slot_step[0]) == 13
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 """The layering rule of docs/design.md §2: imports go one way, kernels <- engine <- train (a layer
-imports only the layers below it), and no two modules import each other, directly or round a
-longer loop.
+imports only the layers below it), inside ``engine/`` entry points > profiling > api > scheduler >
+{requests, parallel} > {runner, tp, images, quantize} > {text, weights} > {models, superres} >
+config, and no two modules import each other, directly or round a longer loop.
 
 Every ``.py`` under engine/, kernels/ and train/ is parsed with ``ast``; every import counts,
 module-level or inside a function (a lazy import only moves the loop to the first call), and
@@ -74,6 +75,34 @@ def _layer(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
 
 
+# Inside the engine, top first: a module may import its own level and those below it. Every
+# engine module must be listed (a new one is placed here on purpose, not by accident).
+ENGINE_LEVELS = (
+    ("entrypoints",),
+    ("profiling",),
+    ("api",),
+    ("scheduler",),
+    ("requests", "parallel"),
+    ("runner", "tp", "images", "quantize"),
+    ("text", "weights"),
+    ("models", "superres"),
+    ("config",),
+)
+
+
+def _engine_level(module: str) -> int | None:
+    """The level of ``vqim.engine.<name>[.sub]`` in ENGINE_LEVELS (a sub-package is its name's);
+    None outside the engine and for the package itself. An engine module nowhere in the table
+    is an error."""
+    parts = module.split(".")
+    if parts[:2] != ["vqim", "engine"] or len(parts) < 3:
+        return None
+    for level, names in enumerate(ENGINE_LEVELS):
+        if parts[2] in names:
+            return level
+    raise AssertionError(f"{module} has no place in ENGINE_LEVELS (tests/test_layering.py): put it at its level")
+
+
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import loop of ``graph`` (``[a, b, ..., a]``), or None."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
@@ -113,6 +142,10 @@ def layering_problems(files: dict[str, str]) -> list[str]:
         for d in sorted(deps):
             if _layer(d) is not None and LAYERS.index(_layer(d)) > LAYERS.index(_layer(m)):
                 problems.append(f"upward import: {m} ({_layer(m)}) imports {d} ({_layer(d)})")
+            lm, ld = _engine_level(m), _engine_level(d)
+            if lm is not None and ld is not None and ld < lm:
+                problems.append(f"upward import inside the engine: {m} ({'/'.join(ENGINE_LEVELS[lm])}) imports {d} "
+                                f"({'/'.join(ENGINE_LEVELS[ld])})")
     loop = _cycle({m: {d for d in deps if d in graph} for m, deps in graph.items()})
     if loop:
         problems.append("import loop: " + " -> ".join(loop))
@@ -133,8 +166,8 @@ def test_the_checker_sees_the_tree_s_imports():
     assert "vqim.kernels.adafactor_hparams" in graph["vqim.train.optim"]  # absolute
     assert "vqim.kernels.adafactor_hparams" in graph["vqim.kernels.adafactor8"]  # relative
     assert "vqim.kernels" in graph["vqim.engine.models"]  # `from vqim import kernels as K`
-    assert "vqim.engine.api" in graph["vqim.engine.cli"]  # inside a function
-    assert "vqim.engine.cli" in graph["vqim.train.main"]
+    assert "vqim.engine.api" in graph["vqim.engine.entrypoints.cli"]  # inside a function
+    assert "vqim.engine.entrypoints.cli" in graph["vqim.train.main"]
     assert "vqim.kernels._C" in graph["vqim.kernels._ext"]  # the compiled extension
 
 
@@ -149,21 +182,30 @@ BASE = {"kernels/__init__.py": "", "engine/__init__.py": "", "train/__init__.py"
     ({"kernels/adafactor8.py": "from ..train import optim\n"},
      ["upward import: vqim.kernels.adafactor8 (kernels) imports vqim.train.optim (train)"]),
     # What engine/cli.py did, lazily: the engine's CLI ran eval and train.
-    ({"engine/cli.py": "def _eval():\n    from vqim.train import eval_shapes\n"},
-     ["upward import: vqim.engine.cli (engine) imports vqim.train (train)"]),
-    ({"engine/cli.py": "import vqim.train.optim\n"},
-     ["upward import: vqim.engine.cli (engine) imports vqim.train.optim (train)"]),
+    ({"engine/entrypoints/cli.py": "def _eval():\n    from vqim.train import eval_shapes\n"},
+     ["upward import: vqim.engine.entrypoints.cli (engine) imports vqim.train (train)"]),
+    ({"engine/entrypoints/cli.py": "import vqim.train.optim\n"},
+     ["upward import: vqim.engine.entrypoints.cli (engine) imports vqim.train.optim (train)"]),
+    # Inside the engine: the runner may not reach up into the scheduler, the models into the runner.
+    ({"engine/runner.py": "from .scheduler import Scheduler\n", "engine/scheduler.py": ""},
+     ["upward import inside the engine: vqim.engine.runner (runner/tp/images/quantize) imports "
+      "vqim.engine.scheduler (scheduler)"]),
+    ({"engine/models.py": "def f():\n    from vqim.engine import runner\n", "engine/runner.py": ""},
+     ["upward import inside the engine: vqim.engine.models (models/superres) imports vqim.engine.runner "
+      "(runner/tp/images/quantize)"]),
     # What engine/api.py and engine/tp.py did: a loop, one side hidden in a function.
     ({"engine/api.py": "def f():\n    from .tp import engine_from_pretrained\n",
       "engine/tp.py": "from .api import Engine\n"},
-     ["import loop: vqim.engine.api -> vqim.engine.tp -> vqim.engine.api"]),
-    ({"engine/a.py": "from . import b\n", "engine/b.py": "from vqim.engine import c\n",
-      "engine/c.py": "import vqim.engine.a\n"},
-     ["import loop: vqim.engine.a -> vqim.engine.b -> vqim.engine.c -> vqim.engine.a"]),
+     ["upward import inside the engine: vqim.engine.tp (runner/tp/images/quantize) imports vqim.engine.api (api)",
+      "import loop: vqim.engine.api -> vqim.engine.tp -> vqim.engine.api"]),
+    ({"train/a.py": "from . import b\n", "train/b.py": "from vqim.train import c\n",
+      "train/c.py": "import vqim.train.a\n"},
+     ["import loop: vqim.train.a -> vqim.train.b -> vqim.train.c -> vqim.train.a"]),
     # Downward and sideways imports are fine, and so is a package importing its submodules.
     ({"train/run.py": "from vqim import kernels as K\nfrom vqim.engine.weights import x\nfrom .optim import A\n",
       "engine/api.py": "from vqim.kernels import y\nfrom .weights import z\n",
-      "engine/__init__.py": "from .api import Engine\n"}, []),
+      "engine/__init__.py": "from .api import Engine\n",
+      "engine/requests.py": "from .parallel import p\n", "engine/parallel.py": ""}, []),
 ])
 def test_the_checker_on_synthetic_trees(files, want):
     assert layering_problems({**BASE, **files}) == want
@@ -172,3 +214,8 @@ def test_the_checker_on_synthetic_trees(files, want):
 def test_a_relative_import_beyond_the_top_is_an_error():
     with pytest.raises(ValueError, match="beyond the top-level package"):
         layering_problems({**BASE, "kernels/x.py": "from ... import y\n"})
+
+
+def test_an_engine_module_without_a_level_is_named():
+    with pytest.raises(AssertionError, match="vqim.engine.extra has no place in ENGINE_LEVELS"):
+        layering_problems({**BASE, "engine/extra.py": "from .weights import z\n"})

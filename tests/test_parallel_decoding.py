@@ -1,24 +1,31 @@
-"""Parallel decoding (engine/parallel.py): the multi-token forward, the conv receptive field the
-wavefront relies on, wavefront == raster tokens, the wavefront's pass count, speculative Jacobi
-decoding's distribution (chi-square against raster sampling), and the Engine / CLI options."""
+"""Parallel decoding (engine/parallel.py) as policies of the one decode loop: the multi-token
+forward, the conv receptive field the wavefront relies on, wavefront == raster tokens (alone and
+sharing steps with raster and SJD requests), the wavefront's pass count, speculative Jacobi
+decoding's distribution (chi-square against raster sampling, alone and batched beside raster
+requests), edits and timeouts with both, and the Engine / CLI options."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from tests.helpers import assert_close, sharpen
+from tests.helpers import assert_close, raster_reference, sharpen
 from vqim import kernels as K
 from vqim.engine import Engine
-from vqim.engine.cli import main as cli_main
 from vqim.engine.config import DecoderConfig
-from vqim.engine.generate import Generator, Rows, Sampling, condition
+from vqim.engine.entrypoints.cli import main as cli_main
 from vqim.engine.models import ARDecoder
-from vqim.engine.parallel import DecodeStats, forward_tokens, run_sjd, run_wavefront, wavefront_unsupported
+from vqim.engine.parallel import wavefront_unsupported
+from vqim.engine.requests import Request, Rows
+from vqim.engine.runner import ModelRunner
+from vqim.engine.scheduler import RequestHandle, Scheduler
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+_IDS = itertools.count()
 
 
 def _decoder(seed: int = 0, std: float = 0.3, **cfg) -> ARDecoder:
@@ -30,21 +37,47 @@ def _decoder(seed: int = 0, std: float = 0.3, **cfg) -> ARDecoder:
     with torch.no_grad():
         for p in dec.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
+    dec.fuse()
     return dec
 
 
-def _rows(dec: ARDecoder, classes: list[int], guided: bool) -> Rows:
+def _scheduler(dec: ARDecoder, rows: int) -> Scheduler:
+    """The engine's decode loop over a bare class-conditional decoder with ``rows`` rows."""
+    cfg = dec.cfg
+    return Scheduler(lambda: ModelRunner(dec, max_rows=rows, device=torch.device("cpu"), text=None),
+                     lambda conds: Rows(torch.tensor(conds)[:, None], None, None), num_tokens=cfg.num_tokens,
+                     grid=(cfg.grid_h, cfg.grid_w), max_rows=rows, max_queue=10 ** 6)
+
+
+def _submit(sched: Scheduler, dec: ARDecoder, classes: list[int], guided: bool, seed: int = 0,
+            decoding: str = "raster", window: int = 16, forced=None, **settings) -> RequestHandle:
+    """Images of ``classes`` (image i seeded ``seed + i``), guided with the null class or not."""
+    n = len(classes)
+    settings = {"cfg_scale": 3.0, **settings}
+    req = Request(list(classes), [dec.null_prefix] * n if guided else None, [K.SamplingParams(**settings)] * n,
+                  [seed + i for i in range(n)], 1, forced, decoding, window)
+    handle = RequestHandle(sched, next(_IDS), n, dec.cfg.num_tokens, (dec.cfg.grid_h, dec.cfg.grid_w))
+    sched.submit(req, handle, wait=True)
+    return handle
+
+
+def _decode(dec: ARDecoder, classes: list[int], guided: bool, seed: int = 0, decoding: str = "raster",
+            **kw) -> tuple[torch.Tensor, object]:
+    """Tokens ``[B, n]`` and the request's DecodeStats, the request alone in a fresh loop."""
+    sched = _scheduler(dec, 2 * len(classes))
+    try:
+        h = _submit(sched, dec, classes, guided, seed, decoding, **kw)
+        return h.result(timeout=600).view(len(classes), -1), h.stats
+    finally:
+        sched.close()
+
+
+def _reference(dec: ARDecoder, classes: list[int], guided: bool, seed: int = 0, **settings) -> torch.Tensor:
+    """Raster order by a plain loop (tests/helpers.py), independent of the engine's loop."""
     every = classes + ([dec.null_prefix] * len(classes) if guided else [])
-    return Rows(torch.tensor(every)[:, None], None, None)
-
-
-def _sampling(n: int, seed: int = 0, **settings) -> Sampling:
-    params = [K.SamplingParams(**settings) for _ in range(n)]
-    return Sampling(K.SamplingParams.rows(params, torch.device("cpu")), seed=torch.arange(n) + seed)
-
-
-def _raster(dec: ARDecoder, rows: Rows, sampling: Sampling, guided: bool) -> torch.Tensor:
-    return Generator(dec, use_cuda_graph=False).run(*rows, sampling, guided=guided)
+    settings = {"cfg_scale": 3.0, **settings}
+    return raster_reference(dec, Rows(torch.tensor(every)[:, None], None, None), guided,
+                            torch.arange(len(classes)) + seed, **settings)
 
 
 # ------------------------------------------------------------------------------ the forward
@@ -55,7 +88,6 @@ def test_forward_tokens_matches_one_token_steps(conv_layers):
     """Feeding a run of tokens in one forward gives each position the logits the one-token decode
     step gives it, on conv and fully causal layers alike (within fp32 rounding)."""
     dec = _decoder(conv_layers=conv_layers)
-    dec.fuse()
     b, n = 3, 17
     prefix = torch.tensor([[0], [1], [2]])
     tokens = torch.randint(0, 32, (b, n))
@@ -66,11 +98,11 @@ def test_forward_tokens_matches_one_token_steps(conv_layers):
     state = dec.new_state(b)
     dec.prefill(state, prefix)
     # Two passes, the second with padding entries that must write nothing.
-    first = forward_tokens(dec, state, tokens[:, :9], pos[:9].expand(b, -1), torch.ones(b, 9, dtype=torch.bool))
+    first = dec.forward_tokens(state, tokens[:, :9], pos[:9].expand(b, -1), torch.ones(b, 9, dtype=torch.bool))
     tail = torch.cat([tokens[:, 9:], torch.zeros(b, 2, dtype=torch.long)], 1)
     tail_pos = torch.cat([pos[9:], pos[-2:]]).expand(b, -1)
     valid = torch.cat([torch.ones(b, n - 9, dtype=torch.bool), torch.zeros(b, 2, dtype=torch.bool)], 1)
-    second = forward_tokens(dec, state, tail, tail_pos, valid)[:, :n - 9]
+    second = dec.forward_tokens(state, tail, tail_pos, valid)[:, :n - 9]
     got = torch.cat([first, second], 1)
     assert_close(got, steps, atol=2e-5 * steps.abs().max().item())
     for a, c in zip(state.k, step_state.k):
@@ -82,7 +114,7 @@ def test_forward_tokens_refuses_the_ring_cache():
     state = dec.new_state(1, ring=True)
     one = torch.ones(1, 1, dtype=torch.long)
     with pytest.raises(ValueError, match="kv_cache='plain'"):
-        forward_tokens(dec, state, one, one + dec.cfg.prefix, one.bool())
+        dec.forward_tokens(state, one, one + dec.cfg.prefix, one.bool())
 
 
 # ------------------------------------------------------------------------------ the wavefront
@@ -128,27 +160,52 @@ CASES = [  # (decoder settings, sampling settings, guided)
 
 @pytest.mark.parametrize("dec_cfg,settings,guided", CASES)
 def test_wavefront_draws_the_raster_tokens(dec_cfg, settings, guided):
-    """The headline guarantee: the same tokens as raster decoding (same seed, same draws)."""
+    """The headline guarantee: the same tokens as raster decoding (same seed, same draws); the
+    engine's raster loop itself equals a plain reference loop."""
     dec = _decoder(seed=3, **dec_cfg)
     classes = [0, 1, 2, 0, 1]
-    s = _sampling(len(classes), seed=11, **settings)
-    rows = _rows(dec, classes, guided)
-    stats = DecodeStats()
-    got = run_wavefront(dec, rows, s, guided=guided, stats=stats)
-    assert torch.equal(got, _raster(dec, rows, s, guided))
+    want = _reference(dec, classes, guided, seed=11, **settings)
+    raster, _ = _decode(dec, classes, guided, seed=11, **settings)
+    assert torch.equal(raster, want)
+    got, stats = _decode(dec, classes, guided, seed=11, decoding="wavefront", **settings)
+    assert torch.equal(got, want)
     assert stats.images == 5 and stats.tokens == 5 * dec.cfg.num_tokens
     assert 5 <= stats.passes <= 5 * (dec.cfg.num_tokens + dec.cfg.grid_h)
     assert stats.row_starts_accepted <= stats.row_starts
 
 
+def test_policies_share_steps_and_keep_their_tokens():
+    """Wavefront, SJD and raster requests in one loop, joining at different steps: the wavefront
+    and raster images draw the raster tokens, each SJD image the tokens it draws alone."""
+    dec = _decoder(seed=3)
+    settings = dict(cfg_scale=2.0, temperature=1.0, top_k=8)
+    want = _reference(dec, [0, 1, 2], True, seed=20, **settings)
+    sjd_alone, _ = _decode(dec, [2, 1], True, seed=40, decoding="sjd", window=5, **settings)
+    sched = _scheduler(dec, 16)
+    try:
+        first = _submit(sched, dec, [0, 1, 2], True, seed=20, **settings)
+        while first.progress[0] < 6:
+            pass
+        wave = _submit(sched, dec, [0, 1, 2], True, seed=20, decoding="wavefront", **settings)
+        sjd = _submit(sched, dec, [2, 1], True, seed=40, decoding="sjd", window=5, **settings)
+        again = _submit(sched, dec, [0, 1, 2], True, seed=20, **settings)
+        n = dec.cfg.num_tokens
+        for h in (first, wave, again):
+            assert torch.equal(h.result(timeout=600).view(3, n), want)
+        assert torch.equal(sjd.result(timeout=600).view(2, n), sjd_alone)
+        assert wave.started < first.finished and sjd.started < first.finished  # they shared steps
+        assert sched.stats.widest >= 5
+    finally:
+        sched.close()
+
+
 def test_wavefront_on_a_text_model():
-    eng = sharpen(Engine.from_preset("tiny-t2i", device="cpu", continuous_batching=False))
+    eng = sharpen(Engine.from_preset("tiny-t2i", device="cpu"))
     prompts = ["a red circle", "two blue squares at the top", "x"]
-    for guided in (False, True):
-        s = _sampling(3, seed=4, cfg_scale=2.5 if guided else 1.0)
-        rows = condition(eng.model, eng.tokenizer, prompts, guided=guided)
-        assert torch.equal(run_wavefront(eng.model.decoder, rows, s, guided=guided),
-                           eng.generator.run(*rows, s, guided=guided))
+    for scale in (1.0, 2.5):
+        raster = eng.generate_codes(prompts, seed=4, cfg_scale=scale)
+        assert torch.equal(eng.generate_codes(prompts, seed=4, cfg_scale=scale, decoding="wavefront"), raster)
+    eng.close()
 
 
 def test_wavefront_pass_count_when_every_draft_holds():
@@ -162,11 +219,8 @@ def test_wavefront_pass_count_when_every_draft_holds():
             dec.tok_embed.weight.zero_()
             for blk in dec.blocks:  # no attention: a speculative query over part of a row agrees too
                 blk.attn.wo.weight.zero_()
-        stats = DecodeStats()
-        rows = _rows(dec, [0, 1], False)
-        s = _sampling(2, temperature=0.0)
-        got = run_wavefront(dec, rows, s, guided=False, stats=stats)
-        assert torch.equal(got, _raster(dec, rows, s, False))
+        got, stats = _decode(dec, [0, 1], False, decoding="wavefront", temperature=0.0)
+        assert torch.equal(got, _reference(dec, [0, 1], False, temperature=0.0))
         # A row starts once the row above has fed kw // 2 + 1 of its tokens (all of them when the
         # kernel is as wide as the grid).
         stagger = min(kernel[1] // 2, gw)
@@ -175,12 +229,45 @@ def test_wavefront_pass_count_when_every_draft_holds():
         assert stats.row_starts == stats.row_starts_accepted == 2 * (gh - 1)
 
 
-def test_wavefront_refuses_a_model_with_causal_layers():
-    dec = _decoder(conv_layers=(0, 2))
-    assert "layers [1]" in wavefront_unsupported(dec)
-    with pytest.raises(ValueError, match=r"every decoder layer conv-masked; layers \[1\]"):
-        run_wavefront(dec, _rows(dec, [0], False), _sampling(1), guided=False)
+def test_wavefront_needs_every_layer_conv_masked():
+    assert "layers [1]" in wavefront_unsupported(_decoder(conv_layers=(0, 2)))
     assert wavefront_unsupported(_decoder()) is None
+
+
+@pytest.mark.parametrize("decoding", ["wavefront", "sjd"])
+def test_edits_with_parallel_decodings_keep_the_kept_tokens(decoding):
+    """Kept tokens take the place of the draws: the wavefront gives raster completion's tokens,
+    SJD keeps every kept token and draws the rest (greedy: raster's)."""
+    dec = _decoder(seed=5)
+    n = dec.cfg.num_tokens
+    forced = torch.full((n,), -1, dtype=torch.long)
+    forced[:9] = torch.arange(9) % dec.cfg.vocab_size  # rows 0 and part of row 1 kept
+    forced[20] = 3
+    settings = dict(cfg_scale=2.0, temperature=0.0 if decoding == "sjd" else 1.0)
+    sched = _scheduler(dec, 4)
+    try:
+        raster = _submit(sched, dec, [1], True, seed=2, forced=[forced], **settings).result(timeout=600)
+        got = _submit(sched, dec, [1], True, seed=2, decoding=decoding, window=4, forced=[forced],
+                      **settings).result(timeout=600)
+    finally:
+        sched.close()
+    kept = forced >= 0
+    assert torch.equal(got.view(-1)[kept], forced[kept])
+    assert torch.equal(got, raster)
+
+
+def test_parallel_decodings_take_timeouts_and_cancels():
+    eng = Engine.from_preset("tiny-t2i", device="cpu", max_batch_size=2)
+    for decoding in ("wavefront", "sjd"):
+        slow = eng.submit(["a red circle"], num_images=6, seed=1, decoding=decoding, timeout=0.01)
+        with pytest.raises(TimeoutError):
+            slow.result(timeout=60)
+        cancelled = eng.submit(["a red circle"], num_images=6, seed=1, decoding=decoding)
+        cancelled.cancel()
+        with pytest.raises(Exception, match="cancelled"):
+            cancelled.result(timeout=60)
+        assert eng.generate_codes(["x"], seed=0, decoding=decoding).shape == (1, 8, 8)
+    eng.close()
 
 
 # ------------------------------------------------------------------------------ SJD
@@ -190,33 +277,21 @@ def test_sjd_greedy_is_raster_greedy():
     """At temperature 0 every draft is checked against the argmax: Jacobi decoding, exact."""
     for conv_layers in (None, (1,)):
         dec = _decoder(conv_layers=conv_layers)
-        rows = _rows(dec, [0, 1, 2], True)
-        s = _sampling(3, temperature=0.0, cfg_scale=2.0)
-        stats = DecodeStats()
-        assert torch.equal(run_sjd(dec, rows, s, guided=True, window=6, stats=stats), _raster(dec, rows, s, True))
+        got, stats = _decode(dec, [0, 1, 2], True, decoding="sjd", window=6, temperature=0.0, cfg_scale=2.0)
+        assert torch.equal(got, _reference(dec, [0, 1, 2], True, temperature=0.0, cfg_scale=2.0))
         assert stats.passes < 3 * dec.cfg.num_tokens
         assert stats.drafts_accepted <= stats.drafts
 
 
 def test_sjd_is_deterministic_per_seed_and_batch_independent():
     dec = _decoder()
-    rows = _rows(dec, [0, 1, 2, 0], False)
-    s = _sampling(4, seed=5, temperature=1.0)
-    a = run_sjd(dec, rows, s, guided=False, window=5)
-    assert torch.equal(a, run_sjd(dec, rows, s, guided=False, window=5))
+    a, _ = _decode(dec, [0, 1, 2, 0], False, seed=5, decoding="sjd", window=5, temperature=1.0)
+    assert torch.equal(a, _decode(dec, [0, 1, 2, 0], False, seed=5, decoding="sjd", window=5, temperature=1.0)[0])
     # Image 2 alone (its own seed): the same tokens as in the batch.
-    alone = run_sjd(dec, _rows(dec, [2], False), Sampling({k: v[2:3] for k, v in s.settings.items()}, s.seed[2:3]),
-                    guided=False, window=5)
+    alone, _ = _decode(dec, [2], False, seed=7, decoding="sjd", window=5, temperature=1.0)
     assert torch.equal(alone[0], a[2])
-    other = run_sjd(dec, rows, _sampling(4, seed=50, temperature=1.0), guided=False, window=5)
+    other, _ = _decode(dec, [0, 1, 2, 0], False, seed=50, decoding="sjd", window=5, temperature=1.0)
     assert not torch.equal(a, other)
-
-
-def test_sjd_window_is_checked():
-    dec = _decoder()
-    for bad in (0, dec.cfg.num_tokens + 1, 2.0, True):
-        with pytest.raises(ValueError, match="window must be an int"):
-            run_sjd(dec, _rows(dec, [0], False), _sampling(1), guided=False, window=bad)
 
 
 def _chi2_p(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -252,17 +327,23 @@ def _statistics_p(x: torch.Tensor, y: torch.Tensor, vocab: int) -> list[float]:
 def test_sjd_samples_the_raster_distribution():
     """Chi-square tests of each position's token marginal and each adjacent pair's joint, SJD
     against raster sampling, 3000 images each of a small model with peaked, context-dependent
-    logits (guided, top-k): none rejects at a Bonferroni-corrected 1e-3. The same tests tell
-    raster at temperature 1.0 from raster at 0.8 (p < 1e-6): they can see a difference that size."""
+    logits (guided, top-k), the SJD and raster requests sharing the loop's steps: none rejects at
+    a Bonferroni-corrected 1e-3. The same tests tell raster at temperature 1.0 from raster at
+    0.8 (p < 1e-6): they can see a difference that size."""
     dec = _decoder(seed=7, std=0.5, vocab_size=6, grid_h=3, grid_w=3, layers=2, conv_layers=(0,))
     n = 3000
-    rows = _rows(dec, [i % 3 for i in range(n)], True)
+    classes = [i % 3 for i in range(n)]
     settings = dict(cfg_scale=1.5, temperature=1.0, top_k=5)
-    raster = _raster(dec, rows, _sampling(n, seed=0, **settings), True)
-    sjd = run_sjd(dec, rows, _sampling(n, seed=10 ** 6, **settings), guided=True, window=4)
+    sched = _scheduler(dec, 4 * n)
+    try:
+        sjd = _submit(sched, dec, classes, True, seed=10 ** 6, decoding="sjd", window=4, **settings)
+        raster = _submit(sched, dec, classes, True, seed=0, **settings)
+        raster, sjd = raster.result(timeout=600).view(n, -1), sjd.result(timeout=600).view(n, -1)
+    finally:
+        sched.close()
     ps = _statistics_p(raster, sjd, 6)
     assert min(ps) > 1e-3 / len(ps), sorted(ps)[:3]
-    colder = _raster(dec, rows, _sampling(n, seed=5 * 10 ** 6, **{**settings, "temperature": 0.8}), True)
+    colder, _ = _decode(dec, classes, True, seed=5 * 10 ** 6, **{**settings, "temperature": 0.8})
     assert min(_statistics_p(raster, colder, 6)) < 1e-6
 
 
@@ -311,18 +392,19 @@ def test_engine_refuses_bad_decoding_arguments(t2i):
         t2i.generate_codes("x", decoding="jacobi")
     with pytest.raises(ValueError, match=r"sjd_window must be an int in \[1, 64\]"):
         t2i.generate_codes("x", decoding="sjd", sjd_window=65)
-    with pytest.raises(ValueError, match="timeout needs decoding='raster'"):
-        t2i.generate_codes("x", decoding="sjd", timeout=5.0)
-    with pytest.raises(ValueError, match="keep needs decoding='raster'"):
-        t2i.generate_codes("x", decoding="wavefront", keep=2)
+    ring = Engine(t2i.model, t2i.tokenizer, device="cpu", kv_cache="ring")
+    with pytest.raises(ValueError, match="decoding='sjd' feeds several tokens per pass and needs the plain KV cache"):
+        ring.generate_codes("x", decoding="sjd")
+    ring.close()
 
 
 def test_engine_falls_back_to_raster_for_causal_layers_and_says_so():
-    eng = Engine.from_preset("tiny-vim", device="cpu", continuous_batching=False)
+    eng = Engine.from_preset("tiny-vim", device="cpu")
     raster = eng.generate_codes(class_ids=[1, 2], seed=4)
     with pytest.warns(UserWarning, match=r"layers \[1\] .* fully causal.*raster order instead"):
         wave = eng.generate_codes(class_ids=[1, 2], seed=4, decoding="wavefront")
     assert torch.equal(wave, raster)
+    eng.close()
 
 
 def test_cli_decoding(tmp_path, capsys):

@@ -184,6 +184,11 @@ def test_parallel_decodings(server, generated):
     assert len(sjd) == 2 and all(_png(d["b64_json"]).size == (64, 64) for d in sjd)
     status, _, again = server.generate(prompt=PROMPT, n=2, seed=SEED, decoding="sjd", sjd_window=8)
     assert json.loads(again)["data"] == sjd  # the same seed: the same images
+    # In the decode loop like any request: it streams.
+    status, _, raw = server.generate(prompt=PROMPT, n=2, seed=SEED, decoding="sjd", sjd_window=8, stream=True)
+    events = _events(raw)
+    assert status == 200 and events[-1][0] == "done" and events[-1][1]["data"] == sjd
+    assert any(name == "partial_image" for name, _ in events)
 
 
 def test_reranked_candidates(server, one_torch_thread):
@@ -286,7 +291,6 @@ BAD = [
     ({"prompt": PROMPT, "decoding": "jacobi"}, "decoding"),
     ({"prompt": PROMPT, "decoding": "sjd", "sjd_window": 0}, "sjd_window"),
     ({"prompt": PROMPT, "decoding": "sjd", "sjd_window": "4"}, "sjd_window"),
-    ({"prompt": PROMPT, "decoding": "sjd", "stream": True}, "stream"),
     ({"prompt": PROMPT, "candidates": 0}, "candidates"),
     ({"prompt": PROMPT, "candidates": 2, "stream": True}, "stream"),
 ]
@@ -380,7 +384,7 @@ def _in_process(factory):
     """A uvicorn server of ``build_app(factory)`` on a thread of this process (to reach inside it)."""
     import uvicorn
 
-    from vqim.engine.serve import Limits, build_app
+    from vqim.engine.entrypoints.serve import Limits, build_app
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(factory, limits=Limits()), host="127.0.0.1", port=port,
@@ -427,27 +431,28 @@ def test_loading_answers_503_then_200():
 
 
 class _Recording:
-    """An engine that keeps the handle of every request submitted to it and counts the tokens
-    drawn for them (the decode loop's per-image step callback)."""
+    """An engine that keeps the handle of every request submitted to it; ``steps`` counts the
+    decode loop's steps."""
 
     def __init__(self, engine):
-        self.engine, self.handles, self.steps = engine, [], 0
+        self.engine, self.handles = engine, []
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def _step(self):
-        self.steps += 1  # only the decode loop's thread writes it
+    @property
+    def steps(self) -> int:
+        return self.engine.scheduler.stats.steps
 
     def submit(self, *args, **kwargs):
-        self.handles.append(self.engine.submit(*args, _on_step=self._step, **kwargs))
+        self.handles.append(self.engine.submit(*args, **kwargs))
         return self.handles[-1]
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_disconnect_cancels_the_request(stream, one_torch_thread):
     from vqim.engine import Engine
-    from vqim.engine.serving import RequestCancelled
+    from vqim.engine.scheduler import RequestCancelled
 
     # One image per step: the 8 images take far longer than the walk-away.
     engine = _Recording(Engine.from_pretrained(device="cpu", max_batch_size=1))
@@ -464,7 +469,7 @@ def test_disconnect_cancels_the_request(stream, one_torch_thread):
         time.sleep(0.3)  # the step in flight when it was cancelled may still count its image
         drawn = engine.steps
         time.sleep(0.5)
-        # Its images left the decode loop: no token drawn since, and far fewer than its 8 images.
+        # Its images left the decode loop: no step since, and far fewer than its 8 images' (one at a time).
         assert 0 < engine.steps == drawn < 8 * engine.cfg.decoder.num_tokens
         assert client.generate(prompt=PROMPT, seed=SEED)[0] == 200
 

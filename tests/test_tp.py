@@ -2,17 +2,28 @@
 
 One spawn per module (process start-up and torch import dominate): both ranks load the tiny
 decoder-only and encoder-decoder models with ``Engine.from_pretrained(dir, tp=2)`` and run every
-scenario; the results come back through files and the tests compare them with TP=1 in this
-process. Per-step logits are compared teacher-forced (both fed the TP=1 tokens) against a float64
-TP=1 run, within a small factor of plain fp32 TP=1's own error.
+scenario through the one decode loop (rank 0 plans, both loops run in lock-step): the same calls
+on both ranks, concurrent callers on rank 0 alone, a request that fails on one rank, the bundled
+model. The results come back through files and the tests compare them with TP=1 in this process.
+Per-step logits are compared teacher-forced (both fed the TP=1 tokens) against a float64 TP=1
+run, within a small factor of plain fp32 TP=1's own error. ``vqim serve`` and ``vqim generate``
+under ``torchrun`` run as real processes.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -25,7 +36,8 @@ from PIL import Image
 from vqim import kernels as K
 from vqim.engine import Engine, ModelConfig
 from vqim.engine import tp as TP
-from vqim.engine.generate import Rows, condition
+from vqim.engine.profiling.ranks import run_ranks
+from vqim.engine.requests import Rows, condition
 from vqim.engine.weights import build_model, save_pretrained
 
 WORLD = 2
@@ -39,7 +51,7 @@ RUNS = {
 
 def _rows(eng: Engine, name: str) -> Rows:
     """The unguided decoder rows of ``CONDS[name]``, one per request."""
-    return condition(eng.model, eng.tokenizer, next(iter(CONDS[name].values())), guided=False)
+    return condition(eng.model, eng.tokenizer, next(iter(CONDS[name].values())))
 
 
 def _stepwise_logits(eng: Engine, name: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -88,6 +100,7 @@ def _worker(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
         for run, kw in RUNS.items():
             res[f"{name}/{run}"] = eng.generate_codes(**CONDS[name], **kw)
         tokens = _first_images(res[f"{name}/greedy"], RUNS["greedy"]["num_images"])
+        # The loops are idle: the main thread may run the model's collectives.
         res[f"{name}/logits"] = _stepwise_logits(eng, name, tokens)
         res[f"{name}/random_seed"] = eng.generate_codes(**CONDS[name], num_images=1, seed=None)
         # One decode step at its real width, collectives counted by the TP layers.
@@ -99,9 +112,11 @@ def _worker(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
             with TP.count_collectives() as st:
                 dec.decode_step(state, tokens[:, 0], torch.tensor([dec.cfg.prefix]))
         res[f"{name}/collectives"] = (dict(st.counts), dict(st.bytes))
+        eng.close()
     # Random weights drawn per rank like Engine.from_preset, then sharded (benchmarks, CLI --preset).
-    res["preset/greedy"] = Engine.from_preset("tiny-vim", seed=5, device="cpu", tp=world).generate_codes(
-        **CONDS["tiny-vim"], **RUNS["greedy"])
+    eng = Engine.from_preset("tiny-vim", seed=5, device="cpu", tp=world)
+    res["preset/greedy"] = eng.generate_codes(**CONDS["tiny-vim"], **RUNS["greedy"])
+    eng.close()
     try:
         Engine.from_pretrained(dirs["bad-heads"], device="cpu", tp=world)
         res["bad-heads"] = "loaded"
@@ -112,13 +127,60 @@ def _worker(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
         res["agree"] = "no error"
     except Exception as e:  # noqa: BLE001 (the test checks the type and message)
         res["agree"] = f"{type(e).__name__}: {e}"
-    # Only rank 1's request is invalid: rank 0 must not go on into the decode loop alone.
     eng = Engine.from_pretrained(dirs["tiny-vim"], device="cpu", tp=world)
+    # Arguments one rank refuses: rank 0's refusal is every rank's; another rank's is its own
+    # (the request that runs is rank 0's). Nothing waits on a collective the other rank skipped.
+    for bad in (0, 1):
+        try:
+            eng.generate_codes(**CONDS["tiny-vim"], top_p=1.5 if rank == bad else 1.0, seed=0)
+            res[f"rank{bad}-invalid"] = "no error"
+        except Exception as e:  # noqa: BLE001 (the test checks the type and message)
+            res[f"rank{bad}-invalid"] = f"{type(e).__name__}: {e}"
+    # A request that fails on rank 1 alone (where it is admitted, before any collective) fails
+    # on every rank, and the loop goes on.
+    if rank == 1:
+        sched = eng.scheduler
+        real = sched._prepare
+
+        def prepare(img):
+            if img.spec.seed == 99:
+                raise ValueError("injected on rank 1")
+            real(img)
+
+        sched._prepare = prepare
     try:
-        eng.generate_codes(**CONDS["tiny-vim"], top_p=1.5 if rank == 1 else 1.0, seed=0)
-        res["one-rank-invalid"] = "no error"
+        eng.generate_codes(class_ids=[7], seed=99)
+        res["one-rank-fails"] = "no error"
     except Exception as e:  # noqa: BLE001 (the test checks the type and message)
-        res["one-rank-invalid"] = f"{type(e).__name__}: {e}"
+        res["one-rank-fails"] = f"{type(e).__name__}: {e}"
+    res["after-failure"] = eng.generate_codes(**CONDS["tiny-vim"], **RUNS["greedy"])
+    # Concurrent callers on rank 0 alone (a server's shape): rank 1's loop follows rank 0's plans.
+    if rank == 0:
+        got: dict[int, torch.Tensor] = {}
+        handles = [eng.submit(class_ids=[c], seed=10 + c, timeout=120) for c in range(4)]
+        threads = [threading.Thread(target=lambda c=c: got.__setitem__(
+            c, eng.generate_codes(class_ids=[c, c + 1], num_images=2, seed=20 + c, cfg_scale=2.0)))
+            for c in range(4)]
+        for t in threads:
+            t.start()
+        cancelled = eng.submit(class_ids=[5], num_images=8, seed=1)
+        cancelled.cancel()
+        for t in threads:
+            t.join()
+        res["concurrent"] = {c: got[c] for c in range(4)}
+        res["submitted"] = [h.result(timeout=120) for h in handles]
+        try:
+            cancelled.result(timeout=120)
+            res["cancelled"] = "finished"
+        except Exception as e:  # noqa: BLE001 (the test checks the type)
+            res["cancelled"] = type(e).__name__
+        eng.close()  # rank 1's loop stops with it
+    else:
+        eng.join()
+    # The bundled model (its reranker's 0-dim temperature is replicated).
+    eng = Engine.from_pretrained(device="cpu", tp=world)
+    res["bundled"] = eng.generate_codes(["a large red circle in the center"], seed=3)
+    eng.close()
     torch.save(res, f"{out}/rank{rank}.pt")
     dist.barrier()
 
@@ -135,7 +197,7 @@ def runs(tmp_path_factory):
     bad["decoder"]["heads"] = 1
     dirs["bad-heads"] = str(save_pretrained(build_model(ModelConfig.from_dict(bad), "cpu", torch.float32),
                                             root / "bad-heads"))
-    TP.run_ranks(_worker, WORLD, dirs, str(root))
+    run_ranks(_worker, WORLD, dirs, str(root))
     ranks = [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
     return engines, dirs, ranks
 
@@ -223,10 +285,40 @@ def test_failure_on_one_rank_raises_on_all(runs):
     assert ranks[0]["agree"] == "RuntimeError: tensor-parallel rank 1 failed: ValueError: corrupt shard on rank 1"
 
 
-def test_invalid_request_on_one_rank_raises_on_all(runs):
+def test_arguments_rank0_refuses_raise_on_every_rank(runs):
     _, _, ranks = runs
-    assert ranks[1]["one-rank-invalid"].startswith("ValueError: top_p"), ranks[1]["one-rank-invalid"]
-    assert ranks[0]["one-rank-invalid"].startswith("RuntimeError: tensor-parallel rank 1 failed: ValueError: top_p")
+    for res in ranks:
+        assert res["rank0-invalid"].startswith("ValueError: top_p"), res["rank0-invalid"]
+    # Another rank's own refusal raises there; the request that runs is rank 0's.
+    assert ranks[1]["rank1-invalid"].startswith("ValueError: top_p"), ranks[1]["rank1-invalid"]
+    assert ranks[0]["rank1-invalid"] == "no error"
+
+
+def test_a_request_failing_on_one_rank_fails_on_all_and_the_loop_goes_on(runs):
+    engines, _, ranks = runs
+    assert ranks[1]["one-rank-fails"] == "ValueError: injected on rank 1"
+    assert ranks[0]["one-rank-fails"] == "RuntimeError: tensor-parallel rank 1 failed: ValueError: injected on rank 1"
+    ref = engines["tiny-vim"].generate_codes(**CONDS["tiny-vim"], **RUNS["greedy"])
+    for r, res in enumerate(ranks):
+        assert_equal(res["after-failure"], ref, msg=f"rank {r}")
+
+
+def test_concurrent_callers_on_rank0_get_the_tp1_tokens(runs):
+    engines, _, ranks = runs
+    eng = engines["tiny-vim"]
+    res = ranks[0]
+    for c in range(4):
+        want = eng.generate_codes(class_ids=[c, c + 1], num_images=2, seed=20 + c, cfg_scale=2.0)
+        assert_equal(res["concurrent"][c], want, msg=f"thread {c}")
+        assert_equal(res["submitted"][c], eng.generate_codes(class_ids=[c], seed=10 + c), msg=f"submit {c}")
+    assert res["cancelled"] == "RequestCancelled"
+
+
+def test_the_bundled_model_loads_and_generates_with_tp2(runs):
+    _, _, ranks = runs
+    want = Engine.from_pretrained(device="cpu").generate_codes(["a large red circle in the center"], seed=3)
+    for r, res in enumerate(ranks):
+        assert_equal(res["bundled"], want, msg=f"rank {r}")
 
 
 def test_check_tp_names_the_size():
@@ -269,14 +361,21 @@ def test_tp_without_torchrun_says_how_to_run(tmp_path, monkeypatch):
         Engine.from_pretrained(tmp_path, device="cpu", tp=2)
 
 
-def _torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
+def _torchrun_env() -> dict:
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _torchrun_cmd(args: list[str]) -> list[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}", "--master-addr=127.0.0.1",
-           f"--master-port={port}", "-m", "vqim.engine.cli", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}", "--master-addr=127.0.0.1",
+            f"--master-port={port}", "-m", "vqim.engine.entrypoints.cli", *args]
+
+
+def _torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun_cmd(args), cwd=cwd, env=_torchrun_env(), capture_output=True, text=True,
+                          timeout=240)
 
 
 def test_cli_under_torchrun_rank0_writes_tp1_images(runs, tmp_path):
@@ -303,12 +402,64 @@ def test_cli_under_torchrun_error_ends_every_rank(runs, tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_serve_under_torchrun_answers_concurrent_requests_with_the_tp1_bytes(runs, tmp_path):
+    """``vqim serve`` under torchrun: rank 0 serves HTTP, rank 1's loop follows; concurrent
+    requests get the images a tp=1 engine draws; stopping torchrun stops both ranks."""
+    pytest.importorskip("fastapi")
+    engines, dirs, _ = runs
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(_torchrun_cmd(["serve", "--model", dirs["tiny-t2i"], "--device", "cpu", "--port",
+                                           str(port), "--max-batch-size", "4"]),
+                            cwd=tmp_path, env=_torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "vqim serve under torchrun did not answer /health"
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+
+        def post(k: int) -> list[np.ndarray]:
+            body = json.dumps({"prompt": CONDS["tiny-t2i"]["prompts"][k % 2], "n": 2, "seed": 30 + k}).encode()
+            req = urllib.request.Request(url + "/v1/images/generations", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                data = json.loads(r.read())["data"]
+            return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in data]
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(post, range(4)))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+    eng = engines["tiny-t2i"]
+    for k, images in enumerate(got):
+        want = eng.generate(CONDS["tiny-t2i"]["prompts"][k % 2], 2, seed=30 + k)
+        for i, (g, w) in enumerate(zip(images, want)):
+            assert np.array_equal(g, np.asarray(w)), (k, i)
+
+
 def _cuda_worker(rank: int, world: int, model_dir: str, out: str) -> None:
     eng = Engine.from_pretrained(model_dir, device=f"cuda:{rank}", dtype=torch.float32, tp=world)
     res = {"graph": eng.generate_codes(**CONDS["tiny-t2i"], **RUNS["greedy"]).cpu()}
-    res["graphs_used"] = eng.generator.graphs_used()
-    eng.generator.use_cuda_graph = False
-    res["eager"] = eng.generate_codes(**CONDS["tiny-t2i"], **RUNS["greedy"]).cpu()
+    res["graphs"] = len(eng.scheduler.runner._graphs)
+    eng.close()
+    eager = Engine(eng.model, eng.tokenizer, device=eng.device, tp_group=dist.group.WORLD, use_cuda_graph=False)
+    res["eager"] = eager.generate_codes(**CONDS["tiny-t2i"], **RUNS["greedy"]).cpu()
+    eager.close()
     torch.save(res, f"{out}/cuda{rank}.pt")
 
 
@@ -320,9 +471,9 @@ def test_tp2_nccl_cuda_graph_decode_equals_tp1(runs, tmp_path):
     _, dirs, _ = runs
     ref = Engine.from_pretrained(dirs["tiny-t2i"], device="cuda:0", dtype=torch.float32, use_cuda_graph=False)
     want = ref.generate_codes(**CONDS["tiny-t2i"], **RUNS["greedy"]).cpu()
-    TP.run_ranks(_cuda_worker, WORLD, dirs["tiny-t2i"], str(tmp_path), device_type="cuda")
+    run_ranks(_cuda_worker, WORLD, dirs["tiny-t2i"], str(tmp_path), device_type="cuda")
     for r in range(WORLD):
         res = torch.load(tmp_path / f"cuda{r}.pt")
-        assert res["graphs_used"] == 1
+        assert res["graphs"] > 0
         assert_equal(res["graph"], want, msg=f"graph rank {r}")
         assert_equal(res["eager"], want, msg=f"eager rank {r}")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vqim.engine import Engine
-from vqim.engine.cli import main as cli_main
+from vqim.engine.entrypoints.cli import main as cli_main
 from vqim.engine.superres import bicubic
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,5 +1,5 @@
 """The ``vqim`` command (the console script): the engine's ``generate``, ``encode``, ``decode``
-and ``bench`` (:mod:`vqim.engine.cli`), plus ``eval shapes`` and ``train ...``, which need the
+and ``bench`` (:mod:`vqim.engine.entrypoints.cli`), plus ``eval shapes`` and ``train ...``, which need the
 training stack and so live above it (imports only go kernels <- engine <- train <- this entry).
 """
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from vqim.engine import cli as engine_cli
+from vqim.engine.entrypoints import cli as engine_cli
+from vqim.engine.entrypoints.factory import add_model_args, engine_from_args
 from vqim.kernels import SamplingParams
 from vqim.engine.weights import atomic_write
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grid", metavar="PNG", help="also draw a grid of images for --grid-prompts (or fixed "
                     "prompts of the grammar) at the last --cfg scale and the last --candidates")
     ev.add_argument("--grid-prompts", nargs="+", default=None, metavar="PROMPT")
-    engine_cli.add_model_args(ev)
+    add_model_args(ev)
     ev.set_defaults(func=_eval)
 
     # Listed for --help only: main() hands `vqim train ...` to vqim.train.cli before parsing.
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    eng = engine_cli.engine_from_args(args)
+    eng = engine_from_args(args)
     eng.sampling_defaults.update(SamplingParams.given(args))
     results = eval_shapes.evaluate(eng, num_prompts=args.num_prompts, cfg_scales=args.cfg, seed=args.seed,
                                    batch_size=args.batch, recon_images=args.recon_images, split=args.split,

@@ -2,8 +2,8 @@
 
 The engine knows nothing of training: :mod:`vqim.train.main` is the installed ``vqim`` command,
 built on :func:`add_commands`, :func:`add_model_args`, :func:`engine_from_args` and :func:`run`
-from here, and adds ``eval shapes`` and ``train ...``. ``python -m vqim.engine.cli`` runs these
-five commands alone (``torchrun --nproc-per-node N -m vqim.engine.cli generate ...``).
+from here, and adds ``eval shapes`` and ``train ...``. ``python -m vqim.engine.entrypoints.cli`` runs these
+five commands alone (``torchrun --nproc-per-node N -m vqim.engine.entrypoints.cli generate ...``).
 
 Every command takes the model as ``--model DIR`` (a model directory) or ``--preset NAME``
 (random weights of a named shape); with neither, the bundled demo model. Bad input exits with
@@ -30,40 +30,9 @@ from PIL import Image
 
 from vqim.kernels import SamplingParams
 
-from .config import PRESETS
-from .parallel import DECODINGS
-from .quantize import QUANTIZE_CHOICES
-from .weights import atomic_write, open_regular
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR", help="model directory (config.json, *.safetensors, tokenizer.model)")
-    src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
-                     help=f"random-weight model of a named shape: {', '.join(sorted(PRESETS))}")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: the model's dtype on GPU, float32 on CPU")
-    p.add_argument("--model-seed", type=int, default=0, help="weight seed of --preset (default 0)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (Inductor; on CPU it needs a C++ compiler; same tokens)")
-    p.add_argument("--quantize", choices=list(QUANTIZE_CHOICES), default=None,
-                   help="int8 weight-only decoder linears (half the weight bytes per step of bf16)")
-
-
-def engine_from_args(args: argparse.Namespace):
-    """The engine of :func:`add_model_args`' arguments."""
-    from .api import Engine
-
-    import os
-
-    # Under `torchrun --nproc-per-node N` each rank builds its tensor-parallel shard (vqim.engine.tp).
-    tp = int(os.environ.get("WORLD_SIZE", "1"))
-    opts = {"compile": args.compile, "quantize": args.quantize}
-    if args.preset is not None:
-        return Engine.from_preset(args.preset, seed=args.model_seed, device=args.device, dtype=args.dtype, tp=tp,
-                                  **opts)
-    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, tp=tp, **opts)
+from ..parallel import DECODINGS
+from ..weights import atomic_write, open_regular
+from .factory import add_model_args, engine_from_args
 
 
 def _outputs(path: str, n: int) -> list[Path]:
@@ -251,9 +220,9 @@ def _decode(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from .api import Engine
-    from .bench import COLUMNS, bench_engine
-    from .timing import print_table
+    from ..api import Engine
+    from ..profiling.bench import COLUMNS, bench_engine
+    from ..profiling.timing import print_table
 
     # Every PRESET named, and the --model or --preset engine; with none of these, the tiny presets.
     own = args.model is not None or args.preset is not None
@@ -304,6 +273,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=1000,
                    help="longest prompt (and negative_prompt) in characters (default 1000)")
     p.add_argument("--max-n", type=int, default=8, help="most images per request (default 8)")
+    p.add_argument("--max-candidates", type=int, default=8,
+                   help="most reranked candidates per image of a request (default 8)")
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body (default 65536)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a request may take before it fails with 504 (default 300)")

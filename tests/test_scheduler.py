@@ -1,6 +1,7 @@
-"""Continuous batching (engine/serving.py): batch invariance, admission at step boundaries, one
+"""The one decode loop (engine/scheduler.py): batch invariance, admission at step boundaries, one
 row for ``cfg_scale = 1``, cancellation, timeouts, failures that stay in their request, a full
-queue refused at once, the async API, negative prompts and partial images."""
+queue refused at once, a blocking call larger than the queue, the async API, negative prompts and
+partial images. The parallel decodings inside the same loop: tests/test_parallel_decoding.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from tests.helpers import assert_equal
 from vqim.engine import Engine
-from vqim.engine.serving import QueueFullError, RequestCancelled
+from vqim.engine.scheduler import QueueFullError, RequestCancelled
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,15 +63,14 @@ def test_tokens_are_the_same_alone_together_and_joining_at_any_step(t2i):
     for h, want in zip(handles, alone):
         assert_equal(h.result(), want)
     # Each joins a long-running request after a different number of its tokens.
-    n = t2i.cfg.decoder.num_tokens
     for k, (p, kw) in enumerate(REQUESTS):
         runner = t2i.submit(["a large yellow circle"], num_images=3, seed=100 + k, cfg_scale=2.0)
         join_at = 1 + 13 * k
         _wait_for(lambda: runner.progress[0] >= join_at, f"{join_at} tokens")
         late = t2i.submit([p], **kw)
-        assert not runner.done() and runner.progress[0] < 3 * n  # it really joined a running batch
         assert_equal(late.result(), alone[k], msg=f"request {k} joining at token {join_at}")
         runner.result()
+        assert late.started < runner.finished  # it really joined a running batch
 
 
 def test_many_threads_share_the_steps_and_each_gets_its_own_image(vim):
@@ -95,17 +95,11 @@ def test_many_threads_share_the_steps_and_each_gets_its_own_image(vim):
 
 def test_guidance_one_holds_one_row_and_guided_holds_a_pair(vim):
     """max_batch_size=4 is 8 rows: eight unguided images run in one step, guided ones four."""
-    sched = vim._get_scheduler()
-    widest = []
-
-    def on_step():
-        widest.append(len(sched._active))
-
+    sched = vim.scheduler
     for scale, most in ((1.0, 8), (3.0, 4)):
-        widest.clear()
-        handle = vim.submit(class_ids=[1], num_images=8, seed=0, cfg_scale=scale, _on_step=on_step)
-        handle.result()
-        assert max(widest) == most, (scale, max(widest))
+        sched.stats.widest = 0
+        vim.submit(class_ids=[1], num_images=8, seed=0, cfg_scale=scale).result()
+        assert sched.stats.widest == most, (scale, sched.stats.widest)
 
 
 def test_a_request_longer_than_the_rows_runs_as_rows_free_up(vim):
@@ -176,8 +170,9 @@ def test_an_exception_in_a_step_fails_that_steps_requests_and_the_loop_goes_on(m
     with pytest.raises(RuntimeError, match="injected"):
         eng.generate_codes(class_ids=[1], seed=0)
     monkeypatch.setattr(eng.model.decoder, "decode_step", real)
-    assert_equal(eng.generate_codes(class_ids=[1], seed=0),
-                 Engine(eng.model, None, device="cpu", continuous_batching=False).generate_codes(class_ids=[1], seed=0))
+    fresh = Engine(eng.model, None, device="cpu")
+    assert_equal(eng.generate_codes(class_ids=[1], seed=0), fresh.generate_codes(class_ids=[1], seed=0))
+    fresh.close()
     eng.close()
 
 
@@ -255,8 +250,9 @@ def test_negative_prompt_conditions_the_unconditional_branch(t2i):
     plain = t2i.generate_codes(["a red circle"], seed=3, cfg_scale=3.0)
     neg = t2i.generate_codes(["a red circle"], seed=3, cfg_scale=3.0, negative_prompt="blue")
     assert not torch.equal(plain, neg)
-    one_batch = Engine(t2i.model, t2i.tokenizer, device="cpu", continuous_batching=False)
-    assert_equal(neg, one_batch.generate_codes(["a red circle"], seed=3, cfg_scale=3.0, negative_prompt="blue"))
+    alone = Engine(t2i.model, t2i.tokenizer, device="cpu", max_batch_size=1)
+    assert_equal(neg, alone.generate_codes(["a red circle"], seed=3, cfg_scale=3.0, negative_prompt="blue"))
+    alone.close()
     # cfg_scale 1 has no unconditional branch: the negative prompt changes nothing.
     assert_equal(t2i.generate_codes(["a red circle"], seed=3, cfg_scale=1.0, negative_prompt="blue"),
                  t2i.generate_codes(["a red circle"], seed=3, cfg_scale=1.0))
@@ -296,7 +292,7 @@ def test_cuda_graph_buckets_draw_the_eager_tokens():
     for eng in (graphs, eager):
         eng.results = [h.result(timeout=120) for h in [eng.submit([p], **kw) for p, kw in REQUESTS]]
         eng.results.append(eng.generate_codes(["a red circle"], num_images=3, seed=1, cfg_scale=2.0))
-    assert sorted(graphs._get_scheduler()._graphs) == [1, 2, 4, 8]
+    assert sorted(graphs.scheduler.runner._graphs) == [1, 2, 4, 8]
     for a, b in zip(graphs.results, eager.results):
         assert_equal(a, b)
     graphs.close()
@@ -312,7 +308,7 @@ def test_completion_keeps_the_top_rows_and_samples_the_rest_from_the_model(t2i):
     (same seed, same step) from the model's guided distribution given all tokens before it,
     which is what makes completion exact."""
     from vqim import kernels as K
-    from vqim.engine.generate import condition
+    from vqim.engine.requests import condition
 
     image = t2i.decode_codes(t2i.generate_codes(["a blue square"], seed=1), output_type="pt")[0]  # (3, H, W)
     source = t2i.encode_images(image[None])[0]  # (g, g)
@@ -322,7 +318,7 @@ def test_completion_keeps_the_top_rows_and_samples_the_rest_from_the_model(t2i):
     assert_equal(t2i.generate_codes(["a red circle"], seed=7, cfg_scale=2.0, image=image, keep=kept)[0], out)
     dec = t2i.model.decoder
     n = dec.cfg.num_tokens
-    prefix, memory, mask = condition(t2i.model, t2i.tokenizer, ["a red circle"], guided=True)
+    prefix, memory, mask = condition(t2i.model, t2i.tokenizer, ["a red circle", ""])
     logits = dec(prefix, out.view(1, -1).repeat(2, 1)[:, : n - 1], memory, mask)  # (2, n, V)
     start = kept * dec.cfg.grid_w
     for t in range(start, n):

@@ -15,9 +15,10 @@ Endpoints (JSON; every error in OpenAI's shape ``{"error": {"message", "type", "
   A partial image is its grid decoded with token 0 in place of the tokens not drawn yet, and
   the pixel rows below the drawn grid rows then filled with gray (128, 128, 128).
   ``"decoding": "raster" | "wavefront" | "sjd"`` (and ``"sjd_window"``) picks the engine's
-  decoding, ``"candidates": N`` draws N images per image and returns the reranker's best
-  (``Engine.generate_codes``); either runs one batch per request outside the decode loop and
-  does not stream.
+  decoding (each runs in the decode loop beside the other requests, and streams).
+  ``"candidates": N`` (at most ``--max-candidates``, and ``n * N`` at most the queue) draws N
+  images per image and returns the reranker's best (``Engine.rerank``); it does not stream: no
+  image is final before the reranking.
 - ``GET /v1/models``: the served model, in OpenAI's list shape.
 - ``GET /health``: 200 ``{"status": "ok"}`` once the model is loaded, 503 while it loads.
 
@@ -29,7 +30,8 @@ past its timeout, 500 when the model itself fails (no finite logit, non-finite p
 whose client goes away is cancelled: its images leave the decode loop at the next step.
 
 The engine loads in a background thread when the server starts, so ``/health`` answers (503)
-meanwhile. Requests share the engine's decode loop (continuous batching, :mod:`.serving`).
+meanwhile. Requests share the engine's decode loop (continuous batching, :mod:`vqim.engine.scheduler`).
+Under ``torchrun`` (tensor parallel) rank 0 serves HTTP and the other ranks' loops follow it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
 import sys
 import threading
@@ -57,7 +60,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .serving import QueueFullError, RequestCancelled
+from ..scheduler import QueueFullError, RequestCancelled
+from .factory import engine_from_args
 
 # How often a waiting request checks whether its client went away.
 _POLL_S = 0.1
@@ -79,9 +83,10 @@ class Limits:
     max_n: int = 8
     max_body_bytes: int = 64 * 1024
     timeout: float = 300.0  # seconds, the engine's per-request ``timeout``
+    max_candidates: int = 8  # reranked candidates per image (each is a whole image drawn)
 
     def __post_init__(self):
-        for name in ("max_prompt_chars", "max_n", "max_body_bytes"):
+        for name in ("max_prompt_chars", "max_n", "max_body_bytes", "max_candidates"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -218,16 +223,14 @@ def build_app(engine_factory: Callable[[], Any], *, limits: Limits,
         body = _parse(await _read_body(request, limits.max_body_bytes))
         kwargs = _engine_kwargs(body, engine, limits)
         upscale = _upscale(body, engine)
-        if body.decoding != "raster" or body.candidates != 1:
+        if body.candidates != 1:
             if body.stream:
-                raise APIError(400, f"stream needs decoding 'raster' and candidates 1 (got {body.decoding!r}, "
-                               f"{body.candidates}): no image is final before the last pass or the reranking",
-                               param="stream", code="invalid_value")
+                raise APIError(400, f"stream needs candidates 1 (got {body.candidates}): no image is final before "
+                               "the reranking", param="stream", code="invalid_value")
+            handle = _submit(engine, {**kwargs, "num_images": body.n * body.candidates})
             try:
-                # One batch per call outside the decode loop (Engine.generate_codes): a client that
-                # goes away gets no answer, but its batch runs to the end.
-                codes = await _await_or_gone(request, asyncio.to_thread(_generate_whole, engine, kwargs, body))
-                return JSONResponse(await asyncio.to_thread(_response, engine, codes, upscale))
+                codes = await _await_or_gone(request, _wait(handle))
+                return JSONResponse(await asyncio.to_thread(_reranked_response, engine, codes, body, upscale))
             except _ClientGone:
                 return Response(status_code=499)
             except Exception as e:
@@ -325,6 +328,16 @@ def _engine_kwargs(body: ImageGenerationRequest, engine, limits: Limits) -> dict
     max_n = min(limits.max_n, engine.max_queue)
     if not 1 <= body.n <= max_n:
         raise APIError(400, f"n must be in [1, {max_n}], got {body.n}", param="n", code="invalid_value")
+    if body.candidates != 1:
+        # Each candidate is a whole image drawn: the cap, and the queue, count them.
+        most = min(limits.max_candidates, engine.max_queue // body.n)
+        if not 1 <= body.candidates <= most:
+            raise APIError(400, f"candidates must be in [1, {most}] (at most {limits.max_candidates}, and n * "
+                           f"candidates at most the queue's {engine.max_queue} images), got {body.candidates}",
+                           param="candidates", code="invalid_value")
+        if engine.model.scorer is None:
+            raise APIError(400, f"candidates > 1 needs a model with a scorer (a reranker); {engine.cfg.name} has none",
+                           param="candidates", code="invalid_value")
     for name in ("prompt", "negative_prompt"):
         text = getattr(body, name)
         if text is not None and len(text) > limits.max_prompt_chars:
@@ -335,7 +348,8 @@ def _engine_kwargs(body: ImageGenerationRequest, engine, limits: Limits) -> dict
     sampling = {"cfg_scale": body.guidance_scale, "temperature": body.temperature, "top_k": body.top_k,
                 "top_p": body.top_p, "min_p": body.min_p}
     return {"prompts": body.prompt, "num_images": body.n, "seed": body.seed, "negative_prompt": body.negative_prompt,
-            "timeout": limits.timeout, **{k: v for k, v in sampling.items() if v is not None}}
+            "timeout": limits.timeout, "decoding": body.decoding, "sjd_window": body.sjd_window,
+            **{k: v for k, v in sampling.items() if v is not None}}
 
 
 def _sizes(engine) -> dict[str, bool]:
@@ -369,16 +383,12 @@ def _submit(engine, kwargs: dict, **extra):
         raise _invalid(e) from e
 
 
-def _generate_whole(engine, kwargs: dict, body: ImageGenerationRequest):
-    """``engine.generate_codes`` with the request's decoding and reranked candidates (in a worker thread)."""
-    kwargs = dict(kwargs)
-    prompt, n = kwargs.pop("prompts"), kwargs.pop("num_images")
-    kwargs.pop("timeout")
-    try:
-        return engine.generate_codes(prompt, n, decoding=body.decoding, sjd_window=body.sjd_window,
-                                     candidates=body.candidates, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise _invalid(e) from e
+def _reranked_response(engine, codes, body: ImageGenerationRequest, upscale: bool) -> dict:
+    """The JSON answer of a request's candidates ``[n * N, h, w]``: the scorer's best of each image
+    (``Engine.rerank``), decoded and PNG-encoded (run in a thread)."""
+    _, _, pixels = engine.rerank(codes, [body.prompt], body.n, body.candidates)
+    images = engine.to_images(pixels, upscale=upscale)
+    return {"created": int(time.time()), "data": [{"b64_json": _png_b64(im)} for im in images]}
 
 
 def _invalid(e: Exception) -> APIError:
@@ -500,15 +510,8 @@ def _stream(request: Request, engine, kwargs: dict, upscale: bool) -> StreamingR
 
 
 def _engine(args: argparse.Namespace):
-    """The engine of the model flags, with the server's queue and batch sizes."""
-    from .api import Engine
-
-    opts = {"compile": args.compile, "quantize": args.quantize, "max_queue": args.max_queue,
-            "max_batch_size": args.max_batch_size}
-    if args.preset is not None:
-        eng = Engine.from_preset(args.preset, seed=args.model_seed, device=args.device, dtype=args.dtype, **opts)
-    else:
-        eng = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, **opts)
+    """The engine of the model flags (:mod:`.factory`), with the server's queue and batch sizes."""
+    eng = engine_from_args(args, max_queue=args.max_queue, max_batch_size=args.max_batch_size)
     eng.cfg.require_decoder("vqim serve")
     if not eng.cfg.is_text_to_image:
         raise ValueError(f"{eng.cfg.name} takes class ids, not prompts; vqim serve serves text-to-image models")
@@ -520,13 +523,18 @@ def main(args: argparse.Namespace) -> None:
     # The flags checked before anything is loaded or bound, by their flag names.
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    for flag in ("max_queue", "max_batch_size", "max_prompt_chars", "max_n", "max_body_bytes"):
+    for flag in ("max_queue", "max_batch_size", "max_prompt_chars", "max_n", "max_body_bytes", "max_candidates"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 < args.timeout < float("inf"):
         raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-                    timeout=args.timeout)
+                    timeout=args.timeout, max_candidates=args.max_candidates)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Tensor parallel under torchrun: rank 0 serves HTTP; this rank's decode loop runs rank 0's
+        # requests in lock-step until rank 0's engine closes.
+        _engine(args).join()
+        return
     failed: list[Exception] = []
     server: uvicorn.Server | None = None
 

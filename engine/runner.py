@@ -1,0 +1,335 @@
+"""The model runner: the one owner of the decoder's static rows, its forward passes and sampling
+(DESIGN §5).
+
+One :class:`ModelRunner` per engine holds a static :class:`~vqim.engine.models.DecodeState` of
+``max_rows`` decoder rows (KV caches, cross-attention K/V of the text padded to ``max_len``)
+and, beside it, device tensors per row: the token each row is fed next (``feed``), its position
+(``pos``), the tokens drawn so far (``out``, by conditional row) and the tokens image-conditioned
+generation keeps (``forced``). Row ``max_rows`` of those per-row tensors is a trash row: writes
+for padding slots land there, never in a row in use.
+
+It runs three things, and nothing else in the engine touches the decoder's state:
+
+* :meth:`prefill`: the prefix of newly admitted rows, in a fresh state whose rows are then
+  scattered, whole, into the static rows (whatever a row's last occupant left is gone);
+* :meth:`raster_step`: one token per row, the decode step over rows ``[0, b)``, then sampling,
+  recording and advancing every *slot* (one per raster-decoded image: its conditional and
+  unconditional row, seed, step and settings, in static device buffers the scheduler rewrites only
+  when an image joins or leaves). Nothing in it syncs with the host or depends on the number of
+  images in Python, so on CUDA the whole unit (decode + sampling + record + advance) is captured
+  once per bucket of rows in use (powers of two up to ``max_rows``) and replayed: one graph
+  replay per step. With ``compile=True`` the decode step inside it is
+  ``torch.compile(decode_step, fullgraph=True)``;
+* :meth:`multi_step`: several tokens per row (``ARDecoder.forward_tokens``) for the parallel
+  decodings, with the raster rows feeding their one token in the same pass (eager: the number of
+  tokens per pass changes).
+
+:meth:`sample` is the engine's only call of ``cfg_sample``; :func:`check_tokens` its only
+no-finite-logit check (a row with no finite guided logit is marked -1 by the sampler and fed
+token 0; the image fails when it is done).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from vqim import kernels as K
+
+from .models import ARDecoder, DecodeState
+
+
+def check_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """An image's tokens ``[n]``, or ``FloatingPointError`` where the sampler marked one -1 (no
+    finite guided logit)."""
+    if bool((tokens < 0).any()):
+        raise FloatingPointError("a decode step produced no finite logit: NaN/inf in the model's output, or a "
+                                 "cfg_scale/temperature so extreme that the guided logits overflow float32")
+    return tokens
+
+
+@dataclass
+class Slot:
+    """One raster-decoded image as :meth:`ModelRunner.set_slots` lays it out."""
+
+    cond: int  # its conditional row
+    uncond: int  # its unconditional row (``cond`` when unguided)
+    seed: int
+    step: int  # the index of the token it draws next
+    params: K.SamplingParams
+
+
+@dataclass
+class Entries:
+    """One row's entries of a multi-token pass: ``tokens`` at ``positions``; ``known [S]``: the
+    cache slots they may see (None: all the mask allows)."""
+
+    row: int
+    tokens: list[int]
+    positions: list[int]
+    known: torch.Tensor | None = None
+
+
+class ModelRunner:
+    """The static rows of one decoder and the passes over them (module docstring)."""
+
+    def __init__(self, decoder: ARDecoder, *, max_rows: int, device: torch.device, text: tuple[int, int] | None,
+                 ring: bool = False, compile: bool = False, use_cuda_graph: bool = True):
+        self.dec = decoder
+        self.device = device
+        self.max_rows = max_rows
+        self.ring = ring
+        cfg = decoder.cfg
+        r, n = max_rows, cfg.num_tokens
+        memory = mask = None
+        if text is not None:
+            length, width = text
+            memory = torch.zeros(r, length, width, device=device, dtype=decoder.tok_embed.weight.dtype)
+            mask = torch.ones(r, length, dtype=torch.bool, device=device)
+        self.state = decoder.new_state(r, memory, mask, ring=ring)
+        self.n_slots = self.state.k[0].shape[2]
+        long = dict(dtype=torch.long, device=device)
+        # Per row, plus the trash row r.
+        self.feed = torch.zeros(r + 1, **long)  # (R + 1,) token each row is fed next
+        self.pos = torch.full((r + 1,), cfg.prefix, **long)  # (R + 1,) the position it is fed at
+        self.out = torch.zeros(r + 1, n, **long)  # (R + 1, n) tokens drawn, by conditional row
+        self.forced = torch.full((r + 1, n), -1, **long)  # (R + 1, n) kept tokens, -1 where drawn
+        self.raster_rows = torch.zeros(r, dtype=torch.bool, device=device)  # (R,) rows of raster images
+        # Per slot (one raster image each; at most one per row): gather rows for the logits,
+        # write rows (the trash row for padding), seed, step, whether live, settings.
+        self.slot_cond = torch.zeros(r, **long)
+        self.slot_uncond = torch.zeros(r, **long)
+        self.slot_wcond = torch.full((r,), r, **long)
+        self.slot_wuncond = torch.full((r,), r, **long)
+        self.slot_seed = torch.zeros(r, **long)
+        self.slot_step = torch.zeros(r, **long)
+        self.slot_live = torch.zeros(r, **long)
+        self.slot_settings = K.SamplingParams.rows([K.SamplingParams()] * r, device)
+        self.slots = 0  # live slots
+        # dynamic=False: one specialized graph per row count, as the CUDA graphs are.
+        self.compiled = compile
+        self._compiled: Callable | None = (torch.compile(decoder.decode_step, fullgraph=True, dynamic=False)
+                                           if compile else None)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if use_cuda_graph and device.type == "cuda":
+            self._capture()
+
+    # ------------------------------------------------------------------ rows
+
+    def view(self, b: int) -> DecodeState:
+        """The first ``b`` rows of the state: views, so writes land in the full state."""
+        s = self.state
+        cut = (lambda ts: None if ts is None else [t[:b] for t in ts])
+        return DecodeState(cut(s.k), cut(s.v), cut(s.cross_k), cut(s.cross_v),
+                           None if s.memory_bias is None else s.memory_bias[:b], ring=s.ring)
+
+    def buckets(self) -> list[int]:
+        """Row counts a step runs over on CUDA with graphs: powers of two up to ``max_rows``."""
+        out, b = [], 1
+        while True:
+            out.append(b)
+            if b >= self.max_rows:
+                return out
+            b = min(2 * b, self.max_rows)
+
+    def width(self, hi: int) -> int:
+        """The rows a step over rows ``[0, hi)`` runs: ``hi``, or its graph's bucket."""
+        return min(b for b in self._graphs if b >= hi) if self._graphs else hi
+
+    def release(self, rows: list[int]) -> None:
+        """Rows no longer in use. A free row below the highest one in use still runs in every
+        step (idle, its output unused): parked at the first position, fed token 0, its cache
+        writes stay in bounds."""
+        idx = torch.tensor(rows, device=self.device)
+        self.pos[idx] = self.dec.cfg.prefix
+        self.feed[idx] = 0
+
+    @torch.no_grad()
+    def prefill(self, rows: list[int], prefix: torch.Tensor, memory: torch.Tensor | None,
+                memory_mask: torch.Tensor | None) -> torch.Tensor:
+        """Prefill ``prefix [k, 1]`` (text ``memory [k, max_len, W]``) into static rows ``rows``;
+        returns the logits ``[k, V]`` of each row's first image token."""
+        dec = self.dec
+        state = self.state
+        fresh = dec.new_state(len(rows), memory, memory_mask, ring=self.ring)
+        logits = dec.prefill(fresh, prefix)  # (k, V)
+        idx = torch.tensor(rows, device=self.device)  # (k,)
+        for dst, src in zip(state.k + state.v, fresh.k + fresh.v):
+            # Whole rows: the fresh zeros replace whatever the rows' last occupant left (even the
+            # NaN of a failed request), and the prefix slots get this prefill.
+            dst[idx] = src
+        if state.cross_k is not None:
+            for dst, src in zip(state.cross_k + state.cross_v, fresh.cross_k + fresh.cross_v):
+                dst[idx] = src
+            state.memory_bias[idx] = fresh.memory_bias
+        self.pos[idx] = dec.cfg.prefix
+        return logits
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample(self, cond: torch.Tensor, uncond: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
+               settings: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokens ``[N]`` of guided logits ``cond``, ``uncond`` ``[N, V]`` (``uncond`` is ``cond``
+        itself for an unguided image: ``u + s (c - u)`` is then ``c`` exactly), each entry with its
+        own seed, token index and settings (``[N]`` tensors). -1 marks no finite logit."""
+        return K.cfg_sample(cond, uncond, seed=seed, step=step, validate=False, **settings)
+
+    def probs(self, cond: torch.Tensor, uncond: torch.Tensor, settings: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What :meth:`sample` draws from, ``[N, V]`` (speculative decoding's acceptance test)."""
+        return K.cfg_probs_ref(cond, uncond, **settings)
+
+    def first_tokens(self, logits: torch.Tensor, local: list[tuple[int, int]], slots: list[Slot],
+                     forced: list[torch.Tensor | None]) -> torch.Tensor:
+        """Token 0 of newly admitted images from their prefill ``logits [k, V]``: image ``i``'s
+        conditional and unconditional rows are ``local[i]`` in ``logits`` and ``slots[i]`` in the
+        state. Records them (kept tokens in place) and sets each image's kept tokens; returns
+        the tokens ``[B]`` as recorded."""
+        dev = self.device
+        ci = torch.tensor([c for c, _ in local], device=dev)
+        ui = torch.tensor([u for _, u in local], device=dev)
+        settings = K.SamplingParams.rows([s.params for s in slots], dev)
+        seed = torch.tensor([s.seed for s in slots], device=dev)
+        tok = self.sample(logits[ci], logits[ui], seed, torch.zeros_like(seed), settings)  # (B,)
+        wc = torch.tensor([s.cond for s in slots], device=dev)
+        wu = torch.tensor([s.uncond for s in slots], device=dev)
+        free = torch.full((self.dec.cfg.num_tokens,), -1, dtype=torch.long)
+        self.forced[wc] = torch.stack([free if f is None else f for f in forced]).to(dev)
+        return self._record(tok, wc, wu, torch.zeros_like(wc))
+
+    def _record(self, tok: torch.Tensor, wc: torch.Tensor, wu: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """Token ``step [B]`` of the images whose rows are ``wc``/``wu`` is the draw ``tok [B]``, or
+        the kept token where image-conditioned generation keeps one (the draw is still made, keyed
+        as raster decoding keys it): stored, and fed to both rows at its position next."""
+        keep = self.forced[wc, step]  # (B,)
+        tok = torch.where(keep >= 0, keep, tok)
+        self.out[wc, step] = tok
+        fed = tok.clamp_min(0)  # a row marked -1 (no finite logit) is fed 0; its -1 stays in `out`
+        self.feed[wc] = fed
+        self.feed[wu] = fed
+        at = step + self.dec.cfg.prefix
+        self.pos[wc] = at
+        self.pos[wu] = at
+        return tok
+
+    # ------------------------------------------------------------------ slots
+
+    def set_slots(self, slots: list[Slot], raster_rows: list[int]) -> None:
+        """The raster images of the next steps (host -> device, once per join or leave):
+        padding slots read row 0 and write the trash row."""
+        r = self.max_rows
+        m = len(slots)
+        pad = r - m
+        dev = self.device
+
+        def put(dst: torch.Tensor, values: list, fill) -> None:
+            dst.copy_(torch.tensor(values + [fill] * pad, dtype=dst.dtype), non_blocking=True)
+
+        put(self.slot_cond, [s.cond for s in slots], 0)
+        put(self.slot_uncond, [s.uncond for s in slots], 0)
+        put(self.slot_wcond, [s.cond for s in slots], r)
+        put(self.slot_wuncond, [s.uncond for s in slots], r)
+        put(self.slot_seed, [s.seed for s in slots], 0)
+        put(self.slot_step, [s.step for s in slots], 0)
+        put(self.slot_live, [1] * m, 0)
+        rows = K.SamplingParams.rows([s.params for s in slots] + [K.SamplingParams()] * pad, torch.device("cpu"))
+        for name, t in rows.items():
+            self.slot_settings[name].copy_(t, non_blocking=True)
+        held = torch.zeros(r, dtype=torch.bool)
+        held[raster_rows] = True
+        self.raster_rows.copy_(held.to(dev))
+        self.slots = m
+
+    def _sample_record(self, logits: torch.Tensor, m: int) -> None:
+        """Sample, record and advance slots ``[0, m)`` from ``logits [b, V]`` (row-indexed)."""
+        s = slice(0, m)
+        step = self.slot_step[s]
+        tok = self.sample(logits.index_select(0, self.slot_cond[s]), logits.index_select(0, self.slot_uncond[s]),
+                          self.slot_seed[s], step, {k: v[s] for k, v in self.slot_settings.items()})  # (m,)
+        self._record(tok, self.slot_wcond[s], self.slot_wuncond[s], step)
+        self.slot_step[s] += self.slot_live[s]
+
+    def _unit(self, b: int, m: int) -> None:
+        """One raster step over rows ``[0, b)`` and slots ``[0, m)``: what a graph captures."""
+        logits = self.decode(self.view(b), self.feed[:b], self.pos[:b])  # (b, V)
+        self._sample_record(logits, m)
+
+    # ------------------------------------------------------------------ steps
+
+    @property
+    def decode(self) -> Callable[[DecodeState, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The one-token decode step: compiled, or the decoder's own (looked up per call)."""
+        return self._compiled if self._compiled is not None else self.dec.decode_step
+
+    @torch.no_grad()
+    def raster_step(self, hi: int) -> None:
+        """One token for every slot, over rows ``[0, hi)``: a graph replay where captured (its
+        bucket's padding slots do their work into the trash row), else eager over the live slots."""
+        b = self.width(hi)
+        graph = self._graphs.get(b)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._unit(b, self.slots)
+
+    @torch.no_grad()
+    def multi_step(self, hi: int, entries: list[Entries]) -> torch.Tensor:
+        """One forward over rows ``[0, hi)`` in which each raster row feeds its one token (and its
+        slot is sampled as in :meth:`raster_step`) and each row of ``entries`` its several;
+        returns the logits ``[hi, T, V]`` (entry ``j`` of a row at ``[row, j]``)."""
+        dev = self.device
+        cfg = self.dec.cfg
+        t = max([1] + [len(e.tokens) for e in entries])
+        tok = torch.zeros(hi, t, dtype=torch.long, device=dev)
+        pos = torch.full((hi, t), cfg.prefix, dtype=torch.long, device=dev)
+        valid = torch.zeros(hi, t, dtype=torch.bool, device=dev)
+        tok[:, 0] = self.feed[:hi]
+        pos[:, 0] = self.pos[:hi]
+        valid[:, 0] = self.raster_rows[:hi]
+        known = None
+        if entries:
+            rows = torch.tensor([e.row for e in entries], device=dev)
+            e_tok = torch.zeros(len(entries), t, dtype=torch.long)
+            e_pos = torch.full((len(entries), t), cfg.prefix, dtype=torch.long)
+            e_valid = torch.zeros(len(entries), t, dtype=torch.bool)
+            for i, e in enumerate(entries):
+                k = len(e.tokens)
+                e_tok[i, :k] = torch.tensor(e.tokens)
+                e_pos[i, :k] = torch.tensor(e.positions)
+                e_valid[i, :k] = True
+            tok[rows], pos[rows], valid[rows] = e_tok.to(dev), e_pos.to(dev), e_valid.to(dev)
+            if any(e.known is not None for e in entries):
+                known = torch.ones(hi, self.n_slots, dtype=torch.bool, device=dev)
+                sel = [i for i, e in enumerate(entries) if e.known is not None]
+                known[rows[sel]] = torch.stack([entries[i].known for i in sel]).to(dev)
+        logits = self.dec.forward_tokens(self.view(hi), tok, pos, valid, known)  # (hi, T, V)
+        if self.slots:
+            self._sample_record(logits[:, 0], self.slots)
+        return logits
+
+    def tokens(self, row: int) -> torch.Tensor:
+        """The tokens ``[n]`` recorded for the image whose conditional row is ``row`` (a host sync:
+        once per finished image)."""
+        return self.out[row].cpu()
+
+    # ------------------------------------------------------------------ graphs
+
+    def _capture(self) -> None:
+        """Capture the raster step of every bucket, before any row is in use (every slot is
+        padding: the warm-up's records land in the trash row; its cache writes are zeroed)."""
+        dev = self.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.no_grad():
+            for b in self.buckets():
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # compiles the Triton kernels and settles allocations
+                        self._unit(b, b)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._unit(b, b)
+                self._graphs[b] = graph
+            for t in self.state.k + self.state.v:
+                t.zero_()
