@@ -16,7 +16,7 @@ import torch
 
 from helpers import assert_close, assert_equal
 from vqim.kernels import SamplingParams, _ext, cfg_sample, cfg_sample_ref, validate_sampling_params
-from vqim.kernels.cfg_sample import philox_uniform, sampling_mask_ref
+from vqim.kernels.cfg_sample import _philox_uniform_cpu, philox_uniform, sampling_mask_ref
 
 # -inf logits are legal input; numpy (under the interpreter) warns about the masked NaNs.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -343,6 +343,55 @@ def test_philox_matches_known_words_and_is_uniform():
     hist = torch.histc(us, bins=10, min=0, max=1)
     ok, msg = chi_square_ok(hist.long(), torch.full((10,), 0.1, dtype=torch.float64))
     assert ok, msg
+
+
+def test_cpu_philox_matches_the_reference_words():
+    g = torch.Generator().manual_seed(3)
+    seed = torch.cat([torch.tensor([0, 1, 2**32 - 1, 2**32, 2**63 - 1]), torch.randint(0, 2**62, (200,), generator=g)])
+    step = torch.cat([torch.tensor([2**63 - 1, 0, 2**32, 7, 2**32 - 1]), torch.randint(0, 2**62, (200,), generator=g)])
+    assert_equal(_philox_uniform_cpu(seed, step), philox_uniform(seed, step))
+    assert_equal(_philox_uniform_cpu(torch.tensor(5), torch.arange(9)), philox_uniform(torch.tensor(5), torch.arange(9)))
+
+
+CPU_GRID = [dict(), dict(cfg_scale=1.5, temperature=0.5), dict(cfg_scale=-2.0, temperature=3.0),
+            dict(cfg_scale=0.0), dict(temperature=0.0, cfg_scale=2.0), dict(top_k=5, temperature=0.7),
+            dict(top_p=0.8), dict(min_p=0.1, temperature=2.0), dict(top_k=3, top_p=0.5, min_p=0.05),
+            dict(cfg_scale=1e30, temperature=1.2e-38), dict(temperature=1.2e-38)]
+
+
+@pytest.mark.parametrize("b,v", [(1, 7), (3, 2048), (16, 2049), (5, 97)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_path_draws_the_reference_tokens(b, v, dtype):
+    """The torch backend's CPU path (what the engine samples with on a CPU, a third of the
+    reference's ops) gives the reference's tokens and log-probabilities exactly: guided and not,
+    greedy and sampled, each filter on and off, settings that overflow, masked tokens, a row with
+    no finite logit, rows of other settings in the same call, seeds and steps up to 2^63 - 1."""
+    g = torch.Generator().manual_seed(b * 10007 + v)
+    seed = torch.randint(0, 2**63 - 1, (b,), generator=g)
+    seed[0] = 2**63 - 1
+    step = torch.randint(0, 2**40, (b,), generator=g)
+    for guided in (True, False):
+        for kw in CPU_GRID:
+            cond = (torch.randn(b, v, generator=g) * 3).to(dtype)
+            uncond = (torch.randn(b, v, generator=g) * 3).to(dtype) if guided else None
+            cond[0, v // 2] = float("-inf")
+            if guided and b > 1:
+                uncond[1, 0] = float("-inf")
+            if b > 2:
+                cond[2] = float("-inf")  # no finite logit: -1
+            want, want_lp = cfg_sample_ref(cond, uncond, seed=seed, step=step, validate=False, return_logprob=True,
+                                           **kw)
+            got, got_lp = cfg_sample(cond, uncond, seed=seed, step=step, validate=False, return_logprob=True,
+                                     backend="torch", **kw)
+            assert_equal(got, want, msg=f"{kw} guided={guided}")
+            assert torch.equal(got_lp.isnan(), want_lp.isnan()), kw
+            assert_equal(got_lp.nan_to_num(), want_lp.nan_to_num(), msg=f"logprob {kw}")
+    # Per-row settings: rows that filter beside rows that do not, in one call.
+    rows = [SamplingParams(**CPU_GRID[i % len(CPU_GRID)]) for i in range(b)]
+    per_row = SamplingParams.rows(rows, torch.device("cpu"))
+    cond, uncond = torch.randn(b, v, generator=g).to(dtype), torch.randn(b, v, generator=g).to(dtype)
+    assert_equal(cfg_sample(cond, uncond, seed=seed, step=step, backend="torch", validate=False, **per_row),
+                 cfg_sample_ref(cond, uncond, seed=seed, step=step, validate=False, **per_row))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
