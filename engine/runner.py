@@ -309,9 +309,9 @@ class ModelRunner:
         return logits
 
     def tokens(self, row: int) -> torch.Tensor:
-        """The tokens ``[n]`` recorded for the image whose conditional row is ``row`` (a host sync:
-        once per finished image)."""
-        return self.out[row].cpu()
+        """A copy of the tokens ``[n]`` recorded for the image whose conditional row is ``row`` (a
+        host sync: once per finished image); a copy, since the row's next occupant overwrites them."""
+        return self.out[row].to("cpu", copy=True)
 
     # ------------------------------------------------------------------ graphs
 
