@@ -33,7 +33,7 @@ from .quantize import QUANTIZE_CHOICES, is_quantized, quantize_decoder
 from .requests import check_count, check_request, condition, kept_tokens, tokenize
 from .runner import ModelRunner
 from .scheduler import RequestHandle, Scheduler
-from .text import TextTokenizer
+from .text import TextTokenizer, check_text
 from .tp import Control, agreed, check_tp, init_distributed, load_tp_model, tensor_parallel
 from .weights import (build_model, check_generation_defaults, load_config, load_generation_defaults, load_model,
                       save_pretrained)
@@ -102,6 +102,22 @@ def _check_options(max_batch_size: int = 16, kv_cache: str = "plain", compile: b
         raise ValueError(f"backend must be one of {list(K.BACKENDS)} or None, got {backend!r}")
 
 
+def _check_model_device(model: VQIMModel, device: torch.device) -> None:
+    """The model's weights must be on the engine's device (a model on the meta device has none:
+    it would fail deep inside the first encode or decode)."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        here = t.device
+        if here.type != device.type or (device.index is not None and here.index not in (None, device.index)):
+            raise ValueError(f"model: its weights are on {here} ({name}) but the engine runs on device={str(device)!r}; "
+                             f"move the model there first (model.to({str(device)!r}))")
+
+
+def _check_tp(tp) -> None:
+    """``tp``: an int >= 1 (1: no tensor parallelism), checked before anything else is read."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ValueError(f"tp must be an int >= 1 (the tensor-parallel size, the ranks torchrun starts), got {tp!r}")
+
+
 def _check_compile(device: torch.device) -> None:
     """``compile=True`` on CPU builds C++ with Inductor: a compiler must be on PATH."""
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
@@ -152,9 +168,10 @@ class Engine:
             _check_compile(torch.device(device))
         if quantize is not None and tp_group is not None:
             raise ValueError("quantize='int8' is not supported with tensor parallelism (tp > 1) yet")
+        self.device = _check_device(device)
+        _check_model_device(model, self.device)
         self.model = model.eval()
         self.cfg = model.cfg
-        self.device = _check_device(device)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -201,6 +218,7 @@ class Engine:
         ``torchrun --nproc-per-node N``) loads only this rank's tensor-parallel shard.
         """
         # Cheap checks first: a bad dtype or option fails before any weight is read.
+        _check_tp(tp)
         _check_dtype(dtype)
         _check_options(**kwargs)
         if path is None:
@@ -244,6 +262,7 @@ class Engine:
         rank draws the same full weights, then keeps its tensor-parallel shard."""
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= K.MAX_SEED:
             raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
+        _check_tp(tp)
         _check_options(**kwargs)
         if tp != 1:
             return cls._tp_from_preset(name, seed, tp, device, dtype, **kwargs)
@@ -472,6 +491,8 @@ class Engine:
         candidates = kwargs.pop("candidates", 1)
         return_scores = kwargs.pop("return_scores", False)
         check_count("candidates", candidates, MAX_CANDIDATES)
+        if not isinstance(return_scores, bool):
+            raise ValueError(f"return_scores must be true or false, got {return_scores!r}")
         if candidates > 1 or return_scores:
             # The reranker decoded every candidate to score it: the chosen ones' pixels are reused.
             _, scores, pixels = self._reranked(prompts, num_images, candidates, **kwargs)
@@ -534,6 +555,8 @@ class Engine:
             prompts = [prompts] * b
         if not isinstance(prompts, (list, tuple)) or len(prompts) != b or not all(isinstance(q, str) for q in prompts):
             raise ValueError(f"prompts must be a string or a list of {b} strings (one per image)")
+        for i, q in enumerate(prompts):
+            check_text(f"prompts[{i}]", q)
         rows = tokenize(self.tokenizer, prompts)
         scorer = self.model.scorer
         out = []

@@ -30,7 +30,7 @@ from vqim import kernels as K
 from .config import ModelConfig
 from .models import VQIMModel
 from .parallel import check_decoding, check_window, wavefront_unsupported
-from .text import TextTokenizer
+from .text import TextTokenizer, check_text
 
 
 class Rows(NamedTuple):
@@ -97,18 +97,6 @@ def check_count(name: str, value, most: int | None = None) -> int:
     if most is not None and value > most:
         raise ValueError(f"{name} must be at most {most}, got {value}")
     return value
-
-
-def check_text(name: str, text: str) -> str:
-    """``text`` as the tokenizer can take it: valid Unicode (a lone surrogate, what Python makes
-    of command-line bytes that are not UTF-8, cannot be encoded and would fail inside the
-    tokenizer with a message that names nothing)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{name} is not valid Unicode text (a lone surrogate at index {e.start}, e.g. bytes that "
-                         f"were not UTF-8): {text!r}") from e
-    return text
 
 
 @dataclass(frozen=True, eq=False)

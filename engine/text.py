@@ -19,6 +19,18 @@ import torch
 from .weights import MAX_TOKENIZER_BYTES, TOKENIZER_NAME, read_regular_file
 
 
+def check_text(name: str, text: str) -> str:
+    """``text`` as the tokenizer can take it: valid Unicode (a lone surrogate, what Python makes
+    of command-line bytes that are not UTF-8, cannot be encoded and would fail inside the
+    tokenizer with a message that names nothing)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode text (a lone surrogate at index {e.start}, e.g. bytes that "
+                         f"were not UTF-8): {text!r}") from e
+    return text
+
+
 class ByteTokenizer:
     """UTF-8 bytes shifted past three specials: pad 0, eos 1, unk 2, byte b -> b + 3."""
 
@@ -79,7 +91,9 @@ class TextTokenizer:
     def ids(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
             raise ValueError(f"prompts must be strings, got {type(prompt).__name__}")
-        ids = self.impl.encode(prompt)
+        # Every text reaches the tokenizer through here: callers name the argument first, this
+        # is the backstop (sentencepiece would raise an error that names nothing).
+        ids = self.impl.encode(check_text("a prompt", prompt))
         if len(ids) + 1 > self.max_len:
             warnings.warn(f"prompt of {len(ids) + 1} tokens truncated to {self.max_len}: {prompt[:40]!r}...",
                           stacklevel=3)

@@ -4,6 +4,8 @@ code dtypes that used to give silent garbage."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -290,3 +292,130 @@ def test_unsigned_codes_past_int64_are_reported_as_they_are(vim):
                 np.zeros((1, 8, 8), object)):
         with pytest.raises(ValueError, match="codes must be an integer"):
             vim.decode_codes(bad)
+
+
+# ----------------------------------------------------------------------------- round two (issue 25)
+
+
+_IN_FLIGHT = """
+import sys, time, torch
+torch.set_num_threads(1)
+from vqim.engine import Engine
+kind = sys.argv[1]
+if kind == "readme":
+    Engine.from_pretrained().generate(["a large red circle in the center"])
+else:
+    eng = Engine.from_preset("tiny-t2i", device="cpu")
+    if kind == "async":
+        import asyncio
+        loop = asyncio.new_event_loop()
+        loop.create_task(eng.agenerate(["a red circle"], 8, seed=1))
+        loop.run_until_complete(asyncio.sleep(0.05))
+    else:
+        eng.submit(["a red circle"], num_images=8, seed=0)
+        time.sleep(float(kind))
+print("exiting")
+"""
+
+
+def test_exiting_with_requests_in_flight_is_clean(tmp_path):
+    """A program that submits and exits without close(): the loop is stopped before the
+    interpreter tears down (it used to abort with SIGABRT / SIGSEGV most times)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit.py"
+    script.write_text(_IN_FLIGHT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for kind in ("0", "0.01", "0.05", "0.2", "async", "readme"):
+        p = subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True, timeout=120,
+                           env=env)
+        assert p.returncode == 0 and p.stdout.strip() == "exiting", (kind, p.returncode, p.stderr[-2000:])
+        assert "terminate called" not in p.stderr, (kind, p.stderr[-2000:])
+
+
+def test_counts_are_checked_before_anything_per_image_is_made():
+    eng = Engine.from_preset("tiny-t2i", device="cpu", max_queue=4)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"num_images: 1 prompts x 10000000 images = 10000000 images, over the 4"):
+        eng.submit(["a red circle"], num_images=10**7)
+    with pytest.raises(ValueError, match=r"candidates must be at most 64, got 10000000"):
+        eng.generate_codes(["a red circle"], candidates=10**7)
+    # A blocking call of ten million images waits outside the queue, one image made at a time: its
+    # timeout ends it long before any memory of that size could be taken.
+    with pytest.raises(TimeoutError):
+        eng.generate_codes(["a red circle"], num_images=10**7, timeout=0.5)
+    assert time.monotonic() - t0 < 30
+    assert eng.generate_codes(["a red circle"], seed=0).shape == (1, 8, 8)  # the loop goes on
+    eng.close()
+
+
+def test_a_blocking_call_larger_than_the_queue_enters_as_it_drains():
+    """Backpressure: 15 images through a queue of 4; progress counts every token, the images are
+    the ones each draws alone."""
+    eng = Engine.from_preset("tiny-vim", device="cpu", max_queue=4, max_batch_size=2)
+    n = eng.cfg.decoder.num_tokens
+    seen = []
+    got = eng.generate_codes(class_ids=[1, 2, 3], num_images=5, seed=[0, 10, 20], progress=seen.append)
+    assert got.shape == (15, 8, 8) and sum(seen) == 15 * n
+    for k in (0, 7, 14):
+        i, j = divmod(k, 5)
+        assert_equal(got[k], eng.generate_codes(class_ids=[i + 1], seed=10 * i + j)[0], msg=f"image {k}")
+    eng.close()
+
+
+@pytest.mark.parametrize("decoding", ["raster", "wavefront", "sjd"])
+def test_nan_weights_are_a_floating_point_error_in_every_decoding(decoding, tmp_path, capsys):
+    eng = Engine.from_preset("tiny-t2i", device="cpu")
+    with torch.no_grad():
+        eng.model.decoder.head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="no finite logit"):
+        eng.generate_codes(["a red circle"], seed=0, decoding=decoding)
+    eng.save_pretrained(tmp_path / "nan")
+    eng.close()
+    from vqim.engine.entrypoints.cli import main
+
+    capsys.readouterr()
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "nan"), "--device", "cpu", "-q",
+                 "--decoding", decoding, "-o", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vqim: error: a decode step produced no finite logit"), err
+
+
+def test_text_that_is_not_unicode_is_named_wherever_it_is_given(t2i):
+    bad = "a red \ud800 circle"
+    with pytest.raises(ValueError, match=r"negative_prompt is not valid Unicode text"):
+        t2i.generate_codes(["a red circle"], negative_prompt=bad)
+    with pytest.raises(ValueError, match=r"negative_prompt\[1\] is not valid Unicode text"):
+        t2i.generate_codes(["a", "b"], negative_prompt=["x", bad])
+    with pytest.raises(ValueError, match=r"prompts\[0\] is not valid Unicode text"):
+        t2i.submit([bad])
+    scored = Engine.from_pretrained(device="cpu")
+    with pytest.raises(ValueError, match=r"prompts\[0\] is not valid Unicode text"):
+        scored.score(torch.rand(1, 3, 64, 64), bad)
+    scored.close()
+    with pytest.raises(ValueError, match="a prompt is not valid Unicode text"):
+        t2i.tokenizer.ids(bad)  # the backstop every text passes through
+
+
+@pytest.mark.parametrize("tp", [0, -1, True, 1.0, "2"])
+def test_tp_is_an_int_of_at_least_one(tp):
+    with pytest.raises(ValueError, match=r"tp must be an int >= 1 .*got"):
+        Engine.from_preset("tiny-t2i", device="cpu", tp=tp)
+    with pytest.raises(ValueError, match=r"tp must be an int >= 1"):
+        Engine.from_pretrained(device="cpu", tp=tp)
+
+
+def test_return_scores_and_a_model_off_the_engine_device_are_named(t2i):
+    with pytest.raises(ValueError, match="return_scores must be true or false, got 'no'"):
+        t2i.generate_codes(["x"], return_scores="no")
+    with pytest.raises(ValueError, match="return_scores must be true or false"):
+        t2i.generate(["x"], return_scores=1)
+    from vqim.engine import ModelConfig
+    from vqim.engine.weights import build_model
+
+    with pytest.raises(ValueError, match=r"model: its weights are on meta .* device='cpu'"):
+        Engine(build_model(ModelConfig.from_name("tiny-t2i"), "meta"), t2i.tokenizer, device="cpu")
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda"):
+        Engine.from_preset("tiny-t2i", device="meta")
