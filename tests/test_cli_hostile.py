@@ -276,3 +276,15 @@ def test_a_failed_write_leaves_the_previous_outputs_whole(tmp_path, codes_file):
         assert len(lines) == 1 and lines[0].startswith("vqim: error: ") and "Traceback" not in r.stderr, r.stderr
         assert out_png.read_bytes() == old_png and out_npy.read_bytes() == old_npy, argv[0]
         assert sorted(p.name for p in tmp_path.iterdir()) == before, "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("flags, match", [(["--keep-rows", "99"], r"keep must be a number of top grid rows in \[0, 8\]"),
+                                          (["--keep-rows", "2", "--top-p", "2"], "top_p must be in")])
+def test_a_refused_edit_prints_its_error_and_nothing_else(capsys, tmp_path, flags, match):
+    """No progress bar before the error line: the request is checked before the bar starts."""
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "in.png")
+    assert main(["edit", str(tmp_path / "in.png"), "a red circle", *flags, "--preset", "tiny-t2i", "--device", "cpu",
+                 "-o", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(match, err) and err.startswith("vqim: error:"), err
+    assert not (tmp_path / "out.png").exists()

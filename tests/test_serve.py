@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -293,6 +294,12 @@ BAD = [
     ({"prompt": PROMPT, "decoding": "sjd", "sjd_window": "4"}, "sjd_window"),
     ({"prompt": PROMPT, "candidates": 0}, "candidates"),
     ({"prompt": PROMPT, "candidates": 2, "stream": True}, "stream"),
+    # Capped like n (the default --max-candidates is 8), before anything is allocated.
+    ({"prompt": PROMPT, "candidates": 10**12}, "candidates"),
+    ({"prompt": PROMPT, "candidates": 9}, "candidates"),
+    # Lone surrogates (JSON's "\ud800") never reach the tokenizer.
+    ({"prompt": "a red \ud800 circle"}, "prompt"),
+    ({"prompt": PROMPT, "negative_prompt": "blue \ud800"}, "negative_prompt"),
 ]
 
 
@@ -555,3 +562,128 @@ def test_without_the_serve_extra(tmp_path):
     r = subprocess.run(_serve_cmd("--port", str(_free_port())), env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["vqim: error: vqim serve needs the serve extra: pip install 'vqim[serve]'"]
+
+
+# ----------------------------------------------------------------------------- round two (issue 25)
+
+
+class _FullEngine(_FailingEngine):
+    """An engine stand-in whose queue is always full (and which has a reranker)."""
+
+    model = types.SimpleNamespace(superres=None, scorer=object())
+
+    def submit(self, prompt, n, **kwargs):
+        from vqim.engine.scheduler import QueueFullError
+
+        raise QueueFullError("the request queue is full (8 images waiting, max_queue=8); retry later")
+
+
+def test_a_full_queue_is_429_on_every_path():
+    with _in_process(lambda: _FullEngine(None)) as client:
+        _wait_health(client)
+        for body in ({"prompt": PROMPT}, {"prompt": PROMPT, "candidates": 2}, {"prompt": PROMPT, "stream": True},
+                     {"prompt": PROMPT, "decoding": "sjd"}):
+            status, headers, raw = client.generate(**body)
+            assert _assert_error(status, raw, 429)["code"] == "queue_full", body
+            assert headers["Retry-After"]
+
+
+def test_nan_weights_are_a_model_fault_in_every_decoding(one_torch_thread):
+    from vqim.engine import Engine
+
+    eng = Engine.from_preset("tiny-t2i", device="cpu")
+    with torch.no_grad():
+        eng.model.decoder.head.weight.fill_(float("nan"))
+    with _in_process(lambda: eng) as client:
+        _wait_health(client)
+        for decoding in ("raster", "wavefront", "sjd"):
+            status, _, raw = client.generate(prompt=PROMPT, seed=1, decoding=decoding)
+            err = _assert_error(status, raw, 500)
+            assert err["code"] == "model_fault" and "no finite logit" in err["message"], (decoding, err)
+
+
+def _reader(proc: subprocess.Popen):
+    """The lines ``proc`` prints, as a queue a test can wait on with a deadline."""
+    import queue
+
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in iter(proc.stdout.readline, b""):
+            lines.put(line.decode())
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _line(lines, pattern: str, limit: float = 90.0) -> str:
+    import queue
+    import re
+
+    deadline = time.monotonic() + limit
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return line
+    raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(seen)}")
+
+
+def test_port_zero_prints_the_port_it_bound_and_the_api_key_guards_every_route_but_health():
+    proc = subprocess.Popen(_serve_cmd("--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--api-key", "s3cret"),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        line = _line(_reader(proc), r"http://127\.0\.0\.1:\d+/health")
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        assert port != 0
+        server = Server(port, proc)
+        deadline = time.monotonic() + 90
+        while server.request("GET", "/health", timeout=5)[0] != 200:  # /health needs no key
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        key = {"Authorization": "Bearer s3cret"}
+        for path in ("/v1/models", "/docs", "/openapi.json"):
+            status, _, raw = server.request("GET", path)
+            assert _assert_error(status, raw, 401)["code"] == "invalid_api_key", path
+            status, _, raw = server.request("GET", path, headers={"Authorization": "Bearer wrong"})
+            assert status == 401, path
+            assert server.request("GET", path, headers=key)[0] == 200, path
+        status, _, raw = server.request("POST", "/v1/images/generations", {"prompt": PROMPT, "seed": 1})
+        assert status == 401
+        status, _, raw = server.request("POST", "/v1/images/generations", {"prompt": PROMPT, "seed": 1},
+                                        headers={**key, "Content-Type": "application/json"})
+        assert status == 200, raw
+    finally:
+        _stop(Server(0, proc))
+
+
+def test_a_port_in_use_is_one_error_line_naming_it():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        r = subprocess.run(_serve_cmd("--host", "127.0.0.1", "--port", str(port), "--device", "cpu"), env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"vqim: error: cannot listen on 127.0.0.1:{port}"), r.stderr
+    assert "Traceback" not in r.stderr and time.monotonic() - t0 < 60
+
+
+def test_beyond_loopback_without_a_key_warns():
+    """An address this machine does not have: the warning comes first, then the bind fails (the
+    test listens on nothing but 127.0.0.1)."""
+    r = subprocess.run(_serve_cmd("--host", "192.0.2.1", "--port", str(_free_port()), "--device", "cpu"), env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert lines[0].startswith("vqim: warning: serving on 192.0.2.1, beyond this machine, with no API key"), lines
+    assert lines[1].startswith("vqim: error: cannot listen on 192.0.2.1:") and len(lines) == 2, lines

@@ -267,7 +267,10 @@ def _serve(args: argparse.Namespace) -> None:
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
     """``vqim serve``'s flags; they are listed here so that ``vqim serve -h`` works without the extra."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port (printed)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $VQIM_API_KEY; "
+                        "none: no key, and a warning when --host is not loopback)")
     p.add_argument("--max-queue", type=int, default=1024, help="images waiting at most; past it: 429 (default 1024)")
     p.add_argument("--max-batch-size", type=int, default=16, help="images per decode step at most (default 16)")
     p.add_argument("--max-prompt-chars", type=int, default=1000,

@@ -40,12 +40,16 @@ import argparse
 import asyncio
 import base64
 import io
+import hmac
+import ipaddress
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -134,6 +138,28 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class _KeyRequired:
+    """ASGI middleware: ``Authorization: Bearer <key>`` on every HTTP route but ``/health`` (which
+    load balancers probe), as OpenAI's API checks its keys; 401 ``invalid_api_key`` otherwise."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self._want = f"Bearer {key}".encode()
+
+    def __getattr__(self, name):
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        got = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(got, self._want):
+            return await self.app(scope, receive, send)
+        error = APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>' with "
+                         "the key this server was started with", code="invalid_api_key")
+        await error.response()(scope, receive, send)
+
+
 class _ClientGone(Exception):
     """The HTTP client disconnected while its request waited."""
 
@@ -169,10 +195,11 @@ class _EngineSlot:
 
 
 def build_app(engine_factory: Callable[[], Any], *, limits: Limits,
-              on_load_error: Callable[[Exception], None] | None = None) -> FastAPI:
+              on_load_error: Callable[[Exception], None] | None = None, api_key: str | None = None):
     """The server's app. ``engine_factory()`` builds the :class:`~vqim.engine.api.Engine` in a
     background thread at startup (``on_load_error(e)`` is told if it raises); the engine is
-    closed at shutdown."""
+    closed at shutdown. With ``api_key`` every route but ``/health`` needs
+    ``Authorization: Bearer <api_key>`` (401 in OpenAI's error shape otherwise)."""
     slot = _EngineSlot(engine_factory, on_load_error)
 
     @asynccontextmanager
@@ -246,7 +273,7 @@ def build_app(engine_factory: Callable[[], Any], *, limits: Limits,
                 raise _request_error(e) from e
         return _stream(request, engine, kwargs, upscale)
 
-    return app
+    return app if api_key is None else _KeyRequired(app, api_key)
 
 
 # ---------------------------------------------------------------------------------- the request
@@ -518,6 +545,32 @@ def _engine(args: argparse.Namespace):
     return eng
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``, made before the model loads: a port in use fails
+    here, in one line naming it, not in uvicorn after the load (nor with the load's thread still
+    inside torch when the process ends)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} is not an address this machine can bind ({e.strerror})") from e
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} (--host/--port): {e.strerror}") from e
+    return sock
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def main(args: argparse.Namespace) -> None:
     """Run the server until SIGINT/SIGTERM. A model that fails to load stops it, and its error is raised."""
     # The flags checked before anything is loaded or bound, by their flag names.
@@ -528,6 +581,9 @@ def main(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 < args.timeout < float("inf"):
         raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("VQIM_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api-key must not be empty (leave it out to serve without a key)")
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                     timeout=args.timeout, max_candidates=args.max_candidates)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -535,6 +591,11 @@ def main(args: argparse.Namespace) -> None:
         # requests in lock-step until rank 0's engine closes.
         _engine(args).join()
         return
+    if api_key is None and not _loopback(args.host):
+        warnings.warn(f"serving on {args.host}, beyond this machine, with no API key: anyone who can reach the port "
+                      "can generate (set --api-key or VQIM_API_KEY)", stacklevel=2)
+    sock = bind(args.host, args.port)
+    port = sock.getsockname()[1]
     failed: list[Exception] = []
     server: uvicorn.Server | None = None
 
@@ -543,10 +604,13 @@ def main(args: argparse.Namespace) -> None:
         if server is not None:
             server.should_exit = True
 
-    app = build_app(lambda: _engine(args), limits=limits, on_load_error=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
-    print(f"vqim serve: loading the model; http://{args.host}:{args.port}/health answers 200 once it is ready",
+    app = build_app(lambda: _engine(args), limits=limits, on_load_error=stop, api_key=api_key)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    print(f"vqim serve: loading the model; http://{args.host}:{port}/health answers 200 once it is ready",
           file=sys.stderr)
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     if failed:
         raise failed[0]
