@@ -521,22 +521,25 @@ class Engine:
         """The scorer's best of ``candidates`` per image: ``codes [P * N * n, g, g]`` are what a
         request of ``N * n`` images per prompt drew (candidate ``c`` of image ``j`` is image
         ``j + c * n``); returns the chosen codes ``[P * n, g, g]``, their scores ``[P * n]`` and
-        decoded pixels ``[P * n, 3, H, W]``. Candidates are decoded and scored a batch at a time:
-        only the best one's pixels are kept."""
+        decoded pixels ``[P * n, 3, H, W]``. One candidate of every image at a time is decoded
+        and scored, so the pixels held are two per image, whatever ``N`` (ties: the first)."""
         self._require_scorer("rerank")
         p = len(prompts)
-        per_image = [q for q in prompts for _ in range(num_images * candidates)]
-        pixels = self.decode_codes(codes, output_type="pt")  # (P * N * n, 3, H, W)
-        scores = self.score(pixels, per_image).view(p, candidates, num_images)
-        best = scores.argmax(1)  # (P, n): the first best candidate
-        rows = torch.arange(p)[:, None]
-        cols = torch.arange(num_images)[None, :]
-
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            grid = t.view(p, candidates, num_images, *t.shape[1:])
-            return grid[rows, best.to(grid.device), cols].reshape(p * num_images, *t.shape[1:])
-
-        return pick(codes), scores.max(1).values.reshape(-1), pick(pixels)
+        grid = codes.view(p, candidates, num_images, *codes.shape[1:])
+        per_image = [q for q in prompts for _ in range(num_images)]
+        best_codes = best_scores = best_pixels = None
+        for c in range(candidates):
+            cand = grid[:, c].reshape(p * num_images, *codes.shape[1:])  # (P * n, g, g)
+            pixels = self.decode_codes(cand, output_type="pt")  # (P * n, 3, H, W)
+            scores = self.score(pixels, per_image)  # (P * n,)
+            if best_codes is None:
+                best_codes, best_scores, best_pixels = cand.clone(), scores, pixels
+                continue
+            better = scores > best_scores  # (P * n,)
+            best_scores = torch.where(better, scores, best_scores)
+            best_codes[better.to(best_codes.device)] = cand[better.to(cand.device)]
+            best_pixels[better.to(best_pixels.device)] = pixels[better.to(pixels.device)]
+        return best_codes, best_scores, best_pixels
 
     def _require_scorer(self, what: str) -> None:
         if self.model.scorer is None:

@@ -97,7 +97,9 @@ def test_candidates_keep_the_best_scoring_draw(scored):
     finally:
         eng.model.vqgan.decode = decode
     assert len(images) == 1 and s.shape == (1,)
-    assert decodes == [2]  # the candidates, once: the chosen image's pixels are the scored ones
+    # Each candidate decoded once (one candidate of every image per call, so the pixels held stay
+    # two per image); the chosen image's pixels are the scored ones, not decoded again.
+    assert decodes == [1, 1]
     want = eng.decode_codes(eng.generate_codes(prompts[0], seed=1, candidates=2))
     np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(want[0]))
 
