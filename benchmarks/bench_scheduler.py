@@ -1,0 +1,107 @@
+"""Host work per step: the decode loop's step against the bare decode step over the same rows.
+
+    python benchmarks/bench_scheduler.py [--models bundled tiny-t2i] [--batch 1 16] [--threads 1] [--save]
+
+For each model and batch (images, guided: two decoder rows each) three times per step, medians:
+
+* ``bare_ms``: ``ARDecoder.decode_step`` alone over the rows (the peer: the least a step can cost);
+* ``unit_ms``: the runner's raster step (decode, ``cfg_sample``, recording and advancing every
+  image; on a GPU replayed from its CUDA graph, as the loop does), over the same rows;
+* ``loop_ms``: an iteration of the engine's decode loop with ``batch`` images in it (one request
+  of ``batch`` images through ``Engine.submit``, cancelled once measured; ``Scheduler.stats.recent``),
+  everything included: the plan, the step, the events.
+
+``overhead`` is ``loop_ms / bare_ms - 1``: the sampling and bookkeeping a step adds (target on
+a CPU: <= 0.15); ``python_ms`` is ``loop_ms - unit_ms``, the loop's own Python per step, which
+does not grow with the batch. ``--save`` appends the rows to ``benchmarks/results/scheduler.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from vqim.engine import Engine
+from vqim.engine.profiling.bench import prepared_runner
+from vqim.engine.profiling.timing import device_name, print_table, timeit
+from vqim.engine.scheduler import RequestCancelled
+
+from _common import append_results
+
+COLUMNS = ["device", "model", "batch", "rows", "bare_ms", "unit_ms", "loop_ms", "python_ms", "overhead", "steps"]
+
+
+def _engine(name: str, batch: int, device: torch.device) -> Engine:
+    if name == "bundled":
+        return Engine.from_pretrained(device=device, max_batch_size=batch)
+    return Engine.from_preset(name, device=device, max_batch_size=batch)
+
+
+def _steps(eng: Engine, prompts, images: int, steps: int) -> list[float]:
+    """Seconds of ``steps`` loop iterations with ``images`` images in them (a request of that
+    many, cancelled once measured: a whole image of a large model takes far longer)."""
+    stats = eng.scheduler.stats
+    stats.recent.clear()
+    handle = eng.submit(prompts, images, seed=1)
+    while sum(active == images for active, _ in list(stats.recent)) < steps and not handle.done():
+        time.sleep(0.01)
+    handle.cancel()
+    try:
+        handle.result()
+    except RequestCancelled:
+        pass
+    return [s for active, s in list(stats.recent) if active == images][:steps]
+
+
+@torch.no_grad()
+def run(models: list[str], batches: list[int], device: torch.device, iters: int) -> list[dict]:
+    rows = []
+    for name in models:
+        for b in batches:
+            eng = _engine(name, b, device)
+            n = eng.cfg.decoder.num_tokens
+            cfg_scale = eng.sampling_defaults["cfg_scale"]
+            # The unit as the loop runs it: replayed from its CUDA graph on a GPU.
+            runner, r = prepared_runner(eng, b, cfg_scale=cfg_scale, step=n // 4,
+                                        use_cuda_graph=device.type == "cuda")
+            args = (runner.view(r), runner.feed[:r].clone(), runner.pos[:r].clone())
+            bare = timeit(lambda: eng.model.decoder.decode_step(*args), device=device, warmup=3, iters=iters)
+            unit = timeit(lambda: runner.raster_step(r), device=device, warmup=2, iters=min(iters, n // 2 - 3))
+            prompts = ["a large red circle in the center"] if eng.cfg.is_text_to_image else None
+            _steps(eng, prompts, 1, 3)  # warm-up: the loop's thread, its graphs, its rows
+            full = _steps(eng, prompts, b, iters)
+            loop_ms = statistics.median(full) * 1e3
+            rows.append({"device": device_name(device), "model": name, "batch": b, "rows": r,
+                         "bare_ms": bare["ms"], "unit_ms": unit["ms"], "loop_ms": loop_ms,
+                         "python_ms": loop_ms - unit["ms"], "overhead": loop_ms / bare["ms"] - 1,
+                         "steps": len(full)})
+            print_table(rows[-1:], COLUMNS)
+            eng.close()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["bundled", "tiny-t2i"], help="'bundled' or presets")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/scheduler.csv")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"device: {device_name(device)}, torch threads: {torch.get_num_threads()}")
+    rows = run(args.models, args.batch, device, args.iters)
+    print()
+    print_table(rows, COLUMNS)
+    if args.save:
+        print(f"saved to {append_results('scheduler', rows, device)}")
+
+
+if __name__ == "__main__":
+    main()
