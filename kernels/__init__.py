@@ -3,6 +3,7 @@ registry, and the compiled CUDA twins in ``_C``. Importing never touches the GPU
 
 from ._registry import BACKENDS, registered, use_backend
 from .add_layer_norm import add_layer_norm, add_layer_norm_ref
+from .add_rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm_ref
 from .codebook_lookup import codebook_lookup, codebook_lookup_ref, codebook_quantize
 from .conv_attention import (conv_attention, conv_attention_ref, conv_cache_len, conv_cache_slot,
                              conv_decode_attention, conv_decode_attention_ref, conv_mask_ref)
@@ -16,6 +17,9 @@ __all__ = [
     "BACKENDS",
     "add_layer_norm",
     "add_layer_norm_ref",
+    "add_rms_norm",
+    "add_rms_norm_ref",
+    "rms_norm_ref",
     "MAX_SEED",
     "SamplingParams",
     "cfg_probs_ref",

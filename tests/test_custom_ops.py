@@ -4,7 +4,8 @@ with fullgraph=True, torch.export, and conv_attention's gradient through registe
 import pytest
 import torch
 
-from vqim.kernels import codebook_lookup, cfg_sample, conv_attention, conv_decode_attention, use_backend
+from vqim.kernels import add_rms_norm, codebook_lookup, cfg_sample, conv_attention, conv_decode_attention, use_backend
+from vqim.kernels.add_rms_norm import _add_rms_norm_op
 from vqim.kernels.cfg_sample import _cfg_sample_op, _row_params
 from vqim.kernels.codebook_lookup import _codebook_lookup_op
 from vqim.kernels.conv_attention import (_conv_attention_backward_op, _conv_attention_op, _conv_attention_triton,
@@ -50,12 +51,17 @@ def _op_cases(backend):
         "conv_decode_attention_write": (_conv_decode_attention_write_op,
                                         (*_decode_write_args(), g, k, PREFIX, None, False, backend)),
         "cfg_sample": (_cfg_sample_op, (cond, uncond, *prm.values(), backend)),
+        # x a transposed view; an fp32 weight with bf16 x makes h fp32.
+        "add_rms_norm": (_add_rms_norm_op, (torch.randn(2, 3, 24).transpose(0, 1), torch.randn(3, 2, 24),
+                                            torch.randn(24), 1e-5, backend)),
+        "add_rms_norm_bf16": (_add_rms_norm_op, (torch.randn(3, 1, 24).bfloat16(), torch.randn(3, 1, 24).bfloat16(),
+                                                 torch.randn(24), 1e-5, backend)),
     }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["codebook_lookup", "conv_attention", "conv_decode_attention",
-                                  "conv_decode_attention_write", "cfg_sample"])
+                                  "conv_decode_attention_write", "cfg_sample", "add_rms_norm", "add_rms_norm_bf16"])
 def test_opcheck(name, backend):
     op, args = _op_cases(backend)[name]
     torch.library.opcheck(op, args)
@@ -83,10 +89,13 @@ def _calls():
             lambda c, u: cfg_sample(c, u, seed=7, step=1, cfg_scale=2.0, temperature=0.8, top_k=10,
                                     return_logprob=True, validate=False),
             (cond, uncond)),
+        "add_rms_norm": (lambda x, d, w: add_rms_norm(x, d, w), (torch.randn(3, 1, 24).bfloat16(),
+                                                                  torch.randn(3, 1, 24).bfloat16(), torch.randn(24))),
     }
 
 
-@pytest.mark.parametrize("name", ["codebook_lookup", "conv_attention", "conv_decode_attention", "cfg_sample"])
+@pytest.mark.parametrize("name", ["codebook_lookup", "conv_attention", "conv_decode_attention", "cfg_sample",
+                                  "add_rms_norm"])
 def test_meta_shapes(name):
     fn, args = _calls()[name]
     want = fn(*args)
@@ -97,7 +106,8 @@ def test_meta_shapes(name):
 
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["codebook_lookup", "conv_attention", "conv_decode_attention", "cfg_sample"])
+@pytest.mark.parametrize("name", ["codebook_lookup", "conv_attention", "conv_decode_attention", "cfg_sample",
+                                  "add_rms_norm"])
 def test_compile_fullgraph(name, backend, compile_backend):
     fn, args = _calls()[name]
     torch._dynamo.reset()
@@ -224,3 +234,21 @@ def test_meta_shapes_adafactor8(name, backend):
         return
     for w, g in zip(*(t if isinstance(t, tuple) else (t,) for t in (want, got))):
         assert g.device.type == "meta" and g.shape == w.shape and g.dtype == w.dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_sees_one_add_rms_norm_op(backend):
+    """Dynamo's graph holds the whole fused op as one opaque vqim::add_rms_norm call."""
+    fn, args = _calls()["add_rms_norm"]
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    with use_backend(backend):
+        torch.compile(fn, fullgraph=True, backend=capture)(*args)
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.vqim.add_rms_norm.default) == 1
+    assert not [t for t in targets if t is not torch.ops.vqim.add_rms_norm.default and "getitem" not in str(t)]
