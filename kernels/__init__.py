@@ -11,6 +11,7 @@ from .cfg_sample import cfg_probs_ref, cfg_sample, cfg_sample_ref
 from .sampling_params import MAX_SEED, SamplingParams, validate_sampling_params
 from .adafactor8 import Adafactor8bit
 from .int8_linear import int8_linear, int8_linear_ref, quantize_int8
+from .rope_decode_attention import apply_rope_ref, rope_decode_attention, rope_decode_attention_ref
 
 __all__ = [
     "Adafactor8bit",
@@ -39,6 +40,9 @@ __all__ = [
     "conv_decode_attention",
     "conv_decode_attention_ref",
     "conv_mask_ref",
+    "apply_rope_ref",
+    "rope_decode_attention",
+    "rope_decode_attention_ref",
     "registered",
     "use_backend",
 ]

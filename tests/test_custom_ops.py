@@ -6,6 +6,7 @@ import torch
 
 from vqim.kernels import add_rms_norm, codebook_lookup, cfg_sample, conv_attention, conv_decode_attention, use_backend
 from vqim.kernels.add_rms_norm import _add_rms_norm_op
+from vqim.kernels.rope_decode_attention import _rope_decode_attention_op, rope_decode_attention
 from vqim.kernels.cfg_sample import _cfg_sample_op, _row_params
 from vqim.kernels.codebook_lookup import _codebook_lookup_op
 from vqim.kernels.conv_attention import (_conv_attention_backward_op, _conv_attention_op, _conv_attention_triton,
@@ -34,6 +35,16 @@ def _decode_write_args(device="cpu"):
     return q, kc, vc, pos, k_new, v_new
 
 
+def _rope_args(device="cpu"):
+    """A GQA step (4 q heads on 2 kv heads) at two positions; q, k_new, v_new strided views of one
+    fused projection."""
+    qkv = torch.randn(2, 8 * 16, device=device)  # (B, (Hq + 2 Hkv) Dh)
+    q, k_new, v_new = (t.view(2, -1, 16)[:, :, None] for t in qkv.split([64, 32, 32], dim=1))
+    kc, vc = torch.randn(2, 2, 9, 16, device=device), torch.randn(2, 2, 9, 16, device=device)
+    ang = torch.rand(9, 8, device=device) * 6
+    return q, kc, vc, torch.tensor([3, 8], device=device), k_new, v_new, ang.cos(), ang.sin()
+
+
 def _cfg_args(device="cpu"):
     cond, uncond = torch.randn(3, 50, device=device), torch.randn(3, 50, device=device)
     prm = _row_params(3, torch.device(device), cfg_scale=2.0, temperature=0.8, top_k=10, top_p=0.9, seed=7, step=1)
@@ -56,12 +67,15 @@ def _op_cases(backend):
                                             torch.randn(24), 1e-5, backend)),
         "add_rms_norm_bf16": (_add_rms_norm_op, (torch.randn(3, 1, 24).bfloat16(), torch.randn(3, 1, 24).bfloat16(),
                                                  torch.randn(24), 1e-5, backend)),
+        "rope_decode_attention": (_rope_decode_attention_op, (*_rope_args(), False, None, backend)),
+        "rope_decode_attention_interleaved": (_rope_decode_attention_op, (*_rope_args(), True, 0.3, backend)),
     }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["codebook_lookup", "conv_attention", "conv_decode_attention",
-                                  "conv_decode_attention_write", "cfg_sample", "add_rms_norm", "add_rms_norm_bf16"])
+                                  "conv_decode_attention_write", "cfg_sample", "add_rms_norm", "add_rms_norm_bf16",
+                                  "rope_decode_attention", "rope_decode_attention_interleaved"])
 def test_opcheck(name, backend):
     op, args = _op_cases(backend)[name]
     torch.library.opcheck(op, args)
@@ -143,6 +157,42 @@ def test_compile_conv_decode_attention_write_mutates_cache(backend, compile_back
         got = torch.compile(_decode_write, fullgraph=True, backend=compile_backend)(q, kc, vc, pos, k_new, v_new)
     for b, p in enumerate(pos.tolist()):
         assert torch.equal(kc[b, :, p], k_new[b, :, 0]) and torch.equal(vc[b, :, p], v_new[b, :, 0])
+    torch.testing.assert_close(kc, kc_eager, rtol=0, atol=0)
+    torch.testing.assert_close(vc, vc_eager, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _rope_step(q, kc, vc, pos, k_new, v_new, cos, sin):
+    return rope_decode_attention(q, kc, vc, pos, k_new, v_new, cos, sin, interleaved=True, validate=False)
+
+
+def test_meta_shapes_rope_decode_attention():
+    args = _rope_args()
+    got = _rope_step(*(a.to("meta") for a in args))
+    assert got.device.type == "meta" and got.shape == args[0].shape and got.dtype == args[0].dtype
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_rope_decode_attention_mutates_cache(backend, compile_backend):
+    """The compiled step writes rope(k_new)/v_new into the caches in place (mutates_args survives
+    functionalization), with the eager call's cache values and output; Dynamo sees one op."""
+    q, kc, vc, pos, k_new, v_new, cos, sin = _rope_args()
+    kc_eager, vc_eager = kc.clone(), vc.clone()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(compile_backend)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with use_backend(backend):
+        want = _rope_step(q, kc_eager, vc_eager, pos, k_new, v_new, cos, sin)
+        got = torch.compile(_rope_step, fullgraph=True, backend=capture)(q, kc, vc, pos, k_new, v_new, cos, sin)
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.vqim.rope_decode_attention.default]
+    for b, p in enumerate(pos.tolist()):
+        assert torch.equal(vc[b, :, p], v_new[b, :, 0])
     torch.testing.assert_close(kc, kc_eager, rtol=0, atol=0)
     torch.testing.assert_close(vc, vc_eager, rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
