@@ -175,7 +175,9 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(x);
 }
 
-#if defined(__CUDACC__)  // module.cpp includes this header through the host compiler
+// module.cpp includes this header through the host compiler; tests/cuda_host compiles the
+// device code for the CPU (VQIM_HOST_HARNESS), where the shuffles are the harness's.
+#if defined(__CUDACC__) || defined(VQIM_HOST_HARNESS)
 // Butterfly reductions over a full warp: every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
