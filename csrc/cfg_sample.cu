@@ -23,7 +23,11 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kCacheMax = 12288;  // 48 KiB of fp32: the default dynamic shared memory limit
+// A block gets 48 KiB of shared memory without an opt-in, its static arrays and the launch's
+// dynamic bytes together. The reduction scratch (red_l, red_f: 204 bytes, 208 as ptxas pads
+// them) keeps 256; the cached row gets the rest.
+constexpr int64_t kStaticShared = 256;
+constexpr int64_t kCacheMax = (48 * 1024 - kStaticShared) / sizeof(float);  // 12224 fp32 logits
 constexpr long long kBig = 1LL << 40;  // outside the key range [-2^31, 2^31)
 
 struct MaxF { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
@@ -143,6 +147,7 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(
   extern __shared__ float zcache[];
   __shared__ long long red_l[kWarps + 1];
   __shared__ float red_f[kWarps + 1];
+  static_assert(sizeof(red_l) + sizeof(red_f) + 16 <= kStaticShared, "kCacheMax must leave room for the scratch");
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x;
   const float t = temp[row];

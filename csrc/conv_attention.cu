@@ -15,6 +15,9 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxD = 256;
+// A block gets 48 KiB of shared memory without an opt-in, static and dynamic together: the
+// launch's dynamic bytes get what the kernel's `scratch` leaves.
+constexpr size_t kStaticShared = sizeof(float) * kWarps;
 constexpr int kMaxDPerLane = kMaxD / 32;
 
 // Block-wide reduction through shared scratch of kWarps floats; every thread gets the result.
@@ -62,6 +65,7 @@ conv_decode_attention_kernel(const scalar_t* __restrict__ q, int64_t sqb, int64_
   int64_t* slots = reinterpret_cast<int64_t*>(scores + ((n_cand + 1) / 2) * 2);  // [n_cand], 8-byte aligned
   float* partial = reinterpret_cast<float*>(slots + n_cand);     // [kThreads]
   __shared__ float scratch[kWarps];
+  static_assert(sizeof(scratch) == kStaticShared, "the launch's shared-memory check counts scratch");
 
   const int b = blockIdx.x / H, h = blockIdx.x % H;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -167,8 +171,8 @@ void conv_decode_attention(const ConvDecodeAttentionParams& p) {
   if (B == 0) return;
   const int64_t n_cand = P + NROWS * NCOLS;
   const size_t shmem = sizeof(float) * ((n_cand + 1) / 2) * 2 + sizeof(int64_t) * n_cand + sizeof(float) * kThreads;
-  VQIM_CHECK(shmem <= 48 * 1024, "conv_decode_attention: prefix + window keys (", n_cand,
-             ") need more than 48 KiB of shared memory; at most ~4000 are supported");
+  VQIM_CHECK(shmem + kStaticShared <= 48 * 1024, "conv_decode_attention: prefix + window keys (", n_cand,
+             ") need more than 48 KiB of shared memory; at most 4052 are supported");
   check_operand(op, "q", p.q, p.q_extent,
                 {{"B", B, "q_stride_b", p.q_stride_b}, {"H", H, "q_stride_h", p.q_stride_h},
                  {"D", D, "q_stride_d", p.q_stride_d}},

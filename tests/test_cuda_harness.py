@@ -294,6 +294,27 @@ def test_conv_decode_attention(host, grid, kernel, prefix, d, dtype, ring):
         assert_within_torch_error(out, ref, naive_attention(q_dec, k, v, rows), msg=f"ring={ring}")
 
 
+def test_conv_decode_attention_shared_memory_limit(host):
+    """4052 candidate keys (prefix + window) fill a block's 48 KiB of shared memory exactly, with
+    the kernel's static scratch; 4053 are refused by name (they passed the check, which forgot
+    the static bytes, and failed the launch)."""
+    d, grid, kernel = 4, (2, 2000), (3, 4001)  # window: 2 rows x 2000 columns
+    for prefix, runs in ((52, True), (53, False)):
+        s = prefix + grid[0] * grid[1]
+        q, k, v = (torch.randn(1, 1, s, d) for _ in range(3))
+        pos = torch.tensor([s - 1])
+        args = (q[:, :, -1:], k, v, pos, grid, kernel, prefix, None, False)
+        if not runs:
+            with pytest.raises(ValueError, match=r"prefix \+ window keys \(4053\) need more than 48 KiB"):
+                cuda("conv_decode_attention")(*args)
+            continue
+        rows = conv_mask_ref(grid, kernel, prefix)[pos][:, None, None, :]  # (1, 1, 1, S)
+        with host.checking():
+            out = cuda("conv_decode_attention")(*args)
+            ref = naive_attention(q[:, :, -1:].double(), k.double(), v.double(), rows)
+            assert_within_torch_error(out, ref, naive_attention(q[:, :, -1:], k, v, rows))
+
+
 @pytest.mark.parametrize("ring", [False, True])
 def test_conv_decode_attention_write(host, ring):
     """With k_new / v_new: the caches written as the torch backend writes them, and the output of
@@ -353,7 +374,10 @@ def test_cfg_sample_mixed_settings(host, dtype):
         check_same_draws(cond, uncond, prm)
 
 
-@pytest.mark.parametrize("v", [37, 12289])  # 12289: one past the shared-memory cache, the uncached kernel
+# 12224: the largest row the kernel caches in shared memory (48 KiB with its static scratch);
+# 12288: the uncached kernel (it was cached, and a GPU refuses 48 KiB of dynamic shared memory
+# plus the static scratch).
+@pytest.mark.parametrize("v", [37, 12224, 12288])
 def test_cfg_sample_tie_groups_and_min_p(host, v):
     """Rows of exact ties: top-k keeps a tie group whole, top-p's cut keeps only the lowest indices
     it needs, min-p on what is left; without guidance."""
@@ -607,6 +631,35 @@ def test_params_struct_checks_through_the_launchers(host):
     assert set(spoiler.spoilt) == spoiler.entries
     for name, fields in spoiler.spoilt.items():
         assert any(f.endswith("_extent") for f in fields), (name, fields)
+
+
+# ================================================================================ on a GPU
+
+@pytest.mark.gpu
+def test_gpu_shared_memory_limits():
+    """The harness's findings where a GPU decides: rows of 12224 logits (cached in shared memory)
+    and 12288 (not) launch; 4052 decode candidates launch and 4053 are refused by name."""
+    dev = torch.device("cuda")
+    for v in (12224, 12288):
+        z = tied_rows(6, v).to(dev)
+        # Greedy rows (exact on any machine: argmax, ties to the lowest index) and sampled ones.
+        prm = _row_params(6, dev, cfg_scale=1.0, temperature=torch.tensor([0.0, 1.0] * 3, device=dev), top_p=0.9,
+                          seed=torch.arange(6, device=dev), step=torch.arange(6, device=dev))
+        tok, _ = cuda("cfg_sample")(z, None, **prm)
+        want, _ = dispatch("cfg_sample", "torch", dev)(z, None, **prm)
+        assert_equal(tok[::2], want[::2])
+        assert ((tok >= 0) & (tok < v)).all()
+    d, grid, kernel = 4, (2, 2000), (3, 4001)
+    for prefix in (52, 53):
+        s = prefix + grid[0] * grid[1]
+        q, k, v = (torch.randn(1, 1, s, d, device=dev) for _ in range(3))
+        args = (q[:, :, -1:], k, v, torch.tensor([s - 1], device=dev), grid, kernel, prefix, None, False)
+        if prefix == 53:
+            with pytest.raises(ValueError, match=r"prefix \+ window keys \(4053\) need more than 48 KiB"):
+                cuda("conv_decode_attention")(*args)
+        else:
+            out = cuda("conv_decode_attention")(*args)
+            assert_close(out, dispatch("conv_decode_attention", "torch", dev)(*args), atol=1e-5, rtol=1e-5)
 
 
 # ================================================================================ coverage
