@@ -63,7 +63,8 @@ def torch_impl(op: str):
 
 # ================================================================================ the harness itself
 
-def test_thread_and_block_indices(host):
+def check_indices(host) -> None:
+    """A 3-D grid of 3-D blocks: every thread runs once, with CUDA's x-fastest numbering."""
     grid, block = (3, 2, 2), (5, 3, 2)
     per_block, n = math.prod(block), math.prod(grid) * math.prod(block)
     out = torch.full((n, 2), -1, dtype=torch.long)
@@ -71,6 +72,10 @@ def test_thread_and_block_indices(host):
     g = torch.arange(n)
     assert_equal(out[:, 0], g // per_block, msg="block of each global thread")
     assert_equal(out[:, 1], g % per_block, msg="thread within its block")
+
+
+def test_thread_and_block_indices(host):
+    check_indices(host)
 
 
 def test_shared_memory_is_per_block_and_starts_poisoned(host):
@@ -135,7 +140,7 @@ def test_misuse_is_reported_not_waited_on(host):
         host.module.probe_partial_shuffle(5, out.data_ptr())
     with pytest.raises(RuntimeError, match=r"lane \d+ of warp 1 reads lane \d+, which is not in the mask 0xffff"):
         host.module.probe_shuffle(out.data_ptr(), 48, 16, 32)
-    test_thread_and_block_indices(host)
+    check_indices(host)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
