@@ -344,8 +344,8 @@ def load() -> Harness:
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        builds = sorted((d for d in cache.iterdir() if not d.name.startswith("build-")), key=lambda d: d.stat().st_mtime)
-        for old in builds[:-_KEEP_BUILDS]:
+        builds = [d for d in cache.iterdir() if not d.name.startswith("build-")]
+        for old in sorted(builds, key=lambda d: d.stat().st_mtime)[:-_KEEP_BUILDS]:
             shutil.rmtree(old, ignore_errors=True)
     so = next(out_dir.glob("_C*.so"))
     spec = importlib.util.spec_from_file_location("vqim_cuda_host._C", so)

@@ -609,13 +609,13 @@ cudaError_t cudaRuntimeGetVersion(int* version) {
 
 // ---- Python: what the tests need to know ----------------------------------------------------------
 VQIM_REGISTER_OP(cuda_host, [](vqim::py::module_& m) {
-  namespace py = vqim::py;
-  m.attr("cuda_host") = true;
   m.def(
       "cuda_host_launches",
       [] {
         std::vector<std::pair<std::uintptr_t, long>> out;
-        for (const auto& [kernel, count] : vqim_host::g_launches) out.emplace_back(vqim_host::module_offset(kernel), count);
+        for (const auto& [kernel, count] : vqim_host::g_launches) {
+          out.emplace_back(vqim_host::module_offset(kernel), count);
+        }
         return out;
       },
       "(offset of the kernel in this module, launches) for every kernel launched so far");
