@@ -83,13 +83,15 @@ constexpr T unset_value() {
 #define VQIM_BIND_FIELD(type, name) cls.def_readwrite(#name, &Params::name);
 
 // Binds a params struct as a Python class with one attribute per field (an unknown name raises
-// AttributeError, so a misspelt field cannot pass unnoticed).
-#define VQIM_BIND_PARAMS(m, Struct, name, FIELDS)       \
-  do {                                                  \
-    using Params = Struct;                              \
-    vqim::py::class_<Params> cls(m, name);              \
-    cls.def(vqim::py::init<>());                        \
-    FIELDS(VQIM_BIND_FIELD)                             \
+// AttributeError, so a misspelt field cannot pass unnoticed). Module-local: the test suite loads
+// the CPU harness's build of these files (tests/cuda_harness.py) beside the real _C, and two
+// modules registering one C++ type globally is an ImportError in pybind11.
+#define VQIM_BIND_PARAMS(m, Struct, name, FIELDS)                       \
+  do {                                                                  \
+    using Params = Struct;                                              \
+    vqim::py::class_<Params> cls(m, name, vqim::py::module_local());    \
+    cls.def(vqim::py::init<>());                                        \
+    FIELDS(VQIM_BIND_FIELD)                                             \
   } while (0)
 
 // One axis of an operand: its size and its stride in elements, each with the field name to report.
