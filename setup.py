@@ -115,14 +115,19 @@ setup(
         "numpy>=1.26,<2.3",
         "safetensors>=0.4",
         "sentencepiece>=0.2",
+        # Janus-Pro's tokenizer.json (a prompt in the decoder's sequence).
+        "tokenizers>=0.19",
         "pillow>=10",
         "tqdm>=4.66",
     ],
     extras_require={
         # `vqim serve`: the HTTP server (engine/serve.py).
         "serve": ["fastapi>=0.115", "uvicorn>=0.30", "pydantic>=2"],
+        # transformers: the reference implementation tests/test_public_models.py checks the Janus
+        # and LlamaGen converters against (< 5: 5.x imports a top-level `kernels` package, which
+        # this checkout's own kernels/ folder shadows when pytest runs from the repository root).
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "fastapi>=0.115", "uvicorn>=0.30",
-                 "pydantic>=2"],
+                 "pydantic>=2", "transformers>=4.53,<5"],
     },
     ext_modules=[CMakeExtension("vqim.kernels._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},

@@ -1,7 +1,7 @@
 """The decode step alone: launches per step, ms per step, GB/s and share of the HBM roofline.
 
-    python benchmarks/bench_decode_step.py [--save] [--models tiny-t2i tiny-vim bundled]
-    python benchmarks/bench_decode_step.py --presets parti-350m parti-750m --batch 1 4 16   (CUDA)
+    python benchmarks/bench_decode_step.py [--save] [--models tiny-t2i tiny-vim tiny-janus tiny-llamagen bundled]
+    python benchmarks/bench_decode_step.py --presets parti-350m janus-pro-1b llamagen-c2i-xl --batch 1 16   (CUDA)
 
 One step is the decode loop's step (the runner's raster step: ``decode_step``, ``cfg_sample`` and
 recording each token; guidance on: 2B decoder rows for B images) from a mid-grid position. Launches are counted as :mod:`vqim.engine.profiling.launches` says: ``eager`` by a
@@ -18,7 +18,9 @@ Modes (every row of one table is measured in the same run):
   ``torch-compile`` (``torch.compile`` of that reference).
 
 CPU (the tiny presets and the bundled model; ``bundled`` is the model README's main command
-runs): launches and ms per step. CUDA (random-weight parti presets in bf16): ms per step, GB/s
+runs): launches and ms per step. CUDA (random weights in bf16 of Parti-350M and of the public
+models' shapes, Janus-Pro-1B and LlamaGen-XL; a Janus prompt's K/V counted at its real
+length): ms per step, GB/s
 and the share of the HBM roofline, ``(decoder weight bytes + K/V read) / 3.0 TB/s`` (one H100:
 ``vqim.engine.profiling.timing``; an H200's HBM is faster, so its share reads high). ``--budget-s`` stops
 starting new cases once spent, so a lent GPU's time bound holds; a skipped case is printed.
@@ -41,8 +43,8 @@ from vqim.engine.profiling.timing import H100_HBM_BYTES_PER_S, device_name, prin
 
 from _common import append_results
 
-CPU_MODELS = ("tiny-t2i", "tiny-vim", "bundled")
-GPU_PRESETS = ("parti-350m", "parti-750m")
+CPU_MODELS = ("tiny-t2i", "tiny-vim", "tiny-janus", "tiny-llamagen", "bundled")
+GPU_PRESETS = ("parti-350m", "janus-pro-1b", "llamagen-c2i-xl")
 COLUMNS = ["model", "dtype", "batch", "rows", "mode", "launches_step", "launches_layer", "cuda_kernels",
            "weight_MB", "step_ms", "step_p20", "step_p80", "GB_per_s", "roofline_share", "x_torch", "x_eager"]
 
@@ -64,7 +66,7 @@ class _Case:
         # Mid-grid (a full conv window), with room for every step the case runs after it.
         start = max(1, min(cfg.num_tokens // 2, cfg.num_tokens - steps - 1))
         self.runner, self.rows = prepared_runner(engine, batch, cfg_scale=3.0, step=start, use_cuda_graph=graph)
-        self.pos_int = cfg.prefix + start
+        self.pos = self.runner.pos[:self.rows].clone()  # (rows,): each row's query position
 
     def step(self) -> None:
         self.runner.raster_step(self.rows)
@@ -91,10 +93,10 @@ def _cuda_kernels(fn) -> int:
 
 def _row(model: str, engine: Engine, case: _Case, mode: str, t: dict, launches: dict | None, cuda_kernels) -> dict:
     dec = engine.model.decoder
-    nbytes = step_bytes(engine, case.rows, case.pos_int, case.text_len())
+    nbytes = step_bytes(engine, case.pos, case.text_len())
     roof_ms = nbytes / H100_HBM_BYTES_PER_S * 1e3
     return {
-        "model": model, "dtype": str(dec.tok_embed.weight.dtype).replace("torch.", ""), "batch": case.batch,
+        "model": model, "dtype": str(dec.dtype).replace("torch.", ""), "batch": case.batch,
         "rows": case.rows, "mode": mode,
         "launches_step": launches["step"] if launches else "", "launches_layer": launches["per_layer"] if launches else "",
         "cuda_kernels": cuda_kernels, "weight_MB": decoder_step_weight_bytes(dec) / 1e6,

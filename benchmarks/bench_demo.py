@@ -39,7 +39,7 @@ def generate_without_cache(engine: Engine, prompts: list[str], *, seed: int) -> 
     the engine's default settings (the model's generation.json)."""
     model, dec = engine.model, engine.model.decoder
     b = len(prompts)
-    prefix, memory, mask = condition(model, engine.tokenizer, prompts + [""] * b)  # (2B, 1), (2B, L, W), (2B, L)
+    prefix, memory, mask, _ = condition(model, engine.tokenizer, prompts + [""] * b)  # (2B, 1), (2B, L, W), (2B, L)
     tokens = torch.empty(2 * b, 0, dtype=torch.long, device=engine.device)
     seeds = torch.arange(seed, seed + b, device=engine.device)
     for step in range(dec.cfg.num_tokens):

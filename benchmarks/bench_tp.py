@@ -89,7 +89,7 @@ def _memory(eng: Engine, batch: int) -> tuple[torch.Tensor | None, torch.Tensor 
     inp = _inputs(eng, batch)
     conds = inp.get("prompts") or inp.get("class_ids") or [eng.model.decoder.null_prefix] * batch
     null = "" if eng.cfg.is_text_to_image else eng.model.decoder.null_prefix
-    _, memory, mask = condition(eng.model, eng.tokenizer, conds + [null] * batch)
+    _, memory, mask, _ = condition(eng.model, eng.tokenizer, conds + [null] * batch)
     return memory, mask
 
 

@@ -33,7 +33,7 @@ from .quantize import QUANTIZE_CHOICES, is_quantized, quantize_decoder
 from .requests import check_count, check_request, condition, kept_tokens, tokenize
 from .runner import ModelRunner
 from .scheduler import RequestHandle, Scheduler
-from .text import TextTokenizer, check_text
+from .text import JanusTokenizer, TextTokenizer, check_text
 from .tp import Control, agreed, check_tp, init_distributed, load_tp_model, tensor_parallel
 from .weights import (build_model, check_generation_defaults, load_config, load_generation_defaults, load_model,
                       save_pretrained)
@@ -290,6 +290,8 @@ class Engine:
 
     @staticmethod
     def _text_tokenizer(cfg: ModelConfig, path: Path | None) -> TextTokenizer | None:
+        if cfg.prompt is not None:
+            return JanusTokenizer.load(path, cfg.prompt)
         if cfg.text is None:
             return None
         # The config decides, not the files present: a tokenizer.model left beside a model
@@ -309,8 +311,10 @@ class Engine:
                              f"({self.quantize!r}); save from an engine made without quantize")
         # The tokenizer in use (read at load), not whatever the old directory holds now.
         tok = self.tokenizer.impl.model_proto if self.tokenizer is not None else None
+        hf = self.tokenizer.impl.json if isinstance(self.tokenizer, JanusTokenizer) else None
         with self._lock:
-            return save_pretrained(self.model, path, tokenizer_model=tok, generation=self.generation)
+            return save_pretrained(self.model, path, tokenizer_model=tok, generation=self.generation,
+                                   tokenizer_json=hf)
 
 
     # ------------------------------------------------------------------ generation
@@ -332,7 +336,8 @@ class Engine:
                                        ring=self.kv_cache == "ring", compile=self.compiled,
                                        use_cuda_graph=self._use_cuda_graph)
 
-                pad = None if self.cfg.text is None else self.cfg.text.max_len
+                pad = self.cfg.text.max_len if self.cfg.text is not None else (
+                    self.cfg.prompt.max_len if self.cfg.prompt is not None else None)
                 self._scheduler = Scheduler(
                     runner, lambda conds: condition(self.model, self.tokenizer, conds, pad_to=pad),
                     num_tokens=dec.num_tokens, grid=(dec.grid_h, dec.grid_w), max_rows=rows,
@@ -649,7 +654,7 @@ class Engine:
                 b = codes.shape[0]
                 with I.oom_names_batch("featurizing", b, self.max_batch_size, self.device):
                     null = "" if self.cfg.is_text_to_image else self.model.decoder.null_prefix
-                    prefix, memory, mask = condition(self.model, self.tokenizer, [null] * b)
+                    prefix, memory, mask, _ = condition(self.model, self.tokenizer, [null] * b)
                     h = self.model.decoder(prefix, codes.view(b, -1), memory, mask, hidden_layer=layer)  # (b, 1 + n, W)
-                    feats.append(h[:, self.cfg.decoder.prefix:].float().mean(dim=1))  # (b, W)
+                    feats.append(h[:, prefix.shape[1]:].float().mean(dim=1))  # (b, W)
         return torch.cat(feats)

@@ -137,7 +137,7 @@ def codes_tensor(codes, cfg: ModelConfig, device: torch.device) -> torch.Tensor:
 def encode_chunks(model: VQIMModel, x: torch.Tensor, device: torch.device, batch: int,
                   what: str) -> Iterator[torch.Tensor]:
     """Codes ``[b, g, g]`` per ``batch`` images of pixels ``x [B, 3, H, W]``."""
-    dtype = model.vqgan.enc_patch.weight.dtype
+    dtype = model.vqgan.dtype
     for sl in chunks(x.shape[0], batch):
         with oom_names_batch(what, sl.stop - sl.start, batch, device):
             codes = model.vqgan.encode(x[sl].to(device, dtype))  # (b, g, g)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,10 @@ from torch import nn
 
 from vqim import kernels as K
 
-from .config import DecoderConfig, ModelConfig, ScorerConfig, TextEncoderConfig, VQGANConfig
+from .cnn_vq import CNNVQ
+from .config import CNNVQConfig, DecoderConfig, ModelConfig, ScorerConfig, TextEncoderConfig, VQGANConfig
+from .llama import LlamaDecoder
+from .state import DecodeState
 from .superres import SuperResolution
 
 
@@ -192,6 +194,10 @@ class ViTVQGAN(nn.Module):
         self.dec_out = MLP(dw, cfg.dec_mlp_dim, act="tanh")
         self.dec_patch = nn.Linear(dw, cfg.patch_dim)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.enc_patch.weight.dtype
+
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` in [0, 1] -> l2-normalized latents ``[B, N, code_dim]``."""
         x = self.enc_patch(patchify(pixels * 2 - 1, self.cfg.patch_size)) + self.enc_pos  # (B, N, W)
@@ -249,26 +255,6 @@ class TextEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- AR decoder
-
-
-@dataclass
-class DecodeState:
-    """Static buffers of one generation batch: per-layer self-attention caches
-    ``[B, H, max_seq, Dh]`` and cross-attention K/V ``[B, H, L, Dh]`` computed once."""
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    cross_k: list[torch.Tensor] | None = None
-    cross_v: list[torch.Tensor] | None = None
-    # (B, 1, 1, L): 0 on real text tokens, -inf on padding. Additive, so attention applies it as
-    # is (a bool mask costs a conversion kernel per layer per step).
-    memory_bias: torch.Tensor | None = None
-    # Conv-masked layers keep a ring of the rows their window can reach (kernels.conv_cache_slot).
-    ring: bool = False
-
-    @property
-    def batch(self) -> int:
-        return self.k[0].shape[0]
 
 
 class DecoderBlock(nn.Module):
@@ -386,6 +372,15 @@ class ARDecoder(nn.Module):
         unconditional model's every row, and a class model's unconditional rows."""
         return self.cfg.num_classes
 
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (the embeddings': the head may be int8)."""
+        return self.tok_embed.weight.dtype
+
     def embed(self, prefix_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """prefix_ids ``[B, 1]``, tokens ``[B, n]`` (grid positions 0..n-1) -> ``[B, 1 + n, W]``."""
         i = torch.arange(tokens.shape[1], device=tokens.device)
@@ -416,19 +411,18 @@ class ARDecoder(nn.Module):
         ``ring=True`` gives conv-masked layers a ring of ``conv_cache_len`` slots instead of
         ``max_seq``; fully causal layers always keep every position."""
         cfg = self.cfg
-        p = self.tok_embed.weight  # device and dtype (the head may be int8)
         ring_len = K.conv_cache_len((cfg.grid_h, cfg.grid_w), cfg.conv_kernel, cfg.prefix)
         # Heads this module holds: cfg.heads / N on a tensor-parallel rank (vqim.engine.tp).
         heads = self.blocks[0].attn.heads
         lengths = [ring_len if ring and blk.conv else cfg.max_seq for blk in self.blocks]
-        k = [torch.zeros(batch, heads, n, cfg.head_dim, device=p.device, dtype=p.dtype) for n in lengths]
-        v = [torch.zeros(batch, heads, n, cfg.head_dim, device=p.device, dtype=p.dtype) for n in lengths]
+        k = [torch.zeros(batch, heads, n, cfg.head_dim, device=self.device, dtype=self.dtype) for n in lengths]
+        v = [torch.zeros(batch, heads, n, cfg.head_dim, device=self.device, dtype=self.dtype) for n in lengths]
         state = DecodeState(k, v, ring=ring)
         if cfg.cross_attention:
             if memory is None or memory_mask is None:
                 raise ValueError("this decoder cross-attends to text: memory and memory_mask are required")
             state.cross_k, state.cross_v = self.cross_kv(memory)
-            state.memory_bias = memory_bias(memory_mask, p.dtype)
+            state.memory_bias = memory_bias(memory_mask, self.dtype)
         return state
 
     def cross_kv(self, memory: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -436,8 +430,9 @@ class ARDecoder(nn.Module):
         kv = [blk.cross.kv(memory) for blk in self.blocks]
         return [k for k, _ in kv], [v for _, v in kv]
 
-    def prefill(self, state: DecodeState, prefix_ids: torch.Tensor) -> torch.Tensor:
-        """Run the prefix ``[B, 1]``, fill its cache slots, return logits ``[B, V]`` for image token 0."""
+    def prefill(self, state: DecodeState, prefix_ids: torch.Tensor, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prefix ``[B, 1]`` (one position: ``prefix_len`` is 1 for every row), fill its
+        cache slots, return logits ``[B, V]`` for image token 0."""
         x = self.prefix_embed(prefix_ids)  # (B, 1, W)
         for i, blk in enumerate(self.blocks):
             cross = (state.cross_k[i], state.cross_v[i]) if state.cross_k is not None else None
@@ -570,9 +565,11 @@ class VQIMModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.vqgan = ViTVQGAN(cfg.vqgan)
+        self.vqgan = CNNVQ(cfg.vqgan) if isinstance(cfg.vqgan, CNNVQConfig) else ViTVQGAN(cfg.vqgan)
         self.text = TextEncoder(cfg.text) if cfg.text is not None else None
-        self.decoder = ARDecoder(cfg.decoder) if cfg.decoder is not None else None
+        self.decoder = None
+        if cfg.decoder is not None:
+            self.decoder = ARDecoder(cfg.decoder) if isinstance(cfg.decoder, DecoderConfig) else LlamaDecoder(cfg.decoder)
         self.scorer = None if cfg.scorer is None else ContrastiveScorer(cfg.scorer, cfg.vqgan.image_size, cfg.text)
         self.superres = SuperResolution(cfg.superres) if cfg.superres is not None else None
 

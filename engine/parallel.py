@@ -153,9 +153,10 @@ class ParallelDecode:
         """How many leading tokens are final (no later pass changes them): partial images show these."""
         raise NotImplementedError
 
-    def entries(self, n_slots: int) -> tuple[list[tuple[int, int]], torch.Tensor | None]:
-        """This pass's ``(token, position)`` entries and the cache slots ``[n_slots]`` (bool) an
-        entry may see once the pass has written (None: every slot the mask allows)."""
+    def entries(self) -> tuple[list[tuple[int, int]], torch.Tensor | None]:
+        """This pass's ``(token, cell)`` entries (a token fed at grid cell ``cell``: position
+        ``prefix + cell`` of each of the image's rows) and the cells ``[n]`` (bool) whose K/V an
+        entry may see once the pass has written (None: every cell the mask allows)."""
         raise NotImplementedError
 
 
@@ -199,7 +200,7 @@ class Wavefront(ParallelDecode):
         return min(c + self.half + 1, self.cfg.grid_w)
 
     def _at(self, r: int, c: int) -> int:
-        return self.cfg.prefix + r * self.cfg.grid_w + c
+        return r * self.cfg.grid_w + c
 
     def _reset_below(self, r: int) -> None:
         gh, gw = self.cfg.grid_h, self.cfg.grid_w
@@ -210,16 +211,15 @@ class Wavefront(ParallelDecode):
                 self.guess.pop((rr, c), None)
             self.tokens[rr * gw:(rr + 1) * gw] = -1
 
-    def entries(self, n_slots: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    def entries(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
         cfg = self.cfg
         gh, gw = cfg.grid_h, cfg.grid_w
         tokens, have, fed = self.tokens, self.have, self.fed
         ents: list[tuple[int, int]] = []
         self.cells = []
-        # The cache slots holding a token's K/V once this pass has written: the prefix, every
-        # row's fed cells and this pass's entries (what a speculative entry may see).
-        written = torch.zeros(n_slots, dtype=torch.bool)
-        written[:cfg.prefix] = True
+        # The cells holding a token's K/V once this pass has written: every row's fed cells and
+        # this pass's entries (what a speculative entry may see, with the prefix).
+        written = torch.zeros(cfg.num_tokens, dtype=torch.bool)
         above = gw  # tokens the row above will have fed after this pass (none above row 0)
         for r in range(gh):
             if have[r] == 0 and r in self.ready and above >= self._need(0):
@@ -335,10 +335,10 @@ class SpeculativeJacobi(ParallelDecode):
         for j in range(self.drafts.shape[0]):
             self.drafts[j] = self.kept(self.accepted + j, int(self.drafts[j]))
 
-    def entries(self, n_slots: int) -> tuple[list[tuple[int, int]], None]:
+    def entries(self) -> tuple[list[tuple[int, int]], None]:
         done = self.accepted
         fed = [int(self.tokens[done - 1])] + self.drafts[:len(self.drafts) - 1].tolist()
-        return [(max(t, 0), self.cfg.prefix + done - 1 + j) for j, t in enumerate(fed)], None
+        return [(max(t, 0), done - 1 + j) for j, t in enumerate(fed)], None
 
     def update(self, p: torch.Tensor) -> None:
         """The model's distribution ``p [L, V]`` (CPU) of tokens ``accepted .. accepted + L - 1``

@@ -2,7 +2,8 @@
 
 A decode step is memory-bound: it reads every decoder weight once for a handful of rows. Stored
 as int8 with one float32 scale per output channel, the linears a step runs (fused q/k/v,
-attention output, cross-attention query and output, MLP, the output head) cost one byte per
+attention output, cross-attention query and output, MLP (Parti's fc1/fc2, a Llama block's fused
+w1/w3 and w2), the output head, Janus's head projection and aligner) cost one byte per
 weight instead of two (bf16) or four (fp32); ``vqim.kernels.int8_linear`` dequantizes inside the
 matrix-vector kernel, so the full-precision weight never exists in memory. The embeddings, the
 norms and the cross-attention K/V projection (run once per prompt, not per token) stay in full
@@ -16,6 +17,7 @@ from torch import nn
 
 from vqim import kernels as K
 
+from .llama import LlamaBlock, LlamaDecoder
 from .models import ARDecoder
 
 QUANTIZE_CHOICES = ("int8",)
@@ -41,7 +43,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_decoder(decoder: ARDecoder, mode: str) -> None:
+def quantize_decoder(decoder: ARDecoder | LlamaDecoder, mode: str) -> None:
     """Replace, in place, the per-step linears of every block and the head with :class:`Int8Linear`.
 
     Fuses the input projections first (:meth:`ARDecoder.fuse`), so q/k/v is one int8 matmul.
@@ -50,16 +52,19 @@ def quantize_decoder(decoder: ARDecoder, mode: str) -> None:
     if mode not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {list(QUANTIZE_CHOICES)} or None, got {mode!r}")
     decoder.fuse()
-    if type(decoder.head) is nn.Linear:
-        decoder.head = Int8Linear(decoder.head)
+    targets = [(decoder, "head")] + ([(decoder, "head_proj")] if hasattr(decoder, "head_proj") else [])
+    # Janus's aligner runs every step too (the fed image token's embedding).
+    targets += [(decoder.aligner, str(i)) for i in range(len(decoder.aligner))] if hasattr(decoder, "aligner") else []
     for blk in decoder.blocks:
-        targets = [(blk.attn, "wqkv"), (blk.attn, "wo"), (blk.mlp, "fc1"), (blk.mlp, "fc2")]
+        targets += [(blk.attn, "wqkv"), (blk.attn, "wo")]
+        targets += [(blk.mlp, "w13"), (blk.mlp, "w2")] if isinstance(blk, LlamaBlock) else [(blk.mlp, "fc1"),
+                                                                                             (blk.mlp, "fc2")]
         if decoder.cfg.cross_attention:
             targets += [(blk.cross, "wq"), (blk.cross, "wo")]
-        for parent, name in targets:
-            lin = getattr(parent, name)
-            if type(lin) is nn.Linear:
-                setattr(parent, name, Int8Linear(lin))
+    for parent, name in targets:
+        lin = getattr(parent, name)
+        if type(lin) is nn.Linear:
+            setattr(parent, name, Int8Linear(lin))
 
 
 def is_quantized(decoder: ARDecoder) -> bool:
@@ -69,7 +74,8 @@ def is_quantized(decoder: ARDecoder) -> bool:
 def decoder_step_weight_bytes(decoder: ARDecoder) -> int:
     """Bytes of decoder weights one decode step reads: every parameter and buffer of the blocks,
     the final norm and the head (the embedding tables are excluded: one row of each is read)."""
-    embeds = {"tok_embed", "prefix_embed", "row_embed", "col_embed"}
+    embeds = {"tok_embed", "prefix_embed", "row_embed", "col_embed", "class_embed", "text_embed", "gen_embed",
+              "rope_cos", "rope_sin"}
     tensors = list(decoder.named_parameters()) + list(decoder.named_buffers())
     cross_kv = {f"blocks.{i}.cross.{n}" for i in range(len(decoder.blocks)) for n in ("wkv", "wk", "wv")}
     total = 0

@@ -36,9 +36,10 @@ from .text import TextTokenizer, check_text
 class Rows(NamedTuple):
     """Decoder rows from :func:`condition`, one per condition."""
 
-    prefix: torch.Tensor  # (R, 1) class id or BOS / null class
+    prefix: torch.Tensor  # (R, P) class id, BOS / null class (P = 1), or prompt ids (right-padded)
     memory: torch.Tensor | None  # (R, L, W) text encoder output; None without a text encoder
     memory_mask: torch.Tensor | None  # (R, L) bool, True on real text tokens
+    prefix_len: torch.Tensor  # (R,) each row's prefix length (the prompt's; 1 otherwise)
 
 
 def tokenize(tokenizer: TextTokenizer, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -56,21 +57,29 @@ def condition(model: VQIMModel, tokenizer: TextTokenizer | None, conds: Sequence
               pad_to: int | None = None) -> Rows:
     """The decoder rows of ``conds``, one each, on the model's device.
 
-    A condition is a class id (``ARDecoder.null_prefix`` for none: BOS) for a model without
-    text, or a prompt for a text model: a string or its :func:`tokenize` row. Text is padded to
-    ``pad_to`` (at most ``max_len``: the scheduler pads to ``max_len``, so any prompts share its
-    static rows), by default to the longest row.
+    A condition is a class id (``null_prefix`` for none: BOS or the null class) for a model
+    without text, or a prompt for a text model: a string or its :func:`tokenize` row. A text
+    encoder's text is padded to ``pad_to`` (at most ``max_len``: the scheduler pads to
+    ``max_len``, so any prompts share its static rows), by default to the longest row; a prompt
+    in the decoder's own sequence (Janus) becomes the prefix, right-padded the same way (the
+    scheduler's ``max_len`` makes every prefill one shape, whatever the other prompts admitted
+    with it: a row's numbers do not depend on its batch).
     """
     dec = model.decoder
-    dev = dec.tok_embed.weight.device
-    if model.text is None:
-        return Rows(torch.tensor(list(conds), dtype=torch.long, device=dev)[:, None], None, None)  # (R, 1)
-    rows = [tokenize(tokenizer, [c])[0] if isinstance(c, str) else c for c in conds]
-    mask = torch.stack([m for _, m in rows])  # (R, max_len)
-    length = pad_to or int(mask.sum(1).max())
-    ids, mask = torch.stack([i for i, _ in rows])[:, :length].to(dev), mask[:, :length].to(dev)  # (R, L)
-    prefix = torch.full((len(rows), 1), dec.null_prefix, dtype=torch.long, device=dev)
-    return Rows(prefix, model.text(ids, mask), mask)  # memory (R, L, W)
+    dev = dec.device
+    if model.cfg.is_text_to_image:
+        rows = [tokenize(tokenizer, [c])[0] if isinstance(c, str) else c for c in conds]
+        mask = torch.stack([m for _, m in rows])  # (R, max_len)
+        lengths = mask.sum(1)  # (R,)
+        if model.text is None:  # the prompt is the prefix
+            ids = torch.stack([i for i, _ in rows])[:, :pad_to or int(lengths.max())].to(dev)  # (R, P)
+            return Rows(ids, None, None, lengths.to(dev))
+        length = pad_to or int(lengths.max())
+        ids, mask = torch.stack([i for i, _ in rows])[:, :length].to(dev), mask[:, :length].to(dev)  # (R, L)
+        prefix = torch.full((len(rows), 1), dec.null_prefix, dtype=torch.long, device=dev)
+        return Rows(prefix, model.text(ids, mask), mask, torch.ones(len(rows), dtype=torch.long, device=dev))
+    prefix = torch.tensor(list(conds), dtype=torch.long, device=dev)[:, None]  # (R, 1)
+    return Rows(prefix, None, None, torch.ones(len(conds), dtype=torch.long, device=dev))
 
 
 def draw_seed(num_images: int) -> int:
@@ -197,8 +206,10 @@ def check_request(model: VQIMModel, tokenizer: TextTokenizer | None, defaults: K
                          f"{most_images} one request may ask for")
     if negative_prompt is not None and not cfg.is_text_to_image:
         raise ValueError("negative_prompt is for text-to-image models; this one takes class ids")
-    negatives = per_request("negative_prompt", "" if negative_prompt is None else negative_prompt, n)
+    negatives = per_request("negative_prompt", negative_prompt, n)
     for i, neg in enumerate(negatives):
+        if neg is None:
+            continue
         if not isinstance(neg, str):
             raise ValueError(f"negative_prompt must be a string (or one per prompt), got {type(neg).__name__} "
                              f"at negative_prompt[{i}]")
@@ -219,9 +230,12 @@ def check_request(model: VQIMModel, tokenizer: TextTokenizer | None, defaults: K
     decoding = resolve_decoding(model, decoding, sjd_window, ring_cache)
     forced = kept(n) if kept is not None else None
     if cfg.is_text_to_image:
-        # Every prompt tokenized (and any truncation warned) before the first decode step.
+        # Every prompt tokenized (and any truncation warned) before the first decode step. The
+        # unconditional branch: the negative prompt, else the tokenizer's null row of the prompt
+        # (the empty prompt; Janus's prompt with every token but BOS and BOI padded out).
         conds = tokenize(tokenizer, conds)
-        unconds = tokenize(tokenizer, negatives)
+        unconds = [tokenizer.null_row(c) if neg is None else tokenize(tokenizer, [neg])[0]
+                   for c, neg in zip(conds, negatives)]
     else:
         unconds = [model.decoder.null_prefix] * n if has_uncond else None
     return Request(conds, unconds if has_uncond else None, params, seeds, num_images, forced, decoding, sjd_window)

@@ -38,7 +38,8 @@ import torch
 
 from vqim import kernels as K
 
-from .models import ARDecoder, DecodeState
+from .models import ARDecoder
+from .state import DecodeState
 
 
 def check_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -86,14 +87,16 @@ class ModelRunner:
         memory = mask = None
         if text is not None:
             length, width = text
-            memory = torch.zeros(r, length, width, device=device, dtype=decoder.tok_embed.weight.dtype)
+            memory = torch.zeros(r, length, width, device=device, dtype=decoder.dtype)
             mask = torch.ones(r, length, dtype=torch.bool, device=device)
         self.state = decoder.new_state(r, memory, mask, ring=ring)
         self.n_slots = self.state.k[0].shape[2]
         long = dict(dtype=torch.long, device=device)
         # Per row, plus the trash row r.
         self.feed = torch.zeros(r + 1, **long)  # (R + 1,) token each row is fed next
-        self.pos = torch.full((r + 1,), cfg.prefix, **long)  # (R + 1,) the position it is fed at
+        # (R + 1,) each row's prefix length (its prompt's, for a prompt in the sequence; else 1)
+        self.prefix_len = torch.ones(r + 1, **long)
+        self.pos = self.prefix_len.clone()  # (R + 1,) the position the row's next token is fed at
         self.out = torch.zeros(r + 1, n, **long)  # (R + 1, n) tokens drawn, by conditional row
         self.forced = torch.full((r + 1, n), -1, **long)  # (R + 1, n) kept tokens, -1 where drawn
         self.raster_rows = torch.zeros(r, dtype=torch.bool, device=device)  # (R,) rows of raster images
@@ -143,18 +146,19 @@ class ModelRunner:
         step (idle, its output unused): parked at the first position, fed token 0, its cache
         writes stay in bounds."""
         idx = torch.tensor(rows, device=self.device)
-        self.pos[idx] = self.dec.cfg.prefix
+        self.pos[idx] = self.prefix_len[idx]
         self.feed[idx] = 0
 
     @torch.no_grad()
     def prefill(self, rows: list[int], prefix: torch.Tensor, memory: torch.Tensor | None,
-                memory_mask: torch.Tensor | None) -> torch.Tensor:
-        """Prefill ``prefix [k, 1]`` (text ``memory [k, max_len, W]``) into static rows ``rows``;
-        returns the logits ``[k, V]`` of each row's first image token."""
+                memory_mask: torch.Tensor | None, prefix_len: torch.Tensor) -> torch.Tensor:
+        """Prefill ``prefix [k, P]`` (``prefix_len [k]`` of each row real; text ``memory
+        [k, max_len, W]``) into static rows ``rows``; returns the logits ``[k, V]`` of each row's
+        first image token."""
         dec = self.dec
         state = self.state
         fresh = dec.new_state(len(rows), memory, memory_mask, ring=self.ring)
-        logits = dec.prefill(fresh, prefix)  # (k, V)
+        logits = dec.prefill(fresh, prefix, prefix_len)  # (k, V)
         idx = torch.tensor(rows, device=self.device)  # (k,)
         for dst, src in zip(state.k + state.v, fresh.k + fresh.v):
             # Whole rows: the fresh zeros replace whatever the rows' last occupant left (even the
@@ -164,7 +168,8 @@ class ModelRunner:
             for dst, src in zip(state.cross_k + state.cross_v, fresh.cross_k + fresh.cross_v):
                 dst[idx] = src
             state.memory_bias[idx] = fresh.memory_bias
-        self.pos[idx] = dec.cfg.prefix
+        self.prefix_len[idx] = prefix_len
+        self.pos[idx] = prefix_len
         return logits
 
     # ------------------------------------------------------------------ sampling
@@ -208,9 +213,8 @@ class ModelRunner:
         fed = tok.clamp_min(0)  # a row marked -1 (no finite logit) is fed 0; its -1 stays in `out`
         self.feed[wc] = fed
         self.feed[wu] = fed
-        at = step + self.dec.cfg.prefix
-        self.pos[wc] = at
-        self.pos[wu] = at
+        self.pos[wc] = step + self.prefix_len[wc]
+        self.pos[wu] = step + self.prefix_len[wu]
         return tok
 
     # ------------------------------------------------------------------ slots
@@ -279,10 +283,9 @@ class ModelRunner:
         slot is sampled as in :meth:`raster_step`) and each row of ``entries`` its several;
         returns the logits ``[hi, T, V]`` (entry ``j`` of a row at ``[row, j]``)."""
         dev = self.device
-        cfg = self.dec.cfg
         t = max([1] + [len(e.tokens) for e in entries])
         tok = torch.zeros(hi, t, dtype=torch.long, device=dev)
-        pos = torch.full((hi, t), cfg.prefix, dtype=torch.long, device=dev)
+        pos = self.prefix_len[:hi, None].repeat(1, t)  # (hi, T): padding entries at each row's first image slot
         valid = torch.zeros(hi, t, dtype=torch.bool, device=dev)
         tok[:, 0] = self.feed[:hi]
         pos[:, 0] = self.pos[:hi]
@@ -291,7 +294,7 @@ class ModelRunner:
         if entries:
             rows = torch.tensor([e.row for e in entries], device=dev)
             e_tok = torch.zeros(len(entries), t, dtype=torch.long)
-            e_pos = torch.full((len(entries), t), cfg.prefix, dtype=torch.long)
+            e_pos = pos[rows].cpu()  # (E, T)
             e_valid = torch.zeros(len(entries), t, dtype=torch.bool)
             for i, e in enumerate(entries):
                 k = len(e.tokens)

@@ -172,6 +172,7 @@ class ImageRequest:
     rows: list[int] = field(default_factory=list)  # decoder rows held: [cond] or [cond, uncond]
     t0: int = 0  # the loop's step count when it joined (raster: it has 1 + steps since tokens)
     policy: ParallelDecode | None = None  # None: raster
+    prefix: list[int] = field(default_factory=list)  # each of its rows' prefix length
     clock: Callable[[], int] | None = None  # the loop's step count
     partials: int = 0  # partial images handed out
 
@@ -534,6 +535,7 @@ class Scheduler:
                 conds.append(img.spec.uncond)
         rows = self._condition(conds)
         logits = runner.prefill([r for img in images for r in img.rows], *rows)  # (k, V)
+        lens = rows.prefix_len.tolist()
         slots = [self._slot(img, 0) for img in images]
         tok = runner.first_tokens(logits, local, slots, [img.spec.forced for img in images]).cpu()  # (B,)
         parallel = [i for i, img in enumerate(images) if img.spec.decoding != "raster"]
@@ -546,6 +548,7 @@ class Scheduler:
         dcfg = runner.dec.cfg
         for k, img in enumerate(images):
             img.t0 = self._t
+            img.prefix = [lens[i] for i in sorted(set(local[k]))]
             self._active[img] = None
             spec = img.spec
             if spec.decoding == "wavefront":
@@ -586,11 +589,17 @@ class Scheduler:
     def _multi_step(self) -> None:
         runner = self.runner
         entries, spans = [], []
+        n = self.num_tokens
         for img in self._parallel:
-            ents, known = img.policy.entries(runner.n_slots)
-            tokens, positions = [t for t, _ in ents], [p for _, p in ents]
-            for row in img.rows:
-                entries.append(Entries(row, tokens, positions, known))
+            ents, cells = img.policy.entries()
+            tokens = [t for t, _ in ents]
+            for row, pre in zip(img.rows, img.prefix):
+                known = None
+                if cells is not None:  # the slots an entry may see: the prefix and the cells written
+                    known = torch.zeros(runner.n_slots, dtype=torch.bool)
+                    known[:pre] = True
+                    known[pre:pre + n - 1] = cells[:n - 1]
+                entries.append(Entries(row, tokens, [pre + c for _, c in ents], known))
             spans.append(len(ents))
         logits = runner.multi_step(self._hi, entries)  # (hi, T, V)
         dev = runner.device

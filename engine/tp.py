@@ -54,7 +54,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, dtype_from_name
+from .config import LlamaDecoderConfig, ModelConfig, dtype_from_name
+from .llama import LlamaAttention, SwiGLU
 from .models import Attention, VQIMModel
 from .weights import build_model, check_weights, load_config, load_state_dict
 
@@ -147,50 +148,68 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelHead(nn.Module):
-    """Output projection over vocab rows ``[r V / N, (r+1) V / N)``, logits all-gathered to ``[..., V]``."""
+    """Output projection over vocab rows ``[r V / N, (r+1) V / N)`` (and their bias, if any),
+    logits all-gathered to ``[..., V]``."""
 
-    def __init__(self, weight: torch.Tensor, world: int, group: dist.ProcessGroup | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, world: int, group: dist.ProcessGroup | None):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # (V / N, W)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None  # (V / N,)
         self.world = world
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_gather_last(F.linear(x, self.weight), self.world, self.group)  # (..., V)
+        return all_gather_last(F.linear(x, self.weight, self.bias), self.world, self.group)  # (..., V)
 
 
 # ----------------------------------------------------------------------------- the transform
 
 
 # How each sharded module's parameters split: "col" (dim 0 of weight and bias), "row" (dim 1 of
-# the weight), "vocab" / "head" (dim 0 of the table). Keys are module paths. A fused projection
-# (Attention.fuse: wqkv / wkv) is "col" per part: each of its q/k/v row blocks is split by heads
-# and the rank's slices are concatenated, which is what fusing the sharded wq/wk/wv gives.
+# the weight), "vocab" (dim 0 of an embedding table), "head" (dim 0 of the output projection's
+# weight and bias). Keys are module paths. A fused projection (Attention.fuse: wqkv / wkv;
+# LlamaAttention.fuse: wqkv; SwiGLU.fuse: w13) is "col" per part: each of its row blocks is split
+# by heads (or hidden units) and the rank's slices are concatenated, which is what fusing the
+# sharded parts gives.
 def shard_plan(model: VQIMModel) -> dict[str, str]:
     plan: dict[str, str] = {}
+    dec = model.decoder
 
     def attention(prefix: str) -> None:
         attn = model.get_submodule(prefix)
-        if attn.fused:
-            plan[f"{prefix}.{attn._fused_names()[0]}"] = "col"
-        for n in ("wq", "wk", "wv"):
-            if hasattr(attn, n):
-                plan[f"{prefix}.{n}"] = "col"
+        if isinstance(attn, LlamaAttention):
+            names = ("wqkv",) if attn.fused else ("wq", "wk", "wv")
+        else:
+            names = tuple(n for n in ("wq", "wk", "wv") if hasattr(attn, n))
+            if attn.fused:
+                names += (attn._fused_names()[0],)
+        for n in names:
+            plan[f"{prefix}.{n}"] = "col"
         plan[f"{prefix}.wo"] = "row"
 
     def block(prefix: str, cross: bool) -> None:
         attention(f"{prefix}.attn")
         if cross:
             attention(f"{prefix}.cross")
-        plan[f"{prefix}.mlp.fc1"] = "col"
-        plan[f"{prefix}.mlp.fc2"] = "row"
+        mlp = model.get_submodule(f"{prefix}.mlp")
+        if isinstance(mlp, SwiGLU):
+            for n in ("w13",) if mlp.fused else ("w1", "w3"):
+                plan[f"{prefix}.mlp.{n}"] = "col"
+            plan[f"{prefix}.mlp.w2"] = "row"
+        else:
+            plan[f"{prefix}.mlp.fc1"] = "col"
+            plan[f"{prefix}.mlp.fc2"] = "row"
 
     if model.text is not None:
         plan["text.tok_embed"] = "vocab"
         for i in range(len(model.text.blocks)):
             block(f"text.blocks.{i}", False)
-    plan["decoder.tok_embed"] = "vocab"
-    for i in range(len(model.decoder.blocks)):
+    # Janus's prompt table (its language model's vocabulary) is split like any token table; the
+    # class table, Janus's small image table (codes x 8) and its aligner stay replicated.
+    for table in ("tok_embed", "text_embed"):
+        if hasattr(dec, table):
+            plan[f"decoder.{table}"] = "vocab"
+    for i in range(len(dec.blocks)):
         block(f"decoder.blocks.{i}", model.cfg.decoder.cross_attention)
     plan["decoder.head"] = "head"
     return plan
@@ -201,7 +220,7 @@ def param_shard_dims(model: VQIMModel) -> dict[str, int]:
     dims = {}
     for mod, kind in shard_plan(model).items():
         dims[f"{mod}.weight"] = 1 if kind == "row" else 0
-        if kind == "col":
+        if kind in ("col", "head"):
             dims[f"{mod}.bias"] = 0
     return dims
 
@@ -215,7 +234,12 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
     if cfg.text is not None:
         t = cfg.text
         sizes += [("text.heads", t.heads), ("text.mlp_dim", t.mlp_dim), ("text.vocab_size", t.vocab_size)]
-    sizes += [("decoder.heads", d.heads), ("decoder.mlp_dim", d.mlp_dim), ("decoder.vocab_size", d.vocab_size)]
+    sizes += [("decoder.heads", d.heads)]
+    if isinstance(d, LlamaDecoderConfig):
+        sizes += [("decoder.kv_heads", d.kv_heads)]
+        if d.prompt_vocab:
+            sizes += [("decoder.prompt_vocab", d.prompt_vocab)]
+    sizes += [("decoder.mlp_dim", d.mlp_dim), ("decoder.vocab_size", d.vocab_size)]
     for name, v in sizes:
         if v % tp:
             raise ValueError(f"{cfg.name}: {name} = {v} does not divide by the tensor-parallel size tp = {tp} "
@@ -228,9 +252,18 @@ def _shard(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     return t.narrow(dim, rank * n, n).clone()
 
 
-def _shard_parts(t: torch.Tensor, parts: int, rank: int, world: int) -> torch.Tensor:
-    """Dim 0 of each of ``t``'s ``parts`` equal row blocks, sharded and concatenated."""
-    return torch.cat([_shard(p, 0, rank, world) for p in t.chunk(parts)])
+def _shard_parts(t: torch.Tensor, sizes: list[int], rank: int, world: int) -> torch.Tensor:
+    """Dim 0 of each of ``t``'s row blocks (``sizes`` rows each), sharded and concatenated."""
+    return torch.cat([_shard(p, 0, rank, world) for p in t.split(sizes)])
+
+
+def _part_sizes(parent: nn.Module, leaf: str, rows: int) -> list[int]:
+    """Row blocks of a column-parallel linear: q/k/v of a fused projection (grouped-query
+    attention's k and v are smaller than q), w1/w3 of a fused SwiGLU, else one block."""
+    if isinstance(parent, LlamaAttention) and leaf == "wqkv":
+        return [parent.heads * parent.head_dim] + [parent.kv_heads * parent.head_dim] * 2
+    parts = {"wqkv": 3, "wkv": 2, "w13": 2}.get(leaf, 1)
+    return [rows // parts] * parts
 
 
 def tensor_parallel(model: VQIMModel, rank: int, world: int, group: dist.ProcessGroup | None = None) -> VQIMModel:
@@ -252,26 +285,30 @@ def tensor_parallel(model: VQIMModel, rank: int, world: int, group: dist.Process
         old = getattr(parent, leaf)
         w = old.weight.detach()
         if kind == "col":
-            # A fused projection splits each of its parts (q, k, v) by heads.
-            parts = {"wqkv": 3, "wkv": 2}.get(leaf, 1)
+            # A fused projection splits each of its parts (q, k, v; w1, w3) by heads or units.
+            sizes = _part_sizes(parent, leaf, w.shape[0])
             b = old.bias.detach() if old.bias is not None else None
             new = nn.Linear(1, 1, bias=b is not None, device="meta")
-            new.weight = nn.Parameter(_shard_parts(w, parts, rank, world), requires_grad=False)
+            new.weight = nn.Parameter(_shard_parts(w, sizes, rank, world), requires_grad=False)
             new.in_features, new.out_features = w.shape[1], w.shape[0] // world
             if b is not None:
-                new.bias = nn.Parameter(_shard_parts(b, parts, rank, world), requires_grad=False)
+                new.bias = nn.Parameter(_shard_parts(b, sizes, rank, world), requires_grad=False)
         elif kind == "row":
             b = old.bias.detach() if old.bias is not None else None
             new = RowParallelLinear(_shard(w, 1, rank, world), b, group)
         elif kind == "vocab":
             new = VocabParallelEmbedding(_shard(w, 0, rank, world), rank * (w.shape[0] // world), group)
         else:
-            new = VocabParallelHead(_shard(w, 0, rank, world), world, group)
+            b = old.bias.detach() if old.bias is not None else None
+            new = VocabParallelHead(_shard(w, 0, rank, world), None if b is None else _shard(b, 0, rank, world),
+                                    world, group)
         setattr(parent, leaf, new)
     for m in model.modules():
         # The tokenizer's attention stays replicated; only sharded blocks lose heads.
-        if isinstance(m, Attention) and isinstance(m.wo, RowParallelLinear):
+        if isinstance(m, (Attention, LlamaAttention)) and isinstance(m.wo, RowParallelLinear):
             m.heads = m.heads // world
+            if isinstance(m, LlamaAttention):
+                m.kv_heads = m.kv_heads // world
     return model
 
 
@@ -440,8 +477,10 @@ def collectives_per_step(cfg: ModelConfig, rows: int, tp: int, dtype: torch.dtyp
     """
     d = cfg.decoder
     elt = torch.empty((), dtype=dtype).element_size()
-    per_layer = 3 if d.cross_attention else 2  # self-attn wo, (cross wo), fc2
-    n_reduce = d.layers * per_layer + 1  # + the vocab-parallel token embedding
+    per_layer = 3 if d.cross_attention else 2  # self-attn wo, (cross wo), fc2 / w2
+    # + the vocab-parallel image-token table (Janus embeds image tokens through a replicated one).
+    table = not isinstance(d, LlamaDecoderConfig) or d.image_embed == "table"
+    n_reduce = d.layers * per_layer + int(table)
     if tp == 1:
         return {"all_reduce": 0, "all_reduce_bytes": 0, "all_gather": 0, "all_gather_bytes": 0}
     return {"all_reduce": n_reduce, "all_reduce_bytes": n_reduce * rows * d.width * elt,

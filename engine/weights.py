@@ -30,13 +30,15 @@ from safetensors.torch import save_file
 
 from vqim.kernels import SamplingParams
 
-from .config import ModelConfig, dtype_from_name
+from .config import CNNVQConfig, DecoderConfig, ModelConfig, dtype_from_name
 from .config import short_repr as _short
 from .models import VQIMModel
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.model"
+# A prompt in the decoder's sequence (Janus-Pro): Hugging Face's fast tokenizer file.
+HF_TOKENIZER_NAME = "tokenizer.json"
 # Size limits of what is read whole. A config.json is ~1 KB; a safetensors header ~100 bytes a
 # tensor (parti-20b's is ~60 KB); a sentencepiece model of 2**20 pieces is ~20 MB.
 MAX_JSON_BYTES = 1 << 20
@@ -238,10 +240,13 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch
     ~4 ms a block, so a config.json asking for 1024-layer stacks would cost tens of seconds
     before its first check against the weights; this costs milliseconds.
     """
-    one = dataclasses.replace(
-        cfg, vqgan=dataclasses.replace(cfg.vqgan, layers=1),
-        text=None if cfg.text is None else dataclasses.replace(cfg.text, layers=1),
-        decoder=None if cfg.decoder is None else dataclasses.replace(cfg.decoder, layers=1, conv_layers=None))
+    def one_layer(c):
+        if c is None or isinstance(c, CNNVQConfig):  # the CNN VQ's depth is its channel_mult: no stack
+            return c
+        return dataclasses.replace(c, layers=1, **({"conv_layers": None} if isinstance(c, DecoderConfig) else {}))
+
+    one = dataclasses.replace(cfg, vqgan=one_layer(cfg.vqgan), text=one_layer(cfg.text),
+                              decoder=one_layer(cfg.decoder))
     out = {}
     for name, t in build_model(one, "meta").state_dict().items():
         spec = (tuple(t.shape), t.dtype)
@@ -369,9 +374,10 @@ def load_generation_defaults(model_dir: str | Path) -> dict:
 
 
 def save_pretrained(model: VQIMModel, model_dir: str | Path, tokenizer_model: str | Path | bytes | None = None,
-                    generation: dict | None = None) -> Path:
+                    generation: dict | None = None, tokenizer_json: bytes | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and (if given) ``tokenizer.model`` (a path,
-    or the model's bytes) and the recommended sampling settings ``generation.json``.
+    or the model's bytes), ``tokenizer.json`` (a prompt model's: required for one) and the
+    recommended sampling settings ``generation.json``.
 
     The config's dtype is set to the weights' dtype so the directory loads as saved; with a
     ``tokenizer_model`` the text config records ``tokenizer: sentencepiece`` so a directory that
@@ -391,6 +397,9 @@ def save_pretrained(model: VQIMModel, model_dir: str | Path, tokenizer_model: st
     elif cfg["text"] is not None and cfg["text"]["tokenizer"] == "sentencepiece":
         raise ValueError(f"tokenizer_model: {model.cfg.name}'s text encoder reads sentencepiece ids "
                          "(text.tokenizer); pass the tokenizer.model it was trained with")
+    if (tokenizer_json is None) != (model.cfg.prompt is None):
+        raise ValueError(f"tokenizer_json: {model.cfg.name} {'needs' if model.cfg.prompt else 'has no use for'} the "
+                         f"{HF_TOKENIZER_NAME} its prompt is tokenized with")
     gen = check_generation_defaults(generation, "generation") if generation else None
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     dtypes = {v.dtype for v in state.values()}
@@ -402,9 +411,11 @@ def save_pretrained(model: VQIMModel, model_dir: str | Path, tokenizer_model: st
     atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
     if proto is not None:
         atomic_write(out / TOKENIZER_NAME, lambda p: Path(p).write_bytes(proto))
+    if tokenizer_json is not None:
+        atomic_write(out / HF_TOKENIZER_NAME, lambda p: Path(p).write_bytes(tokenizer_json))
     if gen is not None:
         atomic_write(out / GENERATION_NAME, lambda p: Path(p).write_text(json.dumps(gen, indent=2) + "\n"))
-    for name, new in ((TOKENIZER_NAME, proto), (GENERATION_NAME, gen)):
+    for name, new in ((TOKENIZER_NAME, proto), (HF_TOKENIZER_NAME, tokenizer_json), (GENERATION_NAME, gen)):
         if new is None and os.path.lexists(out / name):
             os.unlink(out / name)
             _fsync(out)

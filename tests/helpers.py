@@ -90,18 +90,17 @@ def raster_reference(dec, rows, guided: bool, seeds: torch.Tensor, **settings) -
     oracle the engine's decode loop is checked against; it shares none of the loop's code."""
     from vqim import kernels as K
 
-    prefix, memory, mask = rows
+    prefix, memory, mask, prefix_len = rows
     r = prefix.shape[0]
     b = r // 2 if guided else r
     cfg = dec.cfg
     state = dec.new_state(r, memory, mask)
-    logits = dec.prefill(state, prefix)  # (R, V)
+    logits = dec.prefill(state, prefix, prefix_len)  # (R, V)
     out = []
     for i in range(cfg.num_tokens):
         if i:
             fed = out[-1].clamp_min(0)
-            logits = dec.decode_step(state, torch.cat([fed, fed]) if guided else fed,
-                                     torch.full((r,), cfg.prefix + i - 1, dtype=torch.long))
+            logits = dec.decode_step(state, torch.cat([fed, fed]) if guided else fed, prefix_len + i - 1)
         out.append(K.cfg_sample_ref(logits[:b], logits[b:] if guided else None, seed=seeds, step=i, validate=False,
                                     **settings))
     return torch.stack(out, 1)  # (B, n)

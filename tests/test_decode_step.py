@@ -255,9 +255,9 @@ def test_int8_engine_halves_the_weight_bytes_and_keeps_the_tokens():
     tokens = full.generate_codes(prompts, seed=0, top_k=1, cfg_scale=1.0).view(len(prompts), -1)  # (8, n)
     agree = total = 0
     for eng_q, eng_f in ((q8, full),):
-        prefix, memory, mask = condition(eng_f.model, eng_f.tokenizer, prompts)
+        prefix, memory, mask, _ = condition(eng_f.model, eng_f.tokenizer, prompts)
         want = eng_f.model.decoder(prefix, tokens[:, :-1], memory, mask).argmax(-1)  # (8, n)
-        prefix, memory, mask = condition(eng_q.model, eng_q.tokenizer, prompts)
+        prefix, memory, mask, _ = condition(eng_q.model, eng_q.tokenizer, prompts)
         got = eng_q.model.decoder(prefix, tokens[:, :-1], memory, mask).argmax(-1)
         agree += int((got == want).sum())
         total += want.numel()

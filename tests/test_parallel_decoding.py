@@ -17,6 +17,8 @@ from vqim import kernels as K
 from vqim.engine import Engine
 from vqim.engine.config import DecoderConfig
 from vqim.engine.entrypoints.cli import main as cli_main
+from vqim.engine.config import LlamaDecoderConfig
+from vqim.engine.llama import LlamaDecoder
 from vqim.engine.models import ARDecoder
 from vqim.engine.parallel import wavefront_unsupported
 from vqim.engine.requests import Request, Rows
@@ -41,11 +43,25 @@ def _decoder(seed: int = 0, std: float = 0.3, **cfg) -> ARDecoder:
     return dec
 
 
+def _llama_decoder(seed: int = 0, std: float = 0.3, **cfg) -> LlamaDecoder:
+    """LlamaGen's decoder shape (2D RoPE, grouped-query attention, every layer causal), class-conditional."""
+    base = dict(vocab_size=32, grid_h=5, grid_w=7, width=32, layers=2, heads=2, kv_heads=1, mlp_dim=64, rope="2d",
+                num_classes=3)
+    dec = LlamaDecoder(LlamaDecoderConfig(**{**base, **cfg})).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    dec.fuse()
+    return dec
+
+
 def _scheduler(dec: ARDecoder, rows: int) -> Scheduler:
     """The engine's decode loop over a bare class-conditional decoder with ``rows`` rows."""
     cfg = dec.cfg
     return Scheduler(lambda: ModelRunner(dec, max_rows=rows, device=torch.device("cpu"), text=None),
-                     lambda conds: Rows(torch.tensor(conds)[:, None], None, None), num_tokens=cfg.num_tokens,
+                     lambda conds: Rows(torch.tensor(conds)[:, None], None, None, torch.ones(len(conds), dtype=torch.long)),
+                     num_tokens=cfg.num_tokens,
                      grid=(cfg.grid_h, cfg.grid_w), max_rows=rows, max_queue=10 ** 6)
 
 
@@ -76,7 +92,8 @@ def _reference(dec: ARDecoder, classes: list[int], guided: bool, seed: int = 0, 
     """Raster order by a plain loop (tests/helpers.py), independent of the engine's loop."""
     every = classes + ([dec.null_prefix] * len(classes) if guided else [])
     settings = {"cfg_scale": 3.0, **settings}
-    return raster_reference(dec, Rows(torch.tensor(every)[:, None], None, None), guided,
+    return raster_reference(dec, Rows(torch.tensor(every)[:, None], None, None, torch.ones(len(every), dtype=torch.long)),
+                            guided,
                             torch.arange(len(classes)) + seed, **settings)
 
 
@@ -275,8 +292,7 @@ def test_parallel_decodings_take_timeouts_and_cancels():
 
 def test_sjd_greedy_is_raster_greedy():
     """At temperature 0 every draft is checked against the argmax: Jacobi decoding, exact."""
-    for conv_layers in (None, (1,)):
-        dec = _decoder(conv_layers=conv_layers)
+    for dec in (_decoder(conv_layers=None), _decoder(conv_layers=(1,)), _llama_decoder()):
         got, stats = _decode(dec, [0, 1, 2], True, decoding="sjd", window=6, temperature=0.0, cfg_scale=2.0)
         assert torch.equal(got, _reference(dec, [0, 1, 2], True, temperature=0.0, cfg_scale=2.0))
         assert stats.passes < 3 * dec.cfg.num_tokens
@@ -324,13 +340,15 @@ def _statistics_p(x: torch.Tensor, y: torch.Tensor, vocab: int) -> list[float]:
     return ps
 
 
-def test_sjd_samples_the_raster_distribution():
+@pytest.mark.parametrize("family", ["parti", "llama"])
+def test_sjd_samples_the_raster_distribution(family):
     """Chi-square tests of each position's token marginal and each adjacent pair's joint, SJD
     against raster sampling, 3000 images each of a small model with peaked, context-dependent
     logits (guided, top-k), the SJD and raster requests sharing the loop's steps: none rejects at
     a Bonferroni-corrected 1e-3. The same tests tell raster at temperature 1.0 from raster at
-    0.8 (p < 1e-6): they can see a difference that size."""
-    dec = _decoder(seed=7, std=0.5, vocab_size=6, grid_h=3, grid_w=3, layers=2, conv_layers=(0,))
+    0.8 (p < 1e-6): they can see a difference that size. For Parti's block and LlamaGen's."""
+    small = dict(seed=7, std=0.5, vocab_size=6, grid_h=3, grid_w=3, layers=2)
+    dec = _decoder(**small, conv_layers=(0,)) if family == "parti" else _llama_decoder(**small)
     n = 3000
     classes = [i % 3 for i in range(n)]
     settings = dict(cfg_scale=1.5, temperature=1.0, top_k=5)

@@ -13,13 +13,15 @@ from vqim.kernels import _ext, _registry, _triton, codebook_lookup, registered, 
 
 def test_every_public_op_has_all_backends():
     """Every op has its reference and its Triton kernel, and a CUDA twin where csrc has one
-    (conv_attention's forward/backward, add_layer_norm and int8_linear are Triton-only; the
-    decode step has a twin, whose cache-writing form writes with torch first)."""
+    (conv_attention's forward/backward, add_layer_norm, int8_linear and the Llama decoder's
+    add_rms_norm and rope_decode_attention are Triton-only; the decode step has a twin, whose
+    cache-writing form writes with torch first)."""
     ops = {op: registered(op) for op in _registry._IMPLS}
     cuda_twins = {"codebook_lookup", "cfg_sample", "conv_decode_attention", "conv_decode_attention_write",
                   "adafactor8_step", "adafactor8_sumsq", "adafactor8_row_col_sums", "adafactor8_factors",
                   "adafactor8_full_factors"}
-    assert set(ops) == cuda_twins | {"conv_attention", "add_layer_norm", "int8_linear"}
+    assert set(ops) == cuda_twins | {"conv_attention", "add_layer_norm", "int8_linear", "add_rms_norm",
+                                     "rope_decode_attention"}
     for op, backends in ops.items():
         want = ("cuda", "torch", "triton") if op in cuda_twins else ("torch", "triton")
         assert backends == want, op

@@ -321,7 +321,7 @@ def test_completion_keeps_the_top_rows_and_samples_the_rest_from_the_model(t2i):
     assert_equal(t2i.generate_codes(["a red circle"], seed=7, cfg_scale=2.0, image=image, keep=kept)[0], out)
     dec = t2i.model.decoder
     n = dec.cfg.num_tokens
-    prefix, memory, mask = condition(t2i.model, t2i.tokenizer, ["a red circle", ""])
+    prefix, memory, mask, _ = condition(t2i.model, t2i.tokenizer, ["a red circle", ""])
     logits = dec(prefix, out.view(1, -1).repeat(2, 1)[:, : n - 1], memory, mask)  # (2, n, V)
     start = kept * dec.cfg.grid_w
     for t in range(start, n):

@@ -502,7 +502,7 @@ class _FailingEngine:
     """An engine stand-in whose every request fails with ``error``."""
 
     cfg = types.SimpleNamespace(name="stub", vqgan=types.SimpleNamespace(image_size=64),
-                                decoder=types.SimpleNamespace(grid_h=16))
+                                decoder=types.SimpleNamespace(grid_h=16), is_text_to_image=True)
     model = types.SimpleNamespace(superres=None)
     max_queue = 8
 
@@ -687,3 +687,37 @@ def test_beyond_loopback_without_a_key_warns():
     assert r.returncode == 1, r.stderr
     assert lines[0].startswith("vqim: warning: serving on 192.0.2.1, beyond this machine, with no API key"), lines
     assert lines[1].startswith("vqim: error: cannot listen on 192.0.2.1:") and len(lines) == 2, lines
+
+
+def test_public_model_families_are_served(one_torch_thread):
+    """A Janus-shaped text model and a LlamaGen-shaped class-conditional one behind the same API:
+    the images are the engine's; a class model takes ``class_id`` (or its decimal form as the
+    prompt, what OpenAI's client can send), and each misuse is a 400 naming the field."""
+    from vqim.engine import Engine
+
+    for preset, body, call in (("tiny-janus", {"prompt": "a red circle"}, {"prompts": ["a red circle"]}),
+                               ("tiny-llamagen", {"class_id": 3}, {"class_ids": [3]})):
+        s = _start("--preset", preset)
+        try:
+            status, _, raw = s.generate(**body, seed=7)
+            assert status == 200, raw
+            got = _png(json.loads(raw)["data"][0]["b64_json"])
+            eng = Engine.from_preset(preset, device="cpu")
+            try:
+                want = eng.generate(**call, seed=7)[0]
+            finally:
+                eng.close()
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+            if preset == "tiny-llamagen":
+                status, _, again = s.generate(prompt="3", seed=7)
+                assert status == 200 and json.loads(again)["data"] == json.loads(raw)["data"]
+                for bad, param in (({"prompt": "a dog"}, "prompt"), ({"class_id": 10}, "class_id"), ({}, "class_id"),
+                                   ({"prompt": "4", "class_id": 3}, "class_id"),
+                                   ({"class_id": 3, "negative_prompt": "x"}, "negative_prompt")):
+                    status, _, raw = s.generate(**bad)
+                    _assert_error(status, raw, 400, param)
+            else:
+                status, _, raw = s.generate(prompt="a red circle", class_id=3)
+                _assert_error(status, raw, 400, "class_id")
+        finally:
+            _stop(s)

@@ -41,7 +41,11 @@ from vqim.engine.requests import Rows, condition
 from vqim.engine.weights import build_model, save_pretrained
 
 WORLD = 2
-CONDS = {"tiny-vim": {"class_ids": [3, 7]}, "tiny-t2i": {"prompts": ["a red circle", "two blue squares"]}}
+CONDS = {"tiny-vim": {"class_ids": [3, 7]}, "tiny-t2i": {"prompts": ["a red circle", "two blue squares"]},
+         # The Llama decoders of the public models: grouped-query attention (4 heads over 2 K/V
+         # heads, split 2 + 1 per rank), the prompt in the sequence, rows of unequal prefix length.
+         "tiny-janus": {"prompts": ["a red circle", "two blue squares on a white table"]},
+         "tiny-llamagen": {"class_ids": [3, 7]}}
 # Greedy is top_k = 1; the sampled case uses guidance, temperature and nucleus filtering.
 RUNS = {
     "greedy": dict(num_images=2, cfg_scale=2.0, top_k=1, seed=0),
@@ -58,11 +62,11 @@ def _stepwise_logits(eng: Engine, name: str, tokens: torch.Tensor) -> torch.Tens
     """Unguided cached decode fed ``tokens [B, n]``: logits ``[B, n, V]`` from prefill and every step."""
     dec = eng.model.decoder
     cfg = dec.cfg
-    prefix, memory, mask = _rows(eng, name)  # (B, 1), (B, L, W), (B, L)
+    prefix, memory, mask, prefix_len = _rows(eng, name)  # (B, P), (B, L, W), (B, L), (B,)
     with torch.no_grad():
         state = dec.new_state(prefix.shape[0], memory, mask)
-        out = [dec.prefill(state, prefix)]
-        pos = torch.full((1,), cfg.prefix, dtype=torch.long)
+        out = [dec.prefill(state, prefix, prefix_len)]
+        pos = prefix_len.clone()  # (B,): each row's first image position
         for i in range(1, cfg.num_tokens):
             out.append(dec.decode_step(state, tokens[:, i - 1], pos))
             pos += 1
@@ -86,6 +90,39 @@ def _conv_decode_attention64(q, k_cache, v_cache, pos, *, grid, kernel, prefix, 
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[:, None, None, :])
 
 
+def _rms_norm64(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _add_rms_norm64(x, delta, weight, *, eps):
+    s = x + delta
+    return s, _rms_norm64(s, weight, eps)
+
+
+def _rope64(x, cos, sin, *, interleaved):
+    """The rotation by its definition in x's dtype (the kernels' references round through fp32)."""
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+
+
+def _rope_decode_attention64(q, k_cache, v_cache, pos, k_new, v_new, cos, sin, *, interleaved, scale=None,
+                             validate=True, backend=None):
+    rows = torch.arange(q.shape[0])
+    c, s = cos[pos][:, None, None], sin[pos][:, None, None]  # (B, 1, 1, Dh/2)
+    k_cache[rows, :, pos] = _rope64(k_new, c, s, interleaved=interleaved)[:, :, 0]  # (B, Hkv, Dh)
+    v_cache[rows, :, pos] = v_new[:, :, 0]
+    g = q.shape[1] // k_cache.shape[1]
+    keys = k_cache.repeat_interleave(g, dim=1)  # (B, H, S, Dh)
+    values = v_cache.repeat_interleave(g, dim=1)
+    seen = torch.arange(k_cache.shape[2]) <= pos[:, None]  # (B, S)
+    return F.scaled_dot_product_attention(_rope64(q, c, s, interleaved=interleaved), keys, values,
+                                          attn_mask=seen[:, None, None, :])
+
+
 def _first_images(codes: torch.Tensor, num_images: int) -> torch.Tensor:
     return codes.view(codes.shape[0], -1)[::num_images]  # (B, n): image 0 of each request
 
@@ -106,7 +143,7 @@ def _worker(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
         # One decode step at its real width, collectives counted by the TP layers.
         b = tokens.shape[0]
         dec = eng.model.decoder
-        _, memory, mask = _rows(eng, name)
+        _, memory, mask, _ = _rows(eng, name)
         with torch.no_grad():
             state = dec.new_state(b, memory, mask)
             with TP.count_collectives() as st:
@@ -227,6 +264,10 @@ def test_tp2_logits_every_step_within_fp32_error(runs, name, monkeypatch):
         m.setattr(K, "conv_attention", _conv_attention64)
         m.setattr(K, "conv_decode_attention", _conv_decode_attention64)
         m.setattr(K, "add_layer_norm", K.add_layer_norm_ref)  # the definition, in any dtype
+        m.setattr(K, "rms_norm_ref", _rms_norm64)
+        m.setattr(K, "add_rms_norm", _add_rms_norm64)
+        m.setattr(K, "apply_rope_ref", _rope64)
+        m.setattr(K, "rope_decode_attention", _rope_decode_attention64)
         # Engine refuses float64 (the kernels do not take it); the reference model is cast after loading.
         eng64 = Engine.from_pretrained(dirs[name], device="cpu")
         eng64.model.double()

@@ -1,9 +1,10 @@
-"""The inference commands of ``vqim``: ``generate``, ``encode``, ``decode``, ``bench``, ``serve``.
+"""The inference commands of ``vqim``: ``generate``, ``edit``, ``encode``, ``decode``, ``bench``, ``convert``,
+``serve``.
 
 The engine knows nothing of training: :mod:`vqim.train.main` is the installed ``vqim`` command,
 built on :func:`add_commands`, :func:`add_model_args`, :func:`engine_from_args` and :func:`run`
 from here, and adds ``eval shapes`` and ``train ...``. ``python -m vqim.engine.entrypoints.cli`` runs these
-five commands alone (``torchrun --nproc-per-node N -m vqim.engine.entrypoints.cli generate ...``).
+commands alone (``torchrun --nproc-per-node N -m vqim.engine.entrypoints.cli generate ...``).
 
 Every command takes the model as ``--model DIR`` (a model directory) or ``--preset NAME``
 (random weights of a named shape); with neither, the bundled demo model. Bad input exits with
@@ -248,6 +249,16 @@ SERVE_EXTRA = "vqim serve needs the serve extra: pip install 'vqim[serve]'"
 _SERVE_PACKAGES = {"fastapi", "uvicorn", "starlette", "pydantic"}
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from ..convert import convert_janus, convert_llamagen
+
+    if args.family == "janus":
+        out = convert_janus(args.source, args.output, max_prompt_len=args.max_prompt_len)
+    else:
+        out = convert_llamagen(args.gpt, args.vq, args.size, args.output)
+    print(f"wrote {out}")
+
+
 def _import_serve():
     """:mod:`.serve`, or ValueError(SERVE_EXTRA) where its packages are not installed (imported
     here, not at the top, so the other commands need neither fastapi nor uvicorn)."""
@@ -293,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``generate``, ``edit``, ``encode``, ``decode``, ``bench`` and ``serve`` to ``sub`` (each sets ``func``,
+    """Add ``generate``, ``edit``, ``encode``, ``decode``, ``bench``, ``convert`` and ``serve`` to ``sub`` (each sets ``func``,
     run by :func:`run`)."""
     g = sub.add_parser("generate", help="text (or class) -> image(s)")
     g.add_argument("prompt", nargs="*", help="text prompt(s); none for class-conditional/unconditional models")
@@ -351,6 +362,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--cfg", type=float, default=SamplingParams.cfg_scale, help="guidance scale of the timed steps")
     add_model_args(b)
     b.set_defaults(func=_bench)
+
+    c = sub.add_parser("convert", help="public weights (Janus-Pro, LlamaGen) -> a vqim model directory",
+                       description="Converts a public checkpoint into a model directory that --model loads.")
+    fam = c.add_subparsers(dest="family", required=True)
+    cj = fam.add_parser("janus", help="a transformers Janus(-Pro) directory (config.json, *.safetensors, tokenizer.json)")
+    cj.add_argument("source", help="the Hugging Face directory, e.g. a download of deepseek-community/Janus-Pro-1B")
+    cj.add_argument("output", help="the vqim model directory to write")
+    cj.add_argument("--max-prompt-len", type=int, default=128,
+                    help="longest prompt in tokens, chat template included (longer prompts are cut, with a warning)")
+    cj.set_defaults(func=_convert)
+    cl = fam.add_parser("llamagen", help="a LlamaGen class-conditional GPT and its VQ-16 (release .pt files)")
+    cl.add_argument("output", help="the vqim model directory to write")
+    cl.add_argument("--gpt", required=True, help="the GPT checkpoint, e.g. c2i_XL_384.pt")
+    cl.add_argument("--vq", required=True, help="the VQ checkpoint, vq_ds16_c2i.pt")
+    cl.add_argument("--size", type=int, required=True, help="image size the GPT was trained at: 256 or 384")
+    cl.set_defaults(func=_convert)
 
     s = sub.add_parser("serve", help="HTTP server: POST /v1/images/generations (OpenAI's images API shape)",
                        description="Serves the model over HTTP (needs the serve extra: pip install 'vqim[serve]').")

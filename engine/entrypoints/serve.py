@@ -5,7 +5,9 @@ Endpoints (JSON; every error in OpenAI's shape ``{"error": {"message", "type", "
 - ``POST /v1/images/generations``: ``{"prompt": str, "n": 1, "size": "WxH", "response_format":
   "b64_json", "seed", "guidance_scale", "negative_prompt", "temperature", "top_k", "top_p",
   "min_p", "model", "stream": false}`` -> ``{"created": unix time, "data": [{"b64_json": PNG}, ...]}``.
-  Only ``prompt`` is required; ``size`` may only be the model's own (``"64x64"`` for the demo
+  A text model requires ``prompt``; a class-conditional one (LlamaGen) takes ``"class_id"`` (an
+  extension field), or a ``prompt`` that is the class id's decimal form (``"207"``: what an
+  OpenAI client, which always sends a prompt, can say); ``size`` may only be the model's own (``"64x64"`` for the demo
   model) or, for a model with a super-resolution module, its upscaled size (``"256x256"``:
   the images pass through it), ``response_format`` only ``"b64_json"`` (no files are hosted), ``model`` only the
   served model's name, ``guidance_scale`` is the engine's ``cfg_scale``; a setting left out takes
@@ -74,8 +76,8 @@ _PARTIALS = 8
 # Where a partial image's rows are not drawn yet.
 _GRAY = (128, 128, 128)
 # Request fields whose engine argument is named otherwise (engine errors are renamed for the client).
-_ENGINE_NAMES = {"cfg_scale": "guidance_scale", "num_images": "n", "prompts": "prompt"}
-_PARAMS = ("prompt", "n", "seed", "negative_prompt", "guidance_scale", "temperature", "top_k", "top_p", "min_p",
+_ENGINE_NAMES = {"cfg_scale": "guidance_scale", "num_images": "n", "prompts": "prompt", "class_ids": "class_id"}
+_PARAMS = ("prompt", "class_id", "n", "seed", "negative_prompt", "guidance_scale", "temperature", "top_k", "top_p", "min_p",
            "decoding", "sjd_window", "candidates")
 
 
@@ -104,7 +106,8 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str
+    prompt: str | None = None
+    class_id: int | None = None
     n: int = 1
     size: str | None = None
     response_format: str = "b64_json"
@@ -370,13 +373,48 @@ def _engine_kwargs(body: ImageGenerationRequest, engine, limits: Limits) -> dict
         if text is not None and len(text) > limits.max_prompt_chars:
             raise APIError(400, f"{name} must be at most {limits.max_prompt_chars} characters, got {len(text)}",
                            param=name, code="invalid_value")
-    if not body.prompt.strip():
-        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
     sampling = {"cfg_scale": body.guidance_scale, "temperature": body.temperature, "top_k": body.top_k,
                 "top_p": body.top_p, "min_p": body.min_p}
-    return {"prompts": body.prompt, "num_images": body.n, "seed": body.seed, "negative_prompt": body.negative_prompt,
-            "timeout": limits.timeout, "decoding": body.decoding, "sjd_window": body.sjd_window,
-            **{k: v for k, v in sampling.items() if v is not None}}
+    return {**_condition(body, engine), "num_images": body.n, "seed": body.seed,
+            "negative_prompt": body.negative_prompt, "timeout": limits.timeout, "decoding": body.decoding,
+            "sjd_window": body.sjd_window, **{k: v for k, v in sampling.items() if v is not None}}
+
+
+def _condition(body: ImageGenerationRequest, engine) -> dict:
+    """What a request draws: a text model's ``prompt``; a class-conditional model's class, from
+    ``class_id`` (vqim's extension field) or from ``prompt`` holding its decimal form, so that
+    clients that always send a prompt (OpenAI's) can ask for a class; an unconditional model's
+    nothing."""
+    cfg = engine.cfg
+    if cfg.is_text_to_image:
+        if body.class_id is not None:
+            raise APIError(400, f"class_id is for class-conditional models; {cfg.name} takes a prompt",
+                           param="class_id", code="invalid_value")
+        if body.prompt is None or not body.prompt.strip():
+            raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+        return {"prompts": body.prompt}
+    classes = cfg.decoder.num_classes
+    if classes == 0:
+        if body.class_id is not None or (body.prompt or "").strip():
+            raise APIError(400, f"{cfg.name} is unconditional: leave out prompt and class_id", param="prompt",
+                           code="invalid_value")
+        return {"prompts": None}
+    cid = body.class_id
+    if body.prompt is not None and body.prompt.strip():
+        text = body.prompt.strip()
+        if not re.fullmatch(r"[0-9]{1,7}", text):
+            raise APIError(400, f"{cfg.name} is class-conditional: give class_id (an int in [0, {classes})), or a "
+                           f"prompt that is one, got prompt {body.prompt[:40]!r}", param="prompt", code="invalid_value")
+        if cid is not None and cid != int(text):
+            raise APIError(400, f"prompt {text!r} and class_id {cid} name different classes", param="class_id",
+                           code="invalid_value")
+        cid = int(text)
+    if cid is None:
+        raise APIError(400, f"class_id is required: {cfg.name} draws ImageNet-style classes, an int in [0, {classes})",
+                       param="class_id", code="invalid_value")
+    if not 0 <= cid < classes:
+        raise APIError(400, f"class_id must be in [0, {classes}), got {cid}", param="class_id", code="invalid_value")
+    return {"prompts": None, "class_ids": [cid]}
 
 
 def _sizes(engine) -> dict[str, bool]:
@@ -540,8 +578,6 @@ def _engine(args: argparse.Namespace):
     """The engine of the model flags (:mod:`.factory`), with the server's queue and batch sizes."""
     eng = engine_from_args(args, max_queue=args.max_queue, max_batch_size=args.max_batch_size)
     eng.cfg.require_decoder("vqim serve")
-    if not eng.cfg.is_text_to_image:
-        raise ValueError(f"{eng.cfg.name} takes class ids, not prompts; vqim serve serves text-to-image models")
     return eng
 
 

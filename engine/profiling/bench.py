@@ -25,20 +25,26 @@ from ..runner import ModelRunner, Slot
 from .timing import H100_HBM_BYTES_PER_S, timeit
 
 
-def step_bytes(engine: Engine, rows: int, pos: int, text_len: int) -> int:
+def step_bytes(engine: Engine, pos: torch.Tensor, text_len: int) -> int:
     """HBM bytes one decode step must read: decoder weights (:func:`decoder_step_weight_bytes`:
-    int8 where quantized) + the self-attention K/V its queries see + the cross-attention K/V."""
+    int8 where quantized) + the self-attention K/V each row's query sees (``pos [rows]``: each
+    row's query position; a conv-masked layer reads its window, a causal one every earlier
+    position; grouped-query attention's K/V heads only) + the cross-attention K/V."""
     dec = engine.model.decoder
     cfg = dec.cfg
     weight = decoder_step_weight_bytes(dec)
-    elt = dec.tok_embed.weight.element_size()
-    per_key = rows * cfg.width * 2 * elt  # K and V of one position, all heads, all rows
-    conv_keys = int(K.conv_mask_ref((cfg.grid_h, cfg.grid_w), cfg.conv_kernel, cfg.prefix, seq_len=pos + 1)[pos].sum())
+    elt = torch.empty((), dtype=dec.dtype).element_size()
+    per_key = getattr(cfg, "kv_heads", cfg.heads) * cfg.head_dim * 2 * elt  # K and V of one position, one row
     kv = 0
-    for layer in range(cfg.layers):
-        kv += per_key * (conv_keys if cfg.uses_conv(layer) else pos + 1)
-        if cfg.cross_attention:
-            kv += per_key * text_len
+    for p in pos.tolist():
+        conv_keys = 0
+        if any(cfg.uses_conv(layer) for layer in range(cfg.layers)):
+            grid = (cfg.grid_h, cfg.grid_w)
+            conv_keys = int(K.conv_mask_ref(grid, cfg.conv_kernel, cfg.prefix, seq_len=p + 1)[p].sum())
+        for layer in range(cfg.layers):
+            kv += per_key * (conv_keys if cfg.uses_conv(layer) else p + 1)
+            if cfg.cross_attention:
+                kv += cfg.width * 2 * elt * text_len
     return weight + kv
 
 
@@ -61,13 +67,12 @@ def prepared_runner(engine: Engine, batch: int, *, cfg_scale: float, step: int,
     runner = ModelRunner(dec, max_rows=rows, device=engine.device, text=text, ring=engine.kv_cache == "ring",
                          compile=engine.compiled, use_cuda_graph=use_cuda_graph)
     with torch.no_grad():
-        prefix, memory, mask = condition(engine.model, engine.tokenizer, conds,
-                                         pad_to=None if cfg.text is None else cfg.text.max_len)
-        runner.prefill(list(range(rows)), prefix, memory, mask)
+        pad = cfg.text.max_len if cfg.text is not None else (cfg.prompt.max_len if cfg.prompt is not None else None)
+        runner.prefill(list(range(rows)), *condition(engine.model, engine.tokenizer, conds, pad_to=pad))
     params = K.SamplingParams(cfg_scale=cfg_scale)
     slots = [Slot(i, i + batch if guided else i, i, step, params) for i in range(batch)]
     runner.set_slots(slots, list(range(rows)))
-    runner.pos[:rows] = dec.cfg.prefix + step - 1
+    runner.pos[:rows] = runner.prefix_len[:rows] + step - 1
     return runner, rows
 
 
@@ -92,8 +97,7 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = K.SamplingPar
         with K.use_backend(eng.backend):
             runner, rows = prepared_runner(eng, batch, cfg_scale=cfg_scale, step=step,
                                            use_cuda_graph=mode == "graph")
-            pos_int = cfg.prefix + step
-            nbytes = step_bytes(engine, rows, pos_int, text_len)
+            nbytes = step_bytes(engine, runner.pos[:rows], text_len)
             t_step = timeit(lambda: runner.raster_step(rows), device=dev, warmup=3, iters=step_iters)
 
         def image():
@@ -104,7 +108,7 @@ def bench_engine(engine: Engine, batch: int, *, cfg_scale: float = K.SamplingPar
         eng.close()
         roof_ms = nbytes / H100_HBM_BYTES_PER_S * 1e3
         out.append({
-            "preset": engine.cfg.name, "dtype": str(dec.tok_embed.weight.dtype).replace("torch.", ""),
+            "preset": engine.cfg.name, "dtype": str(dec.dtype).replace("torch.", ""),
             "batch": batch, "rows": rows, "mode": mode,
             "step_ms": t_step["ms"], "step_p20": t_step["p20"], "step_p80": t_step["p80"],
             "tok_per_s": batch / t_step["ms"] * 1e3,

@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..llama import LlamaDecoder
+
 _aten = torch.ops.aten
 # Not views by schema, but no kernel either.
 _NO_KERNEL = {_aten._unsafe_view.default, _aten.empty.memory_format, _aten.empty_strided.default,
@@ -78,16 +80,25 @@ def compiled_launches(fn: Callable, *args) -> Counter[str]:
     return calls
 
 
+def _first_norm(decoder, i: int):
+    """The norm before block ``i``'s attention (the final norm past the last block)."""
+    if i == len(decoder.blocks):
+        return decoder.norm
+    blk = decoder.blocks[i]
+    return blk.attn_norm if isinstance(decoder, LlamaDecoder) else blk.ln1
+
+
 def _block_inputs(decoder, token: torch.Tensor, pos: torch.Tensor) -> tuple:
     """Inputs of block 0's step of the decode step's shapes: ``(x, h, pos)``, ``pos [B]``."""
     x = torch.zeros(token.shape[0], 1, decoder.cfg.width, device=token.device,
-                    dtype=decoder.tok_embed.weight.dtype)  # (B, 1, W)
-    return x, decoder.blocks[0].ln1(x), pos.expand(token.shape[0]).contiguous()
+                    dtype=decoder.dtype)  # (B, 1, W)
+    return x, _first_norm(decoder, 0)(x), pos.expand(token.shape[0]).contiguous()
 
 
 def _block_step(decoder, state) -> Callable:
-    blk = decoder.blocks[0]
-    next_norm = decoder.blocks[1].ln1 if len(decoder.blocks) > 1 else decoder.norm
+    blk, next_norm = decoder.blocks[0], _first_norm(decoder, 1)
+    if isinstance(decoder, LlamaDecoder):
+        return lambda x, h, pos: blk.step(x, h, pos, state, 0, next_norm, decoder.rope_cos, decoder.rope_sin)
     return lambda x, h, pos: blk.step(x, h, pos, state, 0, next_norm)
 
 
