@@ -44,7 +44,8 @@ def test_entry_point_generate_writes_a_png(tmp_path):
 
 def test_generate_several_then_encode_and_decode(tmp_path, capsys):
     out = tmp_path / "img.png"
-    assert main(["generate", "a", "b", "-n", "2", "--preset", "tiny-t2i", "-o", str(out), "--seed", "1", "-q"]) == 0
+    assert main(["generate", "-p", "a", "-p", "b", "-n", "2", "--preset", "tiny-t2i", "-o", str(out), "--seed", "1",
+                 "-q"]) == 0
     paths = [tmp_path / f"img-{i}.png" for i in range(4)]
     arrays = [_valid_png(p) for p in paths]
     codes = tmp_path / "codes.npy"
@@ -53,6 +54,47 @@ def test_generate_several_then_encode_and_decode(tmp_path, capsys):
     assert c.shape == (4, 8, 8) and c.dtype == np.int64 and 0 <= c.min() and c.max() < 256
     assert main(["decode", str(codes), "--preset", "tiny-t2i", "-o", str(tmp_path / "dec.png")]) == 0
     assert _valid_png(tmp_path / "dec-3.png").shape == arrays[3].shape
+
+
+def test_prompt_forms_words_flags_and_file(tmp_path, capsys):
+    """Unquoted words are one prompt; -p/--prompt repeats; --prompts-file has one per line; the
+    forms add up in that order. Each image equals the one its prompt draws alone."""
+    def codes(argv, name):
+        out = tmp_path / f"{name}.png"
+        assert main(["generate", *argv, "--preset", "tiny-t2i", "--seed", "4", "-q", "-o", str(out)]) == 0
+        printed = capsys.readouterr().out.split()
+        return [np.asarray(Image.open(p)) for p in printed]
+
+    one = codes(["a red circle"], "quoted")
+    assert len(one) == 1
+    words = codes(["a", "red", "circle"], "words")
+    assert len(words) == 1 and np.array_equal(words[0], one[0])
+    blue = codes(["-p", "a blue square"], "blue")
+    flags = codes(["-p", "a red circle", "--prompt", "a blue square"], "flags")
+    assert len(flags) == 2 and np.array_equal(flags[0], one[0]) and np.array_equal(flags[1], blue[0])
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red circle\n\n  a blue square  \n")
+    from_file = codes(["--prompts-file", str(f)], "file")
+    assert len(from_file) == 2 and np.array_equal(from_file[1], blue[0])
+    mixed = codes(["a", "red", "circle", "-p", "a blue square", "--prompts-file", str(f)], "mixed")
+    assert len(mixed) == 4 and np.array_equal(mixed[0], one[0]) and np.array_equal(mixed[3], blue[0])
+    for content, want in ((b"\n \n", "no prompt in it"), (b"\xff\xfe", "not UTF-8")):
+        f.write_bytes(content)
+        assert main(["generate", "--prompts-file", str(f), "--preset", "tiny-t2i", "-q",
+                     "-o", str(tmp_path / "bad.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--prompts-file" in err and want in err, err
+    assert main(["generate", "--prompts-file", str(tmp_path / "none.txt"), "--preset", "tiny-t2i", "-q",
+                 "-o", str(tmp_path / "bad.png")]) == 2
+    assert "none.txt" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_generate_help_says_words_are_one_prompt(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ONE prompt" in out and "-p/--prompt" in out
 
 
 def test_class_conditional_generate(tmp_path):

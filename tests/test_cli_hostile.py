@@ -153,7 +153,7 @@ def test_output_under_a_file_exits_2(capsys, tmp_path, no_model):
 
 
 def test_non_utf8_prompt_in_process_exits_2(capsys, tmp_path):
-    line = _error_line(capsys, ["generate", "a", "b\udcff", "--preset", "tiny-t2i", "-q",
+    line = _error_line(capsys, ["generate", "-p", "a", "-p", "b\udcff", "--preset", "tiny-t2i", "-q",
                                 "-o", str(tmp_path / "x.png")])
     assert "prompts[1] is not valid Unicode" in line
 

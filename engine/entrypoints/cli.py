@@ -134,9 +134,36 @@ def _load_image(path: str) -> Image.Image:
     return im
 
 
+# A prompts file: at most this many bytes (a prompt per line).
+MAX_PROMPTS_FILE_BYTES = 16 * 1024 * 1024
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of ``vqim generate``: the words given without a flag are one prompt (the shell
+    splits an unquoted prompt into words, and each word as a prompt of its own was never what was
+    meant), then each ``-p/--prompt``, then each non-blank line of ``--prompts-file``."""
+    prompts = [" ".join(args.words)] if args.words else []
+    prompts += args.prompt or []
+    if args.prompts_file is not None:
+        with _open_input(args.prompts_file) as f:
+            raw = f.read(MAX_PROMPTS_FILE_BYTES + 1)
+        if len(raw) > MAX_PROMPTS_FILE_BYTES:
+            raise ValueError(f"--prompts-file {args.prompts_file}: over {MAX_PROMPTS_FILE_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts-file {args.prompts_file}: not UTF-8 text (byte {e.start})") from None
+        lines = [ln.strip() for ln in text.splitlines()]
+        if not any(lines):
+            raise ValueError(f"--prompts-file {args.prompts_file}: no prompt in it (one prompt per line)")
+        prompts += [ln for ln in lines if ln]
+    return prompts
+
+
 def _generate(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise ValueError(f"-n must be >= 1 (images per prompt), got {args.n}")
+    args.prompt = _prompts(args)
     requests = len(args.prompt) or len(args.class_id or [None])
     paths = _outputs(args.output, requests * args.n)
     fmt = _image_format(paths[0])
@@ -306,8 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``generate``, ``edit``, ``encode``, ``decode``, ``bench``, ``convert`` and ``serve`` to ``sub`` (each sets ``func``,
     run by :func:`run`)."""
-    g = sub.add_parser("generate", help="text (or class) -> image(s)")
-    g.add_argument("prompt", nargs="*", help="text prompt(s); none for class-conditional/unconditional models")
+    g = sub.add_parser("generate", help="text (or class) -> image(s)",
+                       description="The words given without a flag are ONE prompt, quoted or not (vqim generate a "
+                       "red circle == vqim generate \"a red circle\"); give several prompts with -p/--prompt, once "
+                       "per prompt, or --prompts-file.")
+    g.add_argument("words", nargs="*", metavar="PROMPT",
+                   help="the prompt (all words together are one prompt); none for class-conditional models")
+    g.add_argument("-p", "--prompt", action="append", default=None,
+                   help="a prompt; repeat for several (each its own image(s), out-0.png, out-1.png ...)")
+    g.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="UTF-8 text file, one prompt per line (blank lines skipped)")
     g.add_argument("-o", "--output", default="out.png", help="output PNG (out-0.png, out-1.png ... for several)")
     g.add_argument("-n", type=int, default=1, help="images per prompt")
     SamplingParams.add_arguments(g, "default: the model's recommendation (generation.json), else {default}")
