@@ -12,6 +12,13 @@ text encoding, 256 decode steps over the KV cache, pixel decoding. Modes:
   over the growing sequence per token, sampled by the same ``cfg_sample``. It draws the same
   tokens as the engine (checked once per batch size), so the ratio compares equal work.
 
+* ``main-command`` (with ``--main-command``): the wall time of README's main command itself,
+  ``vqim generate PROMPT -o out.png`` in a fresh process (the install excluded; import, model
+  load, one image, the PNG write), one row per run.
+
+On the CPU, ``--load idle busy`` times every row also while one busy-looping process per core
+keeps the cores busy (a laptop or a shared VM), and ``--cpu-threads auto 2`` compares the
+engine's thread settings (``Engine(cpu_threads=...)``: ``auto`` is one thread for this model).
 On a GPU the engine replays its decode step from a CUDA graph. ``--save`` appends the rows to
 ``benchmarks/results/demo.csv`` with device, date and commit.
 """
@@ -19,6 +26,12 @@ On a GPU the engine replays its decode step from a CUDA graph. ``--save`` append
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
 
 import torch
 
@@ -30,7 +43,9 @@ from vqim.train.eval_shapes import GRID_PROMPTS
 
 from _common import append_results
 
-COLUMNS = ["device", "batch", "mode", "ms_per_image", "p20", "p80", "images_per_s", "tokens_per_s", "x_no_cache"]
+COLUMNS = ["device", "load", "threads", "batch", "mode", "ms_per_image", "p20", "p80", "images_per_s", "tokens_per_s",
+           "x_no_cache"]
+MAIN_PROMPT = "a large red circle in the center"
 
 
 @torch.no_grad()
@@ -50,9 +65,38 @@ def generate_without_cache(engine: Engine, prompts: list[str], *, seed: int) -> 
     return tokens[:b]
 
 
-def run(device: torch.device, batches: list[int], *, peer: bool = True) -> list[dict]:
-    engines = {"kv-plain": Engine.from_pretrained(device=device),
-               "kv-ring": Engine.from_pretrained(device=device, kv_cache="ring")}
+@contextlib.contextmanager
+def cpu_load(load: str):
+    """``"busy"``: one busy-looping process per core for the duration (stopped by their pids)."""
+    procs = []
+    if load == "busy":
+        procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+        time.sleep(0.5)  # let them take the cores
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def main_command_ms(threads: str, runs: int) -> list[float]:
+    """Wall ms of README's main command in a fresh process, ``runs`` times."""
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "vqim.train.main", "generate", MAIN_PROMPT, "-o", f"{d}/out.png",
+                            "-q", "--device", "cpu", "--cpu-threads", threads], check=True)
+            out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def run(device: torch.device, batches: list[int], *, peer: bool = True, threads: str = "auto",
+        load: str = "idle") -> list[dict]:
+    opts = {"cpu_threads": threads if threads == "auto" else int(threads)} if device.type == "cpu" else {}
+    engines = {"kv-plain": Engine.from_pretrained(device=device, **opts),
+               "kv-ring": Engine.from_pretrained(device=device, kv_cache="ring", **opts)}
     eng = engines["kv-plain"]
     n_tok = eng.cfg.decoder.num_tokens
     cuda = device.type == "cuda"
@@ -75,7 +119,8 @@ def run(device: torch.device, batches: list[int], *, peer: bool = True) -> list[
                 iters=3 if cuda else 1)
         base = timed.get("no-cache", {}).get("ms")
         for mode, t in timed.items():
-            rows.append({"device": device_name(device), "batch": b, "mode": mode, "ms_per_image": t["ms"] / b,
+            rows.append({"device": device_name(device), "load": load, "threads": torch.get_num_threads(),
+                         "batch": b, "mode": mode, "ms_per_image": t["ms"] / b,
                          "p20": t["p20"] / b, "p80": t["p80"] / b, "images_per_s": 1e3 * b / t["ms"],
                          "tokens_per_s": 1e3 * b * n_tok / t["ms"],
                          "x_no_cache": base / t["ms"] if base else float("nan")})
@@ -86,15 +131,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--cpu-threads", nargs="+", default=["auto"], metavar="N|auto",
+                    help="CPU: the engine's cpu_threads settings to compare (default: auto)")
+    ap.add_argument("--load", nargs="+", choices=["idle", "busy"], default=["idle"],
+                    help="CPU: time idle and/or with every core kept busy by another process")
+    ap.add_argument("--main-command", type=int, default=0, metavar="RUNS",
+                    help="CPU: also time README's main command in a fresh process, RUNS times")
     ap.add_argument("--no-peer", action="store_true", help="skip the slow no-cache peer")
     ap.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/demo.csv")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"device: {device_name(device)}, torch threads: {torch.get_num_threads()}")
-    rows = run(device, args.batch, peer=not args.no_peer)
+    print(f"device: {device_name(device)}")
+    rows = []
+    for load in args.load if device.type == "cpu" else ["idle"]:
+        for threads in args.cpu_threads if device.type == "cpu" else ["auto"]:
+            with cpu_load(load):
+                rows += run(device, args.batch, peer=not args.no_peer, threads=threads, load=load)
+                if args.main_command and device.type == "cpu":
+                    ms = main_command_ms(threads, args.main_command)
+                    med = sorted(ms)[len(ms) // 2]
+                    rows.append({"device": device_name(device), "load": load, "threads": threads, "batch": 1,
+                                 "mode": "main-command", "ms_per_image": med, "p20": min(ms), "p80": max(ms),
+                                 "images_per_s": 1e3 / med, "tokens_per_s": float("nan"),
+                                 "x_no_cache": float("nan")})
     print_table(rows, COLUMNS)
     if args.save:
         print(f"saved to {append_results('demo', rows, device)}")

@@ -85,9 +85,29 @@ def _default_dtype(cfg: ModelConfig, device: torch.device, dtype: str | torch.dt
     return _check_dtype(dtype)
 
 
+# CPU engines of models below this many parameters run torch with one intra-op thread
+# (cpu_threads="auto"). Their ops are too small for a second thread to pay for itself, and when
+# the cores are busy torch's OpenMP threads spin-wait on each other: the bundled model's main
+# command took 45 s with 2 threads and 3.9 s with 1 while two other processes kept the 2 cores
+# busy (benchmarks/bench_demo.py has the idle and busy rows).
+CPU_ONE_THREAD_PARAMS = 50_000_000
+
+
+def cpu_threads_for(model: VQIMModel, cpu_threads: int | str | None) -> int | None:
+    """The intra-op thread count a CPU engine sets (None: leave torch's): an int as given;
+    ``"auto"``: one thread for a model under :data:`CPU_ONE_THREAD_PARAMS` parameters, else torch's."""
+    if cpu_threads != "auto":
+        return cpu_threads
+    return 1 if sum(p.numel() for p in model.parameters()) < CPU_ONE_THREAD_PARAMS else None
+
+
 def _check_options(max_batch_size: int = 16, kv_cache: str = "plain", compile: bool = False,
-                   quantize: str | None = None, max_queue: int = 1024, backend: str | None = None, **_) -> None:
+                   quantize: str | None = None, max_queue: int = 1024, backend: str | None = None,
+                   cpu_threads: int | str | None = "auto", **_) -> None:
     """The engine options that ``from_preset``/``from_pretrained`` check before building a model."""
+    if cpu_threads not in ("auto", None) and (not isinstance(cpu_threads, int) or isinstance(cpu_threads, bool)
+                                              or cpu_threads < 1):
+        raise ValueError(f"cpu_threads must be 'auto', None or an int >= 1, got {cpu_threads!r}")
     if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
         raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
     if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
@@ -147,6 +167,12 @@ class Engine:
     scale per output channel (:mod:`vqim.engine.quantize`): half the weight bytes per step of
     bf16, a quarter of fp32.
 
+    ``cpu_threads`` (CPU engines): torch's intra-op threads, set process-wide when the engine is
+    made. ``"auto"`` (the default) sets one thread for models under
+    :data:`CPU_ONE_THREAD_PARAMS` parameters (the bundled and tiny models), where a second thread
+    buys nothing idle and costs 10x when the cores are busy, and leaves torch's count for larger
+    ones; an int sets that many; None leaves torch alone. Tensor-parallel ranks run one each.
+
     ``tp=N`` (under ``torchrun --nproc-per-node N``) makes an engine of one tensor-parallel
     shard per process (``vqim.engine.tp``, passed in as ``tp_group``). Rank 0 takes the requests
     (its ``submit``, ``generate``, ``agenerate`` work as with ``tp=1``: timeouts, cancellation,
@@ -162,14 +188,18 @@ class Engine:
                  max_batch_size: int = 16, use_cuda_graph: bool = True, model_dir: Path | None = None,
                  kv_cache: str = "plain", generation: dict | None = None,
                  tp_group: dist.ProcessGroup | None = None, compile: bool = False, quantize: str | None = None,
-                 max_queue: int = 1024, backend: str | None = None):
-        _check_options(max_batch_size, kv_cache, compile, quantize, max_queue, backend)
+                 max_queue: int = 1024, backend: str | None = None, cpu_threads: int | str | None = "auto"):
+        _check_options(max_batch_size, kv_cache, compile, quantize, max_queue, backend, cpu_threads)
         if compile:
             _check_compile(torch.device(device))
         if quantize is not None and tp_group is not None:
             raise ValueError("quantize='int8' is not supported with tensor parallelism (tp > 1) yet")
         self.device = _check_device(device)
         _check_model_device(model, self.device)
+        threads = cpu_threads_for(model, cpu_threads) if self.device.type == "cpu" and tp_group is None else None
+        if threads is not None:
+            # Process-wide (torch has one intra-op pool): the decode loop's thread follows it.
+            torch.set_num_threads(threads)
         self.model = model.eval()
         self.cfg = model.cfg
         self.tokenizer = tokenizer

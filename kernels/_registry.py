@@ -58,11 +58,16 @@ def use_backend(backend: str | None) -> Iterator[None]:
         _DEFAULT.reset(token)
 
 
-# Dynamo cannot read a ContextVar: it calls this at trace time and bakes the answer into the
-# graph (with no guard on it), so a compiled function keeps the backend it was traced under.
-@torch.compiler.assume_constant_result
 def _default_backend() -> str | None:
     return _DEFAULT.get()
+
+
+# Dynamo cannot read a ContextVar: it calls this at trace time and bakes the answer into the
+# graph (with no guard on it), so a compiled function keeps the backend it was traced under.
+# That is what torch.compiler.assume_constant_result marks, but applying it imports
+# torch._dynamo (half of `import vqim`'s time) in every program, compiling or not; the mark is
+# this attribute, and tests/test_registry.py checks it is the one the decorator sets.
+_default_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:

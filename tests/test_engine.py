@@ -397,3 +397,30 @@ def test_ring_kv_cache_matches_plain_and_is_smaller(preset):
     assert sum(t.numel() for t in state_ring.k) < sum(t.numel() for t in state_plain.k)
     with pytest.raises(ValueError, match="kv_cache must be"):
         Engine.from_preset(preset, device="cpu", kv_cache="paged")
+
+
+def test_cpu_threads_policy():
+    """A CPU engine sets torch's intra-op threads: one for a small model ("auto"), what it is
+    told for an int, nothing for None; a model over the threshold keeps torch's count."""
+    from vqim.engine.api import CPU_ONE_THREAD_PARAMS, cpu_threads_for
+    from vqim.engine.config import ModelConfig
+    from vqim.engine.weights import build_model
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Engine.from_preset("tiny-t2i", device="cpu").close()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        Engine.from_preset("tiny-t2i", device="cpu", cpu_threads=None).close()
+        assert torch.get_num_threads() == 2
+        Engine.from_preset("tiny-t2i", device="cpu", cpu_threads=3).close()
+        assert torch.get_num_threads() == 3
+        big = build_model(ModelConfig.from_name("parti-350m"), "meta")
+        assert sum(p.numel() for p in big.parameters()) > CPU_ONE_THREAD_PARAMS
+        assert cpu_threads_for(big, "auto") is None and cpu_threads_for(big, 4) == 4
+        for bad in (0, -1, "two", True, 1.5):
+            with pytest.raises(ValueError, match="cpu_threads"):
+                Engine.from_preset("tiny-t2i", device="cpu", cpu_threads=bad)
+    finally:
+        torch.set_num_threads(before)

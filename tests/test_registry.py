@@ -254,3 +254,18 @@ def test_cuda_launchers_fill_every_field(monkeypatch):
     for op, args, kwargs in calls:
         with pytest.raises((ValueError, RuntimeError), match="is not device memory|CUDA error"):
             _registry._IMPLS[op]["cuda"](*args, **kwargs)
+
+
+def test_default_backend_carries_torchs_constant_mark_without_importing_dynamo():
+    """The mark torch.compiler.assume_constant_result sets is the one _registry sets by hand
+    (so compiled graphs keep the backend they were traced under, test_custom_ops), and
+    importing vqim does not import torch._dynamo."""
+    import subprocess
+    import sys
+
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    added = set(vars(marked)) - set(vars(lambda: None))
+    assert added and all(getattr(_registry._default_backend, k) == getattr(marked, k) for k in added), added
+    code = "import sys, vqim.engine, vqim.train.main; print('torch._dynamo' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr

@@ -14,6 +14,15 @@ from ..config import PRESETS
 from ..quantize import QUANTIZE_CHOICES
 
 
+def _threads(text: str) -> int | str:
+    """``--cpu-threads``: "auto" or an int >= 1."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an int >= 1, got {text!r}")
+    return int(text)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="DIR", help="model directory (config.json, *.safetensors, tokenizer.model)")
@@ -27,6 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step (Inductor; on CPU it needs a C++ compiler; same tokens)")
     p.add_argument("--quantize", choices=list(QUANTIZE_CHOICES), default=None,
                    help="int8 weight-only decoder linears (half the weight bytes per step of bf16)")
+    p.add_argument("--cpu-threads", type=_threads, default="auto", metavar="N|auto",
+                   help="torch's intra-op threads on the CPU (default auto: 1 for models under 50M parameters, "
+                        "torch's default for larger ones)")
 
 
 def engine_from_args(args: argparse.Namespace, **options):
@@ -35,7 +47,7 @@ def engine_from_args(args: argparse.Namespace, **options):
     from ..api import Engine
 
     tp = int(os.environ.get("WORLD_SIZE", "1"))
-    opts = {"compile": args.compile, "quantize": args.quantize, **options}
+    opts = {"compile": args.compile, "quantize": args.quantize, "cpu_threads": args.cpu_threads, **options}
     if args.preset is not None:
         return Engine.from_preset(args.preset, seed=args.model_seed, device=args.device, dtype=args.dtype, tp=tp,
                                   **opts)
