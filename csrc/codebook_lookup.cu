@@ -2,9 +2,13 @@
 //
 // One block = 8 warps over 32 rows of z. Lane l owns row l (held in registers, zero-padded to
 // DMAX); warp w scores the codes k = w, w + 8, ... of each shared-memory codebook tile, so all
-// lanes of a warp read the same code (a shared-memory broadcast). As in the Triton kernel, 1/|z|
-// is never applied (a positive per-row constant does not move the argmax), the code norms come
-// from the tile in shared memory, and the [N, K] score matrix never exists.
+// lanes of a warp read the same code (a shared-memory broadcast). As in the Triton kernel, the
+// code norms come from the tile in shared memory, 1/|z| is applied once per row, and the [N, K]
+// score matrix never exists.
+//
+// Ties (kernels/codebook_lookup.py): the answer is the lowest index whose fp32 score is not below
+// the row's best minus kTieTol. That needs the final best, so the kernel makes two passes over
+// the codebook: the best, then the lowest index that ties it.
 //
 // z and the codebook share one dtype here. Every load converts to fp32, so for mixed dtypes
 // kernels/codebook_lookup.py calls the fp32 kernel on upcast copies (bf16/fp16 -> fp32 is exact):
@@ -17,30 +21,19 @@ namespace {
 constexpr int kRows = 32;               // rows of z per block (one per lane)
 constexpr int kWarps = 8;               // warps per block, each scores every 8th code
 constexpr int kTileFloats = 8192;       // 32 KiB codebook tile in shared memory
+// kernels/codebook_lookup.py's TIE_TOL (2^-17): a code ties the best when its score is not
+// below best - kTieTol. tests/test_cuda_harness.py checks codes on either side of it.
+constexpr float kTieTol = 0x1p-17f;
 
-template <typename scalar_t, int DMAX>
-__global__ void __launch_bounds__(kRows * kWarps)
-codebook_lookup_kernel(const scalar_t* __restrict__ z, int64_t z_s0, int64_t z_s1,
-                       const scalar_t* __restrict__ cb, int64_t cb_s0, int64_t cb_s1,
-                       int64_t* __restrict__ out, int64_t N, int64_t K, int D, bool normalized) {
+// Calls visit(k, s) for each code k = warp, warp + 8, ... of the codebook in increasing order,
+// s being its fp32 cosine with this lane's row. Block-collective: every thread of the block calls
+// it, as the tiles are loaded together; both passes call it, so a code scores the same in each.
+template <typename scalar_t, int DMAX, typename Visit>
+__device__ __forceinline__ void score_codes(const scalar_t* __restrict__ cb, int64_t cb_s0, int64_t cb_s1, int64_t K,
+                                            int D, bool normalized, const float (&zr)[DMAX], float inv_z,
+                                            float* tile, float* inv_norm, Visit&& visit) {
   constexpr int TILE_K = kTileFloats / DMAX;
-  __shared__ float tile[TILE_K * DMAX];  // (TILE_K, DMAX), zero-padded past D and K
-  __shared__ float inv_norm[TILE_K];
-  __shared__ float red_score[kWarps][kRows];
-  __shared__ int64_t red_index[kWarps][kRows];
-
-  const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + lane;
-
-  float zr[DMAX];
-#pragma unroll
-  for (int d = 0; d < DMAX; ++d) {
-    zr[d] = (row < N && d < D) ? to_float(z[row * z_s0 + d * z_s1]) : 0.f;
-  }
-
-  float best = -INFINITY;
-  int64_t best_k = 0;
   for (int64_t k0 = 0; k0 < K; k0 += TILE_K) {
     for (int i = threadIdx.x; i < TILE_K * DMAX; i += blockDim.x) {
       const int kk = i / DMAX, d = i % DMAX;
@@ -61,37 +54,67 @@ codebook_lookup_kernel(const scalar_t* __restrict__ z, int64_t z_s0, int64_t z_s
     }
     __syncthreads();
     const int tile_k = K - k0 < TILE_K ? static_cast<int>(K - k0) : TILE_K;
-    // Each warp visits its codes in increasing order, so a strict '>' keeps the lowest index.
     for (int kk = warp; kk < tile_k; kk += kWarps) {
       const float* code = tile + kk * DMAX;
       float dot = 0.f;
 #pragma unroll
       for (int d = 0; d < DMAX; ++d) dot = fmaf(zr[d], code[d], dot);
-      const float s = normalized ? dot : dot * inv_norm[kk];
-      if (s > best) {
-        best = s;
-        best_k = k0 + kk;
-      }
+      visit(k0 + kk, dot * inv_norm[kk] * inv_z);
     }
     __syncthreads();
   }
+}
 
+template <typename scalar_t, int DMAX>
+__global__ void __launch_bounds__(kRows * kWarps)
+codebook_lookup_kernel(const scalar_t* __restrict__ z, int64_t z_s0, int64_t z_s1,
+                       const scalar_t* __restrict__ cb, int64_t cb_s0, int64_t cb_s1,
+                       int64_t* __restrict__ out, int64_t N, int64_t K, int D, bool normalized) {
+  constexpr int TILE_K = kTileFloats / DMAX;
+  __shared__ float tile[TILE_K * DMAX];  // (TILE_K, DMAX), zero-padded past D and K
+  __shared__ float inv_norm[TILE_K];
+  __shared__ float red_score[kWarps][kRows];
+  __shared__ int64_t red_index[kWarps][kRows];
+
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + lane;
+
+  float zr[DMAX];
+  float sq = 0.f;
+#pragma unroll
+  for (int d = 0; d < DMAX; ++d) {
+    zr[d] = (row < N && d < D) ? to_float(z[row * z_s0 + d * z_s1]) : 0.f;
+    sq += zr[d] * zr[d];
+  }
+  // A zero row scores 0 against every code, so every code ties and it gets index 0.
+  const float inv_z = sq > 0.f ? 1.f / sqrtf(sq) : 0.f;
+
+  // Pass 1: the row's best score (a NaN score never passes '>').
+  float best = -INFINITY;
+  score_codes<scalar_t, DMAX>(cb, cb_s0, cb_s1, K, D, normalized, zr, inv_z, tile, inv_norm,
+                              [&](int64_t, float s) { best = s > best ? s : best; });
   red_score[warp][lane] = best;
-  red_index[warp][lane] = best_k;
+  __syncthreads();
+  float row_best = red_score[0][lane];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) row_best = fmaxf(row_best, red_score[w][lane]);
+
+  // Pass 2: each warp visits its codes in increasing order, so its first code not below the
+  // threshold is its lowest; the row's answer is the lowest over the warps. The best code itself
+  // qualifies, so the index is always < K.
+  const float threshold = row_best - kTieTol;
+  int64_t first = K;
+  score_codes<scalar_t, DMAX>(cb, cb_s0, cb_s1, K, D, normalized, zr, inv_z, tile, inv_norm,
+                              [&](int64_t k, float s) {
+                                if (first == K && !(s < threshold)) first = k;
+                              });
+  red_index[warp][lane] = first;
   __syncthreads();
   if (warp == 0 && row < N) {
-    float s = red_score[0][lane];
     int64_t k = red_index[0][lane];
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) {
-      const float sw = red_score[w][lane];
-      const int64_t kw = red_index[w][lane];
-      // Ties between warps go to the lowest index.
-      if (sw > s || (sw == s && kw < k)) {
-        s = sw;
-        k = kw;
-      }
-    }
+    for (int w = 1; w < kWarps; ++w) k = red_index[w][lane] < k ? red_index[w][lane] : k;
     out[row] = k;
   }
 }

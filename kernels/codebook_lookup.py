@@ -1,19 +1,33 @@
 """Fused l2-normalized codebook lookup: ``argmax_k <z/|z|, e_k/|e_k|>``.
 
-The image tokenizer's quantizer (ViT-VQGAN with factorized, l2-normalized codes). The
-Triton kernel keeps a running max/argmax over codebook tiles, so the ``[N, K]`` score matrix
-never exists. Since ``1/|z|`` is a positive constant per row it does not change the argmax and
-is never computed; the code norms are computed from the tile already in registers (or skipped
-with ``codebook_normalized=True``). Ties go to the lowest index; a zero row of z scores 0
-against every code and so gets index 0.
+The image tokenizer's quantizer (ViT-VQGAN with factorized, l2-normalized codes). The Triton
+kernel scores codebook tiles in registers, so the ``[N, K]`` score matrix never exists; the code
+norms come from the tile already loaded (or are skipped with ``codebook_normalized=True``) and
+``1/|z|`` is applied once per row. A zero row of z scores 0 against every code and so gets
+index 0; a zero code scores 0.
+
+**Ties.** A code ties the best when its fp32 score is not below ``best - TIE_TOL``, ``best``
+being the row's largest fp32 score; the answer is the lowest index among the codes that tie.
+An exact-equality rule cannot hold across backends: equal cosines computed by different
+formulas (the reference normalizes, then multiplies; the kernels scale the dot by ``1/|e|`` and
+``1/|z|``; BLAS kernels round equal columns differently) differ in their last bits, so with
+``e[40] = 2.5 * e[7]`` the reference returned 7 and the Triton kernel 40.
+
+``TIE_TOL = 2^-17`` (about 7.6e-6, 128 units in the last place of 1.0). Cosines lie in
+[-1, 1], so an absolute tolerance fits every row. The fp32 error of one score (a dot over
+D <= 256 and two norms; tf32x3 on tensor cores) grows like sqrt(D) ulps: scored by the
+reference's formula and by the kernels', two copies of one direction differed by at most 23
+ulps (1.4e-6) at D = 256 on the CPU, so copies tie with a margin of 5x. Codes whose exact
+cosines differ by more than ``2 * TIE_TOL`` are never confused, and choosing within the
+tolerance costs at most 2^-17 of cosine. The backends can still differ where some code's score
+lies within rounding of the threshold ``best - TIE_TOL`` itself, which copies never do.
+
+The threshold needs the row's final best, so both kernels make two passes over the codebook:
+the best score, then the lowest index that ties it. The comparison is written "not below the
+threshold" rather than ">=", so a row with a NaN still gets an index in range.
 
 z and the codebook may have different float dtypes; the scores are computed in fp32 from both
 exactly as given (bf16/fp16 -> fp32 is exact), never by rounding one operand to the other's dtype.
-
-The tie rule needs identical codes to score identically. A BLAS gemm does not promise that for
-equal columns (OpenBLAS's Haswell sgemm and MKL with ``MKL_CBWR=COMPATIBLE`` break it), so the
-reference scores each distinct code once, and the Triton kernel under the interpreter (where
-``tl.dot`` is numpy's sgemm) sums elementwise products instead.
 """
 
 from __future__ import annotations
@@ -22,10 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
-from ._registry import dispatch, register, resolve_backend, triton_interpreter_enabled
+from ._registry import dispatch, interpreter_dot_upcast, register, resolve_backend
 from ._triton import tl, triton
 
 _MAX_D = 256
+# A code ties the row's best when its fp32 score is not below best - TIE_TOL (module docstring);
+# csrc/codebook_lookup.cu's kTieTol is the same number.
+TIE_TOL = 2.0**-17
 
 
 def _l2_normalize_exact(x: torch.Tensor) -> torch.Tensor:
@@ -41,23 +58,16 @@ def codebook_scores_ref(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
 
 def codebook_lookup_ref(z: torch.Tensor, codebook: torch.Tensor, *, codebook_normalized: bool = False,
                         chunk: int = 4096) -> torch.Tensor:
-    """The definition of the op, in fp32. Chunks over N to bound memory.
-
-    The matmul runs over the distinct codes only, ordered by first occurrence: identical codes
-    then share one score whatever the BLAS does with equal columns, and torch.argmax's first
-    maximal column is the tied code of lowest index, which is the tie rule."""
+    """The definition of the op, in fp32: the lowest index whose score ties the row's best
+    (within ``TIE_TOL``). Chunks over N to bound memory."""
     _check_inputs(z, codebook)
-    cb = codebook.float() if codebook_normalized else _l2_normalize_exact(codebook.float())
-    distinct, inverse = torch.unique(cb, dim=0, return_inverse=True)  # (U, D), (K,)
-    k = cb.shape[0]
-    first = torch.full((distinct.shape[0],), k, dtype=torch.long, device=cb.device)
-    first.scatter_reduce_(0, inverse, torch.arange(k, device=cb.device), reduce="amin")  # (U,)
-    order = first.argsort()
-    distinct, first = distinct[order], first[order]
+    cb = codebook.float() if codebook_normalized else _l2_normalize_exact(codebook.float())  # (K, D)
     out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
     for s in range(0, z.shape[0], chunk):
-        zn = _l2_normalize_exact(z[s:s + chunk].float())  # (n, D)
-        out[s:s + chunk] = first[(zn @ distinct.T).argmax(dim=1)]  # (n, U) -> (n,)
+        scores = _l2_normalize_exact(z[s:s + chunk].float()) @ cb.T  # (n, K)
+        best = scores.max(dim=1, keepdim=True).values  # (n, 1)
+        tie = ~(scores < best - TIE_TOL)  # (n, K); not below, so a NaN row still picks an index
+        out[s:s + chunk] = tie.to(torch.uint8).argmax(dim=1)  # argmax gives the first maximal index: the first tie
     return out
 
 
@@ -80,13 +90,37 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
 
 
 @triton.jit
+def _tile_scores(z, inv_z, cb_ptr, k0, K, stride_ck, stride_cd, dims, dim_mask,
+                 NORMALIZED: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """fp32 cosines of the rows against codes ``k0 .. k0 + BLOCK_K - 1``, ``-inf`` past K.
+    Both passes call it, so a code scores the same in each."""
+    codes = k0 + tl.arange(0, BLOCK_K)
+    code_mask = codes < K
+    cb = tl.load(cb_ptr + codes[:, None] * stride_ck + dims[None, :] * stride_cd,
+                 mask=code_mask[:, None] & dim_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_D)
+    if DOT_FP32:
+        s = tl.dot(z, tl.trans(cb.to(tl.float32)), input_precision=DOT_PRECISION)
+    else:
+        s = tl.dot(z, tl.trans(cb), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K) fp32
+    if not NORMALIZED:
+        cbf = cb.to(tl.float32)
+        sq = tl.sum(cbf * cbf, axis=1)  # (BLOCK_K,)
+        # A zero code scores 0 against everything, as in the reference.
+        inv = tl.where(sq > 0, 1.0 / tl.sqrt(sq), 0.0)
+        s = s * inv[None, :]
+    s = s * inv_z[:, None]
+    return tl.where(code_mask[None, :], s, float("-inf")), codes
+
+
+@triton.jit
 def _codebook_lookup_kernel(
     z_ptr, cb_ptr, out_ptr,
     N, K, D,
     stride_zn, stride_zd, stride_ck, stride_cd,
-    NORMALIZED: tl.constexpr,
+    NORMALIZED: tl.constexpr, TIE_TOL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, ELEMENTWISE_DOT: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,40 +132,29 @@ def _codebook_lookup_kernel(
     # both operands go to fp32 in registers (exact), never one down to the other's dtype.
     z = tl.load(z_ptr + rows[:, None] * stride_zn + dims[None, :] * stride_zd,
                 mask=row_mask[:, None] & dim_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-    if DOT_FP32 or ELEMENTWISE_DOT:
-        z = z.to(tl.float32)
+    zf = z.to(tl.float32)
+    sq_z = tl.sum(zf * zf, axis=1)  # (BLOCK_N,)
+    # A zero row scores 0 against every code, so every code ties and it gets index 0.
+    inv_z = tl.where(sq_z > 0, 1.0 / tl.sqrt(sq_z), 0.0)
+    if DOT_FP32:
+        z = zf
 
+    # Pass 1: the row's best score.
     best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    best_idx = tl.zeros((BLOCK_N,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        code_mask = codes < K
-        cb = tl.load(cb_ptr + codes[:, None] * stride_ck + dims[None, :] * stride_cd,
-                     mask=code_mask[:, None] & dim_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_D)
-        if ELEMENTWISE_DOT:
-            # The interpreter's tl.dot is numpy's sgemm, which may round equal columns
-            # differently; a sum over the contiguous D axis is the same op sequence for every
-            # code, so identical codes tie exactly, as the tie rule needs.
-            s = tl.sum(z[:, None, :] * cb.to(tl.float32)[None, :, :], axis=2)  # (BLOCK_N, BLOCK_K)
-        elif DOT_FP32:
-            s = tl.dot(z, tl.trans(cb.to(tl.float32)), input_precision=DOT_PRECISION)
-        else:
-            s = tl.dot(z, tl.trans(cb), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_K) fp32
-        if not NORMALIZED:
-            cbf = cb.to(tl.float32)
-            sq = tl.sum(cbf * cbf, axis=1)  # (BLOCK_K,)
-            # A zero code scores 0 against everything, as in the reference.
-            inv = tl.where(sq > 0, 1.0 / tl.sqrt(sq), 0.0)
-            s = s * inv[None, :]
-        s = tl.where(code_mask[None, :], s, float("-inf"))
-        tile_best = tl.max(s, axis=1)  # (BLOCK_N,)
-        # First (lowest) index attaining the tile max; a strict '>' across tiles keeps the
-        # lowest index on ties between tiles.
-        tile_idx = tl.min(tl.where(s == tile_best[:, None], codes[None, :], K), axis=1)
-        better = tile_best > best
-        best = tl.where(better, tile_best, best)
-        best_idx = tl.where(better, tile_idx, best_idx)
-    tl.store(out_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
+        s, codes = _tile_scores(z, inv_z, cb_ptr, k0, K, stride_ck, stride_cd, dims, dim_mask,
+                                NORMALIZED, BLOCK_K, DOT_FP32, DOT_PRECISION)
+        best = tl.maximum(best, tl.max(s, axis=1))
+    # Pass 2: the lowest index whose score is not below best - TIE_TOL (fp32, as in the reference).
+    # The best code itself qualifies, so the index is always < K.
+    threshold = best - TIE_TOL  # (BLOCK_N,)
+    first_tie = tl.zeros((BLOCK_N,), tl.int32) + K
+    for k0 in range(0, K, BLOCK_K):
+        s, codes = _tile_scores(z, inv_z, cb_ptr, k0, K, stride_ck, stride_cd, dims, dim_mask,
+                                NORMALIZED, BLOCK_K, DOT_FP32, DOT_PRECISION)
+        tie = (codes[None, :] < K) & ~(s < threshold[:, None])  # (BLOCK_N, BLOCK_K)
+        first_tie = tl.minimum(first_tie, tl.min(tl.where(tie, codes[None, :], K), axis=1))
+    tl.store(out_ptr + rows, first_tie.to(tl.int64), mask=row_mask)
 
 
 def _block_sizes(n: int, d: int) -> tuple[int, int, int]:
@@ -152,15 +175,17 @@ def _codebook_lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_no
     if n == 0:
         return out
     block_n, block_k, block_d = _block_sizes(n, d)
-    dot_fp32 = z.dtype != codebook.dtype
+    # Two dtypes: both operands go to fp32 (exact); so does bf16 under the interpreter, whose
+    # bf16 tl.dot is wrong (interpreter_dot_upcast).
+    dot_fp32 = z.dtype != codebook.dtype or interpreter_dot_upcast(z.dtype, z.device)
     # fp32 operands: 3xTF32 keeps fp32 accuracy on tensor cores.
     precision = "tf32x3" if dot_fp32 or z.dtype == torch.float32 else "ieee"
     grid = (triton.cdiv(n, block_n),)
     _codebook_lookup_kernel[grid](
         z, codebook, out, n, k, d,
         z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-        NORMALIZED=codebook_normalized, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision, ELEMENTWISE_DOT=triton_interpreter_enabled(),
+        NORMALIZED=codebook_normalized, TIE_TOL=TIE_TOL, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
     )
     return out
 

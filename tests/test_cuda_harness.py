@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import cuda_harness
+from codebook_checks import (THRESHOLD_CASES, check_contract, check_lookup, check_true_argmax, issue_case,
+                             scaled_duplicates, tie_threshold_case)
 from helpers import EPS, assert_close, assert_equal, assert_within_torch_error
-from vqim.kernels import (Adafactor8bit, _ext, _registry, codebook_lookup_ref, conv_cache_len,
-                          conv_cache_slot, conv_mask_ref)
+from vqim.kernels import Adafactor8bit, _ext, _registry, conv_cache_len, conv_cache_slot, conv_mask_ref
 from vqim.kernels._registry import dispatch
 from vqim.kernels.adafactor_hparams import EPS1
 from vqim.kernels.cfg_sample import _row_params
-from vqim.kernels.codebook_lookup import codebook_scores_ref
 
 try:
     cuda_harness.toolchain()
@@ -168,24 +168,6 @@ def test_half_and_bfloat16_conversions_are_exact(host, dtype):
 
 # ================================================================================ codebook_lookup
 
-def check_lookup(idx: torch.Tensor, z: torch.Tensor, cb: torch.Tensor, *, normalized: bool = False) -> None:
-    """The reference's index, or a code whose exact (float64) score is within twice PyTorch's own
-    fp32 error of the best: a near-tie the fp32 reference cannot resolve either."""
-    ref = codebook_lookup_ref(z, cb, codebook_normalized=normalized)
-    differ = idx != ref
-    if not differ.any():
-        return
-    scores64 = codebook_scores_ref(z, cb)  # (N, K)
-    zn = z.float() / z.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
-    cn = cb.float() / cb.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
-    tol = 2 * (zn @ cn.T - scores64).abs().max().item() + 4 * EPS[torch.float32]
-    rows = differ.nonzero().squeeze(1)
-    gap = scores64[rows].max(dim=1).values - scores64[rows, idx[rows]]
-    assert (gap <= tol).all(), (f"{rows.numel()} indices differ from the reference beyond a near-tie (worst gap "
-                                f"{gap.max().item():.3g} > {tol:.3g}); rows {rows[:5].tolist()}: got "
-                                f"{idx[rows[:5]].tolist()}, reference {ref[rows[:5]].tolist()}")
-
-
 # Every DMAX instantiation (8 ... 256), N not a multiple of the 32 rows of a block, K past a
 # codebook tile (8192 / DMAX codes), odd D, every dtype; "t" = non-contiguous operands.
 LOOKUP_CASES = [
@@ -218,13 +200,7 @@ def test_codebook_lookup_mixed_dtypes(host, z_dtype, cb_dtype):
     argmax up to fp32 error, never a score rounded to the lower dtype."""
     z, cb = torch.randn(70, 32).to(z_dtype), torch.randn(300, 32).to(cb_dtype)
     with host.checking():
-        idx = cuda("codebook_lookup")(z, cb, False)
-        scores64 = codebook_scores_ref(z, cb)
-        zn = z.float() / z.float().norm(dim=1, keepdim=True)
-        cn = cb.float() / cb.float().norm(dim=1, keepdim=True)
-        tol = 2 * (zn @ cn.T - scores64).abs().max().item() + 4 * EPS[torch.float32]
-        gap = scores64.max(dim=1).values - scores64.gather(1, idx[:, None])[:, 0]
-        assert (gap <= tol).all(), f"worst gap {gap.max().item():.3g} > {tol:.3g}"
+        check_contract(cuda("codebook_lookup")(z, cb, False), z, cb)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -243,6 +219,36 @@ def test_codebook_lookup_ties_zeros_and_normalized(host, dtype):
         check_lookup(idx, z, cb)
         unit = torch.nn.functional.normalize(torch.randn(500, d), dim=1).to(dtype)
         check_lookup(cuda("codebook_lookup")(z, unit, True), z, unit, normalized=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,d", [(97, 600, 31), (40, 1030, 8), (17, 30, 100), (33, 300, 256)])
+def test_codebook_lookup_scaled_duplicates(host, n, k, d, dtype):
+    """Copies of a code at other scales tie exactly in cosine: the group's lowest index, whether the
+    copies share a tile or not (8192 / DMAX codes a tile) and a warp or not (every 8th code)."""
+    z, cb, expected = scaled_duplicates(n, k, d, dtype)
+    with host.checking():
+        assert_equal(cuda("codebook_lookup")(z, cb, False), expected)
+
+
+def test_codebook_lookup_tie_rule(host):
+    """The issue's case (e[40] = 2.5 e[7] -> 7), the threshold best - TIE_TOL on either side
+    (kTieTol is TIE_TOL), the true argmax wherever nothing else comes within 2 TIE_TOL, and an
+    index in range for NaN rows and codes."""
+    with host.checking():
+        z, cb = issue_case()
+        assert cuda("codebook_lookup")(z, cb, False).tolist() == [7] * z.shape[0]
+        for step, normalized in THRESHOLD_CASES:
+            z, cb, expected = tie_threshold_case(step)
+            assert cuda("codebook_lookup")(z, cb, normalized).tolist() == [expected] * 3, (step, normalized)
+        z, cb = torch.randn(300, 32), torch.randn(1000, 32)
+        idx = cuda("codebook_lookup")(z, cb, False)
+        check_true_argmax(idx, z, cb)
+        check_lookup(idx, z, cb)
+        z[2, 5] = float("nan")
+        cb[3, 0] = float("nan")
+        idx = cuda("codebook_lookup")(z, cb, False)
+        assert ((idx >= 0) & (idx < 1000)).all()
 
 
 # ================================================================================ conv_decode_attention
