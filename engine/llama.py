@@ -7,7 +7,7 @@ attention over a causal cache, output projection), residual; RMSNorm, SwiGLU MLP
 token (LlamaGen c2i: ``class_embed``, whose last row is the null class of guidance) or the
 prompt's tokens (Janus: ``text_embed``), each row of a batch its own length; image tokens are
 embedded by ``tok_embed`` (LlamaGen) or Janus's ``gen_embed`` and aligner MLP. The head is one
-linear (LlamaGen) or Janus's MLP (``head_proj``, GELU, ``head_out``), after the final RMSNorm.
+linear (LlamaGen) or Janus's MLP (``head_proj``, GELU, ``head``), after the final RMSNorm.
 
 Rotary positions come from tables ``rope_cos``/``rope_sin`` ``[max_seq, head_dim / 2]`` indexed by
 a token's position: ``rope="1d"`` is Hugging Face Llama's (angle ``p / theta^(2i/d)``, halves

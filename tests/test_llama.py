@@ -57,22 +57,27 @@ def _teacher_forced(dec: LlamaDecoder, prefix, lengths, tokens) -> list[torch.Te
     return [dec(prefix[r: r + 1, : int(lengths[r])], tokens[r: r + 1])[0] for r in range(prefix.shape[0])]
 
 
-@pytest.mark.parametrize("name", ["tiny-janus", "tiny-llamagen"])
-@pytest.mark.parametrize("fused", [False, True])
-@torch.no_grad()
-def test_cached_decode_equals_teacher_forcing_with_unequal_prefixes(name, fused):
+def _case(name: str, fused: bool = True):
+    """The decoder of ``name`` (random weights), its three rows, random image tokens ``[3, n - 1]``
+    and the teacher-forced logits of each row."""
     model = _model(name)
     dec = model.decoder
     if fused:
         dec.fuse()
     prefix, lengths = _rows(model, name)
-    n = dec.cfg.num_tokens
-    tokens = torch.randint(0, dec.cfg.vocab_size, (3, n - 1))
-    want = _teacher_forced(dec, prefix, lengths, tokens)
+    tokens = torch.randint(0, dec.cfg.vocab_size, (3, dec.cfg.num_tokens - 1))
+    return dec, prefix, lengths, tokens, _teacher_forced(dec, prefix, lengths, tokens)
+
+
+@pytest.mark.parametrize("name", ["tiny-janus", "tiny-llamagen"])
+@pytest.mark.parametrize("fused", [False, True])
+@torch.no_grad()
+def test_cached_decode_equals_teacher_forcing_with_unequal_prefixes(name, fused):
+    dec, prefix, lengths, tokens, want = _case(name, fused)
     state = dec.new_state(3)
     got = [dec.prefill(state, prefix, lengths)]
     pos = lengths.clone()
-    for i in range(n - 1):
+    for i in range(dec.cfg.num_tokens - 1):
         got.append(dec.decode_step(state, tokens[:, i], pos))
         pos += 1
     got = torch.stack(got, dim=1)  # (3, n, V)
@@ -106,13 +111,7 @@ def test_fusing_keeps_the_checkpoint_names_and_loads_them(name):
 def test_forward_tokens_equals_teacher_forcing(name):
     """Speculative decoding's forward of T tokens per row at their positions (here a window of 5
     starting at a different image token in each row) gives the teacher-forced logits."""
-    model = _model(name)
-    dec = model.decoder
-    dec.fuse()
-    prefix, lengths = _rows(model, name)
-    n = dec.cfg.num_tokens
-    tokens = torch.randint(0, dec.cfg.vocab_size, (3, n - 1))
-    want = _teacher_forced(dec, prefix, lengths, tokens)
+    dec, prefix, lengths, tokens, want = _case(name)
     state = dec.new_state(3)
     dec.prefill(state, prefix, lengths)
     starts, t = [0, 7, 20], 5

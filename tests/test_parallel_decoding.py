@@ -30,30 +30,28 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 _IDS = itertools.count()
 
 
-def _decoder(seed: int = 0, std: float = 0.3, **cfg) -> ARDecoder:
-    """A class-conditional decoder with large random weights (peaked, context-dependent logits)."""
-    base = dict(vocab_size=32, grid_h=5, grid_w=7, width=32, layers=3, heads=2, mlp_dim=64, num_classes=3,
-                conv_kernel=(3, 3), conv_layers=None, dropout=0.0)
-    dec = ARDecoder(DecoderConfig(**{**base, **cfg})).eval()
+def _randomized(dec, seed: int, std: float):
+    """``dec`` with large random weights (peaked, context-dependent logits), fused, in eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in dec.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     dec.fuse()
-    return dec
+    return dec.eval()
+
+
+def _decoder(seed: int = 0, std: float = 0.3, **cfg) -> ARDecoder:
+    """A class-conditional Parti decoder."""
+    base = dict(vocab_size=32, grid_h=5, grid_w=7, width=32, layers=3, heads=2, mlp_dim=64, num_classes=3,
+                conv_kernel=(3, 3), conv_layers=None, dropout=0.0)
+    return _randomized(ARDecoder(DecoderConfig(**{**base, **cfg})), seed, std)
 
 
 def _llama_decoder(seed: int = 0, std: float = 0.3, **cfg) -> LlamaDecoder:
     """LlamaGen's decoder shape (2D RoPE, grouped-query attention, every layer causal), class-conditional."""
     base = dict(vocab_size=32, grid_h=5, grid_w=7, width=32, layers=2, heads=2, kv_heads=1, mlp_dim=64, rope="2d",
                 num_classes=3)
-    dec = LlamaDecoder(LlamaDecoderConfig(**{**base, **cfg})).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in dec.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    dec.fuse()
-    return dec
+    return _randomized(LlamaDecoder(LlamaDecoderConfig(**{**base, **cfg})), seed, std)
 
 
 def _scheduler(dec: ARDecoder, rows: int) -> Scheduler:
