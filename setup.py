@@ -127,7 +127,7 @@ setup(
         # and LlamaGen converters against (< 5: 5.x imports a top-level `kernels` package, which
         # this checkout's own kernels/ folder shadows when pytest runs from the repository root).
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "fastapi>=0.115", "uvicorn>=0.30",
-                 "pydantic>=2", "transformers>=4.53,<5"],
+                 "pydantic>=2", "transformers>=4.53,<5", "openai>=3.22.1,<3.23"],
     },
     ext_modules=[CMakeExtension("vqim.kernels._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},

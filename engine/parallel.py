@@ -69,9 +69,7 @@ import torch
 from .config import DecoderConfig
 from .models import ARDecoder
 
-# "auto": the wavefront where it draws raster's tokens (every decoder layer conv-masked, the plain
-# KV cache), else raster.
-DECODINGS = ("auto", "raster", "wavefront", "sjd")
+DECODINGS = ("raster", "wavefront", "sjd")
 
 
 @dataclass

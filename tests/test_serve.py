@@ -2,9 +2,11 @@
 over HTTP with the standard library, serving the bundled demo model (64x64 images).
 
 What a client sees: images equal to what ``Engine.generate`` draws in-process for the same seed,
-the stream's partial images and its final images, every kind of bad input as a 400 (413 for a
-body over the limit) in OpenAI's error shape, 429 when the queue is full, 503 while the model
-loads, and a server that goes on after a client walks away mid-request.
+the stream's partial images and its final images in OpenAI's event shapes, every kind of bad input
+as a 400 (404 for a model not served, 413 for a body over the limit) in OpenAI's error shape, 429
+when the queue is full, 503 while the model loads, and a server that goes on after a client walks
+away mid-request. The official ``openai`` client against the same server: its generate, edit and
+stream calls, every standard field, its own types parsing every answer and event.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import io
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,6 +43,9 @@ PROMPT = "a large red circle in the center"
 SEED = 7
 # The server's limits in these tests (small, so the limit cases are cheap to send).
 MAX_N, MAX_PROMPT, MAX_BODY = 4, 50, 2048
+# An edit's upload and image limits on the test server, and the names it serves.
+MAX_UPLOAD, MAX_PIXELS = 64 * 1024, 512 * 512
+NAMES = ("shapes-demo", "gpt-image-1")
 
 
 def _free_port() -> int:
@@ -56,9 +64,14 @@ def _serve_cmd(*flags: str) -> list[str]:
 
 
 class Server:
-    def __init__(self, port: int, proc: subprocess.Popen):
+    def __init__(self, port: int, proc: subprocess.Popen | None, log=None):
         self.url = f"http://127.0.0.1:{port}"
         self.proc = proc
+        self._log = log  # the server's output (a file: a pipe no one reads would block it once full)
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
     def request(self, method: str, path: str, body=None, *, timeout: float = 60, headers: dict | None = None):
         """``(status, headers, body bytes)``; an HTTP error status is returned, not raised."""
@@ -76,13 +89,14 @@ class Server:
 
 def _start(*flags: str) -> Server:
     port = _free_port()
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(_serve_cmd("--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *flags),
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    server = Server(port, proc)
+                            env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    server = Server(port, proc, log)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"vqim serve exited with {proc.returncode}:\n{proc.stdout.read().decode()}")
+            raise AssertionError(f"vqim serve exited with {proc.returncode}:\n{server.log()}")
         try:
             if server.request("GET", "/health", timeout=5)[0] == 200:
                 return server
@@ -100,13 +114,17 @@ def _stop(server: Server) -> None:
     except subprocess.TimeoutExpired:
         server.proc.kill()
         server.proc.wait()
-    server.proc.stdout.close()
+    if server._log is not None:
+        server._log.close()
+    elif server.proc.stdout is not None:
+        server.proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
 def server():
     s = _start("--max-batch-size", "2", "--max-n", str(MAX_N), "--max-prompt-chars", str(MAX_PROMPT),
-               "--max-body-bytes", str(MAX_BODY))
+               "--max-body-bytes", str(MAX_BODY), "--max-upload-bytes", str(MAX_UPLOAD), "--max-image-pixels",
+               str(MAX_PIXELS), "--served-model-name", *NAMES)
     yield s
     _stop(s)
 
@@ -146,14 +164,19 @@ def test_health_and_models(server):
     assert status == 200
     models = json.loads(body)
     assert models["object"] == "list"
-    assert [m["id"] for m in models["data"]] == ["shapes-demo"]
-    assert models["data"][0]["object"] == "model"
+    assert [m["id"] for m in models["data"]] == list(NAMES)
+    assert all(m["object"] == "model" for m in models["data"])
 
 
 def test_generation_matches_the_engine(server, generated, one_torch_thread):
     from vqim.engine import Engine
 
     assert isinstance(generated["created"], int) and abs(generated["created"] - time.time()) < 600
+    assert (generated["output_format"], generated["size"], generated["background"]) == ("png", "64x64", "opaque")
+    # 8 text token ids (the demo's tokenizer), 16 x 16 image tokens drawn per image.
+    assert generated["usage"] == {"input_tokens": 8, "input_tokens_details": {"text_tokens": 8, "image_tokens": 0},
+                                  "output_tokens": 512, "total_tokens": 520,
+                                  "output_tokens_details": {"image_tokens": 512, "text_tokens": 0}}
     images = [_png(d["b64_json"]) for d in generated["data"]]
     assert len(images) == 2
     assert all(im.size == (64, 64) and im.mode == "RGB" for im in images)
@@ -186,10 +209,11 @@ def test_parallel_decodings(server, generated):
     status, _, again = server.generate(prompt=PROMPT, n=2, seed=SEED, decoding="sjd", sjd_window=8)
     assert json.loads(again)["data"] == sjd  # the same seed: the same images
     # In the decode loop like any request: it streams.
-    status, _, raw = server.generate(prompt=PROMPT, n=2, seed=SEED, decoding="sjd", sjd_window=8, stream=True)
+    status, _, raw = server.generate(prompt=PROMPT, n=2, seed=SEED, decoding="sjd", sjd_window=8, stream=True,
+                                     partial_images=3)
     events = _events(raw)
-    assert status == 200 and events[-1][0] == "done" and events[-1][1]["data"] == sjd
-    assert any(name == "partial_image" for name, _ in events)
+    assert status == 200 and _completed(events) == [d["b64_json"] for d in sjd]
+    assert any(name == "image_generation.partial_image" for name, _ in events)
 
 
 def test_reranked_candidates(server, one_torch_thread):
@@ -225,10 +249,10 @@ def test_upscaled_size(server, one_torch_thread):
         eng.close()
     for got, exp in zip(images, want):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(exp))
-    status, _, raw = server.generate(prompt=PROMPT, seed=SEED, size="256x256", stream=True)
+    status, _, raw = server.generate(prompt=PROMPT, seed=SEED, size="256x256", stream=True, partial_images=1)
     events = _events(raw)
-    assert events[-1][0] == "done"
-    assert all(_png(data["b64_json"]).size == (256, 256) for name, data in events if name == "partial_image")
+    assert [name for name, _ in events] == ["image_generation.partial_image", "image_generation.completed"]
+    assert all(_png(data["b64_json"]).size == (256, 256) and data["size"] == "256x256" for _, data in events)
 
 
 def _events(raw: bytes) -> list[tuple[str, dict]]:
@@ -237,26 +261,45 @@ def _events(raw: bytes) -> list[tuple[str, dict]]:
         if not block.strip():
             continue
         fields = dict(line.split(": ", 1) for line in block.split("\n"))
-        out.append((fields["event"], json.loads(fields["data"])))
+        data = json.loads(fields["data"])
+        assert data["type"] == fields["event"]  # OpenAI's client reads the type from the data
+        out.append((fields["event"], data))
     return out
 
 
+def _completed(events, kind: str = "image_generation") -> list[str]:
+    """The completed images of a stream (its last events, one per image, in order)."""
+    done = [data for name, data in events if name == f"{kind}.completed"]
+    assert [d["index"] for d in done] == list(range(len(done)))
+    assert [name for name, _ in events[-len(done):]] == [f"{kind}.completed"] * len(done)
+    return [d["b64_json"] for d in done]
+
+
 def test_stream(server, generated):
-    status, headers, raw = server.generate(prompt=PROMPT, n=2, seed=SEED, stream=True)
+    status, headers, raw = server.generate(prompt=PROMPT, n=2, seed=SEED, stream=True, partial_images=3)
     assert status == 200
     assert headers["content-type"].startswith("text/event-stream")
     events = _events(raw)
-    names = [name for name, _ in events]
-    assert names[-1] == "done" and names.count("done") == 1
-    partials = [data for name, data in events if name == "partial_image"]
-    assert partials and len(partials) == len(events) - 1
+    assert _completed(events) == [d["b64_json"] for d in generated["data"]]
+    partials = [data for name, data in events if name == "image_generation.partial_image"]
+    assert partials and len(partials) == len(events) - 2
+    for i in (0, 1):
+        mine = [p for p in partials if p["index"] == i]
+        # At most 3 (the newest of each image only), numbered in order, evenly spaced: rows 4, 8, 12.
+        assert [p["partial_image_index"] for p in mine] == list(range(len(mine))) and len(mine) <= 3
+        assert {p["rows"] for p in mine} <= {4, 8, 12}
     for p in partials:
-        assert p["index"] in (0, 1) and 0 < p["rows"] < 16
+        assert (p["size"], p["quality"], p["background"], p["output_format"]) == ("64x64", "auto", "auto", "png")
+        assert abs(p["created_at"] - time.time()) < 600
         im = np.asarray(_png(p["b64_json"]))
         assert im.shape == (64, 64, 3)
         assert (im[p["rows"] * 4:] == 128).all()  # rows not drawn yet: gray
-    done = events[-1][1]
-    assert done["data"] == generated["data"]
+    for _, data in events[-2:]:
+        assert data["usage"] == {"input_tokens": 8, "input_tokens_details": {"text_tokens": 8, "image_tokens": 0},
+                                 "output_tokens": 256, "total_tokens": 264}
+    # OpenAI's default: no partial image, the images alone.
+    status, _, raw = server.generate(prompt=PROMPT, n=2, seed=SEED, stream=True)
+    assert [name for name, _ in _events(raw)] == ["image_generation.completed"] * 2
 
 
 def test_stream_refusal_is_a_status(server):
@@ -269,6 +312,19 @@ BAD = [
     ({"prompt": PROMPT, "size": "1024x1024"}, "size"),
     ({"prompt": PROMPT, "response_format": "url"}, "response_format"),
     ({"prompt": PROMPT, "quality": "hd"}, "quality"),
+    ({"prompt": PROMPT, "quality": "high"}, "quality"),
+    ({"prompt": PROMPT, "background": "transparent"}, "background"),
+    ({"prompt": PROMPT, "background": "white"}, "background"),
+    ({"prompt": PROMPT, "output_format": "gif"}, "output_format"),
+    ({"prompt": PROMPT, "output_compression": 101}, "output_compression"),
+    ({"prompt": PROMPT, "output_compression": "50"}, "output_compression"),
+    ({"prompt": PROMPT, "partial_images": 4}, "partial_images"),
+    ({"prompt": PROMPT, "partial_images": -1}, "partial_images"),
+    ({"prompt": PROMPT, "moderation": "none"}, "moderation"),
+    ({"prompt": PROMPT, "style": "bold"}, "style"),
+    ({"prompt": PROMPT, "user": 7}, "user"),
+    ({"prompt": PROMPT, "input_fidelity": "high"}, "input_fidelity"),  # an edit's field
+    ({"prompt": PROMPT, "size": "64X64"}, "size"),
     ({"prompt": PROMPT, "n": 0}, "n"),
     ({"prompt": PROMPT, "n": MAX_N + 1}, "n"),
     ({"prompt": "x" * (MAX_PROMPT + 1)}, "prompt"),
@@ -283,12 +339,12 @@ BAD = [
     ({"prompt": PROMPT, "seed": "1"}, "seed"),
     ({"prompt": PROMPT, "seed": -1}, "seed"),
     ({"prompt": PROMPT, "seed": 2**64}, "seed"),
+    ({"prompt": PROMPT, "seed": 2**63 - 1, "n": 2}, "seed"),  # image 1 would draw with seed 2**63
     ({"prompt": PROMPT, "top_k": 1.5}, "top_k"),
     ({"prompt": PROMPT, "top_p": 0}, "top_p"),
     ({"prompt": PROMPT, "temperature": -1}, "temperature"),
     ({"prompt": PROMPT, "guidance_scale": 1e39}, "guidance_scale"),
     ({"prompt": PROMPT, "guidance_scale": [1]}, "guidance_scale"),
-    ({"prompt": PROMPT, "model": "dall-e-3"}, "model"),
     ({"prompt": PROMPT, "decoding": "jacobi"}, "decoding"),
     ({"prompt": PROMPT, "decoding": "sjd", "sjd_window": 0}, "sjd_window"),
     ({"prompt": PROMPT, "decoding": "sjd", "sjd_window": "4"}, "sjd_window"),
@@ -307,6 +363,29 @@ BAD = [
 def test_bad_request(server, body, param):
     status, _, raw = server.generate(**body)
     _assert_error(status, raw, 400, param)
+
+
+def test_standard_fields_are_accepted(server, generated):
+    """Every field of OpenAI's generate call, with the values vqim honours (``null``: left out)."""
+    for body in ({"model": "gpt-image-1", "quality": "auto", "background": "opaque", "moderation": "low",
+                  "output_format": "png", "output_compression": 100, "partial_images": 2, "response_format": "b64_json",
+                  "size": "auto", "stream": False, "style": "vivid", "user": "user-1"},
+                 {"model": "shapes-demo", "quality": "standard", "background": "auto", "style": "natural",
+                  "safety_identifier": "user-2"},
+                 {"model": None, "quality": None, "background": None, "moderation": None, "size": None,
+                  "output_format": None, "output_compression": None, "partial_images": None, "style": None,
+                  "stream": None, "response_format": None, "user": None}):
+        status, _, raw = server.generate(prompt=PROMPT, n=2, seed=SEED, **body)
+        assert status == 200, (body, raw)
+        assert json.loads(raw)["data"] == generated["data"], body
+    status, _, raw = server.generate(prompt=PROMPT, n=None, seed=SEED)  # OpenAI's default, 1
+    assert status == 200 and json.loads(raw)["data"] == generated["data"][:1]
+
+
+def test_unknown_model_is_404(server):
+    status, _, raw = server.generate(prompt=PROMPT, model="dall-e-3")
+    err = _assert_error(status, raw, 404, "model")
+    assert err["code"] == "model_not_found" and "gpt-image-1" in err["message"]
 
 
 @pytest.mark.parametrize("raw", [b"not json", b"", b"[1, 2]", b'"a prompt"', b'{"prompt": "x", "seed": NaN}',
@@ -344,7 +423,7 @@ def _walk_away(server: Server, body: dict) -> None:
     if body.get("stream"):
         r = conn.getresponse()
         assert r.status == 200
-        assert r.readline() == b"event: partial_image\n"
+        assert r.readline() == b"event: image_generation.partial_image\n"
     else:
         time.sleep(0.5)
     conn.close()
@@ -352,7 +431,7 @@ def _walk_away(server: Server, body: dict) -> None:
 
 def test_client_disconnect(server, generated):
     _walk_away(server, {"prompt": PROMPT, "n": MAX_N, "seed": 1})
-    _walk_away(server, {"prompt": PROMPT, "n": MAX_N, "seed": 1, "stream": True})
+    _walk_away(server, {"prompt": PROMPT, "n": MAX_N, "seed": 1, "stream": True, "partial_images": 3})
     status, _, body = server.generate(prompt=PROMPT, n=2, seed=SEED)
     assert status == 200
     assert json.loads(body)["data"] == generated["data"]
@@ -426,7 +505,8 @@ def test_loading_answers_503_then_200():
 
     try:
         with _in_process(factory) as client:
-            for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/images/generations")]:
+            for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/images/generations"),
+                                 ("POST", "/v1/images/edits")]:
                 status, headers, body = client.request(method, path, {"prompt": PROMPT} if method == "POST" else None)
                 assert _assert_error(status, body, 503)["code"] == "model_loading"
                 assert headers["Retry-After"]
@@ -465,7 +545,7 @@ def test_disconnect_cancels_the_request(stream, one_torch_thread):
     engine = _Recording(Engine.from_pretrained(device="cpu", max_batch_size=1))
     with _in_process(lambda: engine) as client:
         _wait_health(client)
-        _walk_away(client, {"prompt": PROMPT, "n": 8, "seed": 1, "stream": stream})
+        _walk_away(client, {"prompt": PROMPT, "n": 8, "seed": 1, "stream": stream, "partial_images": 3})
         (handle,) = engine.handles
         deadline = time.monotonic() + 30
         while not handle.done():
@@ -502,9 +582,12 @@ class _FailingEngine:
     """An engine stand-in whose every request fails with ``error``."""
 
     cfg = types.SimpleNamespace(name="stub", vqgan=types.SimpleNamespace(image_size=64),
-                                decoder=types.SimpleNamespace(grid_h=16), is_text_to_image=True)
+                                decoder=types.SimpleNamespace(grid_h=16, grid_w=16, num_tokens=256),
+                                is_text_to_image=True)
     model = types.SimpleNamespace(superres=None)
     max_queue = 8
+    kv_cache = "plain"
+    tokenizer = None
 
     def __init__(self, error: Exception):
         self.error = error
@@ -531,6 +614,11 @@ def test_request_failures(error, status, code):
         assert got == 200
         ((name, data),) = _events(raw)
         assert name == "error" and data["error"]["code"] == code and str(error) in data["error"]["message"]
+        assert (data["code"], data["message"]) == (code, data["error"]["message"])
+        # OpenAI's client raises it.
+        openai = pytest.importorskip("openai")
+        with pytest.raises(openai.APIError, match=str(error)):
+            list(_client(client).images.generate(prompt=PROMPT, stream=True))
 
 
 def test_load_failure_stops_the_server():
@@ -542,11 +630,15 @@ def test_load_failure_stops_the_server():
     assert len(errors) == 1 and "/nonexistent/model" in errors[0], r.stderr
 
 
-def test_bad_flag_exits_2_before_serving():
-    r = subprocess.run(_serve_cmd("--port", str(_free_port()), "--max-n", "0"), env=_env(), capture_output=True,
+@pytest.mark.parametrize("flags,error", [
+    (("--max-n", "0"), "--max-n must be >= 1, got 0"),
+    (("--served-model-name", "a", "a"), "--served-model-name gives a name twice: ['a', 'a']"),
+])
+def test_bad_flag_exits_2_before_serving(flags, error):
+    r = subprocess.run(_serve_cmd("--port", str(_free_port()), *flags), env=_env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["vqim: error: --max-n must be >= 1, got 0"]
+    assert r.stderr.strip().splitlines() == [f"vqim: error: {error}"]
 
 
 def test_without_the_serve_extra(tmp_path):
@@ -721,3 +813,219 @@ def test_public_model_families_are_served(one_torch_thread):
                 _assert_error(status, raw, 400, "class_id")
         finally:
             _stop(s)
+
+
+# ------------------------------------------------------------- OpenAI's client, and edits (issue 27)
+
+
+def _client(server: Server):
+    """The official ``openai`` client, pointed at ``server``."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(api_key="unused", base_url=server.url + "/v1", max_retries=0, timeout=120)
+
+
+def _file(name: str, image: Image.Image, fmt: str = "PNG") -> tuple[str, bytes, str]:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return name, buf.getvalue(), f"image/{fmt.lower()}"
+
+
+def _mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    """OpenAI's mask: opaque, with ``box`` fully transparent (to redraw)."""
+    mask = Image.new("RGBA", size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), box)
+    return mask
+
+
+def test_openai_generate(server, generated):
+    """``images.generate`` with every standard field: the client's own types, the images of the
+    reference request, each output format, and the user in the server's log."""
+    from openai.types import ImagesResponse
+
+    client = _client(server)
+    r = client.images.generate(prompt=PROMPT, model="gpt-image-1", n=2, size="64x64", quality="auto",
+                               background="opaque", moderation="auto", output_format="png", output_compression=100,
+                               partial_images=0, response_format="b64_json", style="natural", stream=False,
+                               user="openai-test-user", extra_body={"seed": SEED})
+    assert isinstance(r, ImagesResponse)
+    assert [d.b64_json for d in r.data] == [d["b64_json"] for d in generated["data"]]
+    assert (r.output_format, r.size, r.background) == ("png", "64x64", "opaque")
+    u = r.usage
+    assert (u.input_tokens, u.input_tokens_details.text_tokens, u.input_tokens_details.image_tokens) == (8, 8, 0)
+    assert (u.output_tokens, u.total_tokens, u.output_tokens_details.image_tokens) == (512, 520, 512)
+    assert "image_generation: 2 image(s) for user 'openai-test-user'" in server.log()
+    png = np.asarray(_png(r.data[0].b64_json))
+    for fmt, magic in (("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")):
+        sizes = []
+        for compression in (100, 10):
+            r = client.images.generate(prompt=PROMPT, size="auto", output_format=fmt, output_compression=compression,
+                                       extra_body={"seed": SEED})
+            assert r.output_format == fmt
+            raw = base64.b64decode(r.data[0].b64_json)
+            assert raw.startswith(magic)
+            with Image.open(io.BytesIO(raw)) as im:
+                assert im.format == fmt.upper() and im.size == (64, 64)
+                pixels = np.asarray(im.convert("RGB"))
+            if fmt == "webp" and compression == 100:
+                np.testing.assert_array_equal(pixels, png)  # lossless
+            sizes.append(len(raw))
+        assert sizes[1] < sizes[0], (fmt, sizes)  # compressed harder: fewer bytes
+
+
+def test_openai_stream(server, generated):
+    """``images.generate(stream=True)``: every event parses as the client's own type, and the
+    completed events carry the images of the reference request."""
+    from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent
+
+    events = list(_client(server).images.generate(prompt=PROMPT, model="gpt-image-1", n=2, stream=True,
+                                                  partial_images=2, extra_body={"seed": SEED}))
+    partials = [e for e in events if isinstance(e, ImageGenPartialImageEvent)]
+    done = [e for e in events if isinstance(e, ImageGenCompletedEvent)]
+    assert len(partials) + len(done) == len(events) and 2 <= len(partials) <= 4
+    assert all(e.type == "image_generation.partial_image" and e.partial_image_index in (0, 1) for e in partials)
+    assert all(e.type == "image_generation.completed" and e.usage.output_tokens == 256 for e in done)
+    assert [e.b64_json for e in done] == [d["b64_json"] for d in generated["data"]]
+    assert all(_png(e.b64_json).size == (64, 64) and e.size == "64x64" for e in events)
+
+
+def test_openai_edit(server, generated, one_torch_thread):
+    """``images.edit`` with a mask (its transparent bottom half redrawn): the engine's
+    ``generate(image=, keep=)`` in-process, and the same images streamed as OpenAI's edit events."""
+    from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent, ImagesResponse
+
+    from vqim.engine import Engine
+
+    client = _client(server)
+    image = _png(generated["data"][0]["b64_json"])
+    files = {"image": _file("in.png", image), "mask": _file("mask.png", _mask((64, 64), (0, 32, 64, 64)))}
+    r = client.images.edit(**files, prompt=PROMPT, model="gpt-image-1", n=2, size="64x64", output_format="png",
+                           input_fidelity="high", user="editor", extra_body={"seed": 3})
+    assert isinstance(r, ImagesResponse) and len(r.data) == 2
+    # The image's 256 tokens in, the 128 of the bottom half drawn per image.
+    assert (r.usage.input_tokens_details.image_tokens, r.usage.output_tokens) == (256, 256)
+    got = [np.asarray(_png(d.b64_json)) for d in r.data]
+    eng = Engine.from_pretrained(device="cpu", max_batch_size=2)
+    try:
+        want = eng.generate(PROMPT, 2, seed=3, image=image, keep=8)  # the top 8 grid rows kept
+    finally:
+        eng.close()
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, np.asarray(w))
+
+    events = list(client.images.edit(**files, prompt=PROMPT, n=2, stream=True, partial_images=1,
+                                     extra_body={"seed": 3}))
+    partials = [e for e in events if isinstance(e, ImageEditPartialImageEvent)]
+    done = [e for e in events if isinstance(e, ImageEditCompletedEvent)]
+    assert len(partials) + len(done) == len(events) and len(partials) <= 2
+    assert all(e.type == "image_edit.partial_image" for e in partials)
+    assert all(e.type == "image_edit.completed" and e.usage.output_tokens == 128 for e in done)
+    assert [e.b64_json for e in done] == [d.b64_json for d in r.data]
+
+
+def _form(parts: list[tuple[str, bytes | str, str | None]]) -> tuple[bytes, dict]:
+    """A multipart/form-data body of ``(name, value, filename)`` parts, and its header."""
+    boundary = "vqim-test-boundary"
+    out = []
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        value = value.encode() if isinstance(value, str) else value
+        out.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n")
+    return b"".join(out) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _edit(server: Server, parts: list) -> tuple[int, bytes]:
+    body, headers = _form(parts)
+    status, _, raw = server.request("POST", "/v1/images/edits", body, headers=headers)
+    return status, raw
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` pixels, with (almost) no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_edit_masks_map_onto_token_cells(server):
+    """A cell is redrawn when any mask pixel over it is transparent; an image of another size (not
+    square here) is stretched to the model's; without a mask the image's own alpha is the mask."""
+    image = Image.new("RGB", (100, 80), (200, 30, 30))
+    for pixel, cells in (((5, 5), 1), ((6, 5), 2)):  # x = 6 lies over columns 0 and 1 (100 / 16 px each)
+        status, raw = _edit(server, [("image", _file("a.png", image)[1], "a.png"),
+                                     ("mask", _file("m.png", _mask((100, 80), (*pixel, pixel[0] + 1, pixel[1] + 1)))[1],
+                                      "m.png"),
+                                     ("prompt", PROMPT, None), ("seed", "1", None), ("n", "", None)])
+        assert status == 200, raw
+        answer = json.loads(raw)
+        assert answer["usage"]["output_tokens"] == cells and _png(answer["data"][0]["b64_json"]).size == (64, 64)
+    rgba = Image.new("RGBA", (64, 64), (30, 30, 200, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 16, 64))  # the left 4 columns of cells transparent
+    status, raw = _edit(server, [("image[]", _file("a.png", rgba)[1], "a.png"), ("prompt", PROMPT, None),
+                                 ("seed", "1", None), ("output_format", "jpeg", None), ("stream", "false", None)])
+    assert status == 200, raw
+    assert json.loads(raw)["usage"]["output_tokens"] == 4 * 16
+    assert base64.b64decode(json.loads(raw)["data"][0]["b64_json"]).startswith(b"\xff\xd8\xff")
+
+
+OPAQUE = _file("o.png", Image.new("RGB", (64, 64), (10, 200, 10)))[1]
+MASK = _file("m.png", _mask((64, 64), (0, 0, 64, 8)))[1]
+BAD_EDITS = [
+    ([("prompt", PROMPT, None)], "image"),
+    ([("image[]", OPAQUE, "a.png"), ("image[]", OPAQUE, "b.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None)],
+     "image"),
+    ([("image", b"not an image", "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None)], "image"),
+    ([("image", _file("a.gif", Image.new("RGB", (64, 64)), "GIF")[1], "a.gif"), ("mask", MASK, "m.png"),
+      ("prompt", PROMPT, None)], "image"),
+    # Over the server's --max-image-pixels, and over PIL's own decompression-bomb limit: never decoded.
+    ([("image", _png_claiming(1000, 1000), "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None)], "image"),
+    ([("image", _png_claiming(20000, 20000), "a.png"), ("prompt", PROMPT, None)], "image"),
+    ([("image", OPAQUE, "a.png"), ("prompt", PROMPT, None)], "mask"),  # nothing marked to redraw
+    ([("image", OPAQUE, "a.png"), ("mask", _file("m.png", _mask((32, 32), (0, 0, 8, 8)))[1], "m.png"),
+      ("prompt", PROMPT, None)], "mask"),
+    ([("image", OPAQUE, "a.png"), ("mask", OPAQUE, "m.png"), ("prompt", PROMPT, None)], "mask"),  # no alpha
+    ([("image", OPAQUE, "a.png"), ("mask", _file("m.png", Image.new("RGBA", (64, 64), (0, 0, 0, 255)))[1], "m.png"),
+      ("prompt", PROMPT, None)], "mask"),  # fully opaque: nothing to redraw
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("mask", MASK, "n.png"), ("prompt", PROMPT, None)], "mask"),
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png")], "prompt"),
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None), ("prompt", "x", None)], "prompt"),
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, "p.txt")], "prompt"),
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("prompt", b"\xff\xfe", None)], "prompt"),
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None), ("n", "two", None)], "n"),
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None), ("n", "5", None)], "n"),
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None), ("stream", "yes", None)],
+     "stream"),
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None), ("top_p", "nan", None)],
+     "top_p"),
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None), ("top_p", "0", None)], "top_p"),
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None), ("style", "vivid", None)],
+     "style"),  # a generation's field
+    ([("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None), ("size", "1024x1024", None)],
+     "size"),
+]
+
+
+@pytest.mark.parametrize("parts,param", BAD_EDITS, ids=[f"{p}-{i}" for i, (_, p) in enumerate(BAD_EDITS)])
+def test_bad_edit(server, parts, param):
+    status, raw = _edit(server, parts)
+    _assert_error(status, raw, 400, param)
+
+
+def test_edit_request_refusals(server):
+    ok = [("image", OPAQUE, "a.png"), ("mask", MASK, "m.png"), ("prompt", PROMPT, None)]
+    status, raw = _edit(server, [*ok, ("model", "dall-e-2", None)])
+    assert _assert_error(status, raw, 404, "model")["code"] == "model_not_found"
+    # Not a form: what OpenAI's client sends is multipart.
+    status, _, raw = server.request("POST", "/v1/images/edits", {"prompt": PROMPT},
+                                    headers={"Content-Type": "application/json"})
+    _assert_error(status, raw, 400)
+    body, headers = _form(ok)
+    status, _, raw = server.request("POST", "/v1/images/edits", body[:-10], headers=headers)  # no closing boundary
+    _assert_error(status, raw, 400)
+    # An upload over --max-upload-bytes, by Content-Length and read chunked.
+    big, headers = _form([*ok, ("user", "u" * MAX_UPLOAD, None)])
+    for data in (big, iter([big[:1000], big[1000:]])):
+        status, _, raw = server.request("POST", "/v1/images/edits", data, headers=headers)
+        _assert_error(status, raw, 413)
+    assert server.request("GET", "/health")[0] == 200
