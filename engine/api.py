@@ -378,7 +378,7 @@ class Engine:
     def generate_codes(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None,
                        class_ids=None, negative_prompt=None, progress: bool | Callable[[int], None] = False,
                        timeout: float | None = None, image=None, keep=None, candidates: int = 1,
-                       return_scores: bool = False, decoding: str = "raster", sjd_window: int = 16, **sampling):
+                       return_scores: bool = False, decoding: str = "auto", sjd_window: int = 16, **sampling):
         """Image tokens ``[len(prompts) * num_images, grid_h, grid_w]``, request-major.
 
         ``sampling``: settings by :class:`~vqim.kernels.SamplingParams` field name (``cfg_scale``,
@@ -410,7 +410,9 @@ class Engine:
         the same tokens as raster; needs every decoder layer conv-masked, else a warning says so
         and the call decodes in raster order) or ``"sjd"`` (speculative Jacobi decoding with
         ``sjd_window`` drafts per image: the same distribution as raster, other tokens; any
-        model). Every decoding runs in the engine's one decode loop, beside other callers' images.
+        model); ``"auto"`` (the default) is the wavefront where the model runs it (and the KV
+        cache is plain), else raster. Every decoding runs in the engine's one decode loop, beside
+        other callers' images.
 
         The call's images go to the decode loop as its queue has room (a call larger than
         ``max_queue`` waits for room, it is not refused) and the call waits for them.
@@ -432,7 +434,7 @@ class Engine:
     def submit(self, prompts: Sequence[str] | str | None = None, num_images: int = 1, *, seed=None, class_ids=None,
                negative_prompt=None, timeout: float | None = None,
                on_partial: Callable[[int, torch.Tensor, int], None] | None = None, partial_every: int = 1,
-               image=None, keep=None, decoding: str = "raster", sjd_window: int = 16, **sampling) -> RequestHandle:
+               image=None, keep=None, decoding: str = "auto", sjd_window: int = 16, **sampling) -> RequestHandle:
         """Queue a request (the arguments of :meth:`generate_codes`) and return its
         :class:`~vqim.engine.scheduler.RequestHandle` at once: ``handle.result()`` or ``await
         handle`` gives the codes ``[n, grid_h, grid_w]``, ``handle.cancel()`` ends it,
@@ -449,7 +451,7 @@ class Engine:
                             sjd_window=sjd_window, **sampling)
 
     def _submit(self, call: int, prompts, num_images, *, wait: bool, seed, class_ids, negative_prompt, timeout,
-                on_partial=None, partial_every: int = 1, image=None, keep=None, decoding: str = "raster",
+                on_partial=None, partial_every: int = 1, image=None, keep=None, decoding: str = "auto",
                 sjd_window: int = 16, **sampling) -> RequestHandle:
         """Check a call and queue it (rank 0) or wait for rank 0's (another tensor-parallel rank)."""
         try:

@@ -69,7 +69,9 @@ import torch
 from .config import DecoderConfig
 from .models import ARDecoder
 
-DECODINGS = ("raster", "wavefront", "sjd")
+# "auto": the wavefront where it draws raster's tokens (every decoder layer conv-masked, the plain
+# KV cache), else raster.
+DECODINGS = ("auto", "raster", "wavefront", "sjd")
 
 
 @dataclass

@@ -134,7 +134,7 @@ class Request:
     seeds: list[int]
     num_images: int
     forced: list[torch.Tensor] | None  # per prompt: (n,) kept tokens, -1 where drawn
-    decoding: str = "raster"
+    decoding: str = "auto"
     sjd_window: int = 16
 
     @property
@@ -187,7 +187,7 @@ def conditions(cfg: ModelConfig, prompts, class_ids) -> tuple[list, bool]:
 
 
 def check_request(model: VQIMModel, tokenizer: TextTokenizer | None, defaults: K.SamplingParams, prompts,
-                  num_images, sampling: dict, seed, class_ids, negative_prompt=None, *, decoding: str = "raster",
+                  num_images, sampling: dict, seed, class_ids, negative_prompt=None, *, decoding: str = "auto",
                   sjd_window: int = 16, ring_cache: bool = False, most_images: int | None = None,
                   kept: Callable[[int], list[torch.Tensor] | None] | None = None) -> Request:
     """Everything a generation call checks before the first decode step, as a :class:`Request`.
@@ -243,8 +243,11 @@ def check_request(model: VQIMModel, tokenizer: TextTokenizer | None, defaults: K
 
 def resolve_decoding(model: VQIMModel, decoding: str, sjd_window: int, ring_cache: bool) -> str:
     """``decoding`` checked (and ``sjd_window`` for ``"sjd"``); a wavefront the model cannot run
-    (a fully causal layer) is raster order, with a warning saying why."""
+    (a fully causal layer) is raster order, with a warning saying why; ``"auto"`` is the
+    wavefront where it runs (the same tokens in fewer passes), else raster, silently."""
     check_decoding(decoding)
+    if decoding == "auto":
+        return "wavefront" if wavefront_unsupported(model.decoder) is None and not ring_cache else "raster"
     if decoding == "sjd":
         check_window("sjd_window", sjd_window, model.cfg.decoder.num_tokens)
     if decoding == "wavefront":

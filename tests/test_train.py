@@ -210,6 +210,27 @@ def test_cli_writes_the_shapes_dataset(tmp_path, capsys):
     assert "split" in capsys.readouterr().err
 
 
+def test_partial_captions_name_part_of_the_same_scenes(tmp_path, capsys):
+    """--partial: the same images as without it; that share of the captions drops sizes and
+    positions (each shape's shape and color kept, and its analyzer reading still matching)."""
+    full = shapes.make_dataset(tmp_path / "full", 60, seed=3, size=32)
+    assert train_cli(["shapes", str(tmp_path / "part"), "-n", "60", "--seed", "3", "--image-size", "32",
+                      "--partial", "0.5"]) == 0
+    a, b = ImageDataset(full, 32), ImageDataset(tmp_path / "part", 32)
+    assert a.captions[0] == b.captions[0] or shapes.parse_caption(b.captions[0])
+    changed = [(x, y) for x, y in zip(a.captions, b.captions) if x != y]
+    assert 10 <= len(changed) <= 50, len(changed)
+    for x, y in changed:
+        want, got = shapes.parse_caption(x), shapes.parse_caption(y)
+        assert [(s.shape, s.color) for s in want] == [(s.shape, s.color) for s in got]
+        assert all(g.size in (None, w.size) and g.position in (None, w.position) for w, g in zip(want, got))
+        assert any(g.size is None or g.position is None for g in got)
+    for i in range(60):
+        assert (full / f"images/{i:05d}.png").read_bytes() == (tmp_path / f"part/images/{i:05d}.png").read_bytes()
+    assert train_cli(["shapes", str(tmp_path / "bad"), "-n", "3", "--partial", "1.5"]) == 2
+    assert "partial" in capsys.readouterr().err
+
+
 def test_example_configs_parse(monkeypatch):
     from pathlib import Path
 

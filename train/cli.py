@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", default="train", help="train, validation or held_out")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--image-size", type=int, default=64)
+    d.add_argument("--partial", type=float, default=0.0,
+                   help="share of captions naming only part of each shape (shape and color, size and position "
+                        "each kept with probability 1/2); default 0")
 
     t = sub.add_parser("tokenizer", help="train a sentencepiece model on a dataset's captions")
     t.add_argument("data", help="dataset folder with captions.jsonl")
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "shapes":
             from .shapes import make_dataset
 
-            print(make_dataset(args.out_dir, args.num_images, seed=args.seed, split=args.split, size=args.image_size))
+            print(make_dataset(args.out_dir, args.num_images, seed=args.seed, split=args.split, size=args.image_size,
+                               partial=args.partial))
         elif args.command == "tokenizer":
             from .data import ImageDataset, train_sentencepiece
 

@@ -93,6 +93,15 @@ def caption(scene: Iterable[ShapeSpec]) -> str:
     return " and ".join(spec.describe() for spec in scene)
 
 
+def partial_caption(scene: Iterable[ShapeSpec], rng: random.Random) -> str:
+    """A caption naming part of each shape: its shape and color always, its size and position
+    each with probability one half. Such captions tie a word to one attribute whatever the
+    others are (a recipe for composition: held-out prompts combine attributes only ever seen
+    apart); the image is the whole scene's, so nothing of a held-out combination is shown."""
+    return " and ".join(ShapeSpec(spec.shape, spec.color, spec.size if rng.random() < 0.5 else None,
+                                  spec.position if rng.random() < 0.5 else None).describe() for spec in scene)
+
+
 def sample_scene(rng: random.Random, *, split: str = "train", num_shapes: int | None = None) -> list[ShapeSpec]:
     """A random scene of 1 or 2 shapes at distinct positions, drawn from ``split``."""
     if split not in SPLITS:
@@ -138,26 +147,33 @@ def render(scene: Iterable[ShapeSpec], size: int = 64, rng: random.Random | None
     return img
 
 
-def make_dataset(out_dir: str | os.PathLike, n: int, *, seed: int, split: str = "train", size: int = 64) -> Path:
+def make_dataset(out_dir: str | os.PathLike, n: int, *, seed: int, split: str = "train", size: int = 64,
+                 partial: float = 0.0) -> Path:
     """Write ``n`` images to ``out_dir/images/`` and ``out_dir/captions.jsonl``.
 
     Lines of captions.jsonl: ``{"file": "images/00000.png", "caption": "..."}``. The captions
-    file is written to a temporary name and renamed, so it never exists half-written.
+    file is written to a temporary name and renamed, so it never exists half-written. A share
+    ``partial`` of the captions are :func:`partial_caption` s (0: every caption names everything).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
+    if not 0.0 <= partial <= 1.0:
+        raise ValueError(f"partial must be in [0, 1] (the share of partial captions), got {partial}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     # Seeds of the three splits never collide for the same user seed.
     rng = random.Random(f"shapes/{split}/{seed}")
+    # Its own stream: the images are the same whatever the share of partial captions.
+    cap_rng = random.Random(f"shapes/{split}/{seed}/partial")
     lines = []
     for i in range(n):
         scene = sample_scene(rng, split=split)
         name = f"images/{i:05d}.png"
         render(scene, size, rng).save(out / name)
-        lines.append(json.dumps({"file": name, "caption": caption(scene)}))
+        text = partial_caption(scene, cap_rng) if cap_rng.random() < partial else caption(scene)
+        lines.append(json.dumps({"file": name, "caption": text}))
     atomic_write(out / "captions.jsonl", lambda p: p.write_text("\n".join(lines) + "\n"))
     return out
 

@@ -1,5 +1,5 @@
 """The inference commands of ``vqim``: ``generate``, ``edit``, ``encode``, ``decode``, ``bench``, ``convert``,
-``serve``.
+``serve``, ``batch``.
 
 The engine knows nothing of training: :mod:`vqim.train.main` is the installed ``vqim`` command,
 built on :func:`add_commands`, :func:`add_model_args`, :func:`engine_from_args` and :func:`run`
@@ -299,7 +299,71 @@ def _import_serve():
 
 
 def _serve(args: argparse.Namespace) -> None:
+    if args.ray:
+        _import_ray("serve --ray", "ray_serve").main(args)
+        return
     _import_serve().main(args)
+
+
+# ---- Ray (vqim serve --ray, vqim batch): the ray extra, imported only when asked for.
+RAY_EXTRA = "vqim {} needs the ray extra: pip install 'vqim[ray]'"
+
+
+def _import_ray(command: str, module: str):
+    """``engine/entrypoints/<module>.py``, or ValueError(RAY_EXTRA) where ray (or the serve
+    extra's packages) are not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__package__}.{module}")
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in {"ray", *_SERVE_PACKAGES}:
+            raise ValueError(RAY_EXTRA.format(command)) from e
+        raise
+
+
+def _replicas(text: str) -> int | tuple[int, int]:
+    """``--replicas``: N (fixed) or MIN:MAX (autoscaling), each an int >= 1 (MIN may be 0)."""
+    lo, sep, hi = text.partition(":")
+    if not sep:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"must be N >= 1 or MIN:MAX, got {text!r}")
+        return int(text)
+    if not (lo.isdigit() and hi.isdigit()) or int(hi) < max(1, int(lo)):
+        raise argparse.ArgumentTypeError(f"MIN:MAX needs ints with 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return int(lo), int(hi)
+
+
+def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The Ray flags both commands take (``what``: a replica or an actor)."""
+    p.add_argument("--num-gpus", type=float, default=None,
+                   help=f"GPUs per {what} (default 1; 0 with --device cpu)")
+    p.add_argument("--num-cpus", type=float, default=1.0, help=f"CPUs per {what} (default 1)")
+    p.add_argument("--ray-address", default=None,
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, else a local cluster started and stopped "
+                        "by this command)")
+
+
+def _add_ray_serve_args(p: argparse.ArgumentParser) -> None:
+    """``vqim serve --ray``'s flags."""
+    p.add_argument("--ray", action="store_true",
+                   help="serve as a Ray Serve deployment of replicas of this app (needs the ray extra: "
+                        "pip install 'vqim[ray]')")
+    p.add_argument("--replicas", type=_replicas, default=1, metavar="N|MIN:MAX",
+                   help="with --ray: N replicas, or MIN:MAX for Ray Serve's autoscaling (default 1)")
+    p.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="with --replicas MIN:MAX: requests per replica the autoscaler aims at (default "
+                        "--max-batch-size: a replica's images decoded together)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="with --ray: tensor-parallel ranks per replica, a placement group of that many bundles on "
+                        "one node (default 1)")
+    _add_ray_args(p, "replica (per rank with --tp)")
+
+
+def _batch(args: argparse.Namespace) -> None:
+    from . import batch
+
+    batch.main(args)
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -338,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``generate``, ``edit``, ``encode``, ``decode``, ``bench``, ``convert`` and ``serve`` to ``sub`` (each sets ``func``,
-    run by :func:`run`)."""
+    """Add ``generate``, ``edit``, ``encode``, ``decode``, ``bench``, ``convert``, ``serve`` and ``batch`` to ``sub`` (each
+    sets ``func``, run by :func:`run`)."""
     g = sub.add_parser("generate", help="text (or class) -> image(s)",
                        description="The words given without a flag are ONE prompt, quoted or not (vqim generate a "
                        "red circle == vqim generate \"a red circle\"); give several prompts with -p/--prompt, once "
@@ -357,9 +421,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--class-id", type=int, nargs="+", default=None, help="class id(s) of a class-conditional model")
     g.add_argument("--candidates", type=int, default=1,
                    help="draw N images per image and keep the one the model's scorer rates best (needs a scorer)")
-    g.add_argument("--decoding", choices=list(DECODINGS), default="raster",
+    g.add_argument("--decoding", choices=list(DECODINGS), default="auto",
                    help="raster: a token per pass; wavefront: the same tokens in fewer passes (models whose every "
-                        "decoder layer is conv-masked); sjd: speculative Jacobi decoding (same distribution)")
+                        "decoder layer is conv-masked); sjd: speculative Jacobi decoding (same distribution); auto "
+                        "(default): the wavefront where the model runs it, else raster")
     g.add_argument("--sjd-window", type=int, default=16, help="draft tokens per image for --decoding sjd (default 16)")
     g.add_argument("--upscale", action="store_true", help=UPSCALE_HELP)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -424,8 +489,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="HTTP server: POST /v1/images/generations (OpenAI's images API shape)",
                        description="Serves the model over HTTP (needs the serve extra: pip install 'vqim[serve]').")
     _add_serve_args(s)
+    _add_ray_serve_args(s)
     add_model_args(s)
     s.set_defaults(func=_serve)
+
+    bt = sub.add_parser("batch", help="offline generation: a JSONL file of rows -> image shards (resumable)",
+                        description="Draws one image per row of PROMPTS (JSONL: {\"prompt\": ..., \"seed\": ..., "
+                        "settings}) into OUTDIR/shard-NNNNNN/ folders of PNGs and metadata.jsonl; a re-run skips "
+                        "the shards already written. With --ray on Ray Data (a pool of engine actors); without, in "
+                        "this process, or data parallel under torchrun (rank r draws shards r, r + N, ...).")
+    bt.add_argument("prompts", metavar="PROMPTS",
+                    help="JSONL, one row per line: prompt (or class_id), seed, negative_prompt, settings by name "
+                         "(cfg_scale, temperature, top_k, top_p, min_p)")
+    bt.add_argument("outdir", metavar="OUTDIR", help="folder of the shards (created; a re-run resumes it)")
+    bt.add_argument("--shard-size", type=int, default=64, help="rows per shard (default 64)")
+    bt.add_argument("--seed", type=int, default=0, help="a row without a seed draws with SEED + its row index "
+                    "(default 0)")
+    SamplingParams.add_arguments(bt, "for rows that leave it out; default: the model's recommendation "
+                                 "(generation.json), else {default}")
+    bt.add_argument("--ray", action="store_true", help="draw on Ray Data (needs the ray extra: pip install "
+                    "'vqim[ray]')")
+    bt.add_argument("--actors", type=int, default=1, help="with --ray: engine actors in the pool (default 1)")
+    _add_ray_args(bt, "actor")
+    bt.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    add_model_args(bt)
+    bt.set_defaults(func=_batch)
 
 
 def run(args: argparse.Namespace) -> int:
