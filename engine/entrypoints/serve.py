@@ -26,7 +26,8 @@ Endpoints (every error in OpenAI's shape ``{"error": {"message", "type", "param"
   ``null`` is a field left out.
 - vqim's own fields: ``seed``, ``guidance_scale`` (the engine's ``cfg_scale``),
   ``negative_prompt``, ``temperature``, ``top_k``, ``top_p``, ``min_p`` (left out: the model's
-  ``generation.json``), ``decoding`` (``raster`` / ``wavefront`` / ``sjd``, with ``sjd_window``),
+  ``generation.json``), ``decoding`` (``auto``, the default: the wavefront where the model runs
+  it, else raster; ``raster`` / ``wavefront`` / ``sjd``, with ``sjd_window``),
   ``candidates`` (N images per image, the reranker's best returned; at most ``--max-candidates``,
   ``n * N`` at most the queue; not streamed), ``class_id``. A class-conditional model (LlamaGen)
   takes ``class_id``, or a ``prompt`` that is the class id's decimal form (``"207"``).
@@ -187,7 +188,7 @@ class _ImageRequest(BaseModel):
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
-    decoding: str = "raster"
+    decoding: str = "auto"
     sjd_window: int = 16
     candidates: int = 1
 
