@@ -434,3 +434,16 @@ def test_cli_convert_janus_writes_a_loadable_model(janus, tmp_path):
     m = Engine.from_pretrained(tmp_path / "m", device="cpu")
     assert m.cfg.prompt.max_len == 64
     assert_equal(m.generate_codes(PROMPTS[:1], seed=3), eng.generate_codes(PROMPTS[:1], seed=3))
+
+
+def test_llamagen_converted_model_serves_engine_features(llamagen):
+    """The converted class-conditional model under the engine: same seed same image in any
+    batch (guided, LlamaGen's top-k), int8 and SJD draw images, save and reload keep them."""
+    _, _, eng, root, _ = llamagen
+    both = eng.generate_codes(class_ids=[1, 7], seed=[5, 6], cfg_scale=4.0, top_k=100)
+    assert_equal(both[1], eng.generate_codes(class_ids=[7], seed=6, cfg_scale=4.0, top_k=100)[0])
+    q8 = Engine.from_pretrained(root / "vqim", device="cpu", quantize="int8")
+    assert q8.generate_codes(class_ids=[1, 7], seed=5).shape == (2, 16, 16)
+    assert eng.generate_codes(class_ids=[1], seed=5, decoding="sjd", sjd_window=8).shape == (1, 16, 16)
+    again = Engine.from_pretrained(eng.save_pretrained(root / "resaved"), device="cpu")
+    assert_equal(again.generate_codes(class_ids=[1, 7], seed=[5, 6], cfg_scale=4.0, top_k=100), both)
