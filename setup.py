@@ -123,11 +123,16 @@ setup(
     extras_require={
         # `vqim serve`: the HTTP server (engine/serve.py).
         "serve": ["fastapi>=0.115", "uvicorn>=0.30", "pydantic>=2"],
+        # `vqim serve --ray` and `vqim batch --ray` (engine/entrypoints/ray_serve.py, batch.py): Ray
+        # Serve with a builder-function ingress (2.47 and later) and Ray Data; the serve extra's app.
+        "ray": ["ray[serve,data]>=2.47", "fastapi>=0.115", "uvicorn>=0.30", "pydantic>=2"],
         # transformers: the reference implementation tests/test_public_models.py checks the Janus
         # and LlamaGen converters against (< 5: 5.x imports a top-level `kernels` package, which
         # this checkout's own kernels/ folder shadows when pytest runs from the repository root).
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "fastapi>=0.115", "uvicorn>=0.30",
-                 "pydantic>=2", "transformers>=4.53,<5", "openai>=3.22.1,<3.23"],
+                 "pydantic>=2", "transformers>=4.53,<5", "openai>=3.22.1,<3.23",
+                 # tests/test_ray.py's local Ray cluster (the ray extra).
+                 "ray[serve,data]>=2.47"],
     },
     ext_modules=[CMakeExtension("vqim.kernels._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},

@@ -41,12 +41,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "torch's default for larger ones)")
 
 
-def engine_from_args(args: argparse.Namespace, **options):
+def engine_from_args(args: argparse.Namespace, *, tp: int | None = None, **options):
     """The engine of :func:`add_model_args`' arguments; ``options`` are more ``Engine`` options
-    (the server's queue and batch sizes)."""
+    (the server's queue and batch sizes). ``tp=None`` is torchrun's ``WORLD_SIZE`` (1 outside
+    torchrun); ``vqim batch``'s data-parallel ranks pass 1, a Ray replica its ``--tp``."""
     from ..api import Engine
 
-    tp = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp is None:
+        tp = int(os.environ.get("WORLD_SIZE", "1"))
     opts = {"compile": args.compile, "quantize": args.quantize, "cpu_threads": args.cpu_threads, **options}
     if args.preset is not None:
         return Engine.from_preset(args.preset, seed=args.model_seed, device=args.device, dtype=args.dtype, tp=tp,
