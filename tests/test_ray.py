@@ -8,6 +8,8 @@ temporary files in a fresh temporary folder; the processes it starts run with a 
 - ``vqim serve --ray --replicas 2`` of the bundled model, driven by the official ``openai``
   client: requests with one seed get the same image bytes from either replica, both replicas
   answer (each response names its replica), and the image is the in-process engine's.
+- ``vqim serve --ray --tp 2``: a tensor-parallel replica (rank 1 an actor of its placement
+  group) draws the tp=1 engine's images.
 - ``vqim batch --ray --actors 2`` over 100 rows: every image present and equal to what
   ``vqim generate`` draws for its row (the in-process engine, one call per row, and the command
   itself for two rows), with an actor killed mid-shard and its shard drawn again.
@@ -20,6 +22,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,7 +53,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPT = "a large red circle in the center"
 # Ray's settings for everything this module starts.
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
+           # A tensor-parallel replica's ranks (Ray workers, which inherit this) meet over the loopback.
+           "GLOO_SOCKET_IFNAME": "lo"}
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +168,36 @@ def test_serve_ray_two_replicas_same_seed_same_bytes(cluster, engine, tmp_path):
     assert proc.returncode == 0, _log(log)
     assert "Deleting app" in log.read_text(errors="replace")
     assert "vqim" not in ray.serve.status().applications  # the command took its app with it
+
+
+def test_serve_ray_tensor_parallel_replica(cluster, tmp_path):
+    """``--tp 2``: a replica whose rank 1 is an actor in the second bundle of its placement
+    group (gloo on the CPUs); it answers with the tp=1 engine's images."""
+    address, env = cluster
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(_vqim("serve", "--ray", "--tp", "2", "--preset", "tiny-t2i", "--ray-address", address,
+                                      "--host", "127.0.0.1", "--port", str(_free_port()), "--device", "cpu",
+                                      "--max-batch-size", "2"),
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while (m := re.search(r"ready at (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))) is None:
+            assert proc.poll() is None, f"vqim serve --ray --tp 2 exited with {proc.returncode}:\n{_log(log)}"
+            assert time.monotonic() < deadline, f"vqim serve --ray --tp 2 was not ready within 150 s:\n{_log(log)}"
+            time.sleep(0.5)
+        body = json.dumps({"prompt": "a red circle", "n": 2, "seed": 3}).encode()
+        req = urllib.request.Request(m.group(1) + "/v1/images/generations", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            data = json.loads(r.read())["data"]
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, _log(log)
+    want = Engine.from_preset("tiny-t2i", device="cpu").generate("a red circle", 2, seed=3)
+    for i, (d, w) in enumerate(zip(data, want)):
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).convert("RGB"))
+        assert np.array_equal(got, np.asarray(w)), f"image {i}"
 
 
 # ---------------------------------------------------------------------------------- batch --ray

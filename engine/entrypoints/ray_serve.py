@@ -302,17 +302,55 @@ def main(args: argparse.Namespace) -> None:
             raise ValueError(f"the Ray cluster has no GPU for --num-gpus {gpus:g} per replica: give --device cpu (or "
                              "--num-gpus 0) to serve on CPUs")
         serve.start(http_options={"host": args.host, "port": port})
+        host, port = _http_address(args.host, port)
         print(f"vqim serve --ray: starting {args.replicas} replica(s) (tp {args.tp}); the app answers at "
-              f"http://{args.host}:{port} once they are ready", file=sys.stderr, flush=True)
+              f"http://{host}:{port} once they are ready", file=sys.stderr, flush=True)
         serve.run(app, name=APP_NAME, route_prefix="/")
         ready.set()
-        print(f"vqim serve --ray: ready at http://{args.host}:{port}", file=sys.stderr, flush=True)
+        print(f"vqim serve --ray: ready at http://{host}:{port}", file=sys.stderr, flush=True)
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:
         pass  # stopped while the replicas started
     finally:
+        _delete_app()
+        ray.shutdown()
+
+
+def _http_address(host: str, port: int) -> tuple[str, int]:
+    """Where Ray Serve's proxies listen: ``host:port``, unless Serve already ran on the cluster
+    with other HTTP options, which Ray keeps (then a warning says so)."""
+    try:
+        from ray.serve.context import _get_global_client  # not public: read only, with a fallback
+
+        config = _get_global_client().http_config
+        have = (config.host, int(config.port))
+    except Exception:  # noqa: BLE001 (another Ray version: trust the options given)
+        return host, port
+    if have != (host, port):
+        warnings.warn(f"Ray Serve already runs on this cluster with its proxies on {have[0]}:{have[1]}; --host and "
+                      "--port do not change that (the app answers there)", stacklevel=2)
+    return have
+
+
+# How long the command waits for Ray to delete its app when it stops.
+DELETE_TIMEOUT_S = 60.0
+
+
+def _delete_app() -> None:
+    """Delete this command's app, waiting at most DELETE_TIMEOUT_S: a cluster that went away
+    under it (its raylet killed) would leave ``serve.delete`` waiting forever."""
+    done = threading.Event()
+
+    def delete():
         try:
             serve.delete(APP_NAME)
+        except Exception as e:  # noqa: BLE001 (told, then the command still leaves the cluster)
+            print(f"vqim serve --ray: could not delete the app: {e}", file=sys.stderr)
         finally:
-            ray.shutdown()
+            done.set()
+
+    threading.Thread(target=delete, name="vqim-ray-delete", daemon=True).start()
+    if not done.wait(DELETE_TIMEOUT_S):
+        print(f"vqim serve --ray: the Ray cluster did not delete the app within {DELETE_TIMEOUT_S:g} s; leaving it",
+              file=sys.stderr)
