@@ -10,9 +10,15 @@ whole cache; microseconds per step and GB/s of K/V actually needed.
 Also prints the work the prefill kernel's tiling visits, counted exactly on the CPU
 (`visited_work`): raster query runs (what ships) against spatial query tiles.
 
-Run: ``python benchmarks/bench_conv_attention.py [--save]`` (CPU: tiny sizes through the Triton
-interpreter, only to show it runs; those numbers are not the target). As a pytest-benchmark
-module the ``test_bench_*`` functions need CUDA.
+CPU decode (``--cpu``; also part of a run without a GPU): the decode step with the cache write
+as the engine calls it on a CPU (torch backend, ``validate=False``, one thread) at the bundled
+demo model's shapes, read off ``Engine.from_pretrained(device="cpu")``: the torch backend's CPU
+path (the window's slots only) against the reference (index write + dense attention over every
+slot, what the torch backend ran before) and dense SDPA with a boolean mask over the cache.
+
+Run: ``python benchmarks/bench_conv_attention.py [--save] [--cpu]`` (CPU: tiny sizes through the
+Triton interpreter, only to show it runs; those numbers are not the target). As a
+pytest-benchmark module the ``test_bench_*`` functions need CUDA.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from vqim.engine.profiling.timing import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, device_name, print_table, timeit  # noqa: E402
 from vqim.kernels import (conv_attention, conv_attention_ref, conv_cache_len, conv_decode_attention,  # noqa: E402
-                          conv_mask_ref)
+                          conv_decode_attention_ref, conv_mask_ref)
 from vqim.kernels import _ext  # noqa: E402
-from vqim.kernels.conv_attention import _prefix_block  # noqa: E402
+from vqim.kernels.conv_attention import (_conv_decode_attention_write_torch, _prefix_block,  # noqa: E402
+                                        _write_cache)
 
 from _common import append_results  # noqa: E402
 
@@ -227,6 +234,81 @@ def decode_rows(b, h, grid, kernel, prefix, d, dtype, device, iters) -> list[dic
     return rows
 
 
+def bundled_decode_shape() -> dict:
+    """The bundled demo model's conv decode attention: batch 1 with guidance (2 rows), its heads,
+    head dim, grid, kernel, prefix, cache lengths (plain: max_seq; ring) and dtype."""
+    from vqim.engine import Engine
+
+    dec = Engine.from_pretrained(device="cpu").model.decoder
+    cfg = dec.cfg
+    grid = (cfg.grid_h, cfg.grid_w)
+    return {"B": 2, "H": cfg.heads, "Dh": cfg.head_dim, "grid": grid, "kernel": tuple(cfg.conv_kernel),
+            "prefix": cfg.prefix, "plain": cfg.max_seq, "ring": conv_cache_len(grid, cfg.conv_kernel, cfg.prefix),
+            "dtype": dec.dtype}
+
+
+def cpu_decode_rows(iters: int = 300) -> list[dict]:
+    """Microseconds per decode call with the write on the CPU, one thread, mid-grid (a full window)."""
+    shp = bundled_decode_shape()
+    b, h, d, grid, kernel, prefix, dtype = (shp[k] for k in ("B", "H", "Dh", "grid", "kernel", "prefix", "dtype"))
+    pos = torch.full((b,), prefix + (grid[0] // 2) * grid[1] + grid[1] // 2)
+    geo = {"grid": grid, "kernel": kernel, "prefix": prefix}
+    full_mask = conv_mask_ref(grid, kernel, prefix)  # (S, S), built once as a cached table would be
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for ring in (False, True):
+            s = shp["ring" if ring else "plain"]
+            q, k_new, v_new = (torch.randn(b, h, 1, d, dtype=dtype) for _ in range(3))
+            kc, vc = (torch.randn(b, h, s, d, dtype=dtype) for _ in range(2))
+            methods = cpu_decode_methods(q, kc, vc, pos, k_new, v_new, geo, ring, full_mask)
+            base = None
+            with torch.no_grad():
+                for name, fn in methods.items():
+                    t = timeit(fn, device=torch.device("cpu"), warmup=20, iters=iters)
+                    base = base or t["ms"]
+                    rows.append({"op": "cpu decode", "method": name, "cache": "ring" if ring else "plain",
+                                 "B": b, "H": h, "S": s, "Dh": d, "dtype": str(dtype).removeprefix("torch."),
+                                 "us": t["ms"] * 1e3, "p20": t["p20"] * 1e3, "p80": t["p80"] * 1e3,
+                                 "x_ours": t["ms"] / base})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def cpu_decode_methods(q, kc, vc, pos, k_new, v_new, geo, ring, full_mask) -> dict:
+    """The calls the CPU table times; each writes k_new/v_new into the caches, then attends. The
+    first two run the torch backend's CPU path, bare and through the public op as the engine
+    calls it; the reference is what that backend ran before; SDPA over the masked cache a peer."""
+
+    grid, kernel, prefix = geo["grid"], geo["kernel"], geo["prefix"]
+
+    def cpu_path():
+        return _conv_decode_attention_write_torch(q, kc, vc, pos, k_new, v_new, grid, kernel, prefix, None, ring)
+
+    def op_call():
+        return conv_decode_attention(q, kc, vc, pos, k_new=k_new, v_new=v_new, **geo, ring=ring, validate=False,
+                                     backend="torch")
+
+    def reference():
+        _write_cache(kc, vc, pos, k_new, v_new, grid, kernel, prefix, ring)
+        return conv_decode_attention_ref(q, kc, vc, pos, **geo, ring=ring)
+
+    def sdpa_dense():
+        _write_cache(kc, vc, pos, k_new, v_new, grid, kernel, prefix, ring)
+        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=full_mask[pos][:, None, None, :kc.shape[2]])
+
+    methods = {"CPU path (torch backend body)": cpu_path, "vqim op call (public, validate=False)": op_call,
+               "reference (write + dense; body before)": reference}
+    if not ring:  # slot = position: the mask's columns are the cache's slots
+        methods["sdpa, bool mask over the cache"] = sdpa_dense
+    return methods
+
+
+CPU_COLUMNS = ["method", "cache", "B", "H", "S", "Dh", "dtype", "us", "p20", "p80", "x_ours"]
+
+
 def ring_memory(grid=GRID, kernel=KERNEL, prefix=PREFIX, d=64, h=16, layers=1, elt=2) -> dict:
     plain = prefix + grid[0] * grid[1]
     ring = conv_cache_len(grid, kernel, prefix)
@@ -271,14 +353,24 @@ def test_bench_decode(benchmark, ring, backend):
 
 # --------------------------------------------------------------------------- script
 
+def print_cpu_decode() -> None:
+    print("\nCPU decode step with the cache write, bundled demo model, one thread (x_ours: time / the CPU "
+          "path's; the op call adds validation and torch's custom-op dispatch)")
+    print_table(cpu_decode_rows(), CPU_COLUMNS)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--save", action="store_true", help="append GPU rows to benchmarks/results/conv_attention.csv")
     ap.add_argument("--no-work", action="store_true", help="skip the visited-work count")
+    ap.add_argument("--cpu", action="store_true", help="only the CPU decode table (torch backend, bundled model)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     print(f"device: {device_name(device)}")
+    if args.cpu:
+        print_cpu_decode()
+        return
 
     if not args.no_work:
         print(f"\nvisited (query, key) work of the prefill tiling, grid {GRID}, kernel {KERNEL}, prefix {PREFIX} "
@@ -304,6 +396,8 @@ def main() -> None:
     print_table(dec, ["method", "B", "H", "S", "Dh", "dtype", "us/step", "p20", "p80", "KV_MB", "GB/s", "roofline",
                       "ours_speedup"])
     print("ours_speedup: time of the row / time of the first row (ours); > 1 means ours is faster.")
+    if not cuda:
+        print_cpu_decode()
     if args.save:
         if not cuda:
             print("--save: no GPU, nothing saved (CPU numbers are not results)")

@@ -8,6 +8,7 @@ high-precision reference may be at most twice that of plain PyTorch in the kerne
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 import os
@@ -296,7 +297,8 @@ def test_decode_equals_prefill_row(grid, kernel, prefix, d, dtype, ring):
 
 @pytest.mark.parametrize("ring", [False, True])
 def test_decode_reference_path(ring):
-    """The torch reference of the decode step (dense over the whole cache) equals the prefill reference row."""
+    """The torch reference of the decode step (dense over the whole cache) and the torch backend
+    (its CPU path here) equal the prefill reference row."""
     grid, kernel, prefix = (6, 7), (5, 5), 2
     q, k, v, pos, q_dec = decode_inputs(grid, kernel, prefix, 32, torch.float32)
     full = conv_attention_ref(q, k, v, grid=grid, kernel=kernel, prefix=prefix)
@@ -305,8 +307,60 @@ def test_decode_reference_path(ring):
         kc, vc = ring_cache(k, pos, grid, kernel, prefix, 0.0), ring_cache(v, pos, grid, kernel, prefix, 0.0)
     else:
         kc, vc = k.expand(pos.shape[0], -1, -1, -1), v.expand(pos.shape[0], -1, -1, -1)
+    ref = conv_decode_attention_ref(q_dec, kc, vc, pos, grid=grid, kernel=kernel, prefix=prefix, ring=ring)
+    assert_close(ref, expected, atol=1e-6, rtol=1e-5)
     out = conv_decode_attention(q_dec, kc, vc, pos, grid=grid, kernel=kernel, prefix=prefix, ring=ring)
     assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("path", ["dense", "gather"])
+@pytest.mark.parametrize("ring", [False, True])
+@pytest.mark.parametrize("grid,kernel,prefix,d,dtype", DECODE_CASES)
+def test_decode_cpu_path_matches_definition(grid, kernel, prefix, d, dtype, ring, path, layout, monkeypatch):
+    """The torch backend on CPU tensors, each of its attention paths forced (SDPA over the whole
+    cache with a boolean mask; the window's slots gathered, by index_select from a contiguous
+    cache or by indexing a transposed one): one row per position writing its own K/V with
+    k_new/v_new. The caches equal an index write exactly; the output is within the tolerance
+    rule of float64 attention under the §4 mask, with a custom scale. The gather path never reads
+    the slots the query does not see (they hold NaN); the dense one reads them, as the reference."""
+    ca = importlib.import_module("vqim.kernels.conv_attention")
+    monkeypatch.setattr(ca, "_DENSE_RATIO", 10**9 if path == "dense" else 0)
+    monkeypatch.setattr(ca, "_DENSE_WORK", 10**18 if path == "dense" else 0)
+    q, k, v, pos, q_dec = decode_inputs(grid, kernel, prefix, d, dtype)
+    b, h = pos.shape[0], k.shape[1]
+    fill = float("nan") if path == "gather" else 7.0
+    if ring:
+        kc, vc = ring_cache(k, pos, grid, kernel, prefix, fill), ring_cache(v, pos, grid, kernel, prefix, fill)
+        slot = conv_cache_slot(pos, grid, kernel, prefix)
+    else:
+        later = torch.arange(k.shape[2])[None, :] > pos[:, None]  # (B, S)
+        kc, vc = (t.expand(b, -1, -1, -1).clone().masked_fill_(later[:, None, :, None], fill) for t in (k, v))
+        slot = pos
+    k_new, v_new = (t[0, :, pos].transpose(0, 1)[:, :, None] for t in (k, v))  # (B, H, 1, Dh)
+    index = (torch.arange(b)[:, None], torch.arange(h)[None, :], slot[:, None])
+    k_want, v_want = kc.clone(), vc.clone()
+    for t in (kc, vc):
+        t[index] = fill  # the new token's slot: written by the call
+    if layout == "transposed":
+        kc, vc = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kc, vc))  # [B, S, H, Dh] memory
+    out = conv_decode_attention(q_dec, kc, vc, pos, k_new=k_new, v_new=v_new, grid=grid, kernel=kernel, prefix=prefix,
+                                scale=0.3, ring=ring, backend="torch")
+    assert torch.equal(kc.nan_to_num(), k_want.nan_to_num()) and torch.equal(vc.nan_to_num(), v_want.nan_to_num())
+    rows = conv_mask_ref(grid, kernel, prefix)[pos][:, None, None, :]  # (B, 1, 1, S)
+    ref = naive_attention(q_dec.double(), k.double(), v.double(), rows, scale=0.3)
+    low = naive_attention(q_dec, k, v, rows, scale=0.3)
+    assert out.dtype == dtype and out.shape == q_dec.shape
+    assert_within_torch_error(out, ref, low, msg=f"{path} ring={ring} {layout}")
+
+
+def test_decode_cpu_path_empty_batch():
+    q, kc = torch.randn(0, 2, 1, 8), torch.randn(0, 2, 17, 8)
+    pos = torch.zeros(0, dtype=torch.long)
+    for k_new in (None, q):
+        out = conv_decode_attention(q, kc, kc.clone(), pos, k_new=k_new, v_new=k_new, grid=(4, 4), kernel=(3, 3),
+                                    prefix=1, backend="torch")
+        assert out.shape == q.shape
 
 
 
