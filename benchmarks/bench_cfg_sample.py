@@ -9,6 +9,12 @@ The peer is what a plain PyTorch sampler does: combine, temperature, top-k, soft
 cumsum, top-p mask, scatter back, softmax, multinomial (a dozen launches and a full sort).
 Bytes that must move: cond + uncond logits read once (2 B V elements), tokens written; the
 op is memory- and latency-bound, so GB/s of logits read and share of HBM bandwidth are reported.
+
+CPU (``--cpu``; also part of a run without a GPU): the torch backend's CPU path, what a CPU
+engine samples with, against the reference it matches token for token, one thread, at the
+bundled demo model's vocabulary (2048), batch 1 and 16, per-row setting tensors and
+``validate=False`` as the engine passes them: the demo's settings, top-k, greedy, and top-p
+(which the CPU path hands to the reference).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import pytest
 import torch
 
 from vqim.engine.profiling.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit
-from vqim.kernels import _ext, cfg_sample
+from vqim.kernels import SamplingParams, _ext, cfg_sample, cfg_sample_ref
+from vqim.kernels.cfg_sample import _cfg_sample_cpu, _row_params
 
 from _common import append_results
 
@@ -87,6 +94,47 @@ def run(device: torch.device, dtype: torch.dtype, batches: tuple[int, ...], comp
 
 COLUMNS = ["impl", "dtype", "B", "V", "us", "p20 us", "p80 us", "GB/s", "%HBM", "x eager"]
 
+CPU_V = 2048  # the bundled demo model's vocabulary
+CPU_BATCHES = (1, 16)
+CPU_SETTINGS = {"demo": {}, "top-k 100": {"top_k": 100}, "greedy": {"temperature": 0.0}, "top-p 0.9": {"top_p": 0.9}}
+CPU_DEMO = {"cfg_scale": 1.5, "temperature": 0.5}  # the bundled model's generation.json
+
+
+def cpu_rows(iters: int = 200) -> list[dict]:
+    """Microseconds per call on the CPU, one thread, fp32 logits."""
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for label, kw in CPU_SETTINGS.items():
+            for b in CPU_BATCHES:
+                g = torch.Generator().manual_seed(b)
+                cond, uncond = (torch.randn(b, CPU_V, generator=g) * 3 for _ in range(2))
+                settings = SamplingParams.rows([SamplingParams(**{**CPU_DEMO, **kw})] * b, cpu)
+                seed, step = torch.arange(b), torch.full((b,), 7)
+                prm = _row_params(b, cpu, **settings, seed=seed, step=step)
+                fns = {"CPU path (torch backend body)": lambda: _cfg_sample_cpu(cond, uncond, **prm),
+                       "cfg_sample (public, validate=False)": lambda: cfg_sample(
+                           cond, uncond, seed=seed, step=step, backend="torch", validate=False, **settings),
+                       "reference (cfg_sample_ref)": lambda: cfg_sample_ref(
+                           cond, uncond, seed=seed, step=step, validate=False, **settings)}
+                base = None
+                for name, fn in fns.items():
+                    t = timeit(fn, device=cpu, warmup=20, iters=iters)
+                    base = base or t["ms"]
+                    rows.append({"settings": label, "impl": name, "B": b, "V": CPU_V, "us": t["ms"] * 1e3,
+                                 "p20 us": t["p20"] * 1e3, "p80 us": t["p80"] * 1e3, "x path": t["ms"] / base})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def print_cpu_rows() -> None:
+    print(f"\ncfg_sample on the CPU, torch backend, one thread, fp32, V = {CPU_V} (x path: time / the CPU "
+          "path's; the public call adds validation and torch's custom-op dispatch)")
+    print_table(cpu_rows(), ["settings", "impl", "B", "V", "us", "p20 us", "p80 us", "x path"])
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["triton", "cuda", "eager chain", "torch.compile"])
@@ -107,7 +155,11 @@ def main() -> None:
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--save", action="store_true", help="append GPU rows to benchmarks/results/cfg_sample.csv")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile on CPU)")
+    ap.add_argument("--cpu", action="store_true", help="only the CPU table (torch backend at the bundled model's V)")
     args = ap.parse_args()
+    if args.cpu:
+        print_cpu_rows()
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = BATCHES if device.type == "cuda" else (1, 8)
     print(f"cfg_sample on {device_name(device)}, {args.dtype}, V = {V}, {SETTINGS}")
@@ -115,6 +167,8 @@ def main() -> None:
         print("(no GPU: CPU numbers of the torch paths only; they are not the target)")
     rows = run(device, DTYPES[args.dtype], batches, compile_peer=not args.no_compile)
     print_table(rows, COLUMNS)
+    if device.type != "cuda":
+        print_cpu_rows()
     if args.save and device.type == "cuda":
         print("appended to", append_results("cfg_sample", rows, device))
 

@@ -55,6 +55,10 @@ once at the end.
 
 from __future__ import annotations
 
+import functools
+import math
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -281,59 +285,94 @@ def _check_rows(tokens: torch.Tensor) -> None:
                          f"(every token masked); nothing to sample")
 
 
+@functools.lru_cache(maxsize=64)
+def _lane_masks(b: int) -> tuple[int, int]:
+    """For ``b`` 64-bit lanes of one python int: (1 in every lane, 2^32 - 1 in every lane)."""
+    one = ((1 << (64 * b)) - 1) // ((1 << 64) - 1)  # sum of 2^(64 i), i < b
+    return one, one * _MASK32
+
+
 def _philox_uniform_cpu(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """:func:`philox_uniform` of CPU tensors in numpy's unsigned 64-bit arithmetic: the same words
-    (a 32 x 32-bit product fits 64 bits unsigned, so ``mulhilo`` is one multiply), in ~100 numpy
-    calls instead of ~200 small torch ops."""
+    """:func:`philox_uniform` of CPU tensors: the same words, every row at once in python's
+    integers. Row i is the 64-bit lane i of one big int: a 32-bit word times a 32-bit constant
+    is below 2^64 and a key plus its 32-bit increment below 2^33, so no product, sum, shift or
+    mask carries into the next lane, and one operation on the big int serves every row (~25 us
+    for 1 or 16 rows; numpy's uint64 ufuncs took ~100 calls of ~1 us each)."""
     seed, step = torch.broadcast_tensors(seed.long(), step.long())
-    m = np.uint64(_MASK32)
-    s, t = seed.numpy().astype(np.uint64), step.numpy().astype(np.uint64)  # int64 >= 0: the same values
-    c0, c1 = t & m, t >> np.uint64(32)
-    c2 = np.zeros_like(c0)
-    c3 = np.zeros_like(c0)
-    k0, k1 = s & m, s >> np.uint64(32)
-    ra, rb = np.uint64(_PHILOX_ROUND_A), np.uint64(_PHILOX_ROUND_B)
-    ka, kb, hi = np.uint64(_PHILOX_KEY_A), np.uint64(_PHILOX_KEY_B), np.uint64(32)
+    shape, b = seed.shape, seed.numel()
+    one, low = _lane_masks(b)
+    order = sys.byteorder  # int64 bytes in native order: each lane holds the two's complement bits
+
+    def lanes(t: torch.Tensor) -> int:
+        return int.from_bytes(t.reshape(-1).numpy().tobytes(), order)
+
+    s, t = lanes(seed), lanes(step)
+    c0, c1, c2, c3 = t & low, (t >> 32) & low, 0, 0
+    k0, k1 = s & low, (s >> 32) & low
+    ka, kb = _PHILOX_KEY_A * one, _PHILOX_KEY_B * one
     for _ in range(_PHILOX_ROUNDS):
-        pb, pa = rb * c2, ra * c0
-        c0, c1, c2, c3 = (pb >> hi) ^ c1 ^ k0, pb & m, (pa >> hi) ^ c3 ^ k1, pa & m
-        k0, k1 = (k0 + ka) & m, (k1 + kb) & m
+        pb, pa = _PHILOX_ROUND_B * c2, _PHILOX_ROUND_A * c0
+        c0, c1, c2, c3 = ((pb >> 32) & low) ^ c1 ^ k0, pb & low, ((pa >> 32) & low) ^ c3 ^ k1, pa & low
+        k0, k1 = (k0 + ka) & low, (k1 + kb) & low
+    words = np.frombuffer(((c0 >> 8) & low).to_bytes(8 * b, order), dtype=np.int64)
     # < 2^24: exact in fp32, as the reference's conversion.
-    return torch.from_numpy((c0 >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24))
+    return torch.from_numpy(words.astype(np.float32) * np.float32(2.0**-24)).view(shape)
 
 
 def _cfg_sample_cpu(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p, seed, step):
-    """The torch backend on CPU: the reference's arithmetic, op for op where it matters (the same
-    tokens and log-probabilities, tested on the sampler's grids), in about a third of its ops: the
-    counter-based uniform in numpy, and where no row filters (top-k, top-p and min-p off) or is
-    greedy, no sort (the kept set is then the finite tokens) and no greedy or fallback branches
-    a row does not take. It runs once per decode step, where the reference's ~100 small ops cost
-    more than the rest of the step on a small model."""
+    """The torch backend on CPU: the reference's tokens and log-probabilities exactly (tested on
+    the sampler's grids), in a fraction of its time. Calls where a row filters with top-p run
+    the reference (its cut needs the sorted order). Otherwise no sort is needed: top-k keeps
+    the tokens ``>=`` the k-th largest value (``topk``'s), min-p those whose weight is
+    ``>= min_p``, and the rest is the reference's arithmetic on the same ``[B, V]`` tensors (so
+    the same rounding) with its masks folded (``nan_to_num`` for the guided mask, zero weights
+    for the kept mask), the inverse CDF as a binary search of the running sum (non-decreasing,
+    so the first index past ``u * total`` is the count of entries ``<=`` it) and the
+    counter-based uniform in python integers. A row with no finite logit, a temperature that
+    overflows a logit to ``+inf``, or a draw that rounding leaves past the end (the reference's
+    fallbacks) sends the call to the reference. It runs once per decode step, where the
+    reference's ~100 small ops cost more than the rest of the step on a small model."""
+    b, v = cond.shape
     u = _philox_uniform_cpu(seed, step)
-    k, t, p, mp = (v.numpy() for v in (top_k, temperature, top_p, min_p))
-    if ((k > 0) | (p < 1) | (mp > 0) | (t == 0)).any():
+    k, t, p, mp = (r.tolist() for r in (top_k, temperature, top_p, min_p))
+    # A temperature tensor not in fp32 (the op's own, from _row_params) would change the
+    # reference's dtype; top-p values other than 1 (out of range too) go to the reference.
+    if b == 0 or any(r != 1 for r in p) or temperature.dtype != torch.float32:
         return _draw(*_kept_weights(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p), u)
-    c = cond.float()
-    x = c if uncond is None else uncond.float() + cfg_scale.float()[:, None] * (c - uncond.float())  # (B, V)
     # guided_logits_ref's mask: x is not finite exactly where the reference masks it (a
-    # non-finite cond or uncond makes x inf or NaN for every finite scale).
-    finite = x.isfinite()
-    x = torch.where(finite, x, float("-inf"))
-    z = x / temperature[:, None]
-    keep = z.isfinite()  # sampling_mask_ref with every filter off
-    m = z.max(dim=1, keepdim=True).values  # (B, 1)
-    w = torch.where(keep, torch.exp(z - m), 0.0)
+    # non-finite cond or uncond makes x inf or NaN for every scale).
+    inf = float("-inf")
+    if uncond is None:
+        x = torch.nan_to_num(cond.float(), nan=inf, posinf=inf, neginf=inf)  # (B, V)
+    else:
+        un = uncond.float()
+        # un + s * (c - un), the reference's three roundings.
+        x = (cond.float() - un).mul_(cfg_scale.float()[:, None]).add_(un).nan_to_num_(nan=inf, posinf=inf, neginf=inf)
+    if 0 in t:
+        greedy = temperature == 0
+        z = x / temperature.masked_fill(greedy, 1.0)[:, None]  # (B, V); greedy rows keep x for the argmax
+    else:
+        greedy = None
+        z = x.div_(temperature[:, None])
+    m = z.amax(1, keepdim=True)  # (B, 1)
+    if not all(map(math.isfinite, m.view(-1).tolist())):
+        return _draw(*_kept_weights(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p), u)
+    w = (z - m).exp_()  # (B, V), 0 on masked tokens
+    if any(r > 0 for r in k):
+        # The k-th largest value (rows with k <= 0 keep all; k past the finite count keeps all
+        # finite tokens, as the reference's k_on does, since the k-th value is then <= them).
+        kth = z.topk(min(max(k), v), dim=1).values.gather(1, (top_k.long().clamp(1, v) - 1)[:, None])  # (B, 1)
+        w.masked_fill_((z < kth) & (top_k > 0)[:, None], 0.0)
+    if any(mp):
+        w = torch.where(w >= min_p.float()[:, None], w, 0.0)
     total = w.sum(1)  # (B,)
-    idx = (w.cumsum(1) <= (u * total)[:, None]).sum(1)  # first index with cum > u * total
-    v = x.shape[1]
-    if bool((idx >= v).any()):
-        idx = torch.where(idx >= v, torch.where(keep, torch.arange(v), -1).max(1).values, idx)
-    logprob = z.gather(1, idx.clamp_min(0)[:, None])[:, 0] - m[:, 0] - torch.log(total)
-    none = ~finite.any(1)
-    if bool(none.any()):
-        idx = torch.where(none, -1, idx)
-        logprob = torch.where(none, float("nan"), logprob)
-    return idx, logprob
+    idx = torch.searchsorted(w.cumsum(1), (u * total)[:, None], right=True)[:, 0]  # first cum > u * total
+    if greedy is not None:
+        idx = torch.where(greedy, x.argmax(1), idx)
+    if int(idx.max()) >= v:
+        return _draw(*_kept_weights(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p), u)
+    logprob = z.gather(1, idx[:, None])[:, 0] - m[:, 0] - torch.log(total)
+    return idx, logprob if greedy is None else torch.where(greedy, 0.0, logprob)
 
 
 @register("cfg_sample", "torch")

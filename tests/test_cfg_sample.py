@@ -8,6 +8,7 @@ the torch reference, which the Triton kernel matches token for token.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 
@@ -392,6 +393,56 @@ def test_cpu_path_draws_the_reference_tokens(b, v, dtype):
     cond, uncond = torch.randn(b, v, generator=g).to(dtype), torch.randn(b, v, generator=g).to(dtype)
     assert_equal(cfg_sample(cond, uncond, seed=seed, step=step, backend="torch", validate=False, **per_row),
                  cfg_sample_ref(cond, uncond, seed=seed, step=step, validate=False, **per_row))
+
+
+@pytest.mark.parametrize("v", [37, 2048])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_ties_filters_and_greedy_rows_draw_the_reference_tokens(v, dtype):
+    """The CPU path's top-k, min-p and greedy rows (no sort) on rows with heavy exact ties and
+    masked entries: k at the tie groups, past the finite count and past V, min-p at the top
+    value, greedy rows beside sampled ones, guided and not; the reference's tokens and
+    log-probabilities exactly."""
+    b = 48
+    g = torch.Generator().manual_seed(v)
+    torch.manual_seed(v)  # tied_rows draws from the global generator
+    k = torch.randint(0, v + 3, (b,), generator=g)
+    k[::4] = 0
+    k[1::8] = v + 5
+    k[3::8] = 1
+    mp = torch.rand(b, generator=g)
+    mp[::3] = 0.0
+    mp[1::6] = 1.0
+    t = torch.rand(b, generator=g) * 2 + 0.1
+    t[::5] = 0.0
+    seed = torch.randint(0, 2**63 - 1, (b,), generator=g)
+    step = torch.randint(0, 2**40, (b,), generator=g)
+    for guided in (False, True):
+        cond = tied_rows(b, v).to(dtype)
+        cond[5::6, 1::4] = float("-inf")
+        uncond = tied_rows(b, v).to(dtype) if guided else None
+        kw = dict(cfg_scale=torch.linspace(-1, 4, b), temperature=t, top_k=k, min_p=mp)
+        want, want_lp = cfg_sample_ref(cond, uncond, seed=seed, step=step, validate=False, return_logprob=True, **kw)
+        got, got_lp = cfg_sample(cond, uncond, seed=seed, step=step, validate=False, return_logprob=True,
+                                 backend="torch", **kw)
+        assert_equal(got, want, msg=f"guided={guided}")
+        assert_equal(got_lp.nan_to_num(), want_lp.nan_to_num(), msg=f"logprob guided={guided}")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.0), dict(top_k=5), dict(min_p=0.2),
+                                dict(top_k=3, min_p=0.5, temperature=0.7)])
+def test_cpu_path_samples_without_the_reference(kw, monkeypatch):
+    """Without top-p and with a finite logit in every row, the CPU path never falls back to the
+    reference (the grids above test its tokens; this, that they test the fast path)."""
+    cs = importlib.import_module("vqim.kernels.cfg_sample")  # the package exports the function cfg_sample
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the CPU path ran the reference")
+
+    monkeypatch.setattr(cs, "_kept_weights", fail)
+    cond, uncond = torch.randn(16, 2048) * 3, torch.randn(16, 2048) * 3
+    cfg_sample(cond, uncond, seed=torch.arange(16), step=7, backend="torch", validate=False, **kw)
+    with pytest.raises(AssertionError, match="ran the reference"):
+        cfg_sample(cond, uncond, seed=0, step=7, backend="torch", validate=False, top_p=0.9, **kw)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
