@@ -486,7 +486,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cl.add_argument("--size", type=int, required=True, help="image size the GPT was trained at: 256 or 384")
     cl.set_defaults(func=_convert)
 
-    s = sub.add_parser("serve", help="HTTP server: POST /v1/images/generations (OpenAI's images API shape)",
+    s = sub.add_parser("serve", help="HTTP server: OpenAI's images API (POST /v1/images/generations and /edits)",
                        description="Serves the model over HTTP (needs the serve extra: pip install 'vqim[serve]').")
     _add_serve_args(s)
     _add_ray_serve_args(s)
