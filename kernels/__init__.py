@@ -1,6 +1,15 @@
 """vqim kernels: one module per op (Triton kernel, launcher, torch reference), a backend
 registry, and the compiled CUDA twins in ``_C``. Importing never touches the GPU."""
 
+# From a checkout's root (pytest's rootdir, `python -m ...`) this folder is also importable as a
+# top-level `kernels`, the name of Hugging Face's kernel-hub package, which transformers imports
+# when it can (its Llama RMSNorm does). Run a second time under that name, this package would
+# register every vqim:: custom op again over the first, and the process's later op calls would
+# fail at random ("vector::reserve"). Refuse that name: whoever tries it sees an ImportError,
+# which transformers takes as "not installed".
+if __name__ != "vqim.kernels":
+    raise ImportError(f"{__file__} is vqim's kernels package: import it as vqim.kernels, not as {__name__!r}")
+
 from ._registry import BACKENDS, registered, use_backend
 from .add_layer_norm import add_layer_norm, add_layer_norm_ref
 from .add_rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm_ref

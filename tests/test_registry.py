@@ -269,3 +269,28 @@ def test_default_backend_carries_torchs_constant_mark_without_importing_dynamo()
     code = "import sys, vqim.engine, vqim.train.main; print('torch._dynamo' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+def test_the_kernels_folder_cannot_be_imported_a_second_time_as_top_level_kernels():
+    """From the checkout's root, `import kernels` (what transformers tries, for Hugging Face's
+    kernel hub) would run this package again and register every vqim:: op a second time, after
+    which op calls failed at random; it is refused, and transformers' Llama leaves the ops alone."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import torch, vqim.kernels as K\n"
+        "op = torch.ops.vqim.add_rms_norm.default\n"
+        "try:\n    import kernels\nexcept ImportError as e:\n    print('refused', 'vqim.kernels' in str(e))\n"
+        "from transformers.models.llama.modeling_llama import LlamaRMSNorm\n"
+        "LlamaRMSNorm(8)(torch.randn(2, 8))\n"
+        "x = torch.randn(3, 8)\n"
+        "s, h = K.add_rms_norm(x, x, torch.ones(8), eps=1e-6)\n"
+        "print('kernels' in sys.modules, torch.ops.vqim.add_rms_norm.default is op, bool(torch.equal(s, x + x)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["refused", "True", "False", "True", "True"], r.stdout
