@@ -56,3 +56,12 @@ def append_results(name: str, rows: list[dict], device: torch.device) -> Path:
                 w.writerow({k: format_value(v) if isinstance(v, float) else v for k, v in r.items()})
 
     return atomic_write(path, write)
+
+
+def save_gpu_rows(name: str, rows: list[dict], device: torch.device) -> None:
+    """``--save`` of a kernel benchmark: GPU rows appended to results/<name>.csv; a CPU run's
+    numbers (tiny sizes, Triton through its interpreter) are not results and are not saved."""
+    if device.type != "cuda":
+        print("--save: no GPU, nothing saved (CPU numbers are not results)")
+    else:
+        print(f"saved to {append_results(name, rows, device)}")

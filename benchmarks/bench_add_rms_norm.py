@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 from vqim.engine.profiling.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit  # noqa: E402
 from vqim.kernels import add_rms_norm, add_rms_norm_ref  # noqa: E402
 
-from _common import append_results  # noqa: E402
+from _common import save_gpu_rows  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GPU_SHAPES = [(2, 2048), (32, 2048), (4096, 2048), (2, 4096), (32, 4096), (4096, 4096)]  # (rows, W)
@@ -90,10 +90,7 @@ def main() -> None:
     print_table(rows, COLUMNS)
     print("ours_speedup: time of the row / time of the first row (ours); > 1 means ours is faster.")
     if args.save:
-        if not cuda:
-            print("--save: no GPU, nothing saved (CPU numbers are not results)")
-        else:
-            print(f"saved to {append_results('add_rms_norm', rows, device)}")
+        save_gpu_rows("add_rms_norm", rows, device)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from vqim.kernels import _ext  # noqa: E402
 from vqim.kernels.conv_attention import (_conv_decode_attention_write_torch, _prefix_block,  # noqa: E402
                                         _write_cache)
 
-from _common import append_results  # noqa: E402
+from _common import save_gpu_rows  # noqa: E402
 
 GRID, KERNEL, PREFIX = (32, 32), (11, 11), 1
 
@@ -399,10 +399,7 @@ def main() -> None:
     if not cuda:
         print_cpu_decode()
     if args.save:
-        if not cuda:
-            print("--save: no GPU, nothing saved (CPU numbers are not results)")
-        else:
-            print(f"saved to {append_results('conv_attention', pre + dec, device)}")
+        save_gpu_rows("conv_attention", pre + dec, device)
 
 
 if __name__ == "__main__":

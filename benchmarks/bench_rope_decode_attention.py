@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from vqim.engine.profiling.timing import H100_HBM_BYTES_PER_S, device_name, print_table, timeit  # noqa: E402
 from vqim.kernels import apply_rope_ref, rope_decode_attention, rope_decode_attention_ref  # noqa: E402
 
-from _common import append_results  # noqa: E402
+from _common import save_gpu_rows  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (B, Hq, Hkv, Dh, S, pos)
@@ -115,10 +115,7 @@ def main() -> None:
     print_table(rows, COLUMNS)
     print("ours_speedup: time of the row / time of the first row (ours); > 1 means ours is faster.")
     if args.save:
-        if not cuda:
-            print("--save: no GPU, nothing saved (CPU numbers are not results)")
-        else:
-            print(f"saved to {append_results('rope_decode_attention', rows, device)}")
+        save_gpu_rows("rope_decode_attention", rows, device)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import ipaddress
 import os
 import signal
 import socket
@@ -44,7 +42,7 @@ from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .factory import add_model_args, engine_from_args
-from .serve import Limits, build_app
+from .serve import Limits, build_app, serve_flags, warn_if_exposed
 
 APP_NAME = "vqim"
 # What this process's replica loaded, for the app's builder: Ray runs one replica per actor
@@ -241,50 +239,24 @@ def deployment(*, replicas: int | tuple[int, int] = 1, target_ongoing_requests: 
 # ---------------------------------------------------------------------------------- the command
 
 
-def _limits(args: argparse.Namespace) -> Limits:
-    """``vqim serve``'s limit flags (those this version of it has), checked by flag name."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Limits) if hasattr(args, f.name)}
-    for name, v in given.items():
-        if name != "timeout" and v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if not 0 < args.timeout < float("inf"):
-        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    return Limits(**given)
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def main(args: argparse.Namespace) -> None:
     """``vqim serve --ray``: deploy on the Ray cluster (``--ray-address``, else ``$RAY_ADDRESS``,
     else a local one), serve on ``--host:--port`` until SIGINT/SIGTERM, then delete the app (a
     local cluster this command started stops with it)."""
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    for flag in ("max_queue", "max_batch_size", "tp"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    limits, names, api_key = serve_flags(args)
+    names = names or None
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
     if "RANK" in os.environ:
         raise ValueError("vqim serve --ray starts a replica's tensor-parallel ranks as Ray actors (--tp N): run it "
                          "once, not under torchrun")
-    limits = _limits(args)
-    names = tuple(getattr(args, "served_model_name", None) or ()) or None
-    api_key = args.api_key if args.api_key is not None else os.environ.get("VQIM_API_KEY") or None
-    if api_key is not None and not api_key.strip():
-        raise ValueError("--api-key must not be empty (leave it out to serve without a key)")
     if args.target_ongoing_requests is not None and not isinstance(args.replicas, tuple):
         raise ValueError("--target-ongoing-requests is for autoscaling: give --replicas MIN:MAX")
     options = {k: getattr(args, k) for k in model_options()}
     app = deployment(replicas=args.replicas, target_ongoing_requests=args.target_ongoing_requests,
                      num_gpus=args.num_gpus, num_cpus=args.num_cpus, tp=args.tp, limits=limits, api_key=api_key,
                      model_names=names, max_queue=args.max_queue, max_batch_size=args.max_batch_size, **options)
-    if api_key is None and not _loopback(args.host):
-        warnings.warn(f"serving on {args.host}, beyond this machine, with no API key: anyone who can reach the port "
-                      "can generate (set --api-key or VQIM_API_KEY)", stacklevel=2)
+    warn_if_exposed(args.host, api_key)
     port = args.port or _free_port(args.host)
     stop, ready = threading.Event(), threading.Event()
 

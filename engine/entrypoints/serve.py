@@ -1015,16 +1015,20 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _loopback(host: str) -> bool:
+def warn_if_exposed(host: str, api_key: str | None) -> None:
+    """The warning of a server bound beyond this machine with no API key."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host == "localhost"
+        loopback = host == "localhost"
+    if api_key is None and not loopback:
+        warnings.warn(f"serving on {host}, beyond this machine, with no API key: anyone who can reach the port "
+                      "can generate (set --api-key or VQIM_API_KEY)", stacklevel=3)
 
 
-def main(args: argparse.Namespace) -> None:
-    """Run the server until SIGINT/SIGTERM. A model that fails to load stops it, and its error is raised."""
-    # The flags checked before anything is loaded or bound, by their flag names.
+def serve_flags(args: argparse.Namespace) -> tuple[Limits, tuple[str, ...], str | None]:
+    """``vqim serve``'s flags (and ``vqim serve --ray``'s), checked by their flag names before
+    anything is loaded or bound: its limits, the names it serves, its API key (or None)."""
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     for flag in ("max_queue", "max_batch_size", "max_prompt_chars", "max_n", "max_body_bytes", "max_candidates",
@@ -1045,14 +1049,18 @@ def main(args: argparse.Namespace) -> None:
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                     timeout=args.timeout, max_candidates=args.max_candidates, max_upload_bytes=args.max_upload_bytes,
                     max_image_pixels=args.max_image_pixels)
+    return limits, names, api_key
+
+
+def main(args: argparse.Namespace) -> None:
+    """Run the server until SIGINT/SIGTERM. A model that fails to load stops it, and its error is raised."""
+    limits, names, api_key = serve_flags(args)
     if int(os.environ.get("RANK", "0")) != 0:
         # Tensor parallel under torchrun: rank 0 serves HTTP; this rank's decode loop runs rank 0's
         # requests in lock-step until rank 0's engine closes.
         _engine(args).join()
         return
-    if api_key is None and not _loopback(args.host):
-        warnings.warn(f"serving on {args.host}, beyond this machine, with no API key: anyone who can reach the port "
-                      "can generate (set --api-key or VQIM_API_KEY)", stacklevel=2)
+    warn_if_exposed(args.host, api_key)
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]
     failed: list[Exception] = []
