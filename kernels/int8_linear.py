@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._registry import dispatch, register, resolve_backend
+from ._registry import dispatch, register, resolve_backend, triton_interpreter_enabled
 from ._triton import tl, triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,7 +86,7 @@ def _int8_linear_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_s, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -105,8 +105,13 @@ def _int8_linear_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         w = tl.load(w_rows + ks[None, :] * stride_wk,
                     mask=col_mask[:, None] & k_mask[None, :], other=0)  # (BLOCK_N, BLOCK_K) int8
-        if DOT_FP32:
-            # fp32 x, and every dtype under the interpreter, whose bf16 tl.dot is broken.
+        if DOT_F64:
+            # The interpreter: its tl.dot is numpy's sgemm, whose error depends on the machine's
+            # OpenBLAS kernel (OPENBLAS_CORETYPE=Haswell summed these blocks 3 ulps off, past
+            # the tests' bound); in fp64 each block's sum is exact to fp32, as the GPU's is close to.
+            acc += tl.dot(x.to(tl.float64), tl.trans(w.to(tl.float64))).to(tl.float32)
+        elif DOT_FP32:
+            # fp32 x (and any x under the interpreter without DOT_F64, whose bf16 tl.dot is broken).
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
         else:
             # |q| <= 127 is exact in bf16/fp16, and their products are exact in the fp32
@@ -143,6 +148,7 @@ def _int8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scale.stride(0),
         y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        DOT_F64=triton_interpreter_enabled(),
     )
     return y.reshape(*x.shape[:-1], n)
 
