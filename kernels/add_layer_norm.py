@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._registry import dispatch, register, resolve_backend, triton_interpreter_enabled
+from ._registry import call, custom_op, dispatch, register, resolve_backend, triton_interpreter_enabled
 from ._triton import tl, triton
 
 # One row lives in registers; 16384 fp32 values over 16 warps is 32 per thread.
@@ -193,12 +193,12 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, b
         the two ops done separately.
     """
     _check_inputs(x, delta, weight, bias, eps)
-    return _add_layer_norm_op(x, delta, weight, bias, float(eps), resolve_backend(backend, x.device))
+    return call(_add_layer_norm_op, x, delta, weight, bias, float(eps), resolve_backend(backend, x.device))
 
 
 # The backend is resolved in the public function (use_backend is a contextvar a compiled graph
 # would not see at run time) and reaches the op as a string; the body is the registry's impl.
-@torch.library.custom_op("vqim::add_layer_norm", mutates_args=())
+@custom_op("vqim::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return dispatch("add_layer_norm", backend, x.device)(x, delta, weight, bias, eps)

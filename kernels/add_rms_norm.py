@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import dispatch, register, resolve_backend, triton_interpreter_enabled
+from ._registry import call, custom_op, dispatch, register, resolve_backend, triton_interpreter_enabled
 from ._triton import tl, triton
 from .add_layer_norm import _MAX_W, _check_inputs, _launch_sizes, _to_bf16_rtne
 
@@ -137,12 +137,12 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, *, 
         ``"torch"`` backend is bitwise the two steps done separately.
     """
     _check_inputs(x, delta, weight, None, eps)
-    return _add_rms_norm_op(x, delta, weight, float(eps), resolve_backend(backend, x.device))
+    return call(_add_rms_norm_op, x, delta, weight, float(eps), resolve_backend(backend, x.device))
 
 
 # The backend is resolved in the public function (use_backend is a contextvar a compiled graph
 # would not see at run time) and reaches the op as a string; the body is the registry's impl.
-@torch.library.custom_op("vqim::add_rms_norm", mutates_args=())
+@custom_op("vqim::add_rms_norm", mutates_args=())
 def _add_rms_norm_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return dispatch("add_rms_norm", backend, x.device)(x, delta, weight, eps)

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
-from ._registry import dispatch, register, resolve_backend
+from ._registry import call, custom_op, dispatch, register, resolve_backend
 from ._triton import tl, triton
 from .sampling_params import DEFAULTS, SamplingParams, check_tensor, check_tensor_values, check_value, row_tensor
 
@@ -720,8 +720,8 @@ def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *,
     """
     _check_logits(cond_logits, uncond_logits)
     prm = _prepare(cond_logits, uncond_logits, validate, sampling, seed, step)
-    tokens, logprob = _cfg_sample_op(cond_logits, uncond_logits, **prm,
-                                     backend=resolve_backend(backend, cond_logits.device))
+    tokens, logprob = call(_cfg_sample_op, cond_logits, uncond_logits, **prm,
+                           backend=resolve_backend(backend, cond_logits.device))
     if validate:
         _check_rows(tokens)
     return (tokens, logprob) if return_logprob else tokens
@@ -730,7 +730,7 @@ def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *,
 # The public function validates and resolves the backend (use_backend is a contextvar a compiled
 # graph would not see at run time); the op takes it as a string and every setting as a [B]
 # tensor, so compile/export see one opaque call whose body is the registry's implementation.
-@torch.library.custom_op("vqim::cfg_sample", mutates_args=())
+@custom_op("vqim::cfg_sample", mutates_args=())
 def _cfg_sample_op(cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: torch.Tensor,
                    temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
                    seed: torch.Tensor, step: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:

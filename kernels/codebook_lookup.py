@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
-from ._registry import dispatch, interpreter_dot_upcast, register, resolve_backend
+from ._registry import call, custom_op, dispatch, interpreter_dot_upcast, register, resolve_backend
 from ._triton import tl, triton
 
 _MAX_D = 256
@@ -231,12 +231,12 @@ def codebook_lookup(z: torch.Tensor, codebook: torch.Tensor, *, codebook_normali
         LongTensor ``[N]``.
     """
     _check_inputs(z, codebook)
-    return _codebook_lookup_op(z, codebook, codebook_normalized, resolve_backend(backend, z.device))
+    return call(_codebook_lookup_op, z, codebook, codebook_normalized, resolve_backend(backend, z.device))
 
 
 # The backend is resolved in the public function (use_backend is a contextvar a compiled graph
 # would not see at run time) and reaches the op as a string; the body is the registry's impl.
-@torch.library.custom_op("vqim::codebook_lookup", mutates_args=())
+@custom_op("vqim::codebook_lookup", mutates_args=())
 def _codebook_lookup_op(z: torch.Tensor, codebook: torch.Tensor, codebook_normalized: bool,
                         backend: str) -> torch.Tensor:
     return dispatch("codebook_lookup", backend, z.device)(z, codebook, codebook_normalized)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
-from ._registry import dispatch, interpreter_dot_upcast, register, resolve_backend
+from ._registry import call, custom_op, dispatch, interpreter_dot_upcast, register, resolve_backend
 from ._triton import tl, triton
 
 _LOG2E = 1.4426950408889634
@@ -1015,10 +1015,10 @@ def conv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     _check_new(q, k_cache, v_cache, k_new, v_new)
     backend = resolve_backend(backend, q.device)
     if k_new is None:
-        return _conv_decode_attention_op(q, k_cache, v_cache, pos, list(grid), list(kernel), prefix, scale, ring,
-                                         backend)
-    return _conv_decode_attention_write_op(q, k_cache, v_cache, pos, k_new, v_new, list(grid), list(kernel), prefix,
-                                           scale, ring, backend)
+        return call(_conv_decode_attention_op, q, k_cache, v_cache, pos, list(grid), list(kernel), prefix, scale,
+                    ring, backend)
+    return call(_conv_decode_attention_write_op, q, k_cache, v_cache, pos, k_new, v_new, list(grid), list(kernel),
+                prefix, scale, ring, backend)
 
 
 # --------------------------------------------------------------------------- torch custom ops
@@ -1092,7 +1092,7 @@ def _conv_attention_grad(ctx, do, dlse):
 _conv_attention_op.register_autograd(_conv_attention_grad, setup_context=_conv_attention_setup)
 
 
-@torch.library.custom_op("vqim::conv_decode_attention", mutates_args=())
+@custom_op("vqim::conv_decode_attention", mutates_args=())
 def _conv_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                               grid: list[int], kernel: list[int], prefix: int, scale: float | None, ring: bool,
                               backend: str) -> torch.Tensor:
@@ -1107,7 +1107,7 @@ def _(q, k_cache, v_cache, pos, grid, kernel, prefix, scale, ring, backend):
 
 # vqim::conv_decode_attention_write declares the caches mutated, so functionalization (compile,
 # export) keeps the in-place write; vqim::conv_decode_attention stays a pure read.
-@torch.library.custom_op("vqim::conv_decode_attention_write", mutates_args=("k_cache", "v_cache"))
+@custom_op("vqim::conv_decode_attention_write", mutates_args=("k_cache", "v_cache"))
 def _conv_decode_attention_write_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                                     k_new: torch.Tensor, v_new: torch.Tensor, grid: list[int], kernel: list[int],
                                     prefix: int, scale: float | None, ring: bool, backend: str) -> torch.Tensor:

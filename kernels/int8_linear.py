@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._registry import dispatch, register, resolve_backend, triton_interpreter_enabled
+from ._registry import call, custom_op, dispatch, register, resolve_backend, triton_interpreter_enabled
 from ._triton import tl, triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -176,12 +176,12 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
         ``[..., N]`` in x's dtype.
     """
     _check_inputs(x, qweight, scale)
-    return _int8_linear_op(x, qweight, scale, resolve_backend(backend, x.device))
+    return call(_int8_linear_op, x, qweight, scale, resolve_backend(backend, x.device))
 
 
 # The backend is resolved in the public function (use_backend is a contextvar a compiled graph
 # would not see at run time) and reaches the op as a string; the body is the registry's impl.
-@torch.library.custom_op("vqim::int8_linear", mutates_args=())
+@custom_op("vqim::int8_linear", mutates_args=())
 def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, backend: str) -> torch.Tensor:
     return dispatch("int8_linear", backend, x.device)(x, qweight, scale)
 

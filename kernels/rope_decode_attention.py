@@ -27,7 +27,8 @@ import math
 
 import torch
 
-from ._registry import dispatch, interpreter_dot_upcast, register, resolve_backend, triton_interpreter_enabled
+from ._registry import (call, custom_op, dispatch, interpreter_dot_upcast, register, resolve_backend,
+                        triton_interpreter_enabled)
 from ._triton import tl, triton
 from .add_layer_norm import _to_bf16_rtne
 from .conv_attention import _dot, _precision
@@ -333,14 +334,14 @@ def rope_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """
     _check_inputs(q, k_cache, v_cache, pos, k_new, v_new, cos, sin, scale, validate)
     scale = None if scale is None else float(scale)
-    return _rope_decode_attention_op(q, k_cache, v_cache, pos, k_new, v_new, cos, sin, bool(interleaved), scale,
-                                     resolve_backend(backend, q.device))
+    return call(_rope_decode_attention_op, q, k_cache, v_cache, pos, k_new, v_new, cos, sin, bool(interleaved),
+                scale, resolve_backend(backend, q.device))
 
 
 # The public function validates and resolves the backend (use_backend is a contextvar a compiled
 # graph would not see at run time); the op declares the caches mutated, so functionalization
 # (compile, export) keeps the in-place write.
-@torch.library.custom_op("vqim::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
+@custom_op("vqim::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
 def _rope_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                               k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                               interleaved: bool, scale: float | None, backend: str) -> torch.Tensor:

@@ -8,6 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vqim import kernels as K
 from vqim.kernels import _ext, _registry, _triton, codebook_lookup, registered, use_backend
 
 
@@ -294,3 +297,89 @@ def test_the_kernels_folder_cannot_be_imported_a_second_time_as_top_level_kernel
     r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["refused", "True", "False", "True", "True"], r.stdout
+
+
+class _Seen(TorchDispatchMode):
+    """Records the ops it sees; its presence is what makes vqim ops run as ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _decode_op_calls():
+    """One call of every public op the decode step makes, on fresh random CPU inputs (awkward
+    sizes), each a thunk returning its outputs (and the caches it writes)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, d, w, b = r(3, 5, 37), r(3, 5, 37), r(37), r(37)
+    k_cache, v_cache = r(2, 3, 40, 8), r(2, 3, 40, 8)
+    q, kn, vn = r(2, 3, 1, 8), r(2, 3, 1, 8), r(2, 3, 1, 8)
+    pos = torch.tensor([17, 30])
+    qw, sc = K.quantize_int8(r(11, 37))
+    cos, sin = r(64, 4), r(64, 4)
+    z, codebook = r(7, 6), r(19, 6)
+    cond, uncond = r(4, 50), r(4, 50)
+
+    def conv_write():
+        kc, vc = k_cache.clone(), v_cache.clone()
+        o = K.conv_decode_attention(q, kc, vc, pos, grid=(6, 6), kernel=(3, 5), prefix=4, k_new=kn, v_new=vn)
+        return o, kc, vc
+
+    def rope():
+        kc, vc = k_cache.clone(), v_cache.clone()
+        return K.rope_decode_attention(q, kc, vc, pos, kn, vn, cos, sin, interleaved=False), kc, vc
+
+    return {
+        "add_layer_norm": lambda: K.add_layer_norm(x, d, w, b),
+        "add_rms_norm": lambda: K.add_rms_norm(x, d, w),
+        "int8_linear": lambda: K.int8_linear(x, qw, sc),
+        "codebook_lookup": lambda: K.codebook_lookup(z, codebook),
+        "conv_decode_attention": lambda: K.conv_decode_attention(q, k_cache, v_cache, pos, grid=(6, 6),
+                                                                 kernel=(3, 5), prefix=4),
+        "conv_decode_attention_write": conv_write,
+        "rope_decode_attention": rope,
+        "cfg_sample": lambda: K.cfg_sample(cond, uncond, seed=torch.arange(4), step=3, cfg_scale=2.0,
+                                           top_k=7, return_logprob=True),
+    }
+
+
+def _flat(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def test_eager_inference_calls_run_the_op_body_and_equal_the_op():
+    """Under no_grad/inference mode with nothing watching, a public op runs its body without the
+    torch.library round trip (no ``vqim::`` op reaches a dispatch mode); inside a dispatch mode it
+    runs as the one op, and the two give bitwise the same outputs and cache writes."""
+    for name, thunk in _decode_op_calls().items():
+        for ctx in (torch.no_grad, torch.inference_mode):
+            with ctx():
+                direct = _flat(thunk())
+                seen = _Seen()
+                with seen:
+                    as_op = _flat(thunk())
+            assert f"vqim.{name}.default" in seen.ops, (name, seen.ops[:5])
+            assert len(direct) == len(as_op)
+            for a, b in zip(direct, as_op):
+                assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_recording_autograd_keeps_the_op(monkeypatch):
+    """The body is used only in plain eager inference: with autograd recording the call goes
+    through the op (whose missing autograd formula is then torch.library's to report). (A compiled
+    function keeping the op in its graph: tests/test_decode_step.py's fullgraph tests.)"""
+    called = []
+    op = importlib.import_module("vqim.kernels.add_layer_norm")._add_layer_norm_op  # the name is the function
+    body = _registry._BODIES[op]
+    monkeypatch.setitem(_registry._BODIES, op, lambda *a: called.append(1) or body(*a))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        K.add_layer_norm(x, x, torch.ones(8), None)
+    assert called == [1]
+    K.add_layer_norm(x, x, torch.ones(8), None)  # grad mode on: through the op
+    assert called == [1]
