@@ -68,6 +68,17 @@ def test_bad_arguments():
         eval_shapes.evaluate(OracleEngine(), num_prompts=0)
     with pytest.raises(ValueError, match="cfg_scales"):
         eval_shapes.evaluate(OracleEngine(), cfg_scales=())
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="recon_images"):
+            eval_shapes.evaluate(OracleEngine(), num_prompts=2, recon_images=bad)
+
+
+def test_no_reconstruction_images_skips_the_tokenizer_measurement():
+    """recon_images=0 (``--recon-images 0``) measures alignment only; it divided by zero once."""
+    res = eval_shapes.evaluate(OracleEngine(), num_prompts=3, cfg_scales=(3.0,), batch_size=4, recon_images=0)
+    assert res["tokenizer"] is None and res["alignment"][0]["exact_one_shape"] == 1.0
+    report = eval_shapes.format_report(res)
+    assert "exact_one_shape" in report and "PSNR" not in report
 
 
 def test_runs_on_a_real_engine():

@@ -86,7 +86,8 @@ def evaluate(engine, *, num_prompts: int = 100, cfg_scales: Sequence[float] = DE
     """Alignment on ``num_prompts`` held-out one-shape and ``num_prompts`` two-shape prompts at
     each scale (and each number of reranked ``candidates``; more than 1 needs a model with a
     scorer, whose own retrieval accuracy on held-out scenes is then reported too), plus the
-    tokenizer's reconstruction quality. Deterministic given ``seed``. ``split="validation"``
+    tokenizer's reconstruction quality on ``recon_images`` validation scenes (0: not measured,
+    ``"tokenizer": None``). Deterministic given ``seed``. ``split="validation"``
     scores validation prompts instead: choose settings there, report held-out."""
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
@@ -94,12 +95,15 @@ def evaluate(engine, *, num_prompts: int = 100, cfg_scales: Sequence[float] = DE
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not cfg_scales:
         raise ValueError("cfg_scales must name at least one scale")
+    if isinstance(recon_images, bool) or not isinstance(recon_images, int) or recon_images < 0:
+        raise ValueError(f"recon_images must be an int >= 0 (0: not measured), got {recon_images!r}")
     prompts = S.held_out_prompts(num_prompts, seed=seed, num_shapes=1, split=split) + S.held_out_prompts(
         num_prompts, seed=seed + 1, num_shapes=2, split=split)
     out = {
         "alignment": [_alignment(engine, prompts, cfg_scale=float(s), seed=seed, batch_size=batch_size, candidates=n)
                       for s in cfg_scales for n in candidates],
-        "tokenizer": _tokenizer_quality(engine, num_images=recon_images, seed=seed, batch_size=batch_size),
+        "tokenizer": (_tokenizer_quality(engine, num_images=recon_images, seed=seed, batch_size=batch_size)
+                      if recon_images else None),
     }
     if getattr(getattr(engine, "model", None), "scorer", None) is not None:
         from .scorer import held_out_retrieval
@@ -155,8 +159,9 @@ def format_report(results: dict) -> str:
     for row in results["alignment"]:
         lines.append("  ".join(f"{row[c]:>16.3f}" for c in cols))
     t = results["tokenizer"]
-    lines.append(f"tokenizer: PSNR {t['recon_psnr_db']:.2f} dB over {t['recon_images']} validation images, "
-                 f"codebook usage {t['codebook_usage']:.1%} ({t['codes_used']} codes)")
+    if t is not None:
+        lines.append(f"tokenizer: PSNR {t['recon_psnr_db']:.2f} dB over {t['recon_images']} validation images, "
+                     f"codebook usage {t['codebook_usage']:.1%} ({t['codes_used']} codes)")
     if "scorer" in results:
         r = results["scorer"]
         lines.append(f"scorer on held-out scenes: caption retrieval top-1 {r['retrieval_top1']:.3f} (among 100), "

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=int, default=32)
     ev.add_argument("--candidates", type=int, nargs="+", default=[1],
                     help="reranked draws per prompt to compare (more than 1 needs a model with a scorer)")
-    ev.add_argument("--recon-images", type=int, default=256, help="validation images for the tokenizer's PSNR")
+    ev.add_argument("--recon-images", type=int, default=256, help="validation images for the tokenizer's PSNR (0: skip it)")
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ev.add_argument("--grid", metavar="PNG", help="also draw a grid of images for --grid-prompts (or fixed "
                     "prompts of the grammar) at the last --cfg scale and the last --candidates")
