@@ -93,7 +93,7 @@ def main_command_ms(threads: str, runs: int) -> list[float]:
 
 
 def run(device: torch.device, batches: list[int], *, peer: bool = True, threads: str = "auto",
-        load: str = "idle") -> list[dict]:
+        load: str = "idle", iters: int | None = None) -> list[dict]:
     opts = {"cpu_threads": threads if threads == "auto" else int(threads)} if device.type == "cpu" else {}
     engines = {"kv-plain": Engine.from_pretrained(device=device, **opts),
                "kv-ring": Engine.from_pretrained(device=device, kv_cache="ring", **opts)}
@@ -106,7 +106,7 @@ def run(device: torch.device, batches: list[int], *, peer: bool = True, threads:
         timed = {}
         for mode, e in engines.items():
             timed[mode] = timeit(lambda e=e: e.generate(prompts, seed=0), device=device,
-                                 warmup=2 if cuda else 1, iters=10 if cuda else 3)
+                                 warmup=2 if cuda else 1, iters=iters or (10 if cuda else 3))
         if peer:
             # One image per request, seed + 0: the engine's draw for request i uses seed 0 + 0 too,
             # so pass per-request seeds 0..b-1 to both and compare tokens.
@@ -138,15 +138,19 @@ def main() -> None:
     ap.add_argument("--main-command", type=int, default=0, metavar="RUNS",
                     help="CPU: also time README's main command in a fresh process, RUNS times")
     ap.add_argument("--no-peer", action="store_true", help="skip the slow no-cache peer")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="timed calls per mode, the median reported (default: 3 on a CPU, 10 on a GPU)")
     ap.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/demo.csv")
     args = ap.parse_args()
+    if args.iters is not None and args.iters < 1:
+        ap.error(f"--iters must be >= 1, got {args.iters}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"device: {device_name(device)}")
     rows = []
     for load in args.load if device.type == "cpu" else ["idle"]:
         for threads in args.cpu_threads if device.type == "cpu" else ["auto"]:
             with cpu_load(load):
-                rows += run(device, args.batch, peer=not args.no_peer, threads=threads, load=load)
+                rows += run(device, args.batch, peer=not args.no_peer, threads=threads, load=load, iters=args.iters)
                 if args.main_command and device.type == "cpu":
                     ms = main_command_ms(threads, args.main_command)
                     med = sorted(ms)[len(ms) // 2]

@@ -27,6 +27,7 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from vqim.kernels import SamplingParams
 
@@ -221,8 +222,25 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
 # ----------------------------------------------------------------------------- loading
 
 
+class _SkipInit(TorchFunctionMode):
+    """Parameter initializers do nothing: for modules built on the meta device, which have no
+    values to initialize. Initializing a meta tensor runs torch's Python meta kernels, whose
+    first use imports torch._dynamo: ~1 s of every program that loads a model, compiling or not."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> VQIMModel:
+    """The model of ``cfg`` on ``device``, randomly initialized (on ``"meta"``: shapes only, the
+    initializers skipped; load weights with ``load_state_dict(..., assign=True)``)."""
     dtype = dtype or dtype_from_name(cfg.dtype)
+    if torch.device(device).type == "meta":
+        with torch.device(device), _SkipInit():
+            return VQIMModel(cfg).to(dtype)
     with torch.device(device):
         return VQIMModel(cfg).to(dtype)
 

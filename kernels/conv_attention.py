@@ -975,7 +975,8 @@ def conv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, k
     _check_qkv(q, k, v)
     grid, kernel, prefix = _check_geometry(grid, kernel, prefix)
     _check_seq(q.shape[2], grid, prefix)
-    return _conv_attention_op(q, k, v, list(grid), list(kernel), prefix, scale, resolve_backend(backend, q.device))[0]
+    return call(_conv_attention_op, q, k, v, list(grid), list(kernel), prefix, scale,
+                resolve_backend(backend, q.device))[0]
 
 
 def conv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, *,
@@ -1031,7 +1032,7 @@ def conv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 # needs, so the op saves it instead of recomputing the forward. The torch backend returns an
 # empty lse; its backward re-runs the reference under autograd (the same graph as before).
 
-@torch.library.custom_op("vqim::conv_attention", mutates_args=())
+@custom_op("vqim::conv_attention", mutates_args=())
 def _conv_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], kernel: list[int],
                        prefix: int, scale: float | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     grid, kernel = tuple(grid), tuple(kernel)

@@ -274,6 +274,20 @@ def test_default_backend_carries_torchs_constant_mark_without_importing_dynamo()
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
 
 
+def test_loading_and_generating_do_not_import_dynamo():
+    """README's main job (load the bundled model, draw an image, upscale it) never imports
+    torch._dynamo (~1 s): the model is built on the meta device with its initializers skipped
+    (initializing a meta tensor ran torch's meta kernels, which import it), and eager inference
+    calls the ops' bodies (a custom op's CPU kernel is wrapped by torch to import it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom vqim.engine import Engine\neng = Engine.from_pretrained(device='cpu')\n"
+            "eng.generate(['a red circle'], seed=0, upscale=True)\nprint('torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "False", r.stdout + r.stderr
+
+
 def test_the_kernels_folder_cannot_be_imported_a_second_time_as_top_level_kernels():
     """From the checkout's root, `import kernels` (what transformers tries, for Hugging Face's
     kernel hub) would run this package again and register every vqim:: op a second time, after
