@@ -179,7 +179,7 @@ class ModelRunner:
         """Tokens ``[N]`` of guided logits ``cond``, ``uncond`` ``[N, V]`` (``uncond`` is ``cond``
         itself for an unguided image: ``u + s (c - u)`` is then ``c`` exactly), each entry with its
         own seed, token index and settings (``[N]`` tensors). -1 marks no finite logit."""
-        return K.cfg_sample(cond, uncond, seed=seed, step=step, validate=False, **settings)
+        return K.cfg_sample_rows(cond, uncond, settings, seed, step)
 
     def probs(self, cond: torch.Tensor, uncond: torch.Tensor, settings: dict[str, torch.Tensor]) -> torch.Tensor:
         """What :meth:`sample` draws from, ``[N, V]`` (speculative decoding's acceptance test)."""

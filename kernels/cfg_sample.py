@@ -727,6 +727,18 @@ def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *,
     return (tokens, logprob) if return_logprob else tokens
 
 
+def cfg_sample_rows(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, settings: dict[str, torch.Tensor],
+                    seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """:func:`cfg_sample`'s tokens ``[B]`` (``-1`` for a row with no finite logit), for a caller
+    that holds checked rows: ``settings`` as :meth:`SamplingParams.rows` makes them (every
+    setting, ``[B]``, on the logits' device), ``seed`` and ``step`` int64 ``[B]``, logits as
+    :func:`cfg_sample` takes them. Nothing is checked (the engine's decode loop checks each
+    request's settings once, not every step); the backend is the device's default (or
+    :func:`~vqim.kernels.use_backend`'s)."""
+    return call(_cfg_sample_op, cond_logits, uncond_logits, **settings, seed=seed, step=step,
+                backend=resolve_backend(None, cond_logits.device))[0]
+
+
 # The public function validates and resolves the backend (use_backend is a contextvar a compiled
 # graph would not see at run time); the op takes it as a string and every setting as a [B]
 # tensor, so compile/export see one opaque call whose body is the registry's implementation.

@@ -700,3 +700,29 @@ def test_unknown_setting_is_a_type_error():
         cfg_sample(torch.randn(2, 10), None, seed=0, step=0, topk=3)
     with pytest.raises(TypeError, match="unknown sampling parameter 'topk'"):
         validate_sampling_params(topk=3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cfg_sample_rows_draws_cfg_samples_tokens(backend):
+    """The engine's per-step entry (checked rows in, no checks) draws cfg_sample's tokens: rows
+    of SamplingParams.rows with every filter, greedy rows and a row with no finite logit (-1),
+    guided and not, on the device's default backend and under use_backend."""
+    from vqim.kernels import cfg_sample_rows, use_backend
+
+    b, v = 12, 61
+    g = torch.Generator().manual_seed(3)
+    params = [SamplingParams(cfg_scale=1.0 + i / 4, temperature=(0.0 if i % 5 == 0 else 0.3 + i / 10),
+                             top_k=(0, 3, 70)[i % 3], top_p=(1.0, 0.8)[i % 2], min_p=(0.0, 0.1, 0.0)[i % 3])
+              for i in range(b)]
+    settings = SamplingParams.rows(params, torch.device("cpu"))
+    seed = torch.randint(0, 2**63 - 1, (b,), generator=g)
+    step = torch.randint(0, 2**40, (b,), generator=g)
+    for guided in (False, True):
+        cond = torch.randn(b, v, generator=g) * 3
+        cond[4] = float("-inf")
+        uncond = torch.randn(b, v, generator=g) * 3 if guided else None
+        with use_backend(backend):
+            want = cfg_sample(cond, uncond, seed=seed, step=step, validate=False, **settings)
+            got = cfg_sample_rows(cond, uncond, settings, seed, step)
+        assert_equal(got, want, msg=f"guided={guided}")
+        assert int(got[4]) == -1
