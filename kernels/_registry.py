@@ -126,10 +126,11 @@ def call(op: Callable, *args, **kwargs):
     torch.library (~9 us a call on a CPU, where a small model's decode step makes ~15 such calls
     and does ~2 ms of work). The op itself runs whenever something must see it as one op:
     compiling or exporting (Dynamo folds ``is_compiling`` to True), a dispatch mode (fake tensors,
-    ``make_fx``, the launch counter of ``vqim.engine.profiling``), or autograd recording (the op
-    has no formula for most ops, and conv_attention's is the op's own)."""
+    ``make_fx``, the launch counter of ``vqim.engine.profiling``), autograd recording (the op
+    has no formula for most ops, and conv_attention's is the op's own), or meta tensors (the op's
+    fake implementation gives their shapes). The first argument is a tensor in every op."""
     if (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and torch._C._len_torch_dispatch_stack() == 0):
+            and torch._C._len_torch_dispatch_stack() == 0 and not args[0].is_meta):
         return _BODIES[op](*args, **kwargs)
     return op(*args, **kwargs)
 

@@ -397,3 +397,17 @@ def test_recording_autograd_keeps_the_op(monkeypatch):
     assert called == [1]
     K.add_layer_norm(x, x, torch.ones(8), None)  # grad mode on: through the op
     assert called == [1]
+
+
+def test_meta_tensors_get_the_ops_fake_shapes():
+    """Meta tensors (shapes only) go through the op, whose fake implementation answers, also in
+    eager inference where the body would otherwise run."""
+    q = torch.empty(2, 3, 1, 8, device="meta")
+    kc = torch.empty(2, 3, 40, 8, device="meta")
+    with torch.no_grad():
+        o = K.conv_decode_attention(q, kc, kc.clone(), torch.empty(2, dtype=torch.long, device="meta"),
+                                    grid=(6, 6), kernel=(3, 5), prefix=4, k_new=q, v_new=q, validate=False)
+        x = torch.empty(3, 5, 37, device="meta")
+        s, h = K.add_layer_norm(x, x, torch.empty(37, device="meta"), None)
+    assert o.is_meta and o.shape == (2, 3, 1, 8)
+    assert s.is_meta and h.is_meta and h.shape == (3, 5, 37)
