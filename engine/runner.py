@@ -104,13 +104,20 @@ class ModelRunner:
         # write rows (the trash row for padding), seed, step, whether live, settings.
         self.slot_cond = torch.zeros(r, **long)
         self.slot_uncond = torch.zeros(r, **long)
-        self.slot_wcond = torch.full((r,), r, **long)
-        self.slot_wuncond = torch.full((r,), r, **long)
+        # (2, R): each slot's conditional and unconditional write rows, one index for both.
+        self.slot_write = torch.full((2, r), r, **long)
+        self.slot_wcond, self.slot_wuncond = self.slot_write[0], self.slot_write[1]
         self.slot_seed = torch.zeros(r, **long)
         self.slot_step = torch.zeros(r, **long)
         self.slot_live = torch.zeros(r, **long)
         self.slot_settings = K.SamplingParams.rows([K.SamplingParams()] * r, device)
         self.slots = 0  # live slots
+        self._slot_views: dict[int, tuple] = {}  # m -> the slot buffers' first m entries (views)
+        # On a CPU the sampler's counter-based uniforms (~60 us a step in python integers) are
+        # drawn once per image: row c holds those of every token of the image whose conditional
+        # row is c (drawn for seed _uniform_seed[c]). GPU kernels draw theirs in-kernel.
+        self.uniforms = torch.zeros(r + 1, n) if device.type == "cpu" else None  # (R + 1, n)
+        self._uniform_seed: list[int | None] = [None] * (r + 1)
         # dynamic=False: one specialized graph per row count, as the CUDA graphs are.
         self.compiled = compile
         self._compiled: Callable | None = (torch.compile(decoder.decode_step, fullgraph=True, dynamic=False)
@@ -175,11 +182,12 @@ class ModelRunner:
     # ------------------------------------------------------------------ sampling
 
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
-               settings: dict[str, torch.Tensor]) -> torch.Tensor:
+               settings: dict[str, torch.Tensor], uniforms: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens ``[N]`` of guided logits ``cond``, ``uncond`` ``[N, V]`` (``uncond`` is ``cond``
         itself for an unguided image: ``u + s (c - u)`` is then ``c`` exactly), each entry with its
-        own seed, token index and settings (``[N]`` tensors). -1 marks no finite logit."""
-        return K.cfg_sample_rows(cond, uncond, settings, seed, step)
+        own seed, token index and settings (``[N]`` tensors); ``uniforms [N]`` the entries' draws
+        where the runner holds them (:attr:`uniforms`). -1 marks no finite logit."""
+        return K.cfg_sample_rows(cond, uncond, settings, seed, step, uniforms=uniforms)
 
     def probs(self, cond: torch.Tensor, uncond: torch.Tensor, settings: dict[str, torch.Tensor]) -> torch.Tensor:
         """What :meth:`sample` draws from, ``[N, V]`` (speculative decoding's acceptance test)."""
@@ -201,20 +209,20 @@ class ModelRunner:
         wu = torch.tensor([s.uncond for s in slots], device=dev)
         free = torch.full((self.dec.cfg.num_tokens,), -1, dtype=torch.long)
         self.forced[wc] = torch.stack([free if f is None else f for f in forced]).to(dev)
-        return self._record(tok, wc, wu, torch.zeros_like(wc))
+        return self._record(tok, torch.stack([wc, wu]), torch.zeros_like(wc))
 
-    def _record(self, tok: torch.Tensor, wc: torch.Tensor, wu: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """Token ``step [B]`` of the images whose rows are ``wc``/``wu`` is the draw ``tok [B]``, or
-        the kept token where image-conditioned generation keeps one (the draw is still made, keyed
-        as raster decoding keys it): stored, and fed to both rows at its position next."""
+    def _record(self, tok: torch.Tensor, write: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """Token ``step [B]`` of the images whose conditional and unconditional rows are ``write
+        [2, B]`` is the draw ``tok [B]``, or the kept token where image-conditioned generation keeps
+        one (the draw is still made, keyed as raster decoding keys it): stored, and fed to both
+        rows at its position next."""
+        wc = write[0]
         keep = self.forced[wc, step]  # (B,)
         tok = torch.where(keep >= 0, keep, tok)
         self.out[wc, step] = tok
-        fed = tok.clamp_min(0)  # a row marked -1 (no finite logit) is fed 0; its -1 stays in `out`
-        self.feed[wc] = fed
-        self.feed[wu] = fed
-        self.pos[wc] = step + self.prefix_len[wc]
-        self.pos[wu] = step + self.prefix_len[wu]
+        # A row marked -1 (no finite logit) is fed 0; its -1 stays in `out`.
+        self.feed[write] = tok.clamp_min(0).expand_as(write)  # (2, B)
+        self.pos[write] = self.prefix_len[write] + step  # (2, B)
         return tok
 
     # ------------------------------------------------------------------ slots
@@ -240,6 +248,13 @@ class ModelRunner:
         rows = K.SamplingParams.rows([s.params for s in slots] + [K.SamplingParams()] * pad, torch.device("cpu"))
         for name, t in rows.items():
             self.slot_settings[name].copy_(t, non_blocking=True)
+        if self.uniforms is not None:
+            fresh = [s for s in slots if self._uniform_seed[s.cond] != s.seed]
+            if fresh:
+                rows = torch.tensor([s.cond for s in fresh])
+                self.uniforms[rows] = K.sampling_uniforms(torch.tensor([s.seed for s in fresh]), self.uniforms.shape[1])
+                for s in fresh:
+                    self._uniform_seed[s.cond] = s.seed
         held = torch.zeros(r, dtype=torch.bool)
         held[raster_rows] = True
         self.raster_rows.copy_(held.to(dev))
@@ -247,12 +262,19 @@ class ModelRunner:
 
     def _sample_record(self, logits: torch.Tensor, m: int) -> None:
         """Sample, record and advance slots ``[0, m)`` from ``logits [b, V]`` (row-indexed)."""
-        s = slice(0, m)
-        step = self.slot_step[s]
-        tok = self.sample(logits.index_select(0, self.slot_cond[s]), logits.index_select(0, self.slot_uncond[s]),
-                          self.slot_seed[s], step, {k: v[s] for k, v in self.slot_settings.items()})  # (m,)
-        self._record(tok, self.slot_wcond[s], self.slot_wuncond[s], step)
-        self.slot_step[s] += self.slot_live[s]
+        views = self._slot_views.get(m)
+        if views is None:
+            # Views of the static buffers, valid for every later step (written in place only).
+            s = slice(0, m)
+            views = self._slot_views[m] = (self.slot_cond[s], self.slot_uncond[s], self.slot_write[:, s],
+                                           self.slot_seed[s], self.slot_step[s], self.slot_live[s],
+                                           {k: v[s] for k, v in self.slot_settings.items()})
+        cond, uncond, write, seed, step, live, settings = views
+        uniforms = None if self.uniforms is None else self.uniforms[write[0], step]  # (m,)
+        tok = self.sample(logits.index_select(0, cond), logits.index_select(0, uncond), seed, step, settings,
+                          uniforms=uniforms)  # (m,)
+        self._record(tok, write, step)
+        step += live
 
     def _unit(self, b: int, m: int) -> None:
         """One raster step over rows ``[0, b)`` and slots ``[0, m)``: what a graph captures."""

@@ -129,10 +129,16 @@ def call(op: Callable, *args, **kwargs):
     ``make_fx``, the launch counter of ``vqim.engine.profiling``), autograd recording (the op
     has no formula for most ops, and conv_attention's is the op's own), or meta tensors (the op's
     fake implementation gives their shapes). The first argument is a tensor in every op."""
-    if (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and torch._C._len_torch_dispatch_stack() == 0 and not args[0].is_meta):
+    if eager_inference(args[0]):
         return _BODIES[op](*args, **kwargs)
     return op(*args, **kwargs)
+
+
+def eager_inference(t: torch.Tensor) -> bool:
+    """True where nothing needs to see an op as one op (:func:`call`'s rule), for a call whose
+    first tensor argument is ``t``: not compiling, no grad, no dispatch mode, not meta."""
+    return (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and torch._C._len_torch_dispatch_stack() == 0 and not t.is_meta)
 
 
 def registered(op: str) -> tuple[str, ...]:

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
-from ._registry import call, custom_op, dispatch, register, resolve_backend
+from ._registry import call, custom_op, dispatch, eager_inference, register, resolve_backend
 from ._triton import tl, triton
 from .sampling_params import DEFAULTS, SamplingParams, check_tensor, check_tensor_values, check_value, row_tensor
 
@@ -319,42 +319,44 @@ def _philox_uniform_cpu(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(words.astype(np.float32) * np.float32(2.0**-24)).view(shape)
 
 
-def _cfg_sample_cpu(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p, seed, step):
+def _cfg_sample_cpu(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p, seed, step,
+                    u: torch.Tensor | None = None, logprob: bool = True):
     """The torch backend on CPU: the reference's tokens and log-probabilities exactly (tested on
     the sampler's grids), in a fraction of its time. Calls where a row filters with top-p run
     the reference (its cut needs the sorted order). Otherwise no sort is needed: top-k keeps
     the tokens ``>=`` the k-th largest value (``topk``'s), min-p those whose weight is
     ``>= min_p``, and the rest is the reference's arithmetic on the same ``[B, V]`` tensors (so
-    the same rounding) with its masks folded (``nan_to_num`` for the guided mask, zero weights
-    for the kept mask), the inverse CDF as a binary search of the running sum (non-decreasing,
-    so the first index past ``u * total`` is the count of entries ``<=`` it) and the
-    counter-based uniform in python integers. A row with no finite logit, a temperature that
-    overflows a logit to ``+inf``, or a draw that rounding leaves past the end (the reference's
-    fallbacks) sends the call to the reference. It runs once per decode step, where the
-    reference's ~100 small ops cost more than the rest of the step on a small model."""
+    the same rounding) with its masks folded, the inverse CDF as a binary search of the running
+    sum (non-decreasing, so the first index past ``u * total`` is the count of entries ``<=``
+    it) and the counter-based uniform in python integers (or ``u [B]``, the caller's, when it
+    holds them). The guided mask needs no pass of its own: a masked entry (a non-finite
+    ``cond`` or ``uncond``, or an overflow) makes ``x`` either ``-inf``, as the reference's mask
+    does, or NaN/``+inf``, and then the row's maximum is not finite, which sends the call to
+    the reference, as do a temperature that overflows a logit to ``+inf`` and a draw that
+    rounding leaves past the end (the reference's fallbacks). ``logprob=False`` returns
+    ``(tokens, None)``. It runs once per decode step, where the reference's ~100 small ops cost
+    more than the rest of the step on a small model."""
     b, v = cond.shape
-    u = _philox_uniform_cpu(seed, step)
+    if u is None:
+        u = _philox_uniform_cpu(seed, step)
     k, t, p, mp = (r.tolist() for r in (top_k, temperature, top_p, min_p))
     # A temperature tensor not in fp32 (the op's own, from _row_params) would change the
     # reference's dtype; top-p values other than 1 (out of range too) go to the reference.
     if b == 0 or any(r != 1 for r in p) or temperature.dtype != torch.float32:
         return _draw(*_kept_weights(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p), u)
-    # guided_logits_ref's mask: x is not finite exactly where the reference masks it (a
-    # non-finite cond or uncond makes x inf or NaN for every scale).
-    inf = float("-inf")
     if uncond is None:
-        x = torch.nan_to_num(cond.float(), nan=inf, posinf=inf, neginf=inf)  # (B, V)
+        x = cond.float()  # (B, V)
     else:
         un = uncond.float()
-        # un + s * (c - un), the reference's three roundings.
-        x = (cond.float() - un).mul_(cfg_scale.float()[:, None]).add_(un).nan_to_num_(nan=inf, posinf=inf, neginf=inf)
+        # un + s * (c - un), the reference's three roundings; never in place on the caller's logits.
+        x = (cond.float() - un).mul_(cfg_scale.float()[:, None]).add_(un)  # (B, V)
     if 0 in t:
         greedy = temperature == 0
         z = x / temperature.masked_fill(greedy, 1.0)[:, None]  # (B, V); greedy rows keep x for the argmax
     else:
         greedy = None
-        z = x.div_(temperature[:, None])
-    m = z.amax(1, keepdim=True)  # (B, 1)
+        z = x.div_(temperature[:, None]) if x is not cond else x / temperature[:, None]
+    m = z.amax(1, keepdim=True)  # (B, 1); NaN where any entry is NaN
     if not all(map(math.isfinite, m.view(-1).tolist())):
         return _draw(*_kept_weights(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p), u)
     w = (z - m).exp_()  # (B, V), 0 on masked tokens
@@ -371,8 +373,10 @@ def _cfg_sample_cpu(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p
         idx = torch.where(greedy, x.argmax(1), idx)
     if int(idx.max()) >= v:
         return _draw(*_kept_weights(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p), u)
-    logprob = z.gather(1, idx[:, None])[:, 0] - m[:, 0] - torch.log(total)
-    return idx, logprob if greedy is None else torch.where(greedy, 0.0, logprob)
+    if not logprob:
+        return idx, None
+    lp = z.gather(1, idx[:, None])[:, 0] - m[:, 0] - torch.log(total)
+    return idx, lp if greedy is None else torch.where(greedy, 0.0, lp)
 
 
 @register("cfg_sample", "torch")
@@ -728,15 +732,33 @@ def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *,
 
 
 def cfg_sample_rows(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, settings: dict[str, torch.Tensor],
-                    seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+                    seed: torch.Tensor, step: torch.Tensor, *, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`cfg_sample`'s tokens ``[B]`` (``-1`` for a row with no finite logit), for a caller
     that holds checked rows: ``settings`` as :meth:`SamplingParams.rows` makes them (every
     setting, ``[B]``, on the logits' device), ``seed`` and ``step`` int64 ``[B]``, logits as
     :func:`cfg_sample` takes them. Nothing is checked (the engine's decode loop checks each
     request's settings once, not every step); the backend is the device's default (or
-    :func:`~vqim.kernels.use_backend`'s)."""
-    return call(_cfg_sample_op, cond_logits, uncond_logits, **settings, seed=seed, step=step,
-                backend=resolve_backend(None, cond_logits.device))[0]
+    :func:`~vqim.kernels.use_backend`'s).
+
+    ``uniforms [B]``: the rows' ``philox_uniform(seed, step)``, where the caller drew them ahead
+    (:func:`sampling_uniforms`, once per image). The torch backend on a CPU then skips drawing
+    them and the log-probabilities (~70 us of a decode step's sampling in python integers and
+    small ops); other backends draw in-kernel and ignore it."""
+    backend = resolve_backend(None, cond_logits.device)
+    if uniforms is not None and backend == "torch" and cond_logits.device.type == "cpu" and eager_inference(cond_logits):
+        return _cfg_sample_cpu(cond_logits, uncond_logits, **settings, seed=seed, step=step, u=uniforms,
+                               logprob=False)[0]
+    return call(_cfg_sample_op, cond_logits, uncond_logits, **settings, seed=seed, step=step, backend=backend)[0]
+
+
+def sampling_uniforms(seed: torch.Tensor, steps: int) -> torch.Tensor:
+    """The uniforms ``[B, steps]`` the sampler draws for tokens ``0 .. steps - 1`` of rows keyed by
+    ``seed`` (int64 ``[B]``): ``philox_uniform(seed[:, None], arange(steps))``, on a CPU in python
+    integers (every row and step at once)."""
+    steps_t = torch.arange(steps, device=seed.device)
+    if seed.device.type == "cpu":
+        return _philox_uniform_cpu(seed.long()[:, None], steps_t[None])
+    return philox_uniform(seed.long()[:, None], steps_t[None])
 
 
 # The public function validates and resolves the backend (use_backend is a contextvar a compiled

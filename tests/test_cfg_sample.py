@@ -726,3 +726,67 @@ def test_cfg_sample_rows_draws_cfg_samples_tokens(backend):
             got = cfg_sample_rows(cond, uncond, settings, seed, step)
         assert_equal(got, want, msg=f"guided={guided}")
         assert int(got[4]) == -1
+
+
+def test_sampling_uniforms_are_the_philox_words_of_every_token():
+    from vqim.kernels import sampling_uniforms
+
+    g = torch.Generator().manual_seed(11)
+    seed = torch.cat([torch.tensor([0, 2**32 - 1, 2**32, 2**63 - 1]), torch.randint(0, 2**62, (5,), generator=g)])
+    for steps in (1, 7, 256):
+        got = sampling_uniforms(seed, steps)
+        assert got.shape == (len(seed), steps) and got.dtype == torch.float32
+        assert_equal(got, philox_uniform(seed[:, None], torch.arange(steps)[None]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cfg_sample_rows_with_the_callers_uniforms_draws_the_same_tokens(backend, dtype, monkeypatch):
+    """Given the rows' uniforms (what the engine's CPU runner draws once per image), the CPU path
+    skips drawing them and draws cfg_sample's tokens: every filter, greedy rows, masked tokens
+    in cond and in uncond (the guided mask folded into the row maximum's finiteness), a row with
+    no finite logit, overflowing settings; the caller's logits are left as they were. And it does
+    use them: all-zero uniforms draw each row's first kept token."""
+    from vqim.kernels import cfg_sample_rows, use_backend
+
+    cs = importlib.import_module("vqim.kernels.cfg_sample")
+    b, v = 14, 67
+    g = torch.Generator().manual_seed(5)
+    grid = CPU_GRID + [dict(top_k=4), dict(min_p=0.3)]
+    params = [SamplingParams(**{**grid[i % len(grid)], **({"cfg_scale": 1.0} if i == 9 else {})}) for i in range(b)]
+    settings = SamplingParams.rows(params, torch.device("cpu"))
+    seed = torch.randint(0, 2**63 - 1, (b,), generator=g)
+    step = torch.randint(0, 2**40, (b,), generator=g)
+    uniforms = philox_uniform(seed, step)
+    for guided in (False, True):
+        for masked in (False, True):
+            cond = (torch.randn(b, v, generator=g) * 3).to(dtype)
+            uncond = (torch.randn(b, v, generator=g) * 3).to(dtype) if guided else None
+            if masked:
+                cond[0, 3] = float("-inf")
+                cond[4] = float("-inf")  # no finite logit: -1
+                cond[6, 10] = float("nan")
+                if guided:
+                    uncond[1, 5] = float("-inf")
+            before = (cond.clone(), None if uncond is None else uncond.clone())
+            with use_backend(backend):
+                want = cfg_sample(cond, uncond, seed=seed, step=step, validate=False, **settings)
+                with monkeypatch.context() as m:
+                    if backend == "torch":
+                        m.setattr(cs, "_philox_uniform_cpu", lambda *a: (_ for _ in ()).throw(
+                            AssertionError("drew the uniforms it was given")))
+                    with torch.no_grad():  # as the engine samples (grad on, the op runs and draws its own)
+                        got = cfg_sample_rows(cond, uncond, settings, seed, step, uniforms=uniforms)
+            assert_equal(got, want, msg=f"guided={guided} masked={masked}")
+            torch.testing.assert_close(cond, before[0], rtol=0, atol=0, equal_nan=True)
+            if guided:
+                torch.testing.assert_close(uncond, before[1], rtol=0, atol=0, equal_nan=True)
+            if masked:
+                assert int(got[4]) == -1
+    if backend == "torch":
+        cond = torch.randn(b, v, generator=g)
+        cond[:, 0] = float("-inf")
+        plain = SamplingParams.rows([SamplingParams(temperature=0.9)] * b, torch.device("cpu"))
+        with torch.no_grad():
+            first = cfg_sample_rows(cond, None, plain, seed, step, uniforms=torch.zeros(b))
+        assert_equal(first, torch.ones(b, dtype=torch.long))
