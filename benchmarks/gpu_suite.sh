@@ -76,7 +76,7 @@ bench_args() {
         bench_tp) BENCH_ARGS=(--presets parti-350m --tp 1 --batch 1) ;;
         bench_serving) BENCH_ARGS=(--clients 1 16) ;;
         # The loop's host work per step against the bare step (20 steps of each, then cancelled).
-        bench_scheduler) BENCH_ARGS=(--models parti-350m --batch 1 16 --iters 20) ;;
+        bench_scheduler) BENCH_ARGS=(--models parti-350m --batch 1 16 --iters 20 --rounds 1) ;;
         # One 1024-token image per method (random weights: passes and time, the wavefront's tokens
         # checked against raster's).
         bench_parallel_decoding) BENCH_ARGS=(--models parti-350m --images 1) ;;
