@@ -733,10 +733,12 @@ def test_sampling_uniforms_are_the_philox_words_of_every_token():
 
     g = torch.Generator().manual_seed(11)
     seed = torch.cat([torch.tensor([0, 2**32 - 1, 2**32, 2**63 - 1]), torch.randint(0, 2**62, (5,), generator=g)])
-    for steps in (1, 7, 256):
-        got = sampling_uniforms(seed, steps)
-        assert got.shape == (len(seed), steps) and got.dtype == torch.float32
-        assert_equal(got, philox_uniform(seed[:, None], torch.arange(steps)[None]))
+    # 9 rows of up to 256 steps: one chunk of lanes; of 1000: chunks of 4, 4 and 1 rows; of 5000:
+    # a chunk per row.
+    for rows, steps in ((seed, 1), (seed, 7), (seed, 256), (seed, 1000), (seed[:3], 5000), (seed[:0], 7)):
+        got = sampling_uniforms(rows, steps)
+        assert got.shape == (len(rows), steps) and got.dtype == torch.float32
+        assert_equal(got, philox_uniform(rows[:, None], torch.arange(steps)[None]))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
