@@ -251,8 +251,8 @@ class ModelRunner:
         if self.uniforms is not None:
             fresh = [s for s in slots if self._uniform_seed[s.cond] != s.seed]
             if fresh:
-                rows = torch.tensor([s.cond for s in fresh])
-                self.uniforms[rows] = K.sampling_uniforms(torch.tensor([s.seed for s in fresh]), self.uniforms.shape[1])
+                cond_rows = torch.tensor([s.cond for s in fresh])
+                self.uniforms[cond_rows] = K.sampling_uniforms(torch.tensor([s.seed for s in fresh]), self.uniforms.shape[1])
                 for s in fresh:
                     self._uniform_seed[s.cond] = s.seed
         held = torch.zeros(r, dtype=torch.bool)
