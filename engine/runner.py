@@ -111,7 +111,16 @@ class ModelRunner:
         self.slot_step = torch.zeros(r, **long)
         self.slot_live = torch.zeros(r, **long)
         self.slot_settings = K.SamplingParams.rows([K.SamplingParams()] * r, device)
+        # (2, R): the prefix lengths of slot_write's rows, so that a step's positions need no gather.
+        self.slot_base = torch.ones(2, r, **long)
         self.slots = 0  # live slots
+        # Host facts of the live slots, set with them: the sampler's plan of their settings, and
+        # whether any image keeps tokens (else a step skips the kept-token lookup; a captured
+        # graph always does it: captures happen here, before any slot is set).
+        self._plan: K.RowsPlan | None = None
+        self._keeps = True
+        self._row_keeps = [False] * (r + 1)  # by conditional row: its image keeps tokens
+        self._views: dict[int, DecodeState] = {}  # b -> view(b)
         self._slot_views: dict[int, tuple] = {}  # m -> the slot buffers' first m entries (views)
         # On a CPU the sampler's counter-based uniforms (~60 us a step in python integers) are
         # drawn once per image: row c holds those of every token of the image whose conditional
@@ -129,11 +138,15 @@ class ModelRunner:
     # ------------------------------------------------------------------ rows
 
     def view(self, b: int) -> DecodeState:
-        """The first ``b`` rows of the state: views, so writes land in the full state."""
-        s = self.state
-        cut = (lambda ts: None if ts is None else [t[:b] for t in ts])
-        return DecodeState(cut(s.k), cut(s.v), cut(s.cross_k), cut(s.cross_v),
-                           None if s.memory_bias is None else s.memory_bias[:b], ring=s.ring)
+        """The first ``b`` rows of the state: views, so writes land in the full state (made once
+        per ``b``: the state's tensors are only ever written in place)."""
+        view = self._views.get(b)
+        if view is None:
+            s = self.state
+            cut = (lambda ts: None if ts is None else [t[:b] for t in ts])
+            view = self._views[b] = DecodeState(cut(s.k), cut(s.v), cut(s.cross_k), cut(s.cross_v),
+                                                None if s.memory_bias is None else s.memory_bias[:b], ring=s.ring)
+        return view
 
     def buckets(self) -> list[int]:
         """Row counts a step runs over on CUDA with graphs: powers of two up to ``max_rows``."""
@@ -182,12 +195,14 @@ class ModelRunner:
     # ------------------------------------------------------------------ sampling
 
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
-               settings: dict[str, torch.Tensor], uniforms: torch.Tensor | None = None) -> torch.Tensor:
+               settings: dict[str, torch.Tensor], uniforms: torch.Tensor | None = None,
+               plan: K.RowsPlan | None = None) -> torch.Tensor:
         """Tokens ``[N]`` of guided logits ``cond``, ``uncond`` ``[N, V]`` (``uncond`` is ``cond``
         itself for an unguided image: ``u + s (c - u)`` is then ``c`` exactly), each entry with its
         own seed, token index and settings (``[N]`` tensors); ``uniforms [N]`` the entries' draws
-        where the runner holds them (:attr:`uniforms`). -1 marks no finite logit."""
-        return K.cfg_sample_rows(cond, uncond, settings, seed, step, uniforms=uniforms)
+        where the runner holds them (:attr:`uniforms`), ``plan`` the settings' ``rows_plan``
+        where it does. -1 marks no finite logit."""
+        return K.cfg_sample_rows(cond, uncond, settings, seed, step, uniforms=uniforms, plan=plan)
 
     def probs(self, cond: torch.Tensor, uncond: torch.Tensor, settings: dict[str, torch.Tensor]) -> torch.Tensor:
         """What :meth:`sample` draws from, ``[N, V]`` (speculative decoding's acceptance test)."""
@@ -209,20 +224,26 @@ class ModelRunner:
         wu = torch.tensor([s.uncond for s in slots], device=dev)
         free = torch.full((self.dec.cfg.num_tokens,), -1, dtype=torch.long)
         self.forced[wc] = torch.stack([free if f is None else f for f in forced]).to(dev)
-        return self._record(tok, torch.stack([wc, wu]), torch.zeros_like(wc))
+        for s, f in zip(slots, forced):
+            self._row_keeps[s.cond] = f is not None
+        write = torch.stack([wc, wu])  # (2, B)
+        return self._record(tok, write, torch.zeros_like(wc), self.prefix_len[write])
 
-    def _record(self, tok: torch.Tensor, write: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def _record(self, tok: torch.Tensor, write: torch.Tensor, step: torch.Tensor, base: torch.Tensor,
+                keeps: bool = True) -> torch.Tensor:
         """Token ``step [B]`` of the images whose conditional and unconditional rows are ``write
-        [2, B]`` is the draw ``tok [B]``, or the kept token where image-conditioned generation keeps
-        one (the draw is still made, keyed as raster decoding keys it): stored, and fed to both
-        rows at its position next."""
+        [2, B]`` (prefix lengths ``base [2, B]``) is the draw ``tok [B]``, or the kept token where
+        image-conditioned generation keeps one (the draw is still made, keyed as raster decoding
+        keys it): stored, and fed to both rows at its position next. ``keeps=False``: no image
+        keeps tokens (the lookup is skipped)."""
         wc = write[0]
-        keep = self.forced[wc, step]  # (B,)
-        tok = torch.where(keep >= 0, keep, tok)
+        if keeps:
+            keep = self.forced[wc, step]  # (B,)
+            tok = torch.where(keep >= 0, keep, tok)
         self.out[wc, step] = tok
         # A row marked -1 (no finite logit) is fed 0; its -1 stays in `out`.
         self.feed[write] = tok.clamp_min(0).expand_as(write)  # (2, B)
-        self.pos[write] = self.prefix_len[write] + step  # (2, B)
+        self.pos[write] = base + step  # (2, B)
         return tok
 
     # ------------------------------------------------------------------ slots
@@ -248,6 +269,9 @@ class ModelRunner:
         rows = K.SamplingParams.rows([s.params for s in slots] + [K.SamplingParams()] * pad, torch.device("cpu"))
         for name, t in rows.items():
             self.slot_settings[name].copy_(t, non_blocking=True)
+        self.slot_base.copy_(self.prefix_len[self.slot_write])
+        self._plan = K.rows_plan(rows)
+        self._keeps = any(self._row_keeps[s.cond] for s in slots)
         if self.uniforms is not None:
             fresh = [s for s in slots if self._uniform_seed[s.cond] != s.seed]
             if fresh:
@@ -267,13 +291,13 @@ class ModelRunner:
             # Views of the static buffers, valid for every later step (written in place only).
             s = slice(0, m)
             views = self._slot_views[m] = (self.slot_cond[s], self.slot_uncond[s], self.slot_write[:, s],
-                                           self.slot_seed[s], self.slot_step[s], self.slot_live[s],
-                                           {k: v[s] for k, v in self.slot_settings.items()})
-        cond, uncond, write, seed, step, live, settings = views
+                                           self.slot_base[:, s], self.slot_seed[s], self.slot_step[s],
+                                           self.slot_live[s], {k: v[s] for k, v in self.slot_settings.items()})
+        cond, uncond, write, base, seed, step, live, settings = views
         uniforms = None if self.uniforms is None else self.uniforms[write[0], step]  # (m,)
         tok = self.sample(logits.index_select(0, cond), logits.index_select(0, uncond), seed, step, settings,
-                          uniforms=uniforms)  # (m,)
-        self._record(tok, write, step)
+                          uniforms=uniforms, plan=self._plan)  # (m,)
+        self._record(tok, write, step, base, self._keeps)
         step += live
 
     def _unit(self, b: int, m: int) -> None:

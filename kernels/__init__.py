@@ -16,7 +16,7 @@ from .add_rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm_ref
 from .codebook_lookup import codebook_lookup, codebook_lookup_ref, codebook_quantize
 from .conv_attention import (conv_attention, conv_attention_ref, conv_cache_len, conv_cache_slot,
                              conv_decode_attention, conv_decode_attention_ref, conv_mask_ref)
-from .cfg_sample import cfg_probs_ref, cfg_sample, cfg_sample_ref, cfg_sample_rows, sampling_uniforms
+from .cfg_sample import RowsPlan, cfg_probs_ref, cfg_sample, cfg_sample_ref, cfg_sample_rows, rows_plan, sampling_uniforms
 from .sampling_params import MAX_SEED, SamplingParams, validate_sampling_params
 from .adafactor8 import Adafactor8bit
 from .int8_linear import int8_linear, int8_linear_ref, quantize_int8
@@ -36,6 +36,8 @@ __all__ = [
     "cfg_sample",
     "cfg_sample_ref",
     "cfg_sample_rows",
+    "RowsPlan",
+    "rows_plan",
     "sampling_uniforms",
     "validate_sampling_params",
     "codebook_lookup",

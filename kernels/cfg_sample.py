@@ -58,6 +58,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -319,8 +320,28 @@ def _philox_uniform_cpu(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(words.astype(np.float32) * np.float32(2.0**-24)).view(shape)
 
 
+class RowsPlan(NamedTuple):
+    """What the CPU path branches on, read from the rows' settings (host values): made once by
+    :func:`rows_plan` where a caller samples the same rows many times (the decode loop, between
+    joins and leaves) instead of on every call. A plan of more rows than a call samples (the
+    runner's padding slots, at the defaults) is still right for it: each flag only adds work."""
+
+    top_p: bool  # some row filters with top-p: the call runs the reference
+    greedy: bool  # some row has temperature 0
+    unit_temperature: bool  # every temperature is 1: z = x / 1 is x exactly, so no division
+    top_k: int  # the largest top_k (0: no row filters with top-k)
+    min_p: bool  # some row filters with min-p
+
+
+def rows_plan(settings: dict[str, torch.Tensor]) -> RowsPlan:
+    """The :class:`RowsPlan` of ``settings`` (:meth:`SamplingParams.rows`' ``[B]`` tensors; a
+    host read of each on a GPU)."""
+    k, t, p, mp = (settings[n].tolist() for n in ("top_k", "temperature", "top_p", "min_p"))
+    return RowsPlan(any(r != 1 for r in p), 0 in t, all(r == 1 for r in t), max(k, default=0), any(mp))
+
+
 def _cfg_sample_cpu(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p, seed, step,
-                    u: torch.Tensor | None = None, logprob: bool = True):
+                    u: torch.Tensor | None = None, logprob: bool = True, plan: RowsPlan | None = None):
     """The torch backend on CPU: the reference's tokens and log-probabilities exactly (tested on
     the sampler's grids), in a fraction of its time. Calls where a row filters with top-p run
     the reference (its cut needs the sorted order). Otherwise no sort is needed: top-k keeps
@@ -334,44 +355,52 @@ def _cfg_sample_cpu(cond, uncond, *, cfg_scale, temperature, top_k, top_p, min_p
     does, or NaN/``+inf``, and then the row's maximum is not finite, which sends the call to
     the reference, as do a temperature that overflows a logit to ``+inf`` and a draw that
     rounding leaves past the end (the reference's fallbacks). ``logprob=False`` returns
-    ``(tokens, None)``. It runs once per decode step, where the reference's ~100 small ops cost
-    more than the rest of the step on a small model."""
+    ``(tokens, None)``; ``plan`` is the settings' :func:`rows_plan` where the caller holds it.
+    It runs once per decode step, where the reference's ~100 small ops cost more than the rest
+    of the step on a small model."""
     b, v = cond.shape
     if u is None:
         u = _philox_uniform_cpu(seed, step)
-    k, t, p, mp = (r.tolist() for r in (top_k, temperature, top_p, min_p))
+    if plan is None:
+        plan = rows_plan(dict(top_k=top_k, temperature=temperature, top_p=top_p, min_p=min_p))
     # A temperature tensor not in fp32 (the op's own, from _row_params) would change the
     # reference's dtype; top-p values other than 1 (out of range too) go to the reference.
-    if b == 0 or any(r != 1 for r in p) or temperature.dtype != torch.float32:
+    if b == 0 or plan.top_p or temperature.dtype != torch.float32:
         return _draw(*_kept_weights(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p), u)
+    # Here the calls that make up a decode step's sampling are counted: a dtype test, not a
+    # .float() call, and unsqueeze, not [:, None] (each a dispatch of its own).
+    cond = cond if cond.dtype == torch.float32 else cond.float()
     if uncond is None:
-        x = cond.float()  # (B, V)
+        x = cond  # (B, V)
     else:
-        un = uncond.float()
+        un = uncond if uncond.dtype == torch.float32 else uncond.float()
+        s = cfg_scale if cfg_scale.dtype == torch.float32 else cfg_scale.float()
         # un + s * (c - un), the reference's three roundings; never in place on the caller's logits.
-        x = (cond.float() - un).mul_(cfg_scale.float()[:, None]).add_(un)  # (B, V)
-    if 0 in t:
+        x = (cond - un).mul_(s.unsqueeze(1)).add_(un)  # (B, V)
+    greedy = None
+    if plan.greedy:
         greedy = temperature == 0
-        z = x / temperature.masked_fill(greedy, 1.0)[:, None]  # (B, V); greedy rows keep x for the argmax
+        z = x / temperature.masked_fill(greedy, 1.0).unsqueeze(1)  # (B, V); greedy rows keep x for the argmax
+    elif plan.unit_temperature:
+        z = x  # never written in place below: it may be the caller's cond
     else:
-        greedy = None
-        z = x.div_(temperature[:, None]) if x is not cond else x / temperature[:, None]
+        z = x.div_(temperature.unsqueeze(1)) if x is not cond else x / temperature.unsqueeze(1)
     m = z.amax(1, keepdim=True)  # (B, 1); NaN where any entry is NaN
-    if not all(map(math.isfinite, m.view(-1).tolist())):
+    if not (math.isfinite(m) if b == 1 else all(map(math.isfinite, m.view(-1).tolist()))):
         return _draw(*_kept_weights(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p), u)
     w = (z - m).exp_()  # (B, V), 0 on masked tokens
-    if any(r > 0 for r in k):
+    if plan.top_k > 0:
         # The k-th largest value (rows with k <= 0 keep all; k past the finite count keeps all
         # finite tokens, as the reference's k_on does, since the k-th value is then <= them).
-        kth = z.topk(min(max(k), v), dim=1).values.gather(1, (top_k.long().clamp(1, v) - 1)[:, None])  # (B, 1)
+        kth = z.topk(min(plan.top_k, v), dim=1).values.gather(1, (top_k.long().clamp(1, v) - 1)[:, None])  # (B, 1)
         w.masked_fill_((z < kth) & (top_k > 0)[:, None], 0.0)
-    if any(mp):
+    if plan.min_p:
         w = torch.where(w >= min_p.float()[:, None], w, 0.0)
     total = w.sum(1)  # (B,)
-    idx = torch.searchsorted(w.cumsum(1), (u * total)[:, None], right=True)[:, 0]  # first cum > u * total
+    idx = torch.searchsorted(w.cumsum(1), (u * total).unsqueeze(1), right=True).squeeze(1)  # first cum > u * total
     if greedy is not None:
         idx = torch.where(greedy, x.argmax(1), idx)
-    if int(idx.max()) >= v:
+    if int(idx if b == 1 else idx.max()) >= v:
         return _draw(*_kept_weights(cond, uncond, cfg_scale, temperature, top_k, top_p, min_p), u)
     if not logprob:
         return idx, None
@@ -732,7 +761,8 @@ def cfg_sample(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, *,
 
 
 def cfg_sample_rows(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, settings: dict[str, torch.Tensor],
-                    seed: torch.Tensor, step: torch.Tensor, *, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+                    seed: torch.Tensor, step: torch.Tensor, *, uniforms: torch.Tensor | None = None,
+                    plan: RowsPlan | None = None) -> torch.Tensor:
     """:func:`cfg_sample`'s tokens ``[B]`` (``-1`` for a row with no finite logit), for a caller
     that holds checked rows: ``settings`` as :meth:`SamplingParams.rows` makes them (every
     setting, ``[B]``, on the logits' device), ``seed`` and ``step`` int64 ``[B]``, logits as
@@ -743,11 +773,13 @@ def cfg_sample_rows(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | Non
     ``uniforms [B]``: the rows' ``philox_uniform(seed, step)``, where the caller drew them ahead
     (:func:`sampling_uniforms`, once per image). The torch backend on a CPU then skips drawing
     them and the log-probabilities (~70 us of a decode step's sampling in python integers and
-    small ops); other backends draw in-kernel and ignore it."""
+    small ops); other backends draw in-kernel and ignore it. ``plan``: the settings'
+    :func:`rows_plan` (or a plan of more rows), where the caller made it once for many calls;
+    used with ``uniforms``, where it saves the path's host reads of the settings."""
     backend = resolve_backend(None, cond_logits.device)
     if uniforms is not None and backend == "torch" and cond_logits.device.type == "cpu" and eager_inference(cond_logits):
         return _cfg_sample_cpu(cond_logits, uncond_logits, **settings, seed=seed, step=step, u=uniforms,
-                               logprob=False)[0]
+                               logprob=False, plan=plan)[0]
     return call(_cfg_sample_op, cond_logits, uncond_logits, **settings, seed=seed, step=step, backend=backend)[0]
 
 

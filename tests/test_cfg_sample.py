@@ -792,3 +792,46 @@ def test_cfg_sample_rows_with_the_callers_uniforms_draws_the_same_tokens(backend
         with torch.no_grad():
             first = cfg_sample_rows(cond, None, plain, seed, step, uniforms=torch.zeros(b))
         assert_equal(first, torch.ones(b, dtype=torch.long))
+
+
+@pytest.mark.parametrize("rows", [
+    [dict()] * 3,  # every temperature 1: no division
+    [dict(cfg_scale=1.5, temperature=0.5)] * 2,
+    [dict(temperature=0.0, cfg_scale=2.0), dict(top_k=5, temperature=0.7), dict(min_p=0.1, temperature=2.0)],
+    [dict(top_p=0.8), dict()],  # top-p: the reference
+    CPU_GRID,
+])
+def test_cfg_sample_rows_with_a_plan_draws_the_same_tokens(rows, monkeypatch):
+    """The plan of the rows' settings (the decode loop makes it once per join) gives the tokens
+    of cfg_sample, and so does a plan of more rows (the runner's padding slots at the defaults,
+    or rows of other settings); a call given one reads no setting on the host. A plan that
+    lies (no division where the temperatures are not 1) would change the tokens: checked."""
+    from vqim.kernels import cfg_sample_rows, rows_plan
+
+    cs = importlib.import_module("vqim.kernels.cfg_sample")
+    g = torch.Generator().manual_seed(7)
+    b, v = len(rows), 211
+    settings = SamplingParams.rows([SamplingParams(**r) for r in rows], torch.device("cpu"))
+    more = SamplingParams.rows([SamplingParams(**r) for r in rows] + [SamplingParams(top_k=2, temperature=0.0)] * 2,
+                               torch.device("cpu"))
+    seed = torch.randint(0, 2**63 - 1, (b,), generator=g)
+    step = torch.randint(0, 2**40, (b,), generator=g)
+    uniforms = philox_uniform(seed, step)
+    for trial in range(20):
+        cond = torch.randn(b, v, generator=g) * 4
+        uncond = torch.randn(b, v, generator=g) * 4
+        want = cfg_sample(cond, uncond, seed=seed, step=step, validate=False, **settings)
+        plans = (rows_plan(settings), rows_plan(more))
+        with monkeypatch.context() as m, torch.no_grad():
+            m.setattr(cs, "rows_plan", lambda *a: (_ for _ in ()).throw(AssertionError("read the settings")))
+            for plan in plans:
+                assert_equal(cfg_sample_rows(cond, uncond, settings, seed, step, uniforms=uniforms, plan=plan), want,
+                             msg=f"trial {trial} {plan}")
+    if not plans[0].unit_temperature and not plans[0].top_p and not plans[0].greedy:
+        lie = plans[0]._replace(unit_temperature=True)
+        with torch.no_grad():
+            differ = sum(int((cfg_sample_rows(cond, uncond, settings, seed, s, uniforms=philox_uniform(seed, s),
+                                              plan=lie) != cfg_sample(cond, uncond, seed=seed, step=s, validate=False,
+                                                                      **settings)).sum())
+                         for s in (step + i for i in range(20)))
+        assert differ > 0

@@ -330,6 +330,26 @@ def test_completion_keeps_the_top_rows_and_samples_the_rest_from_the_model(t2i):
         assert int(want) == int(out.view(-1)[t]), t
 
 
+def test_kept_tokens_hold_when_an_edit_joins_and_leaves_a_running_batch(t2i):
+    """The loop skips the kept-token lookup while no image in it keeps tokens: an edit that joins
+    a running plain request turns it back on (its kept rows are the source's), and after it
+    leaves the plain images go on as alone; every image's tokens are its solo run's."""
+    image = t2i.decode_codes(t2i.generate_codes(["a blue square"], seed=1), output_type="pt")[0]  # (3, H, W)
+    source = t2i.encode_images(image[None])[0]  # (g, g)
+    # Raster: the loop's step is then the runner's raster step ("auto" takes the wavefront here).
+    edit = dict(seed=7, cfg_scale=2.0, image=image, keep=2, decoding="raster")
+    plain_alone = t2i.generate_codes(["a red circle"], num_images=3, seed=4, decoding="raster")
+    edit_alone = t2i.generate_codes(["a green circle"], **edit)
+    assert_equal(edit_alone[0, :2], source[:2])
+    for _ in range(3):
+        plain = t2i.submit(["a red circle"], 3, seed=4, decoding="raster")
+        while plain.progress[0] < 3 * 8:  # a few rows in: the loop runs without the lookup
+            time.sleep(0.001)
+        joined = t2i.submit(["a green circle"], **edit)
+        assert_equal(joined.result(timeout=120), edit_alone)
+        assert_equal(plain.result(timeout=120), plain_alone)
+
+
 def test_a_kept_mask_is_kept_and_bad_masks_are_named(t2i):
     image = torch.rand(3, 64, 64)
     source = t2i.encode_images(image[None])[0]
