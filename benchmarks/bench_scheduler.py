@@ -52,7 +52,9 @@ def _steps(eng: Engine, prompts, images: int, steps: int, skip: int = 0) -> list
     # Raster: the step the bare decode_step is the peer of (the default, "auto", may pick the
     # wavefront, whose passes carry several tokens per image).
     handle = eng.submit(prompts, images, seed=1, decoding="raster")
-    while sum(active == images for active, _ in list(stats.recent)) < skip + steps and not handle.done():
+    # Polled by the request's progress (a token per image per step), not by reading the stats:
+    # copying their 4096 entries under the GIL every poll stalled the loop being measured.
+    while handle.progress[0] < images * (skip + steps + 2) and not handle.done():
         time.sleep(0.01)
     handle.cancel()
     try:

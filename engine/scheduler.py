@@ -170,7 +170,9 @@ class ImageRequest:
     on_partial: Callable[[int, torch.Tensor, int], None] | None = None
     partial_every: int = 0
     rows: list[int] = field(default_factory=list)  # decoder rows held: [cond] or [cond, uncond]
-    t0: int = 0  # the loop's step count when it joined (raster: it has 1 + steps since tokens)
+    # The loop's step count when its prefill drew its first token (raster: it has 1 + steps
+    # since tokens); None before: it may hold rows, and count in its request's progress, first.
+    t0: int | None = None
     policy: ParallelDecode | None = None  # None: raster
     prefix: list[int] = field(default_factory=list)  # each of its rows' prefix length
     clock: Callable[[], int] | None = None  # the loop's step count
@@ -181,7 +183,7 @@ class ImageRequest:
         return self.handle.request_id
 
     def tokens_done(self) -> int:
-        if not self.rows:
+        if not self.rows or self.t0 is None:
             return 0
         if self.policy is not None:
             return self.policy.final()

@@ -330,6 +330,33 @@ def test_completion_keeps_the_top_rows_and_samples_the_rest_from_the_model(t2i):
         assert int(want) == int(out.view(-1)[t]), t
 
 
+def test_progress_counts_no_token_before_the_prefill_draws_one(t2i):
+    """An admitted image counts in its request's progress from admission (it holds rows), but
+    has no token until its prefill draws the first: progress read in between is 0, not the
+    loop's whole step count (which it was, for a request joining a loop that had run)."""
+    t2i.generate_codes(["a red circle"], seed=0, decoding="raster")  # the loop's clock runs ahead
+    sch = t2i.scheduler
+    entered, release = threading.Event(), threading.Event()
+    prefill = sch._prefill
+
+    def held(images):
+        entered.set()
+        assert release.wait(60)
+        prefill(images)
+
+    sch._prefill = held
+    try:
+        h = t2i.submit(["a blue square"], 2, seed=1, decoding="raster")
+        assert entered.wait(60)
+        n = t2i.cfg.decoder.num_tokens
+        assert h.progress == (0, 2 * n)
+    finally:
+        release.set()
+        del sch._prefill
+    h.result(timeout=60)
+    assert h.progress == (2 * n, 2 * n)
+
+
 def test_kept_tokens_hold_when_an_edit_joins_and_leaves_a_running_batch(t2i):
     """The loop skips the kept-token lookup while no image in it keeps tokens: an edit that joins
     a running plain request turns it back on (its kept rows are the source's), and after it
