@@ -240,10 +240,12 @@ class ModelRunner:
         if keeps:
             keep = self.forced[wc, step]  # (B,)
             tok = torch.where(keep >= 0, keep, tok)
-        self.out[wc, step] = tok
-        # A row marked -1 (no finite logit) is fed 0; its -1 stays in `out`.
-        self.feed[write] = tok.clamp_min(0).expand_as(write)  # (2, B)
-        self.pos[write] = base + step  # (2, B)
+        # index_put_, not item assignment: a step's few dispatches are its cost on a CPU.
+        self.out.index_put_((wc, step), tok)
+        # A row marked -1 (no finite logit) is fed 0; its -1 stays in `out`. The [B] value is
+        # broadcast to both rows of each image.
+        self.feed.index_put_((write,), tok.clamp_min(0))  # (2, B)
+        self.pos.index_put_((write,), base + step)  # (2, B)
         return tok
 
     # ------------------------------------------------------------------ slots
