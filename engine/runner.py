@@ -60,6 +60,7 @@ class Slot:
     seed: int
     step: int  # the index of the token it draws next
     params: K.SamplingParams
+    keeps: bool = False  # some of its tokens are kept (image-conditioned), not drawn
 
 
 @dataclass
@@ -119,7 +120,6 @@ class ModelRunner:
         # graph always does it: captures happen here, before any slot is set).
         self._plan: K.RowsPlan | None = None
         self._keeps = True
-        self._row_keeps = [False] * (r + 1)  # by conditional row: its image keeps tokens
         self._views: dict[int, DecodeState] = {}  # b -> view(b)
         self._slot_views: dict[int, tuple] = {}  # m -> the slot buffers' first m entries (views)
         # On a CPU the sampler's counter-based uniforms (~60 us a step in python integers) are
@@ -224,8 +224,6 @@ class ModelRunner:
         wu = torch.tensor([s.uncond for s in slots], device=dev)
         free = torch.full((self.dec.cfg.num_tokens,), -1, dtype=torch.long)
         self.forced[wc] = torch.stack([free if f is None else f for f in forced]).to(dev)
-        for s, f in zip(slots, forced):
-            self._row_keeps[s.cond] = f is not None
         write = torch.stack([wc, wu])  # (2, B)
         return self._record(tok, write, torch.zeros_like(wc), self.prefix_len[write])
 
@@ -273,7 +271,7 @@ class ModelRunner:
             self.slot_settings[name].copy_(t, non_blocking=True)
         self.slot_base.copy_(self.prefix_len[self.slot_write])
         self._plan = K.rows_plan(rows)
-        self._keeps = any(self._row_keeps[s.cond] for s in slots)
+        self._keeps = any(s.keeps for s in slots)
         if self.uniforms is not None:
             fresh = [s for s in slots if self._uniform_seed[s.cond] != s.seed]
             if fresh:

@@ -566,7 +566,7 @@ class Scheduler:
         self._hi = max(self._hi, max(r for img in images for r in img.rows) + 1)
 
     def _slot(self, img: ImageRequest, step: int) -> Slot:
-        return Slot(img.rows[0], img.rows[-1], img.spec.seed, step, img.spec.params)
+        return Slot(img.rows[0], img.rows[-1], img.spec.seed, step, img.spec.params, img.spec.forced is not None)
 
     # ------------------------------------------------------------------ the step
 
